@@ -1,1 +1,59 @@
+"""Drafter registry: each drafter lives in its own module and registers a name."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
+
+if TYPE_CHECKING:
+    from ..generator import SpeculativeGenerator
+
+_REGISTRY: dict[str, type[Drafter]] = {}
+
+
+def register_drafter(name: str) -> Callable[[type[Drafter]], type[Drafter]]:
+    """Class decorator: make a Drafter available as `drafter=name`."""
+
+    def wrap(cls: type[Drafter]) -> type[Drafter]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_drafters() -> list[str]:
+    """Registered drafter names plus "auto"."""
+    _load_builtin()
+    return sorted(_REGISTRY) + ["auto"]
+
+
+def get_drafter_class(name: str) -> type[Drafter]:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown drafter {name!r}; choose one of {', '.join(available_drafters())}"
+        ) from None
+
+
+def _load_builtin() -> None:
+    # Imported lazily so that each module can import this registry.
+    from . import model, ngram, none  # noqa: F401
+    try:
+        from . import cache  # noqa: F401
+    except ImportError:  # the cache drafter needs specdec.cache
+        pass
+
+
+__all__ = [
+    "DraftProposal",
+    "Drafter",
+    "available_drafters",
+    "empty_proposal",
+    "get_drafter_class",
+    "pack_proposals",
+    "register_drafter",
+]

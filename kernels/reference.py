@@ -1,0 +1,168 @@
+"""Plain-PyTorch reference implementations of the verification and sampling ops.
+
+These are the oracle that the Triton kernels are tested against and the path the
+engine takes on CPU. They are written to be obviously right, not fast.
+
+Conventions shared with the kernels (keep them in sync, never bend these to match):
+  * Logits processing order: temperature, then top-k, then top-p, renormalised.
+    - top-k keeps every token whose logit is >= the k-th largest logit (ties kept).
+    - top-p keeps every token whose probability is >= p_m, where m is the last rank
+      (in descending order) whose exclusive cumulative mass is still < top_p; tokens
+      tied with p_m are kept too, so the kept set never depends on sort order.
+  * Greedy argmax ties resolve to the lowest token id (torch.argmax semantics).
+  * Sampling is an exponential race: argmax(r / E), E ~ Exp(1), samples a token with
+    probability proportional to r without normalising r. Ties go to the lowest id.
+  * A draft token d_i with target prob p and draft prob q is accepted iff u * q < p,
+    i.e. u < min(1, p / q) for u ~ U[0, 1). Without draft probs (one-hot q), q = 1.
+  * Computation happens in float64 for float64 logits, otherwise in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "compute_dtype",
+    "logits_to_probs",
+    "sample_exponential_race",
+    "verify_greedy",
+    "verify_sampling",
+]
+
+# Exponential noise of exactly 0 would turn r / E into inf or nan; clamp it away.
+_MIN_EXPONENTIAL = 1e-30
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def logits_to_probs(
+    logits: torch.Tensor,  # [..., V]
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:  # [..., V] in compute_dtype(logits.dtype), rows sum to 1
+    """Temperature, top-k and top-p processing followed by a softmax.
+
+    `temperature` must be > 0 (greedy decoding never calls this); `top_k` 0 and
+    `top_p` 1.0 disable the respective filter.
+    """
+    if temperature <= 0:
+        raise ValueError(f"logits_to_probs needs temperature > 0, got {temperature}")
+    x = logits.to(compute_dtype(logits.dtype)) / temperature
+    vocab = x.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]  # [..., 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if top_p < 1.0:
+        sorted_probs = torch.sort(probs, dim=-1, descending=True).values  # [..., V]
+        exclusive_mass = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        last_rank = (exclusive_mass < top_p).sum(dim=-1, keepdim=True) - 1  # [..., 1]
+        threshold = sorted_probs.gather(-1, last_rank.clamp(min=0))
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_exponential_race(
+    weights: torch.Tensor,  # [..., V] non-negative, need not sum to 1
+    exponentials: torch.Tensor,  # [..., V] Exp(1) noise
+) -> torch.Tensor:  # [...] int64
+    """Sample proportionally to `weights`: argmax(weights / E)."""
+    noise = exponentials.to(weights.dtype).clamp(min=_MIN_EXPONENTIAL)
+    return torch.argmax(weights / noise, dim=-1)
+
+
+def _draft_mask(num_draft: torch.Tensor | None, batch: int, k: int, device) -> torch.Tensor:
+    """[B, K] bool: which draft slots hold a real draft token."""
+    positions = torch.arange(k, device=device).unsqueeze(0)  # [1, K]
+    if num_draft is None:
+        return positions.expand(batch, k) >= 0
+    return positions < num_draft.to(device).view(-1, 1)
+
+
+def _accepted_count(accept: torch.Tensor) -> torch.Tensor:  # [B, K] bool -> [B] int64
+    """Length of the all-True prefix of each row."""
+    return torch.cumprod(accept.to(torch.int64), dim=-1).sum(dim=-1)
+
+
+def _emit(draft_tokens: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """tokens [B, K+1]: accepted drafts, then `last`, then -1 padding."""
+    batch, k = draft_tokens.shape
+    positions = torch.arange(k + 1, device=draft_tokens.device).unsqueeze(0)  # [1, K+1]
+    padded = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), -1)], dim=1)
+    n = num_accepted.view(-1, 1)
+    tokens = torch.where(positions < n, padded, torch.full_like(padded, -1))
+    return tokens.scatter(1, n, last.view(-1, 1).to(tokens.dtype))
+
+
+def verify_greedy(
+    draft_tokens: torch.Tensor,  # [B, K] int64
+    target_logits: torch.Tensor,  # [B, K+1, V]
+    num_draft: torch.Tensor | None = None,  # [B] drafts per row (<= K); None = all K
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1] int64 (-1 padded), num_accepted [B]
+    """Accept the longest prefix where draft == argmax(target); then emit the target's
+    argmax at the first mismatch (or the bonus token after all drafts)."""
+    batch, k = draft_tokens.shape
+    best = torch.argmax(target_logits, dim=-1)  # [B, K+1]
+    valid = _draft_mask(num_draft, batch, k, draft_tokens.device)
+    num_accepted = _accepted_count((draft_tokens == best[:, :k]) & valid)  # [B]
+    last = best.gather(1, num_accepted.view(-1, 1)).squeeze(1)  # [B]
+    return _emit(draft_tokens.to(torch.int64), num_accepted, last), num_accepted
+
+
+def verify_sampling(
+    draft_tokens: torch.Tensor,  # [B, K] int64
+    draft_probs: torch.Tensor | None,  # [B, K, V] processed draft probs q; None = one-hot
+    target_logits: torch.Tensor,  # [B, K+1, V] raw target logits
+    uniforms: torch.Tensor,  # [B, K] U[0, 1) noise for the accept tests
+    exponentials: torch.Tensor,  # [B, V] Exp(1) noise for the residual / bonus sample
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_draft: torch.Tensor | None = None,  # [B] drafts per row (<= K); None = all K
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1] int64 (-1 padded), num_accepted [B]
+    """Lossless rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    p: target probs, q: draft probs, both after the same processing.
+    Accept d_i with probability min(1, p(d_i) / q(d_i)). At the first rejection emit a
+    sample of norm(max(0, p - q)) (one-hot q: p with d_i removed); if every draft is
+    accepted emit a bonus sample of p at the next position.
+    """
+    batch, k = draft_tokens.shape
+    p = logits_to_probs(target_logits, temperature, top_k, top_p)  # [B, K+1, V]
+    tokens = draft_tokens.to(torch.int64)
+    valid = _draft_mask(num_draft, batch, k, tokens.device)  # [B, K]
+    safe_tokens = tokens.clamp(min=0).unsqueeze(-1)  # [B, K, 1]; padding slots are ignored
+    p_draft = p[:, :k].gather(-1, safe_tokens).squeeze(-1)  # [B, K]
+    if draft_probs is None:
+        q_draft = torch.ones_like(p_draft)
+    else:
+        q_draft = draft_probs.to(p.dtype).gather(-1, safe_tokens).squeeze(-1)  # [B, K]
+    accept = (uniforms.to(p.dtype) * q_draft < p_draft) & valid
+    num_accepted = _accepted_count(accept)  # [B]
+
+    n = num_accepted.view(-1, 1, 1)
+    p_next = p.gather(1, n.expand(-1, 1, p.shape[-1])).squeeze(1)  # [B, V]
+    rejected = valid.gather(1, num_accepted.clamp(max=k - 1).view(-1, 1)).squeeze(1) if k else (
+        torch.zeros(batch, dtype=torch.bool, device=tokens.device))
+    rejected = rejected & (num_accepted < k)  # [B]: a real draft was rejected at n
+    if k and rejected.any():
+        n_draft = n.clamp(max=k - 1)
+        if draft_probs is None:
+            d_rej = safe_tokens.squeeze(-1).gather(1, n_draft.view(-1, 1))  # [B, 1]
+            residual = p_next.scatter(1, d_rej, 0.0)
+        else:
+            q_next = draft_probs.to(p.dtype).gather(1, n_draft.expand(-1, 1, p.shape[-1])).squeeze(1)
+            residual = (p_next - q_next).clamp(min=0.0)
+        # Rounding can leave an all-zero residual when p == q; p itself is then exact.
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+        weights = torch.where(rejected.view(-1, 1), residual, p_next)
+    else:
+        weights = p_next
+    last = sample_exponential_race(weights, exponentials)  # [B]
+    return _emit(tokens, num_accepted, last), num_accepted
