@@ -33,8 +33,10 @@ class Drafter(ABC):
     # True if propose() returns draft probabilities (a model); False for one-hot drafters.
     provides_probs: ClassVar[bool] = False
 
-    def __init__(self, generator: "SpeculativeGenerator") -> None:
+    def __init__(self, generator: "SpeculativeGenerator", cache_layer=None) -> None:
+        # Raise ValueError here when the drafter cannot serve this request (checked before compute).
         self.generator = generator
+        self.cache_layer = cache_layer  # the request's specdec.caching.CacheLayer, or None
 
     def start(self, state: "DecodeState") -> None:
         """Index or prefill the prompts (state.sequences holds them)."""
