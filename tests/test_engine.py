@@ -1,0 +1,154 @@
+"""Greedy speculative decoding equals plain greedy decoding, token for token (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import SpeculativeGenerator
+
+PROMPTS = [
+    [5, 17, 42, 9, 100, 7, 33],
+    [61],
+    [3, 9, 11, 2 + 200, 2 + 200, 15, 15, 15, 8, 1, 40, 4, 90, 91, 92],
+    [250, 251],
+]
+NEW = 24
+
+
+def load(pair, draft: str | None) -> SpeculativeGenerator:
+    return SpeculativeGenerator.from_pretrained(
+        str(pair.target), str(pair.drafts[draft]) if draft else None, dtype=torch.float64
+    )
+
+
+def ids(results) -> list[list[int]]:
+    return [r.token_ids for r in results]
+
+
+@pytest.fixture(scope="module")
+def baselines(tiny_pair):
+    """Plain greedy decoding (drafter "none"), each prompt alone."""
+    gen = load(tiny_pair, None)
+    return {
+        tiny_pair.family: [
+            gen.generate_ids([p], max_new_tokens=NEW, drafter="none", ignore_eos=True)[0].token_ids for p in PROMPTS
+        ]
+    }
+
+
+def test_baseline_matches_huggingface_greedy(tiny_pair):
+    """The loop with drafter "none" is plain greedy decoding: HF generate agrees."""
+    gen = load(tiny_pair, None)
+    for prompt in PROMPTS[:2]:
+        ours = gen.generate_ids([prompt], max_new_tokens=NEW, drafter="none", ignore_eos=True)[0].token_ids
+        hf = gen.target_model.generate(
+            torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW, pad_token_id=0
+        )[0, len(prompt):].tolist()
+        assert ours == hf
+
+
+@pytest.mark.parametrize("draft", ["same", "random", "partial"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_model_drafter_equals_baseline(tiny_pair, baselines, draft, k):
+    gen = load(tiny_pair, draft)
+    expected = baselines[tiny_pair.family]
+    batch = gen.generate_ids(PROMPTS, max_new_tokens=NEW, drafter="model", num_draft_tokens=k, ignore_eos=True)
+    assert ids(batch) == expected  # a batch of ragged prompts: every row equals its solo baseline
+    solo = gen.generate_ids([PROMPTS[0]], max_new_tokens=NEW, drafter="model", num_draft_tokens=k, ignore_eos=True)
+    assert solo[0].token_ids == expected[0]
+    stats = batch[0].stats
+    if draft == "same":
+        assert stats.acceptance_rate == 1.0
+        assert stats.target_forwards == -(-NEW // (k + 1))  # every step emits k + 1 tokens
+    if draft == "random":
+        assert stats.acceptance_rate < 0.5
+    assert all(len(r.token_ids) == NEW and r.finish_reason == "length" for r in batch)
+
+
+def test_partial_draft_really_is_partial(tiny_pair):
+    gen = load(tiny_pair, "partial")
+    res = gen.generate_ids(PROMPTS, max_new_tokens=NEW, drafter="model", num_draft_tokens=4, ignore_eos=True)
+    rates = [r.stats.acceptance_rate for r in res]
+    assert 0.0 < sum(rates) / len(rates) < 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_ngram_drafter_equals_baseline(tiny_pair, baselines, k):
+    gen = load(tiny_pair, None)
+    res = gen.generate_ids(PROMPTS, max_new_tokens=NEW, drafter="ngram", num_draft_tokens=k, ignore_eos=True)
+    assert ids(res) == baselines[tiny_pair.family]
+
+
+def test_auto_drafter_picks_model_then_ngram(tiny_pair, baselines):
+    with_draft = load(tiny_pair, "same")
+    res = with_draft.generate_ids(PROMPTS[:1], max_new_tokens=NEW, ignore_eos=True)
+    assert res[0].stats.draft_forwards > 0 and res[0].stats.acceptance_rate == 1.0
+    without = load(tiny_pair, None)
+    res = without.generate_ids(PROMPTS[:1], max_new_tokens=NEW, ignore_eos=True)
+    assert res[0].stats.draft_forwards == 0
+    assert res[0].token_ids == baselines[tiny_pair.family][0]
+
+
+def test_stop_token_inside_accepted_draft(tiny_pair, baselines):
+    """All K drafts accepted, but a stop token sits in the middle of them."""
+    expected = baselines[tiny_pair.family][0]
+    stop_at = 5
+    stop = expected[stop_at]
+    first = expected.index(stop)
+    gen = load(tiny_pair, "same")
+    res = gen.generate_ids([PROMPTS[0]], max_new_tokens=NEW, drafter="model", num_draft_tokens=8,
+                           stop_token_ids=[stop], ignore_eos=True)[0]
+    assert res.token_ids == expected[: first + 1]
+    assert res.finish_reason == "stop"
+    base = load(tiny_pair, None).generate_ids([PROMPTS[0]], max_new_tokens=NEW, drafter="none",
+                                              stop_token_ids=[stop], ignore_eos=True)[0]
+    assert base.token_ids == res.token_ids
+
+
+def test_per_row_stops_and_lengths_in_a_batch(tiny_pair, baselines):
+    """Rows finish at different steps; the others go on and still match."""
+    expected = baselines[tiny_pair.family]
+    stop = expected[2][3]
+    gen = load(tiny_pair, "partial")
+    res = gen.generate_ids(PROMPTS, max_new_tokens=NEW, num_draft_tokens=3, stop_token_ids=[stop], ignore_eos=True)
+    for row, r in zip(expected, res):
+        cut = row.index(stop) + 1 if stop in row else len(row)
+        assert r.token_ids == row[:cut]
+        assert r.finish_reason == ("stop" if stop in row else "length")
+
+
+def test_eos_stops_unless_ignored(llama_pair):
+    gen = load(llama_pair, "same")
+    base = gen.generate_ids([PROMPTS[0]], max_new_tokens=NEW, drafter="none", ignore_eos=True)[0].token_ids
+    eos = base[4]
+    gen.eos_token_ids = frozenset({eos})
+    res = gen.generate_ids([PROMPTS[0]], max_new_tokens=NEW, num_draft_tokens=4)[0]
+    assert res.token_ids == base[: base.index(eos) + 1] and res.finish_reason == "stop"
+    res = gen.generate_ids([PROMPTS[0]], max_new_tokens=NEW, num_draft_tokens=4, ignore_eos=True)[0]
+    assert res.token_ids == base
+
+
+def test_max_new_tokens_edges(llama_pair):
+    gen = load(llama_pair, "same")
+    assert gen.generate_ids([PROMPTS[0]], max_new_tokens=0)[0].token_ids == []
+    for n in (1, 2, 5):
+        res = gen.generate_ids([PROMPTS[0]], max_new_tokens=n, num_draft_tokens=8, ignore_eos=True)[0]
+        assert len(res.token_ids) == n and res.finish_reason == "length"
+
+
+def test_prompt_at_position_limit(llama_pair):
+    gen = load(llama_pair, "partial")
+    limit = gen.max_positions
+    prompt = [7] * (limit - 6)
+    base = gen.generate_ids([prompt], max_new_tokens=6, drafter="none", ignore_eos=True)[0].token_ids
+    res = gen.generate_ids([prompt], max_new_tokens=6, num_draft_tokens=8, ignore_eos=True)[0].token_ids
+    assert res == base and len(res) == 6
+
+
+def test_constructor_with_loaded_models(llama_pair, tiny_tokenizer):
+    loaded = load(llama_pair, "partial")
+    gen = SpeculativeGenerator(loaded.target_model, None, loaded.draft_model)
+    res = gen.generate_ids(PROMPTS[:2], max_new_tokens=8, ignore_eos=True)
+    assert res[0].text is None
+    assert ids(res) == ids(loaded.generate_ids(PROMPTS[:2], max_new_tokens=8, ignore_eos=True))
