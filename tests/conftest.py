@@ -11,3 +11,4 @@ if not torch.cuda.is_available():
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from fixtures_models import *  # noqa: E402,F401,F403
+from fixtures_redis import *  # noqa: E402,F401,F403

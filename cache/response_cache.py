@@ -1,0 +1,139 @@
+"""Response cache: whole outputs of deterministic requests, keyed canonically.
+
+The caller decides what is deterministic and resolves sampling parameters to their
+effective values (specdec.caching does both); this module turns a ResponseRequest
+into `specdec:{ns}:resp:{sha256}`, reads with one round trip in the steady state, and
+writes behind. A value written by this process but still queued is served from the
+pending map, so a repeat right after a miss hits without waiting for the writer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .codec import KIND_RESPONSE, CorruptValue, DecodedValue, ValueTooLarge, decode_value, encode_value
+from .keys import digest, response_key, response_material
+from .namespace import Namespace
+from .store import CacheStore
+
+
+@dataclass(frozen=True)
+class ResponseRequest:
+    """Everything a response depends on, apart from namespace and epochs."""
+
+    model: str  # target model fingerprint id
+    tokenizer: str  # tokenizer fingerprint id
+    normalization: Mapping[str, Any]  # NormalizationOptions.spec()
+    prompt_ids: tuple[int, ...]  # [T] token ids of the normalised prompt
+    sampling: Mapping[str, Any]  # effective sampling parameters
+    seed: int | None
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+    extra_models: tuple[str, ...] = ()  # other model ids the output depends on (draft model)
+
+    @property
+    def model_ids(self) -> list[str]:
+        """Every model id whose epoch is part of the key."""
+        return [self.model, *self.extra_models]
+
+    def material(self, namespace: str, epochs: list[int]) -> dict[str, Any]:
+        """The canonical key material given [namespace epoch, model epoch, extra model epochs...]."""
+        return response_material(
+            namespace=namespace,
+            epoch=epochs[0],
+            model=self.model,
+            model_epoch=epochs[1],
+            tokenizer=self.tokenizer,
+            normalization=self.normalization,
+            prompt_ids=self.prompt_ids,
+            sampling=self.sampling,
+            seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+            extra_models=dict(zip(self.extra_models, epochs[2:])),
+        )
+
+
+class ResponseCache:
+    """Get/put whole responses in one namespace of one store."""
+
+    def __init__(self, store: CacheStore, namespace: Namespace, *, ttl_s: float, max_value_bytes: int) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self.max_value_bytes = max_value_bytes
+        self._pending: dict[str, bytes] = {}  # Redis key -> value queued for writing
+        self._pending_lock = threading.Lock()
+
+    def key(self, request: ResponseRequest, epochs: list[int]) -> str:
+        """The Redis key of `request` under the given epochs."""
+        return response_key(self.namespace.name, digest(request.material(self.namespace.name, epochs)))
+
+    def lookup(self, request: ResponseRequest) -> DecodedValue | None:
+        """The cached response, or None (miss, failure or a value that fails to decode)."""
+        result = self.namespace.read(request.model_ids, lambda e: [self.key(request, e)])
+        if result is None:
+            return None
+        (key,), (raw,) = result
+        if raw is None:
+            with self._pending_lock:
+                raw = self._pending.get(key)
+            if raw is None:
+                return None
+        try:
+            return decode_value(raw, key, kind=KIND_RESPONSE, max_bytes=self.max_value_bytes)
+        except CorruptValue:
+            self.store.count("corrupt")
+            return None
+
+    def put(self, request: ResponseRequest, tokens: list[int], finish_reason: str) -> bool:
+        """Queue the response for writing; False if it was not queued (too large, queue full)."""
+        epochs = self.namespace.cached_epochs(request.model_ids)
+        if epochs is not None:
+            key = self.key(request, epochs)
+            try:
+                value = encode_value(KIND_RESPONSE, tokens, key, tail=finish_reason, max_bytes=self.max_value_bytes)
+            except ValueTooLarge:
+                self.store.count("oversize")
+                return False
+            with self._pending_lock:
+                self._pending[key] = value
+
+            def job() -> None:
+                try:
+                    self.store.call("set_many", [(key, value, self.ttl_s or None)])
+                finally:
+                    with self._pending_lock:
+                        self._pending.pop(key, None)
+
+        else:
+            # Epochs unknown in this process: the writer fetches them first.
+            def job() -> None:
+                current = self.namespace.fetch_epochs(request.model_ids)
+                if current is None:
+                    return
+                key = self.key(request, current)
+                try:
+                    value = encode_value(KIND_RESPONSE, tokens, key, tail=finish_reason, max_bytes=self.max_value_bytes)
+                except ValueTooLarge:
+                    self.store.count("oversize")
+                    return
+                self.store.call("set_many", [(key, value, self.ttl_s or None)])
+
+        queued = self.store.submit(job)
+        if not queued and epochs is not None:
+            with self._pending_lock:
+                self._pending.pop(key, None)
+        return queued
+
+    def invalidate(self, request: ResponseRequest) -> bool:
+        """Delete the entry of one request now (admin: errors propagate); True if it existed."""
+        epochs = self.namespace.fetch_epochs(request.model_ids)
+        if epochs is None:
+            raise ConnectionError(f"cache server {self.store.config.describe()} did not answer")
+        key = self.key(request, epochs)
+        with self._pending_lock:
+            self._pending.pop(key, None)
+        return self.namespace.delete_key(key)
