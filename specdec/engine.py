@@ -138,38 +138,40 @@ class RowRandom:
     BONUS_STREAM = 1
     DRAFT_STREAM = 2  # + draft slot index
 
-    def __init__(self, seed: int | None, batch_size: int, device: torch.device) -> None:
+    def __init__(self, seeds: list[int] | None, device: torch.device, batch_size: int) -> None:
         self.device = device
-        self.seed = seed
+        self.seeds = seeds  # per active row
         self.batch_size = batch_size
         self.shared: torch.Generator | None = None
-        if seed is None:
+        if seeds is None:
             self.shared = torch.Generator(device=device)
             self.shared.seed()
         self._row_gen = torch.Generator(device=device)
 
-    def _row(self, counter: int, stream: int) -> torch.Generator:
-        return self._row_gen.manual_seed(_splitmix64(self.seed, counter, stream))
+    def _row(self, seed: int, counter: int, stream: int) -> torch.Generator:
+        return self._row_gen.manual_seed(_splitmix64(seed, counter, stream))
 
     def uniform(self, k: int, width: int, dtype: torch.dtype, counters: list[int]) -> torch.Tensor:  # [B, k]
         """k uniforms per row; seeded rows always draw `width` >= k and keep the first k."""
         if self.shared is not None:
             return torch.rand(self.batch_size, k, generator=self.shared, device=self.device, dtype=dtype)
         return torch.stack(
-            [torch.rand(width, generator=self._row(c, self.UNIFORM_STREAM), device=self.device, dtype=dtype)[:k]
-             for c in counters]
+            [torch.rand(width, generator=self._row(s, c, self.UNIFORM_STREAM), device=self.device, dtype=dtype)[:k]
+             for s, c in zip(self.seeds, counters)]
         )
 
     def exponential(self, v: int, dtype: torch.dtype, counters: list[int], stream: int) -> torch.Tensor:  # [B, v]
         if self.shared is not None:
             return torch.empty(self.batch_size, v, device=self.device, dtype=dtype).exponential_(generator=self.shared)
         return torch.stack(
-            [torch.empty(v, device=self.device, dtype=dtype).exponential_(generator=self._row(c, stream))
-             for c in counters]
+            [torch.empty(v, device=self.device, dtype=dtype).exponential_(generator=self._row(s, c, stream))
+             for s, c in zip(self.seeds, counters)]
         )
 
     def select_rows(self, rows: list[int]) -> None:
         self.batch_size = len(rows)
+        if self.seeds is not None:
+            self.seeds = [self.seeds[i] for i in rows]
 
 
 def _splitmix64(*values: int) -> int:
@@ -254,7 +256,7 @@ def iter_decode(
         prompt_lengths=[len(p) for p in prompts],
         params=params,
         device=device,
-        rng=RowRandom(params.seed, batch, device),
+        rng=RowRandom(params.row_seeds(batch), device, batch),
         noise_dtype=noise_dtype,
         cache_layer=cache_layer,
         rows=list(range(batch)),

@@ -171,6 +171,7 @@ class SpeculativeGenerator:
         params = make_params(**kwargs)
         ids = [self._encode(texts[0])]
         layer, drafter, stop_ids = self._prepare(ids, params, cache)
+        params = params.for_row(0, 1)
         hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
         if hit is not None:
             yield self._decode_text(hit.token_ids)
@@ -207,7 +208,8 @@ class SpeculativeGenerator:
         misses = []
         for i, row in enumerate(rows):
             start = time.perf_counter()
-            hit = layer.lookup(row, texts[i] if texts else None, params) if layer is not None else None
+            row_params = params.for_row(i, len(rows))
+            hit = layer.lookup(row, texts[i] if texts else None, row_params) if layer is not None else None
             if hit is None:
                 misses.append(i)
                 continue
@@ -215,11 +217,13 @@ class SpeculativeGenerator:
             stats.wall_time_s = time.perf_counter() - start
             results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
         if misses:
-            outputs = decode(self, [rows[i] for i in misses], params, drafter, stop_ids, layer)
+            sub_params = params.for_rows(misses, len(rows))
+            outputs = decode(self, [rows[i] for i in misses], sub_params, drafter, stop_ids, layer)
             for i, out in zip(misses, outputs):
                 results[i] = self._result(out.token_ids, out.finish_reason, out.stats)
                 if layer is not None:
-                    layer.record(rows[i], texts[i] if texts else None, params, out.token_ids, out.finish_reason)
+                    row_params = params.for_row(i, len(rows))
+                    layer.record(rows[i], texts[i] if texts else None, row_params, out.token_ids, out.finish_reason)
         if layer is not None:
             errors = layer.error_count() - errors_before
             for r in results:
@@ -229,6 +233,7 @@ class SpeculativeGenerator:
     def _prepare(self, rows: list[list[int]], params: GenerationParams, cache) -> tuple[Any, Drafter, frozenset]:
         """Every check that can fail, before any compute."""
         self._check_rows(rows, params)
+        params.row_seeds(len(rows))  # a per-row seed list must match the prompts
         layer = self.cache_layer if cache is _UNSET else (self._open_cache(cache) if cache else None)
         drafter = self._make_drafter(params, layer)
         stop_ids = set(params.stop_token_ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # A draft longer than this costs more in wasted draft forwards than it can ever save;
 # values above it are almost certainly a typo (e.g. 4000 for 4).
@@ -18,7 +18,7 @@ class GenerationParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None  # one seed for every row, or one per row
     drafter: str = "auto"
     num_draft_tokens: int = 4
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -32,6 +32,28 @@ class GenerationParams:
     def deterministic(self) -> bool:
         """True when the same request always yields the same tokens."""
         return self.greedy or self.seed is not None
+
+    def row_seeds(self, batch: int) -> list[int] | None:
+        """The seed of each of `batch` rows, or None when unseeded."""
+        if self.seed is None:
+            return None
+        if isinstance(self.seed, int):
+            return [self.seed] * batch
+        if len(self.seed) != batch:
+            raise ValueError(f"seed has {len(self.seed)} entries but there are {batch} prompts; pass one seed per prompt")
+        return list(self.seed)
+
+    def for_row(self, index: int, batch: int) -> "GenerationParams":
+        """These params as they apply to one row (a per-row seed becomes that row's int)."""
+        seeds = self.row_seeds(batch)
+        return self if seeds is None or isinstance(self.seed, int) else replace(self, seed=seeds[index])
+
+    def for_rows(self, indices: list[int], batch: int) -> "GenerationParams":
+        """These params for a subset of the rows."""
+        seeds = self.row_seeds(batch)
+        if seeds is None or isinstance(self.seed, int):
+            return self
+        return replace(self, seed=tuple(seeds[i] for i in indices))
 
 
 def _check_int(name: str, value, *, minimum: int, hint: str) -> int:
@@ -72,8 +94,12 @@ def make_params(
     top_p = _check_float("top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}; use 1.0 to disable nucleus filtering")
-    if seed is not None:
-        _check_int("seed", seed, minimum=0, hint="pass a non-negative int or None")
+    if isinstance(seed, (list, tuple)):
+        for s in seed:
+            _check_int("seed", s, minimum=0, hint="pass non-negative ints, one per prompt")
+        seed = tuple(seed)
+    elif seed is not None:
+        _check_int("seed", seed, minimum=0, hint="pass a non-negative int, a list of them (one per prompt), or None")
     if not isinstance(drafter, str):
         raise TypeError(f"drafter must be a str, got {type(drafter).__name__} {drafter!r}")
     _check_int("num_draft_tokens", num_draft_tokens, minimum=0, hint="0 disables drafting")
