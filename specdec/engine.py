@@ -40,9 +40,14 @@ if TYPE_CHECKING:
 class KVState:
     """A model's KV cache for a batch of rows, with holes marked in a validity mask."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, batch_size: int, device: torch.device, vocab_size: int | None = None
+    ) -> None:
         self.model = model
         self.device = device
+        # Ids at or past the model's vocabulary (a draft whose table is a prefix of the
+        # target's) are clamped: it only costs draft quality, never correctness.
+        self.max_id = (vocab_size - 1) if vocab_size else None
         self.cache = DynamicCache()
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # [B, S]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] valid tokens
@@ -63,7 +68,7 @@ class KVState:
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         out = self.model(
-            input_ids=input_ids.clamp(min=0),
+            input_ids=input_ids.clamp(min=0, max=self.max_id),
             attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache,

@@ -42,6 +42,7 @@ class SpeculativeGenerator:
         self.draft_model = draft_model.eval() if draft_model is not None else None
         self.tokenizer = tokenizer
         self.vocab_size = _vocab_size(target_model)
+        self.draft_vocab_size = _vocab_size(draft_model) if draft_model is not None else None
         self.max_positions = _max_positions(target_model)
         self.device = _input_device(target_model)
         if draft_model is not None:

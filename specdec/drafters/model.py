@@ -32,7 +32,9 @@ class ModelDrafter(Drafter):
             )
 
     def start(self, state) -> None:
-        self.kv = KVState(self.generator.draft_model, state.batch_size, state.device)
+        self.kv = KVState(
+            self.generator.draft_model, state.batch_size, state.device, self.generator.draft_vocab_size
+        )
         prefill(self.kv, state.sequences)
         self.pending = [[seq[-1]] for seq in state.sequences]
         self.fed_drafts = 0  # drafts fed to the draft model in the last propose()
