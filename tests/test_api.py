@@ -1,0 +1,84 @@
+"""The public generate / generate_ids / stream API and the stats it reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import GenerationResult, SpeculativeGenerator
+
+
+@pytest.fixture(scope="module")
+def gen(llama_pair):
+    return SpeculativeGenerator.from_pretrained(str(llama_pair.target), str(llama_pair.drafts["partial"]),
+                                                dtype=torch.float64)
+
+
+def test_generate_text_round_trip(gen):
+    results = gen.generate(["def add(a, b):", "for i in"], max_new_tokens=12, ignore_eos=True)
+    assert len(results) == 2 and all(isinstance(r, GenerationResult) for r in results)
+    for r in results:
+        assert r.text == gen.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        assert len(r.token_ids) == 12 and r.finish_reason == "length"
+    single = gen.generate("def add(a, b):", max_new_tokens=12, ignore_eos=True)
+    assert single[0].token_ids == results[0].token_ids
+
+
+def test_generate_matches_generate_ids(gen):
+    ids = gen.tokenizer("class Point:")["input_ids"]
+    a = gen.generate("class Point:", max_new_tokens=10, ignore_eos=True)[0].token_ids
+    b = gen.generate_ids(ids, max_new_tokens=10, ignore_eos=True)[0].token_ids
+    c = gen.generate_ids(torch.tensor([ids]), max_new_tokens=10, ignore_eos=True)[0].token_ids
+    assert a == b == c
+
+
+def test_stream_yields_the_same_text(gen):
+    full = gen.generate("import os\n", max_new_tokens=20, ignore_eos=True)[0].text
+    deltas = list(gen.stream("import os\n", max_new_tokens=20, ignore_eos=True))
+    assert "".join(deltas) == full
+    assert len(deltas) > 1  # text arrives step by step, not all at the end
+
+
+def test_stream_sampled_is_seed_reproducible(gen):
+    kw = dict(max_new_tokens=15, temperature=0.8, seed=3, ignore_eos=True)
+    assert "".join(gen.stream("x = ", **kw)) == gen.generate("x = ", **kw)[0].text
+
+
+def test_chat_messages_use_the_chat_template(gen):
+    messages = [{"role": "user", "content": "add two numbers"}]
+    rendered = gen.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    a = gen.generate([messages], max_new_tokens=8, ignore_eos=True)[0].token_ids
+    b = gen.generate(rendered, max_new_tokens=8, ignore_eos=True)[0].token_ids
+    assert a == b
+
+
+def test_stats_are_consistent(gen):
+    k = 3
+    r = gen.generate_ids([[5, 6, 7, 8]], max_new_tokens=20, num_draft_tokens=k, ignore_eos=True)[0]
+    s = r.stats
+    assert s.new_tokens == len(r.token_ids) == 20
+    assert s.prompt_tokens == 4
+    assert s.target_forwards >= 20 / (k + 1)
+    assert s.mean_accepted_length == pytest.approx(20 / s.target_forwards)
+    assert s.accepted_tokens <= s.drafted_tokens
+    assert s.acceptance_rate == pytest.approx(s.accepted_tokens / s.drafted_tokens)
+    assert len(s.per_position_acceptance) == k
+    assert all(0.0 <= a <= 1.0 for a in s.per_position_acceptance)
+    # Position i can only be accepted if position i-1 was.
+    assert s.accepted_per_position == sorted(s.accepted_per_position, reverse=True)
+    assert s.cache_hit is False and s.wall_time_s > 0 and s.tokens_per_second > 0
+    d = s.to_dict()
+    for key in ("target_forwards", "drafted_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length",
+                "per_position_acceptance", "cache_hit", "wall_time_s", "tokens_per_second"):
+        assert key in d
+
+
+def test_baseline_stats(gen):
+    r = gen.generate_ids([[5, 6, 7, 8]], max_new_tokens=9, drafter="none", ignore_eos=True)[0]
+    assert r.stats.target_forwards == 9 and r.stats.drafted_tokens == 0 and r.stats.mean_accepted_length == 1.0
+
+
+def test_num_draft_tokens_zero_is_plain_decoding(gen):
+    a = gen.generate_ids([[9, 9, 1]], max_new_tokens=10, num_draft_tokens=0, ignore_eos=True)[0]
+    b = gen.generate_ids([[9, 9, 1]], max_new_tokens=10, drafter="none", ignore_eos=True)[0]
+    assert a.token_ids == b.token_ids and a.stats.target_forwards == 10

@@ -1,0 +1,39 @@
+"""Drafter registry and the n-gram index."""
+
+from __future__ import annotations
+
+import pytest
+
+from specdec.drafters import available_drafters, get_drafter_class
+from specdec.drafters.ngram import NgramIndex
+
+
+def test_registry_names():
+    names = available_drafters()
+    for name in ("model", "ngram", "none", "auto"):
+        assert name in names
+    assert get_drafter_class("ngram").name == "ngram"
+    with pytest.raises(ValueError, match="unknown drafter 'beam'"):
+        get_drafter_class("beam")
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    seq = [1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
+    index = NgramIndex(1, 3)
+    assert index.propose(seq, 3) == [4, 5, 1]  # "1 2" last seen at 4..5, followed by 4 5 1
+
+
+def test_ngram_prefers_longer_matches():
+    seq = [3, 2, 9, 9, 7, 2, 5, 5, 3, 2]
+    index = NgramIndex(1, 3)
+    assert index.propose(seq, 2) == [9, 9]  # "3 2" (at 0..1) beats the later bare "2" (at 5)
+
+
+def test_ngram_no_match_and_growth():
+    index = NgramIndex(1, 2)
+    seq = [1, 2, 3]
+    assert index.propose(seq, 4) == []
+    seq += [1]
+    assert index.propose(seq, 4) == [2, 3, 1]  # the continuation may run into the current suffix
+    seq += [2]
+    assert index.propose(seq, 2) == [3, 1]

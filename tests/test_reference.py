@@ -1,0 +1,89 @@
+"""Semantics of the plain-PyTorch reference ops (the oracle for the kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats as scistats
+
+from specdec.kernels import reference as ref
+
+
+def test_logits_to_probs_temperature_and_normalisation():
+    logits = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    p = ref.logits_to_probs(logits, temperature=0.5)
+    assert torch.allclose(p, torch.softmax(logits / 0.5, -1))
+    assert p.dtype == torch.float64
+    assert ref.logits_to_probs(logits.half(), 1.0).dtype == torch.float32
+    with pytest.raises(ValueError, match="temperature > 0"):
+        ref.logits_to_probs(logits, 0.0)
+
+
+def test_top_k_keeps_ties_at_the_boundary():
+    logits = torch.tensor([[5.0, 3.0, 3.0, 1.0]])
+    p = ref.logits_to_probs(logits, 1.0, top_k=2)
+    assert (p > 0).tolist() == [[True, True, True, False]]
+    assert float(p.sum()) == pytest.approx(1.0)
+
+
+def test_top_p_is_tie_inclusive_and_keeps_the_crossing_token():
+    probs = torch.tensor([[0.5, 0.2, 0.2, 0.1]])
+    logits = probs.log()
+    p = ref.logits_to_probs(logits, 1.0, top_p=0.6)
+    assert (p > 0).tolist() == [[True, True, True, False]]  # 0.5 < 0.6, so one 0.2 crosses; its tie stays
+    p = ref.logits_to_probs(logits, 1.0, top_p=0.5)
+    assert (p > 0).tolist() == [[True, False, False, False]]
+    p = ref.logits_to_probs(logits, 1.0, top_p=0.01)
+    assert (p > 0).tolist() == [[True, False, False, False]]  # the top token always survives
+
+
+def test_top_k_then_top_p_on_renormalised_probs():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    # after top-3: 0.444, 0.333, 0.222; top-p 0.7 keeps the first two (0.444 < 0.7 <= 0.777)
+    p = ref.logits_to_probs(logits, 1.0, top_k=3, top_p=0.7)
+    assert torch.allclose(p, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]]))
+
+
+def test_verify_greedy_cases():
+    logits = torch.zeros(3, 4, 6)
+    best = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 5, 5, 5]])
+    logits.scatter_(2, best.unsqueeze(-1), 1.0)
+    draft = torch.tensor([[1, 2, 3], [1, 0, 3], [5, 5, 5]])
+    tokens, n = ref.verify_greedy(draft, logits, torch.tensor([3, 3, 1]))
+    assert n.tolist() == [3, 1, 1]
+    assert tokens.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [5, 5, -1, -1]]
+    tokens, n = ref.verify_greedy(torch.empty(3, 0, dtype=torch.long), logits[:, :1])
+    assert tokens.tolist() == [[1], [1], [5]] and n.tolist() == [0, 0, 0]
+
+
+def test_verify_sampling_identical_draft_always_accepts():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4, 9, dtype=torch.float64)
+    q = ref.logits_to_probs(logits[:, :3], 1.0)
+    draft = torch.multinomial(q.view(-1, 9), 1).view(4, 3)
+    u = torch.rand(4, 3, dtype=torch.float64)
+    e = torch.empty(4, 9, dtype=torch.float64).exponential_()
+    tokens, n = ref.verify_sampling(draft, q, logits, u, e)
+    assert n.tolist() == [3, 3, 3, 3]
+    assert (tokens[:, :3] == draft).all() and (tokens[:, 3] >= 0).all()
+
+
+def test_verify_sampling_one_hot_rejection_never_re_emits_the_draft():
+    torch.manual_seed(1)
+    logits = torch.randn(64, 2, 5, dtype=torch.float64)
+    draft = torch.zeros(64, 1, dtype=torch.long)
+    u = torch.ones(64, 1, dtype=torch.float64) - 1e-12  # reject unless p(d) ~ 1
+    e = torch.empty(64, 5, dtype=torch.float64).exponential_()
+    tokens, n = ref.verify_sampling(draft, None, logits, u, e)
+    assert (n == 0).all() and (tokens[:, 0] != 0).all() and (tokens[:, 1] == -1).all()
+
+
+def test_exponential_race_samples_proportionally():
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.5, 1.5, 0.0, 3.0], dtype=torch.float64)  # unnormalised
+    e = torch.empty(20000, 4, dtype=torch.float64).exponential_(generator=g)
+    draws = ref.sample_exponential_race(weights.expand(20000, 4), e)
+    counts = torch.bincount(draws, minlength=4).tolist()
+    assert counts[2] == 0
+    expected = [20000 * w / 5.0 for w in (0.5, 1.5, 3.0)]
+    assert scistats.chisquare([counts[0], counts[1], counts[3]], expected).pvalue > 1e-3
