@@ -82,3 +82,13 @@ def test_num_draft_tokens_zero_is_plain_decoding(gen):
     a = gen.generate_ids([[9, 9, 1]], max_new_tokens=10, num_draft_tokens=0, ignore_eos=True)[0]
     b = gen.generate_ids([[9, 9, 1]], max_new_tokens=10, drafter="none", ignore_eos=True)[0]
     assert a.token_ids == b.token_ids and a.stats.target_forwards == 10
+
+
+@pytest.mark.parametrize("placement", [dict(device="cpu"), dict(device_map="auto")])
+def test_from_pretrained_placement(llama_pair, gen, placement):
+    """device= and device_map="auto" (accelerate) load the same models and decode the same."""
+    placed = SpeculativeGenerator.from_pretrained(str(llama_pair.target), str(llama_pair.drafts["partial"]),
+                                                  dtype="float64", **placement)
+    assert placed.device.type == "cpu" and placed.target_dtype == torch.float64
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    assert placed.generate("x = 1", **kw)[0].token_ids == gen.generate("x = 1", **kw)[0].token_ids
