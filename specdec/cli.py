@@ -1,0 +1,291 @@
+"""The `specdec` command: generate, bench, cache.
+
+    specdec bench                        # bundled pair, built-in prompts, full comparison
+    specdec bench --quick                # the same in under a minute
+    specdec generate "def fib(n):" --stream
+    specdec cache ...                    # cache administration (specdec.cache.cli)
+
+Bad arguments exit with status 2 and a message saying what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _k_list(text: str) -> list[int]:
+    from .bench import parse_int_list
+
+    try:
+        return parse_int_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.replace(" ", "").split(",") if v)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--target", help="target model: hub id or local path (default: the bundled pair's target)")
+    g.add_argument("--draft", help="draft model: hub id or local path; 'none' for no draft "
+                                   "(default: the bundled draft when --target is not given)")
+    g.add_argument("--device", help="torch device for both models (cpu, cuda, cuda:1, mps)")
+    g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
+    g.add_argument("--device-map", choices=("auto",), help="let accelerate place the target (multi-GPU / offload)")
+    g.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="specdec",
+        description="Speculative decoding for Hugging Face causal LMs: generate, benchmark, manage the cache.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,cache}")
+    sub.required = True
+
+    gen = sub.add_parser("generate", help="generate for one prompt, then print a stats line",
+                         description="Generate a continuation of one prompt; text on stdout, stats on stderr.")
+    gen.add_argument("prompt", help="prompt text; '-' reads it from stdin")
+    _add_model_options(gen)
+    g = gen.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=_non_negative_int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--seed", type=_non_negative_int)
+    g.add_argument("--drafter", default="auto", help="model, ngram, cache, none or auto (default)")
+    g.add_argument("--num-draft-tokens", type=_non_negative_int, default=4, help="K drafts per step")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--cache", help="cache URL (redis://..., memory://); default: none")
+    g.add_argument("--stream", action="store_true", help="print text as the target accepts it")
+
+    bench = sub.add_parser(
+        "bench",
+        help="speculative decoding vs baseline and Hugging Face generate, side by side",
+        description="Benchmark baseline, draft-model, n-gram and cache drafting against transformers' "
+                    "generate (plain, assisted, prompt lookup) on the same models and prompts.",
+    )
+    _add_model_options(bench)
+    b = bench.add_argument_group("benchmark")
+    b.add_argument("--num-draft-tokens", type=_k_list, default=None, metavar="K[,K...]",
+                   help="K, or a sweep like 4,2,8 (the first value is the main K used for the sampled "
+                        "setting and the cache rows; default 4,2,8, --quick: 4)")
+    b.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128 (--quick: 32)")
+    b.add_argument("--num-prompts", type=_positive_int, default=None, help="default 16 (--quick: 3)")
+    b.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats; default 3 (--quick: 1)")
+    b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass")
+    b.add_argument("--quick", action="store_true", help="a small run, under a minute on a laptop CPU")
+    b.add_argument("--prompts", metavar="FILE.jsonl",
+                   help='prompts, one JSON object per line: {"prompt": ...} or {"turns": [...]}')
+    b.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampled setting")
+    b.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled setting")
+    b.add_argument("--settings", type=_name_list, default=("greedy", "sampled"), help="greedy,sampled")
+    b.add_argument("--methods", type=_name_list, default=None,
+                   help="subset of baseline,model,ngram,cache,hf,hf-assisted,hf-lookup (default: all)")
+    b.add_argument("--cache", default="memory://specdec-bench",
+                   help="cache URL for the cache rows (default: in-process memory://)")
+    b.add_argument("--cache-prompts", type=_positive_int, default=None,
+                   help="prompts in the cache workload before repeats/near-duplicates; default 4 (--quick: 1)")
+    b.add_argument("--out", type=Path, default=Path("specdec-bench"), help="folder for results.* and plots")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # Listed for help only: main() hands `specdec cache ...` to specdec.cache.cli before parsing.
+    sub.add_parser("cache", help="inspect and invalidate the cache (stats, invalidate, flush)", add_help=False)
+    return parser
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _model_paths(args) -> tuple[str, str | None]:
+    from .bench import default_pair
+
+    draft = args.draft
+    if draft is not None and draft.lower() == "none":
+        draft = "none"
+    if args.target is None:
+        if draft not in (None, "none"):
+            raise ValueError("--draft needs --target: the bundled target only pairs with the bundled draft")
+        target, bundled_draft = default_pair()
+        return target, (None if draft == "none" else bundled_draft)
+    return args.target, (None if draft in (None, "none") else draft)
+
+
+def _apply_threads(args) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_generate(args) -> int:
+    """`specdec generate`: one prompt, text on stdout, a stats line on stderr."""
+    from . import SpeculativeGenerator
+    from .params import make_params
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise ValueError("the prompt is empty; pass text, or '-' to read it from stdin")
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, drafter=args.drafter, num_draft_tokens=args.num_draft_tokens, ignore_eos=args.ignore_eos,
+    )
+    make_params(**kwargs)  # every check on the decoding options before the models load
+    if args.device is not None:
+        from .bench import check_device
+
+        check_device(args.device)
+    target, draft = _model_paths(args)
+    _apply_threads(args)
+    dtype = None if args.dtype in (None, "auto") else args.dtype
+    gen = SpeculativeGenerator.from_pretrained(
+        target, draft, device=args.device, dtype=dtype, device_map=args.device_map, cache=args.cache
+    )
+    if args.stream:
+        import time
+
+        t0 = time.perf_counter()
+        for delta in gen.stream(prompt, **kwargs):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        elapsed = time.perf_counter() - t0
+        sys.stdout.write("\n")
+        print(f"[streamed in {elapsed:.2f}s]", file=sys.stderr)
+        return 0
+    result = gen.generate(prompt, **kwargs)[0]
+    sys.stdout.write(result.text + "\n")
+    sys.stdout.flush()
+    print(stats_line(result), file=sys.stderr)
+    return 0
+
+
+def stats_line(result) -> str:
+    """One line of the numbers a user looks at after a generation."""
+    s = result.stats
+    parts = [
+        f"{s.new_tokens} tokens in {s.wall_time_s:.2f}s ({s.tokens_per_second:.1f} tok/s)",
+        f"finish={result.finish_reason}",
+        f"target forwards={s.target_forwards}",
+        f"mean accepted length={s.mean_accepted_length:.2f}",
+    ]
+    if s.drafted_tokens:
+        parts.append(f"acceptance={s.acceptance_rate:.2f} ({s.accepted_tokens}/{s.drafted_tokens})")
+    if s.cache_hit:
+        parts.append("cache hit")
+    return "[" + ", ".join(parts) + "]"
+
+
+def cmd_bench(args) -> int:
+    """`specdec bench`: run the comparison, print the table, write the files."""
+    from .bench import ALL_METHODS, Bench, BenchConfig, markdown_table
+
+    quick = args.quick
+    target, draft = _model_paths(args)
+    config = BenchConfig(
+        target=target,
+        draft=draft,
+        out=args.out,
+        device=args.device,
+        dtype=None if args.dtype in (None, "auto") else args.dtype,
+        device_map=args.device_map,
+        num_draft_tokens=args.num_draft_tokens or ([4] if quick else [4, 2, 8]),
+        max_new_tokens=args.max_new_tokens or (32 if quick else 128),
+        num_prompts=args.num_prompts or (3 if quick else 16),
+        repeats=args.repeats or (1 if quick else 3),
+        warmup=not args.no_warmup,
+        prompts_file=args.prompts,
+        seed=args.seed,
+        temperature=args.temperature,
+        settings=args.settings,
+        methods=args.methods or ALL_METHODS,
+        cache_url=args.cache,
+        cache_prompts=args.cache_prompts or (1 if quick else 4),
+        threads=args.threads,
+        quick=quick,
+        progress=not args.no_progress,
+        command=_command_line(),
+    )
+    bench = Bench(config)  # validates the options and reads the prompts before loading models
+    doc = bench.run()
+    print(markdown_table(doc["rows"]))
+    c = doc["cost"].get("c")
+    if c is not None:
+        print(f"\nc = draft forward / target forward = {c:.3f} "
+              f"({doc['cost']['draft_forward_ms']:.2f} ms / {doc['cost']['target_forward_ms']:.2f} ms)")
+    for note in doc["notes"]:
+        print(f"note: {note}")
+    print(f"\nwrote {', '.join(['results.json', 'results.csv', 'results.md'] + doc.get('plots', []))} "
+          f"to {config.out}")
+    return 0
+
+
+def cmd_cache(argv: list[str]) -> int:
+    """`specdec cache ...`: delegated to specdec.cache.cli (add_arguments, run), imported lazily."""
+    try:
+        from .cache import cli as cache_cli
+    except ImportError as exc:
+        print(f"specdec cache: error: the cache command line is not available in this install ({exc}); "
+              "reinstall specdec with its cache package", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="specdec cache", description="Inspect and invalidate the specdec cache.")
+    cache_cli.add_arguments(parser)
+    cache_args = parser.parse_args(argv)
+    return int(cache_cli.run(cache_args) or 0)
+
+
+def _command_line() -> str:
+    return " ".join(["specdec", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `specdec` console script."""
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if argv_list[:1] == ["cache"]:
+        # Everything after "cache" belongs to the cache command line, --help included.
+        return cmd_cache(argv_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv_list)
+    if argv is not None:  # called as a function (tests): record the given arguments
+        sys_argv, sys.argv = sys.argv, ["specdec", *argv]
+    try:
+        handler = {"generate": cmd_generate, "bench": cmd_bench}[args.command]
+        return handler(args)
+    except (ValueError, OSError) as exc:  # bad arguments, missing files or models
+        print(f"specdec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if argv is not None:
+            sys.argv = sys_argv
+
+
+if __name__ == "__main__":
+    sys.exit(main())
