@@ -240,7 +240,9 @@ def parse_cache_url(url: str, **options: Any) -> CacheConfig:
         raise ValueError(f"cache URL {url!r} has no host; e.g. redis://127.0.0.1:6379/0")
     if base_scheme == "unix" and not parts.path:
         raise ValueError(f"cache URL {url!r} has no socket path; e.g. unix:///run/redis/redis.sock")
-    clean = urlunsplit((base_scheme, parts.netloc, parts.path, urlencode(passthrough), ""))
+    # Built by hand: urlunsplit drops the "//" of unix:///path, which redis-py requires.
+    query = urlencode(passthrough)
+    clean = f"{base_scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
     return CacheConfig(url=clean, backend="redis", cluster=cluster, redis_options=passthrough, **values)
 
 

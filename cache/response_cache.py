@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .codec import KIND_RESPONSE, CorruptValue, DecodedValue, ValueTooLarge, decode_value, encode_value
+from .codec import HEADER, KIND_RESPONSE, CorruptValue, DecodedValue, ValueTooLarge, decode_value, encode_value
 from .keys import digest, response_key, response_material
 from .namespace import Namespace
 from .store import CacheStore
@@ -90,6 +90,9 @@ class ResponseCache:
 
     def put(self, request: ResponseRequest, tokens: list[int], finish_reason: str) -> bool:
         """Queue the response for writing; False if it was not queued (too large, queue full)."""
+        if HEADER.size + 4 * len(tokens) + len(finish_reason.encode("utf-8")) > self.max_value_bytes:
+            self.store.count("oversize")
+            return False
         epochs = self.namespace.cached_epochs(request.model_ids)
         if epochs is not None:
             key = self.key(request, epochs)

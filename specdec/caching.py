@@ -64,7 +64,7 @@ class CacheLayer:
         self.draft_store = DraftStore(
             self.store,
             self.namespace,
-            vocab=self.tokenizer_id,
+            vocab=self._vocab_id(generator),
             contexts=config.draft_contexts,
             continuation=config.draft_continuation,
             ttl_s=config.draft_ttl_s,
@@ -131,6 +131,15 @@ class CacheLayer:
             fingerprint_id(draft_fp) if draft_fp is not None else None,
             fingerprint_id(tok_fp),
         )
+
+    def _vocab_id(self, generator: Any) -> str:
+        # Draft-store entries are token sequences: any model with the same vocabulary can
+        # use them as drafts, whatever checkpoint path its tokenizer was loaded from.
+        tokenizer = getattr(generator, "tokenizer", None)
+        if tokenizer is None:
+            return self.tokenizer_id
+        fp = tokenizer_fingerprint(tokenizer)
+        return fingerprint_id({"vocab_size": fp["vocab_size"], "vocab_sha256": fp["vocab_sha256"], "special": fp["special"]})
 
     def _register_models(self) -> None:
         for model_id, model in ((self.model_id, "target_model"), (self.draft_id, "draft_model")):

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port p whose cluster bus port p + 10000 is free and valid too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _ping(port: int | None = None, unix_socket: str | None = None, timeout: float = 0.2) -> bool:
@@ -63,7 +84,7 @@ class RedisServer:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = free_cluster_port() if cluster else free_port()
         self.unix_socket = str(self.workdir / "redis.sock") if unix_socket else None
         self.cluster = cluster
         self.proc: subprocess.Popen | None = None
@@ -192,3 +213,32 @@ def cache_namespace() -> str:
 def dead_redis_url() -> str:
     """A redis:// URL where no server listens."""
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+# ---------------------------------------------------------------- tiny models for cache tests
+
+
+@dataclass
+class CacheModels:
+    """Checkpoints (float64 Llama, with the tiny tokenizer) for end-to-end cache tests."""
+
+    target: Path  # the model most tests use
+    other: Path  # same architecture and tokenizer, different weights and path
+    draft: Path  # a smaller model to serve as draft
+
+
+@pytest.fixture(scope="session")
+def cache_models(tmp_path_factory, tiny_tokenizer) -> CacheModels:
+    """Tiny Llama checkpoints saved with save_pretrained (load them with from_pretrained)."""
+    import torch
+    from fixtures_models import make_model, save
+
+    root = tmp_path_factory.mktemp("cache-models")
+    vocab = len(tiny_tokenizer)
+    paths = {}
+    for name, seed, layers in (("target", 0, 2), ("other", 1, 2), ("draft", 2, 1)):
+        model = make_model("llama", vocab, seed=seed, layers=layers)
+        with torch.no_grad():  # sharper next-token distributions: sampled repeats agree more often
+            model.lm_head.weight.mul_(4.0)
+        paths[name] = save(model, tiny_tokenizer, root / name)
+    return CacheModels(**paths)

@@ -1,0 +1,152 @@
+"""`specdec cache stats | invalidate | flush`: inspect and invalidate a cache namespace.
+
+    specdec cache stats      [--url URL] [--namespace NS] [--json]
+    specdec cache invalidate [--url URL] [--namespace NS] (--all | --model ID_OR_NAME | --key KEY)
+    specdec cache flush      [--url URL] [--namespace NS] [--dry-run]
+
+The URL defaults to $SPECDEC_REDIS_URL. `invalidate --all` bumps the namespace epoch
+(O(1)); `--model` bumps one model's epoch (by fingerprint id, or by the name/path it
+was loaded from); `--key` deletes one response key; `flush` deletes every key of the
+namespace with SCAN + UNLINK. Nothing here runs FLUSHDB or CONFIG SET.
+
+specdec/cli.py wires `specdec cache` to add_arguments() and run(); this module also
+runs on its own: `python -m specdec.cache.cli stats --url redis://...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .config import ENV_URL, default_url, parse_cache_url
+from .keys import response_key
+from .namespace import Namespace
+from .store import get_store, release_store
+
+_ADMIN_DEADLINE_MS = 2000.0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help=f"cache URL (default: ${ENV_URL})")
+    parser.add_argument("--namespace", default=None, help="namespace (default: from the URL, else 'default')")
+    parser.add_argument(
+        "--deadline-ms", type=float, default=_ADMIN_DEADLINE_MS, help="timeout per server call in ms (default 2000)"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `stats`, `invalidate` and `flush` subcommands to `parser`."""
+    sub = parser.add_subparsers(dest="cache_command", metavar="{stats,invalidate,flush}")
+    sub.required = True
+    stats = sub.add_parser("stats", help="epoch, key counts, models and hit/miss counters of a namespace")
+    _common(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    inv = sub.add_parser("invalidate", help="invalidate a namespace, a model or one key")
+    _common(inv)
+    what = inv.add_mutually_exclusive_group(required=True)
+    what.add_argument("--all", action="store_true", help="every entry of the namespace (epoch bump, O(1))")
+    what.add_argument("--model", metavar="ID_OR_NAME", help="entries of one model: fingerprint id or name/path")
+    what.add_argument("--key", metavar="KEY", help="one response: its Redis key or its 64-hex digest")
+    flush = sub.add_parser("flush", help="delete every key of the namespace (SCAN + UNLINK)")
+    _common(flush)
+    flush.add_argument("--dry-run", action="store_true", help="count the keys, delete nothing")
+
+
+def _namespace(args: argparse.Namespace) -> tuple[Any, Namespace]:
+    url = args.url or default_url()
+    if not url:
+        raise ValueError(f"no cache URL: pass --url redis://host:6379/0 or set {ENV_URL}")
+    options: dict[str, Any] = {"deadline_ms": args.deadline_ms}
+    if args.namespace:
+        options["namespace"] = args.namespace
+    config = parse_cache_url(url, **options)
+    store = get_store(config)
+    return store, Namespace(store, config.namespace)
+
+
+def _stats(ns: Namespace, as_json: bool) -> None:
+    report = ns.stats()
+    report["server"] = ns.store.admin("server_info")
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+        return
+    print(f"namespace   {report['namespace']} (epoch {report['epoch']})")
+    server = report["server"]
+    print("server      " + ", ".join(f"{k}={v}" for k, v in server.items() if k != "db_keys"))
+    keys = report["keys"]
+    print("keys        " + (", ".join(f"{k}={v}" for k, v in sorted(keys.items())) if keys else "none"))
+    counters = report["counters"]
+    hits, misses = counters.get("hits", 0), counters.get("misses", 0)
+    rate = f" (hit rate {hits / (hits + misses):.1%})" if hits + misses else ""
+    print("counters    " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "none") + rate)
+    for model_id, desc in sorted(report["models"].items()):
+        print(f"model       {model_id}  {desc.get('role', '?'):6}  {desc.get('name_or_path', '?')}")
+
+
+def _invalidate(ns: Namespace, args: argparse.Namespace) -> int:
+    if args.all:
+        print(f"namespace {ns.name}: epoch is now {ns.bump()}; every earlier entry is unreachable")
+        return 0
+    if args.model:
+        models = ns.models()
+        ids = [m for m, d in models.items() if args.model in (m, d.get("name_or_path"))]
+        if not ids and len(args.model) == 32 and all(c in "0123456789abcdef" for c in args.model):
+            ids = [args.model]  # a fingerprint id that this namespace has not registered (yet)
+        if not ids:
+            known = ", ".join(f"{m} ({d.get('name_or_path')})" for m, d in models.items()) or "none"
+            print(f"error: no model {args.model!r} in namespace {ns.name}; known: {known}", file=sys.stderr)
+            return 1
+        for model_id in ids:
+            print(f"model {model_id}: epoch is now {ns.bump_model(model_id)}")
+        return 0
+    key = args.key
+    if ":" not in key:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            print(f"error: --key takes a Redis key or a 64-hex digest, got {key!r}", file=sys.stderr)
+            return 2
+        key = response_key(ns.name, key)
+    existed = ns.delete_key(key)
+    print(f"{key}: {'deleted' if existed else 'not found'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one `specdec cache` subcommand; return the exit status."""
+    store = None
+    try:
+        store, ns = _namespace(args)
+        command = args.cache_command
+        if command == "stats":
+            _stats(ns, args.json)
+            return 0
+        if command == "invalidate":
+            return _invalidate(ns, args)
+        if command == "flush":
+            n = ns.flush(dry_run=args.dry_run)
+            verb = "would delete" if args.dry_run else "deleted"
+            print(f"namespace {ns.name}: {verb} {n} keys")
+            return 0
+        print(f"error: unknown cache command {command!r}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # server unreachable, timeouts, server errors
+        print(f"error: cache server failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if store is not None:
+            release_store(store)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m specdec.cache.cli`."""
+    parser = argparse.ArgumentParser(prog="specdec cache", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

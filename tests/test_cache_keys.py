@@ -1,0 +1,163 @@
+"""Canonical keys: one spelling per value, distinct parts give distinct keys (property tests)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from specdec.cache.keys import (
+    canonical_json,
+    canonicalize,
+    digest,
+    key_kind,
+    namespace_pattern,
+    response_key,
+    response_material,
+    validate_namespace,
+)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.dictionaries(st.text(max_size=8), children, max_size=5),
+    ),
+    max_leaves=20,
+)
+
+
+def _shuffled(obj, rng):
+    """The same value with every dict's insertion order shuffled."""
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        rng.shuffle(items)
+        return {k: _shuffled(v, rng) for k, v in items}
+    if isinstance(obj, list):
+        return [_shuffled(v, rng) for v in obj]
+    return obj
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values, st.integers(0, 2**32))
+def test_dict_order_does_not_change_the_key(value, seed):
+    assert digest(_shuffled(value, random.Random(seed))) == digest(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_canonical_json_is_a_fixed_point(value):
+    import json
+
+    once = canonical_json(value)
+    assert canonical_json(json.loads(once)) == once
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values, json_values)
+def test_distinct_values_give_distinct_keys(a, b):
+    assume(canonicalize(a) != canonicalize(b))
+    assert digest(a) != digest(b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_float_spelling_does_not_change_the_key(x):
+    # The same float written differently (repr, str, exponent form, via numpy) keys the same.
+    import numpy as np
+
+    spellings = [x, float(repr(x)), float(f"{x:.17e}"), np.float64(x)]
+    keys = {digest({"temperature": s}) for s in spellings}
+    assert len(keys) == 1
+
+
+def test_numbers_canonicalise():
+    import numpy as np
+
+    assert digest({"t": -0.0}) == digest({"t": 0.0})
+    assert digest({"k": np.int64(5)}) == digest({"k": 5})
+    assert digest({"p": (1, 2)}) == digest({"p": [1, 2]})
+    assert digest({"s": {3, 1, 2}}) == digest({"s": [1, 2, 3]})
+    # ints and floats are different types in the key: 1 is not 1.0
+    assert digest({"n": 1}) != digest({"n": 1.0})
+    assert digest({"n": True}) != digest({"n": 1})
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="non-finite"):
+            digest({"t": bad})
+    with pytest.raises(TypeError, match="str keys"):
+        digest({1: "a"})
+    with pytest.raises(TypeError, match="cannot put"):
+        digest({"o": object()})
+
+
+def _material(**overrides):
+    base = dict(
+        namespace="ns",
+        epoch=0,
+        model="m" * 32,
+        model_epoch=0,
+        tokenizer="t" * 32,
+        normalization={"version": 1, "unicode_form": "NFKC", "whitespace": "collapse", "casefold": False},
+        prompt_ids=[1, 2, 3],
+        sampling={"mode": "greedy", "ignore_eos": False},
+        seed=None,
+        max_new_tokens=16,
+        stop_token_ids=(),
+    )
+    base.update(overrides)
+    return response_material(**base)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"namespace": "other"},
+        {"epoch": 1},
+        {"model": "n" * 32},
+        {"model_epoch": 1},
+        {"tokenizer": "u" * 32},
+        {"normalization": {"version": 2, "unicode_form": "NFKC", "whitespace": "collapse", "casefold": False}},
+        {"normalization": {"version": 1, "unicode_form": "NFKC", "whitespace": "collapse", "casefold": True}},
+        {"prompt_ids": [1, 2, 4]},
+        {"prompt_ids": [1, 2]},
+        {"sampling": {"mode": "greedy", "ignore_eos": True}},
+        {"seed": 0},
+        {"max_new_tokens": 17},
+        {"stop_token_ids": (5,)},
+        {"extra_models": {"d" * 32: 0}},
+    ],
+)
+def test_every_key_part_changes_the_key(change):
+    assert digest(_material(**change)) != digest(_material())
+
+
+def test_stop_token_order_and_duplicates_do_not_matter():
+    assert digest(_material(stop_token_ids=(7, 3, 7))) == digest(_material(stop_token_ids=[3, 7]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**31 - 1), max_size=30), st.lists(st.integers(0, 2**31 - 1), max_size=30))
+def test_distinct_prompts_give_distinct_keys(a, b):
+    assume(a != b)
+    assert digest(_material(prompt_ids=a)) != digest(_material(prompt_ids=b))
+
+
+def test_key_layout_and_namespaces():
+    key = response_key("prod-1", "ab" * 32)
+    assert key == "specdec:prod-1:resp:" + "ab" * 32
+    assert key_kind(key) == "resp"
+    assert key_kind("other:thing") == ""
+    assert namespace_pattern("prod-1") == "specdec:prod-1:*"
+    for bad in ("", "a:b", "a*", "a b", "x" * 65, "ns[1]"):
+        with pytest.raises(ValueError, match="invalid cache namespace"):
+            validate_namespace(bad)
