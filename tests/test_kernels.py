@@ -9,6 +9,8 @@ so rows span several of them, and shapes are small because the interpreter is sl
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does this too)
 
@@ -477,6 +479,21 @@ def test_empty_batch():
                                                   torch.rand(0, 2), torch.ones(0, 7))
     assert tokens.shape == (0, 3) and num_accepted.shape == (0,)
     assert logits_to_probs_triton(torch.randn(0, 7)).shape == (0, 7)
+
+
+# --------------------------------------------------------------------------- GPU compiler
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never runs Triton's compiler; build the kernels for sm_90 (cubin)."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "specdec.kernels.aot_check", "--quick"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok    sm_90") == 8
 
 
 # --------------------------------------------------------------------------- dispatch
