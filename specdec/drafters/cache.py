@@ -2,10 +2,16 @@
 
 Each row keeps a local buffer: a continuation fetched from the store and the sequence
 length it starts at. While the row's new tokens keep matching the buffer, drafts come
-from it with no round trip; when the buffer is used up or the row diverges (the target
-rejected a draft, or sampling went elsewhere), the row asks the store again. All rows
-that need a lookup share one round trip per step, and a row that keeps missing backs
-off for a few tokens. Drafts are one-hot: the target verifies them, so an entry that is
+from it with no round trip. When fewer than K buffered tokens are left, the row asks
+the store for what follows the buffer's end (the predicted sequence), so a long run of
+accepted drafts keeps full K-token steps; when the row diverges (a draft rejected, or
+sampling went elsewhere) it asks afresh. All rows that need the store share one round
+trip per step, and a row that keeps missing backs off for a few tokens.
+
+Draft length adapts per row: it doubles (up to K) after a step that accepted every
+draft and drops to accepted + 1 after one that did not, so a stale entry, or sampling
+that rarely agrees with the earlier output, costs short verify forwards instead of
+K-token ones. Drafts are one-hot: the target verifies them, so an entry that is
 stale, from another model, or poisoned only costs acceptance, never output.
 """
 
@@ -39,8 +45,11 @@ class CacheDrafter(Drafter):
     def start(self, state) -> None:
         n = state.batch_size
         self.buffers: list[tuple[int, list[int]]] = [(0, [])] * n  # (sequence length at tokens[0], tokens)
+        self.topped_at = [-1] * n  # buffer end for which a top-up found nothing
         self.misses = [0] * n  # consecutive empty lookups per row
         self.retry_at = [0] * n  # sequence length before which a missing row does not ask again
+        self.limit: list[int] | None = None  # per-row draft length, set on the first propose
+        self.proposed = [0] * n
 
     def _remaining(self, b: int, seq: list[int]) -> list[int]:
         """What the buffer predicts after `seq`, or [] if it is used up or contradicted."""
@@ -54,13 +63,23 @@ class CacheDrafter(Drafter):
 
     def propose(self, state, k: int) -> DraftProposal:
         seqs = state.sequences
-        need = [
-            b for b, seq in enumerate(seqs) if not self._remaining(b, seq) and len(seq) >= self.retry_at[b]
-        ]
-        if need:
+        if self.limit is None:
+            self.limit = [k] * len(seqs)
+        fresh, topup, queries = [], [], []
+        for b, seq in enumerate(seqs):
+            rem = self._remaining(b, seq)
+            if rem:
+                end = len(seq) + len(rem)
+                if len(rem) < k and self.topped_at[b] != end:
+                    topup.append((b, rem))
+                    queries.append(seq + rem)
+            elif len(seq) >= self.retry_at[b]:
+                fresh.append(b)
+                queries.append(seq)
+        if queries:
             self.round_trips += 1
-            found = self.store.lookup_many([seqs[b] for b in need])  # one round trip for all rows
-            for b, tokens in zip(need, found):
+            found = self.store.lookup_many(queries)  # one round trip for all rows
+            for b, tokens in zip(fresh, found):
                 n = len(seqs[b])
                 self.buffers[b] = (n, tokens)
                 if tokens:
@@ -68,11 +87,35 @@ class CacheDrafter(Drafter):
                 else:
                     self.misses[b] += 1
                     self.retry_at[b] = n + min(2 ** (self.misses[b] - 1), _MAX_BACKOFF)
-        rows = [self._remaining(b, seq)[:k] for b, seq in enumerate(seqs)]
+            for (b, rem), tokens in zip(topup, found[len(fresh):]):
+                n = len(seqs[b])
+                if tokens:
+                    self.buffers[b] = (n, rem + tokens)
+                else:
+                    self.topped_at[b] = n + len(rem)
+        rows = []
+        for b, seq in enumerate(seqs):
+            row = self._remaining(b, seq)[: min(k, self.limit[b])]
+            self.proposed[b] = len(row)
+            rows.append(row)
         return pack_proposals(rows, k, state.device)
+
+    def observe(self, state, num_accepted, emitted) -> None:
+        if self.limit is None:
+            return
+        for b, accepted in enumerate(num_accepted.tolist()):
+            proposed = self.proposed[b]
+            if not proposed:
+                continue
+            if accepted >= proposed:
+                self.limit[b] = min(2 * self.limit[b], 1 << 16)
+            else:
+                self.limit[b] = accepted + 1
 
     def select_rows(self, keep) -> None:
         idx = keep.tolist()
-        self.buffers = [self.buffers[i] for i in idx]
-        self.misses = [self.misses[i] for i in idx]
-        self.retry_at = [self.retry_at[i] for i in idx]
+        for name in ("buffers", "topped_at", "misses", "retry_at", "proposed"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in idx])
+        if self.limit is not None:
+            self.limit = [self.limit[i] for i in idx]
