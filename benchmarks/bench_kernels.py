@@ -181,7 +181,7 @@ def _write(rows: list[Row], device: torch.device, copy_gbps: float | None, comma
         + ("; CUDA events with the L2 cache flushed before each call" if device.type == "cuda" else ""),
         "- GB/s: effective bytes (see benchmarks/bench_kernels.py) / median time",
         "- sampling ops: temperature 0.8, K drafts per row sampled from a correlated draft's "
-        "probabilities; `_topk_topp` adds top-k 50 and top-p 0.9 (threshold searches, up to 17 passes per row); "
+        "probabilities; `_topk_topp` adds top-k 50 and top-p 0.9 (threshold searches, up to 18 passes per row); "
         "greedy drafts match the argmax 70% of the time",
     ]
     if copy_gbps:

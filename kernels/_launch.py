@@ -8,8 +8,10 @@ these checks looks at tensor values (that would synchronise with the device).
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
@@ -26,6 +28,10 @@ DEFAULT_BLOCK = 2048
 # The two-dimensional tile [SEARCH_BLOCK, NUM_CANDIDATES] of the top-k/top-p threshold
 # search holds SEARCH_BLOCK * 16 values, so it uses a smaller vocabulary tile.
 NUM_CANDIDATES = 16
+# Launch option for kernels that do float arithmetic: no multiply-add contraction, so
+# `logits * (1 / T) - max` rounds after the product exactly like torch's separate ops
+# (the reference), and the element of the row maximum gets probability exactly 1 / sum.
+EXACT_ROUNDING = dict(enable_fp_fusion=False)
 
 
 def is_interpreted(kernel) -> bool:
@@ -95,10 +101,13 @@ def temperature_operand(temperature: float, device: torch.device) -> float:
     for the device they run on (see SCALE_BY_RECIPROCAL), so kernel and reference see
     bit-identical scaled logits.
     """
-    t = torch.tensor(temperature, dtype=torch.float32)
-    if device.type == "cuda":
-        return (torch.tensor(1.0, dtype=torch.float32) / t).item()
-    return t.item()
+    return _temperature_operand(temperature, device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=64)
+def _temperature_operand(temperature: float, reciprocal: bool) -> float:
+    t = numpy.float32(temperature)
+    return float(numpy.float32(1.0) / t) if reciprocal else float(t)
 
 
 def pick_block(vocab: int, block_size: int | None) -> int:

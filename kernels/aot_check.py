@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             source = ASTSource(fn=kernel, signature=_signature(kernel, logits_type, constexprs), constexprs=constexprs)
-            compiled = triton.compile(source, target=target, options={"num_warps": 8})
+            compiled = triton.compile(source, target=target, options={"num_warps": 8, **_launch.EXACT_ROUNDING})
             print(f"ok    sm_{args.arch} {label}: {_resources(compiled.asm['cubin'])}")
         except Exception as error:  # report every failing variant, not just the first
             failed += 1

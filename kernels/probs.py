@@ -263,6 +263,6 @@ def logits_to_probs_triton(
         SCALE_BY_RECIPROCAL=logits.device.type == "cuda",
         HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p,
         BLOCK=block, SEARCH_BLOCK=_launch.search_block(block, _logits_to_probs_kernel), NUM_CANDIDATES=_launch.NUM_CANDIDATES,
-        num_warps=8,
+        num_warps=8, **_launch.EXACT_ROUNDING,
     )
     return out.view(logits.shape)

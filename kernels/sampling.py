@@ -240,7 +240,7 @@ def verify_sampling_triton(
         counts, stats, accept, accept.stride(0),
         vocab, k, temperature_arg, top_k, top_p,
         SEARCH_BLOCK=_launch.search_block(block, _target_rows_kernel), NUM_CANDIDATES=_launch.NUM_CANDIDATES,
-        num_warps=8, **flags,
+        num_warps=8, **_launch.EXACT_ROUNDING, **flags,
     )
     _sample_kernel[(batch,)](
         target_logits, target_logits.stride(0), target_logits.stride(1),
@@ -249,6 +249,6 @@ def verify_sampling_triton(
         exponentials, exponentials.stride(0),
         counts, stats, accept, accept.stride(0), tokens, num_accepted,
         vocab, k, temperature_arg,
-        BLOCK_K=triton.next_power_of_2(k + 1), num_warps=8, **flags,
+        BLOCK_K=triton.next_power_of_2(k + 1), num_warps=8, **_launch.EXACT_ROUNDING, **flags,
     )
     return tokens, num_accepted

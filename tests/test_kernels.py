@@ -33,7 +33,7 @@ DEVICE = "cpu" if _launch.is_interpreted(greedy_mod._row_argmax_kernel) else "cu
 VOCABS = [7, 111, 1000, 4099]
 # Tiles for the plain passes: several tiles per row, a partial last tile.
 PLAIN_BLOCK = {7: 16, 111: 32, 1000: 128, 4099: 512}
-# Tiles when top-k/top-p searches run (up to 17 passes per row): one tile per row where
+# Tiles when top-k/top-p searches run (up to 18 passes per row): one tile per row where
 # possible to keep the interpreter fast; 4099 and the tie tests still span several tiles.
 FILTER_BLOCK = {7: 16, 111: 128, 1000: 1024, 4099: 1024}
 
