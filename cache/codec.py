@@ -91,6 +91,24 @@ def encode_value(
     return HEADER.pack(MAGIC, FORMAT_VERSION, kind, len(tail_bytes), 0, len(tokens), crc) + body
 
 
+def encode_token_bytes(kind: int, token_bytes: bytes, key: str, *, max_bytes: int) -> bytes:
+    """encode_value for tokens already packed as int32 little-endian bytes (no tail).
+
+    The draft store packs a whole sequence once and slices it, instead of converting
+    every continuation from a list again.
+    """
+    size = HEADER.size + len(token_bytes)
+    if size > max_bytes:
+        raise ValueTooLarge(f"value of {size} bytes exceeds the cap of {max_bytes} bytes")
+    crc = zlib.crc32(token_bytes, zlib.crc32(key.encode("utf-8")))
+    return HEADER.pack(MAGIC, FORMAT_VERSION, kind, 0, 0, len(token_bytes) // 4, crc) + token_bytes
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    """Tokens as int32 little-endian bytes (ValueError/TypeError for ids that do not fit)."""
+    return _token_bytes(tokens)
+
+
 def decode_value(data: bytes, key: str, *, kind: int, max_bytes: int) -> DecodedValue:
     """Decode a value read from `key`; raise CorruptValue if anything does not add up."""
     if len(data) > max_bytes:

@@ -22,7 +22,15 @@ from collections import OrderedDict
 from typing import Sequence
 
 from .backend import Write
-from .codec import KIND_DRAFT, CorruptValue, ValueTooLarge, _token_bytes, decode_value, encode_value
+from .codec import (
+    KIND_DRAFT,
+    CorruptValue,
+    ValueTooLarge,
+    decode_value,
+    encode_token_bytes,
+    encode_value,
+    pack_tokens,
+)
 from .keys import SCHEMA_VERSION, canonical_json, draft_key
 from .namespace import Namespace
 from .store import CacheStore
@@ -80,7 +88,10 @@ class DraftStore:
 
     def context_key(self, context: Sequence[int], epoch: int) -> str:
         """Redis key of a context (a token sequence) under a namespace epoch."""
-        h = hashlib.sha256(self._prefix(epoch, len(context)) + _token_bytes(context)).hexdigest()
+        return self._key_from_bytes(pack_tokens(context), epoch)
+
+    def _key_from_bytes(self, context_bytes: bytes, epoch: int) -> str:
+        h = hashlib.sha256(self._prefix(epoch, len(context_bytes) // 4) + context_bytes).hexdigest()
         return draft_key(self.namespace.name, h[:40])
 
     # -- reads --
@@ -148,19 +159,19 @@ class DraftStore:
 
     def writes_for(self, sequence: Sequence[int], epoch: int) -> list[Write]:
         """The (key, value, ttl) writes that index `sequence` under `epoch`."""
-        seq = list(sequence)
-        n_tokens = len(seq)
+        packed = pack_tokens(sequence)  # int32 bytes: contexts and continuations are slices of it
+        n_tokens = len(packed) // 4
         start = max(self.contexts[-1], n_tokens - self.max_positions)
         writes: list[Write] = []
         ttl = self.ttl_s or None
         for i in range(start, n_tokens):
-            cont = seq[i : i + self.continuation]
+            cont = packed[4 * i : 4 * min(n_tokens, i + self.continuation)]
             for n in self.contexts:
                 if n > i:
                     continue
-                key = self.context_key(seq[i - n : i], epoch)
+                key = self._key_from_bytes(packed[4 * (i - n) : 4 * i], epoch)
                 try:
-                    value = encode_value(KIND_DRAFT, cont, key, max_bytes=self.max_value_bytes)
+                    value = encode_token_bytes(KIND_DRAFT, cont, key, max_bytes=self.max_value_bytes)
                 except ValueTooLarge:
                     self.store.count("oversize")
                     continue
@@ -193,7 +204,7 @@ class DraftStore:
             return False
         # The epoch is part of the digest: after an invalidation the same sequence is indexed again.
         epoch = repr(self.namespace.cached_epochs()).encode()
-        seq_digest = hashlib.sha256(epoch + _token_bytes(tokens)).hexdigest()
+        seq_digest = hashlib.sha256(epoch + pack_tokens(tokens)).hexdigest()
         if not self._claim(seq_digest):
             return False
 

@@ -51,7 +51,7 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _ping(port: int | None = None, unix_socket: str | None = None, timeout: float = 0.2) -> bool:
+def _ping(port: int | None = None, unix_socket: str | None = None, timeout: float = 0.2, ca: str | None = None) -> bool:
     try:
         if unix_socket:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -59,6 +59,10 @@ def _ping(port: int | None = None, unix_socket: str | None = None, timeout: floa
             s.connect(unix_socket)
         else:
             s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if ca:
+            import ssl
+
+            s = ssl.create_default_context(cafile=ca).wrap_socket(s, server_hostname="127.0.0.1")
         with s:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
@@ -79,7 +83,7 @@ def _command(port: int, *args: str, timeout: float = 1.0) -> bytes:
 class RedisServer:
     """One redis-server child process."""
 
-    def __init__(self, workdir: Path, *, unix_socket: bool = False, cluster: bool = False) -> None:
+    def __init__(self, workdir: Path, *, unix_socket: bool = False, cluster: bool = False, tls: bool = False) -> None:
         if REDIS_SERVER is None:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.workdir = Path(workdir)
@@ -87,7 +91,21 @@ class RedisServer:
         self.port = free_cluster_port() if cluster else free_port()
         self.unix_socket = str(self.workdir / "redis.sock") if unix_socket else None
         self.cluster = cluster
+        self.ca: str | None = self._make_certificate() if tls else None
         self.proc: subprocess.Popen | None = None
+
+    def _make_certificate(self) -> str:
+        """A self-signed certificate for 127.0.0.1 (TLS-only server, rediss:// clients trust it as CA)."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("openssl is not installed; cannot make a certificate for the TLS server")
+        cert, key = self.workdir / "cert.pem", self.workdir / "key.pem"
+        subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )
+        return str(cert)
 
     @property
     def url(self) -> str:
@@ -101,6 +119,12 @@ class RedisServer:
         return f"unix://{self.unix_socket}"
 
     @property
+    def tls_url(self) -> str:
+        """rediss:// URL of this TLS-only server, trusting its self-signed certificate."""
+        assert self.ca, "server started without TLS"
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
+
+    @property
     def cluster_url(self) -> str:
         """redis+cluster:// URL of this server (cluster mode only)."""
         return f"redis+cluster://127.0.0.1:{self.port}"
@@ -110,7 +134,9 @@ class RedisServer:
         args = [
             REDIS_SERVER,
             "--bind", "127.0.0.1",
-            "--port", str(self.port),
+            *(["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.ca,
+               "--tls-key-file", str(self.workdir / "key.pem"), "--tls-ca-cert-file", self.ca,
+               "--tls-auth-clients", "no"] if self.ca else ["--port", str(self.port)]),
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.workdir),
@@ -122,7 +148,7 @@ class RedisServer:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.workdir / f"nodes-{self.port}.conf")]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not _ping(self.port):
+        while not _ping(self.port, ca=self.ca):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server did not start on 127.0.0.1:{self.port}")
@@ -191,6 +217,14 @@ def redis_server(tmp_path_factory):
 def redis_process(tmp_path_factory):
     """A private redis-server that the test may kill, pause and resume."""
     server = RedisServer(tmp_path_factory.mktemp("redis-private")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory):
+    """A TLS-only redis-server with a self-signed certificate for 127.0.0.1."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-tls"), tls=True).start()
     yield server
     server.stop()
 

@@ -1,4 +1,4 @@
-"""One contract, every backend: memory://, redis:// (TCP), unix://, and Redis Cluster.
+"""One contract, every backend: memory://, redis:// (TCP), rediss:// (TLS), unix://, Redis Cluster.
 
 The same tests run against each backend through the public classes: raw storage
 operations, the response cache, the draft store and invalidation.
@@ -23,7 +23,7 @@ from specdec.cache import (
 )
 from specdec.cache.codec import KIND_DRAFT, encode_value
 
-BACKENDS = ["memory", "redis", "redis-unix", "redis-cluster"]
+BACKENDS = ["memory", "redis", "rediss", "redis-unix", "redis-cluster"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -34,6 +34,8 @@ def backend_url(request, cache_namespace):
         return f"memory://{uuid.uuid4().hex}?namespace={cache_namespace}"
     if kind == "redis":
         return request.getfixturevalue("redis_server").url + f"?namespace={cache_namespace}"
+    if kind == "rediss":
+        return request.getfixturevalue("redis_tls").tls_url + f"&namespace={cache_namespace}"
     if kind == "redis-unix":
         return request.getfixturevalue("redis_server").unix_url + f"?namespace={cache_namespace}"
     return request.getfixturevalue("redis_cluster").cluster_url + f"?namespace={cache_namespace}"
