@@ -17,6 +17,7 @@ time, not only on the key. Every other request still feeds the draft store.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -35,6 +36,10 @@ from .cache.store import get_store, release_store
 log = logging.getLogger("specdec.cache")
 
 _FINISH_REASONS = ("stop", "length")
+# GenerationParams fields resolved explicitly into the key (everything else goes in as is).
+_HANDLED_PARAMS = frozenset(
+    {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "drafter", "num_draft_tokens", "stop_token_ids", "ignore_eos"}
+)
 _IDS_MEMO_SIZE = 512
 
 
@@ -170,9 +175,16 @@ class CacheLayer:
         return params.drafter
 
     def _effective_sampling(self, params: Any) -> tuple[dict[str, Any], int | None, tuple[str, ...]]:
+        # Any parameter this module does not know about (a field added to GenerationParams
+        # later) goes into the key as is: an unknown knob may change the output.
+        extra = {
+            f.name: getattr(params, f.name)
+            for f in dataclasses.fields(params)
+            if f.name not in _HANDLED_PARAMS
+        } if dataclasses.is_dataclass(params) else {}
         if params.greedy:
             # Greedy output is the target's argmax chain: no drafter, seed, top-k or top-p changes it.
-            return {"mode": "greedy", "ignore_eos": bool(params.ignore_eos)}, None, ()
+            return {"mode": "greedy", "ignore_eos": bool(params.ignore_eos), "extra": extra}, None, ()
         drafter = self._drafter_name(params)
         top_k = int(params.top_k)
         if top_k >= self.vocab_size:
@@ -185,9 +197,10 @@ class CacheLayer:
             "drafter": drafter,
             "num_draft_tokens": int(params.num_draft_tokens),
             "ignore_eos": bool(params.ignore_eos),
+            "extra": extra,
         }
-        extra = (self.draft_id,) if drafter == "model" and self.draft_id is not None else ()
-        return sampling, int(params.seed), extra
+        models = (self.draft_id,) if drafter == "model" and self.draft_id is not None else ()
+        return sampling, int(params.seed), models
 
     def prompt_key_ids(self, prompt_ids: Sequence[int], prompt_text: Any) -> tuple[int, ...]:
         """Token ids the key is built from: those of the normalised text when there is text."""

@@ -324,3 +324,26 @@ def test_cache_drafter_needs_a_cache(gen, cache_url):
     with CacheLayer.open(cache_url, gen, draft_store=False) as layer:
         with pytest.raises(ValueError, match="draft_store=false"):
             gen.generate(PROMPT, drafter="cache", cache=layer)
+
+
+def test_unknown_generation_parameters_are_key_parts(gen, layer):
+    # A knob added to GenerationParams later must split the cache, not be ignored.
+    from dataclasses import dataclass
+
+    from specdec.params import GenerationParams
+
+    @dataclass(frozen=True)
+    class Extended(GenerationParams):
+        repetition_penalty: float = 1.0
+
+    ids = gen.tokenizer(PROMPT)["input_ids"]
+    keys = {
+        layer.responses.key(layer.request_for(ids, PROMPT, p), [0, 0])
+        for p in (Extended(max_new_tokens=8), Extended(max_new_tokens=8, repetition_penalty=1.2))
+    }
+    assert len(keys) == 2
+    same = {
+        layer.responses.key(layer.request_for(ids, PROMPT, p), [0, 0])
+        for p in (GenerationParams(max_new_tokens=8, seed=1), GenerationParams(max_new_tokens=8, seed=2, top_k=3))
+    }
+    assert len(same) == 1  # greedy: seed and top-k do not change the output, so not the key
