@@ -44,7 +44,7 @@ def _row_argmax_kernel(
         row_ptr = logits_ptr + b * stride_lb + i.to(tl.int64) * stride_lk
         best_val = tl.full([BLOCK], float("-inf"), tl.float32)
         best_idx = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, V, BLOCK):
+        for start in tl.range(0, V, BLOCK, loop_unroll_factor=2):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             # Strictly greater: within a lane the earlier (lower) id keeps a tie.

@@ -10,6 +10,9 @@ Passes over a row of V logits (each pass reads the row once, in tiles):
   * top-k: 1 pass (max, min), at most 8 counting passes to find the k-th largest
     logit exactly, 1 pass for the sum of exp over the kept logits;
   * top-p: at most 8 more passes to find the probability threshold exactly.
+The streaming loops are unrolled twice: Triton does not prefetch these loads, so the
+unroll is what keeps two tiles in flight per program when only a few programs run
+(small batches); it adds no registers for accumulators.
 The threshold searches walk the order-preserving integer keys of float32 values with
 NUM_CANDIDATES - 1 = 15 probes per pass, so 2**32 keys shrink to one in at most 8
 passes, and the result is the exact value the sorting reference would pick (ties and
@@ -158,7 +161,7 @@ def _row_distribution(
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.full([], 0.0, tl.float32)
     x_min = tl.full([], float("inf"), tl.float32)
-    for start in range(0, V, BLOCK):
+    for start in tl.range(0, V, BLOCK, loop_unroll_factor=2):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         x = _load_scaled(row_ptr, cols, mask, temperature, SCALE_BY_RECIPROCAL)
@@ -175,7 +178,7 @@ def _row_distribution(
     if HAS_TOP_K:
         kth = _top_k_logit(row_ptr, V, temperature, top_k, x_min, m, SCALE_BY_RECIPROCAL, SEARCH_BLOCK, NUM_CANDIDATES)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
+        for start in tl.range(0, V, BLOCK, loop_unroll_factor=2):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < V
             x = _load_scaled(row_ptr, cols, mask, temperature, SCALE_BY_RECIPROCAL)
@@ -208,7 +211,7 @@ def _logits_to_probs_kernel(
         row_ptr, V, temperature, top_k, top_p,
         SCALE_BY_RECIPROCAL, HAS_TOP_K, HAS_TOP_P, BLOCK, SEARCH_BLOCK, NUM_CANDIDATES,
     )
-    for start in range(0, V, BLOCK):
+    for start in tl.range(0, V, BLOCK, loop_unroll_factor=2):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         x = _load_scaled(row_ptr, cols, mask, temperature, SCALE_BY_RECIPROCAL)

@@ -121,7 +121,7 @@ def _sample_kernel(
     best_r = tl.full([BLOCK], -1.0, tl.float32)
     idx_r = tl.zeros([BLOCK], dtype=tl.int32)
     residual_mass = tl.zeros([BLOCK], dtype=tl.int32)  # any residual weight > 0
-    for start in range(0, V, BLOCK):
+    for start in range(0, V, BLOCK):  # three loads per tile already overlap; no unroll
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         x = _load_scaled(row_ptr, cols, mask, temperature, SCALE_BY_RECIPROCAL)
