@@ -9,7 +9,9 @@ Passes over a row of V logits (each pass reads the row once, in tiles):
   * no top-k/top-p: 1 pass (online max and sum of exp), then 1 writing pass;
   * top-k: 1 pass (max, min), at most 8 counting passes to find the k-th largest
     logit exactly, 1 pass for the sum of exp over the kept logits;
-  * top-p: at most 8 more passes to find the probability threshold exactly.
+  * top-p: at most 8 more passes to find the probability threshold exactly;
+so at most 18 reads of the row with both filters (the searches re-read a row the
+same program just read, which mostly stays in L2), then the writing pass.
 The streaming loops are unrolled twice: Triton does not prefetch these loads, so the
 unroll is what keeps two tiles in flight per program when only a few programs run
 (small batches); it adds no registers for accumulators.

@@ -12,8 +12,10 @@ Two launches, no host synchronisation:
      exponential race argmax(r / E) on both at once, so a residual that rounds to all
      zeros falls back to p without a second pass. Emits drafts, the sample, -1 after.
 
-p and q are never materialised: the verifier reads each target row once (plus one
-row of q and of the noise per batch row) and writes K+1 tokens per row.
+p and q are never materialised: the verifier reads every target row it may need once,
+then per batch row the sampled position's logits again, one row of noise and (after a
+rejection with draft probabilities) one row of q, and writes K+1 tokens per row.
+Without top-k/top-p that is about (K+2)/(K+1) reads of the logits in total.
 """
 
 from __future__ import annotations
