@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import os
+import subprocess
 import platform
 import statistics
 import sys
@@ -156,6 +158,15 @@ def bench_one(op, batch, k, vocab, dtype_name, device, reps, copy_gbps) -> Row:
     )
 
 
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -176,7 +187,8 @@ def _write(rows: list[Row], device: torch.device, copy_gbps: float | None, comma
         f"# Kernel benchmark: reference vs Triton on {_device_name(device)}",
         "",
         f"- command: `{command}`",
-        f"- date: {datetime.date.today().isoformat()}; torch {torch.__version__}, triton {triton.__version__}",
+        f"- date: {datetime.date.today().isoformat()}; commit {_commit()}; torch {torch.__version__}, "
+        f"triton {triton.__version__}",
         "- timings: median per call, both implementations timed side by side in this run"
         + ("; CUDA events with the L2 cache flushed before each call" if device.type == "cuda" else ""),
         "- GB/s: effective bytes (see benchmarks/bench_kernels.py) / median time",
@@ -232,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8 64)")
     parser.add_argument("--k", type=int, nargs="+", help="draft lengths (default 1 4 8)")
     parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes (default 32000 128256)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="logit dtype (default bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+",
+                        help="logit dtypes (default bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--reps", type=int, default=None, help="repeats on CPU (GPU uses do_bench)")
     args = parser.parse_args(argv)
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batch or ([1, 4] if args.quick else [1, 8, 64])
     ks = args.k or ([1, 4] if args.quick else [1, 4, 8])
     vocabs = args.vocab or ([1000, 4099] if args.quick else [32000, 128256])
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    dtypes = args.dtype or (["bf16"] if cuda else ["fp32"])
     reps = args.reps or (3 if args.quick else 10)
     if not cuda and not args.quick and not (args.batch and args.k and args.vocab):
         parser.error("no CUDA device: the interpreter cannot run the full-size grid; use --quick")
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     copy_gbps = copy_bandwidth_gbps(device) if cuda else None
     print(f"device: {_device_name(device)}" + (f", copy bandwidth {copy_gbps:.0f} GB/s" if copy_gbps else ""))
     rows = []
-    for op in args.ops:
+    for op, dtype in itertools.product(args.ops, dtypes):
         for vocab in vocabs:
             for batch in batches:
                 for k in (ks if not op.startswith("logits_to_probs") else [0]):
