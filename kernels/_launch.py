@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 
-import numpy
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
@@ -106,8 +106,15 @@ def temperature_operand(temperature: float, device: torch.device) -> float:
 
 @functools.lru_cache(maxsize=64)
 def _temperature_operand(temperature: float, reciprocal: bool) -> float:
-    t = numpy.float32(temperature)
-    return float(numpy.float32(1.0) / t) if reciprocal else float(t)
+    t = _float32(temperature)
+    # 1 / t in double, then rounded to float32, is the correctly rounded float32
+    # quotient (double has more than 2 * 24 + 2 bits), i.e. what 1.0f / t gives.
+    return _float32(1.0 / t) if reciprocal else t
+
+
+def _float32(x: float) -> float:
+    """x rounded to the nearest float32 (as a Python float)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def pick_block(vocab: int, block_size: int | None) -> int:
