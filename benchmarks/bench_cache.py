@@ -141,6 +141,27 @@ def random_llama(workdir: Path) -> Path:
 
 # --------------------------------------------------------------------------- helpers
 
+FALLBACK_PROMPTS = [
+    "def binary_search(items, target):\n",
+    "class LRUCache:\n    def __init__(self, capacity):\n",
+    "import os\nimport sys\n\ndef main(argv):\n",
+    "# Parse a CSV file and return the rows as dictionaries.\n",
+]
+
+
+def bench_prompts(count: int) -> tuple[list[str], str]:
+    """The first `count` built-in held-out prompts (the `specdec bench` workload), else a fixed fallback."""
+    try:
+        from specdec.workload import load_builtin
+
+        prompts = [p.text for p in load_builtin(count)]
+        if len(prompts) == count:
+            return prompts, f"first {count} built-in held-out prompts (specdec/assets/prompts/stdlib_heldout.jsonl)"
+    except (ImportError, FileNotFoundError, ValueError):
+        pass
+    return FALLBACK_PROMPTS[:count], f"{min(count, len(FALLBACK_PROMPTS))} fixed code prompts (built-in prompts not installed)"
+
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -339,7 +360,8 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
         f"Machine: {m['device_name']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
         f"redis-server {m['redis_server']}, redis-py {m['redis_py']}  ",
-        f"Model: {report['model']}",
+        f"Model: {report['model']}  ",
+        f"Prompts: {report['prompts']}",
         "",
         "## Response-cache hit latency (loopback)",
         "",
@@ -412,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="drafter repeats (default 5, quick 3)")
     parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[8, 4], help="K values for the drafter rows")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampled setting")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.8, 0.3], help="sampled settings")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts in the drafter workload")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -436,12 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         server = None if args.url else Server(workdir)
         url = args.url or server.url
         try:
-            prompts = [
-                "def binary_search(items, target):\n",
-                "class LRUCache:\n    def __init__(self, capacity):\n",
-                "import os\nimport sys\n\ndef main(argv):\n",
-                "# Parse a CSV file and return the rows as dictionaries.\n",
-            ]
+            prompts, prompt_desc = bench_prompts(args.prompts)
             print("hit latency ...", flush=True)
             hits = bench_hits(gen, url, prompts[0], hits_n, new_tokens=64)
             drafter = []
@@ -449,9 +467,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cache drafter, greedy, K={k} ...", flush=True)
                 drafter.append(bench_drafter(gen, url, prompts, setting="greedy", k=k, new_tokens=args.new_tokens,
                                              repeats=repeats, temperature=0.0))
-            print(f"cache drafter, sampled, K={args.num_draft_tokens[0]} ...", flush=True)
-            drafter.append(bench_drafter(gen, url, prompts, setting="sampled", k=args.num_draft_tokens[0],
-                                         new_tokens=args.new_tokens, repeats=repeats, temperature=args.temperature))
+            for temperature in args.temperature:
+                print(f"cache drafter, sampled T={temperature}, K={args.num_draft_tokens[0]} ...", flush=True)
+                drafter.append(bench_drafter(gen, url, prompts, setting="sampled", k=args.num_draft_tokens[0],
+                                             new_tokens=args.new_tokens, repeats=repeats, temperature=temperature))
             print("failure latency ...", flush=True)
             failure = bench_failure(gen, workdir, prompts[0], new_tokens=32, deadline_ms=50.0,
                                     n_open=400 if args.quick else 2000)
@@ -463,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "model": model_desc,
+        "prompts": prompt_desc,
         "hits": hits,
         "drafter": drafter,
         "failure": failure,

@@ -163,6 +163,7 @@ class DraftStore:
         n_tokens = len(packed) // 4
         start = max(self.contexts[-1], n_tokens - self.max_positions)
         writes: list[Write] = []
+        seen: set[str] = set()
         ttl = self.ttl_s or None
         for i in range(start, n_tokens):
             cont = packed[4 * i : 4 * min(n_tokens, i + self.continuation)]
@@ -170,6 +171,11 @@ class DraftStore:
                 if n > i:
                     continue
                 key = self._key_from_bytes(packed[4 * (i - n) : 4 * i], epoch)
+                # A context that recurs (a loop, a repeated line) keeps its first occurrence:
+                # the earliest has the longest continuation before the sequence ends.
+                if key in seen:
+                    continue
+                seen.add(key)
                 try:
                     value = encode_token_bytes(KIND_DRAFT, cont, key, max_bytes=self.max_value_bytes)
                 except ValueTooLarge:

@@ -9,9 +9,10 @@ sampling went elsewhere) it asks afresh. All rows that need the store share one 
 trip per step, and a row that keeps missing backs off for a few tokens.
 
 Draft length adapts per row: it doubles (up to K) after a step that accepted every
-draft and drops to accepted + 1 after one that did not, so a stale entry, or sampling
-that rarely agrees with the earlier output, costs short verify forwards instead of
-K-token ones. Drafts are one-hot: the target verifies them, so an entry that is
+draft and drops to accepted + 1 after one that did not; a step that accepted nothing
+also pauses the row's drafting (and lookups) for 1, 2, 4, ... up to 16 tokens, reset by
+the next acceptance. So a stale entry, or sampling that rarely agrees with the earlier
+output, costs a few short verify forwards instead of a K-token one every step. Drafts are one-hot: the target verifies them, so an entry that is
 stale, from another model, or poisoned only costs acceptance, never output.
 """
 
@@ -21,6 +22,7 @@ from . import register_drafter
 from .base import DraftProposal, Drafter, pack_proposals
 
 _MAX_BACKOFF = 4  # tokens a row waits, at most, after consecutive misses
+_MAX_PAUSE = 16  # tokens a row drafts nothing, at most, after consecutive fully rejected steps
 
 
 @register_drafter("cache")
@@ -50,6 +52,8 @@ class CacheDrafter(Drafter):
         self.retry_at = [0] * n  # sequence length before which a missing row does not ask again
         self.limit: list[int] | None = None  # per-row draft length, set on the first propose
         self.proposed = [0] * n
+        self.rejections = [0] * n  # consecutive steps whose drafts were all rejected
+        self.paused_until = [0] * n  # sequence length before which the row drafts nothing
 
     def _remaining(self, b: int, seq: list[int]) -> list[int]:
         """What the buffer predicts after `seq`, or [] if it is used up or contradicted."""
@@ -67,6 +71,8 @@ class CacheDrafter(Drafter):
             self.limit = [k] * len(seqs)
         fresh, topup, queries = [], [], []
         for b, seq in enumerate(seqs):
+            if len(seq) < self.paused_until[b]:
+                continue
             rem = self._remaining(b, seq)
             if rem:
                 end = len(seq) + len(rem)
@@ -95,7 +101,8 @@ class CacheDrafter(Drafter):
                     self.topped_at[b] = n + len(rem)
         rows = []
         for b, seq in enumerate(seqs):
-            row = self._remaining(b, seq)[: min(k, self.limit[b])]
+            paused = len(seq) < self.paused_until[b]
+            row = [] if paused else self._remaining(b, seq)[: min(k, self.limit[b])]
             self.proposed[b] = len(row)
             rows.append(row)
         return pack_proposals(rows, k, state.device)
@@ -111,10 +118,16 @@ class CacheDrafter(Drafter):
                 self.limit[b] = min(2 * self.limit[b], 1 << 16)
             else:
                 self.limit[b] = accepted + 1
+            if accepted == 0:
+                self.rejections[b] += 1
+                pause = min(2 ** (self.rejections[b] - 1), _MAX_PAUSE)
+                self.paused_until[b] = len(state.sequences[b]) + pause
+            else:
+                self.rejections[b] = 0
 
     def select_rows(self, keep) -> None:
         idx = keep.tolist()
-        for name in ("buffers", "topped_at", "misses", "retry_at", "proposed"):
+        for name in ("buffers", "topped_at", "misses", "retry_at", "proposed", "rejections", "paused_until"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in idx])
         if self.limit is not None:
