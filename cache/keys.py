@@ -49,13 +49,19 @@ def canonicalize(obj: Any) -> Any:
     raise, because they have no single spelling.
     """
     cls = type(obj)
+    # Exact-type fast paths first: keys are built on every cache lookup.
     if cls in _PLAIN:
         return obj
     if cls is list or cls is tuple:
-        # Fast path for token-id lists: plain ints need no conversion.
-        if all(type(v) is int for v in obj):
+        if all(type(v) is int for v in obj):  # token ids: nothing to convert
             return list(obj)
         return [canonicalize(v) for v in obj]
+    if cls is dict and all(type(k) is str for k in obj):
+        return {k: canonicalize(v) for k, v in obj.items()}
+    if cls is float:
+        if not math.isfinite(obj):
+            raise ValueError(f"cannot put non-finite number {obj!r} into a cache key")
+        return 0.0 if obj == 0.0 else obj
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, numbers.Integral):
