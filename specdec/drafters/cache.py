@@ -18,6 +18,7 @@ stale, from another model, or poisoned only costs acceptance, never output.
 
 from __future__ import annotations
 
+from ..params import MAX_DRAFT_TOKENS
 from . import register_drafter
 from .base import DraftProposal, Drafter, pack_proposals
 
@@ -45,6 +46,7 @@ class CacheDrafter(Drafter):
         self.round_trips = 0  # lookups made for this request (one per step at most)
 
     def start(self, state) -> None:
+        """Reset the per-row buffers and counters for a new request."""
         n = state.batch_size
         self.buffers: list[tuple[int, list[int]]] = [(0, [])] * n  # (sequence length at tokens[0], tokens)
         self.topped_at = [-1] * n  # buffer end for which a top-up found nothing
@@ -66,6 +68,7 @@ class CacheDrafter(Drafter):
         return tokens[offset:]
 
     def propose(self, state, k: int) -> DraftProposal:
+        """Up to k buffered tokens per row; rows whose buffer ran out or diverged ask the store."""
         seqs = state.sequences
         if self.limit is None:
             self.limit = [k] * len(seqs)
@@ -107,7 +110,13 @@ class CacheDrafter(Drafter):
             rows.append(row)
         return pack_proposals(rows, k, state.device)
 
-    def observe(self, state, num_accepted, emitted) -> None:
+    def observe(
+        self,
+        state,
+        num_accepted,  # [B] drafts accepted per row
+        emitted,  # [B, K+1] tokens emitted this step, -1 padded (unused: state.sequences has them)
+    ) -> None:
+        """Adapt each row's draft length to how much of its last proposal was kept."""
         if self.limit is None:
             return
         for b, accepted in enumerate(num_accepted.tolist()):
@@ -115,7 +124,7 @@ class CacheDrafter(Drafter):
             if not proposed:
                 continue
             if accepted >= proposed:
-                self.limit[b] = min(2 * self.limit[b], 1 << 16)
+                self.limit[b] = min(2 * self.limit[b], MAX_DRAFT_TOKENS)
             else:
                 self.limit[b] = accepted + 1
             if accepted == 0:
@@ -125,7 +134,8 @@ class CacheDrafter(Drafter):
             else:
                 self.rejections[b] = 0
 
-    def select_rows(self, keep) -> None:
+    def select_rows(self, keep) -> None:  # [B'] int64 indices of the rows that stay
+        """Drop finished rows from the per-row state."""
         idx = keep.tolist()
         for name in ("buffers", "topped_at", "misses", "retry_at", "proposed", "rejections", "paused_until"):
             values = getattr(self, name)
