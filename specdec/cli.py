@@ -140,6 +140,15 @@ def _model_paths(args) -> tuple[str, str | None]:
     return args.target, (None if draft in (None, "none") else draft)
 
 
+def _quiet_transformers() -> None:
+    # The command prints its own progress; transformers' loading bars and generate()
+    # deprecation notices would interleave with it.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _apply_threads(args) -> None:
     if args.threads is not None:
         import torch
@@ -166,6 +175,7 @@ def cmd_generate(args) -> int:
         check_device(args.device)
     target, draft = _model_paths(args)
     _apply_threads(args)
+    _quiet_transformers()
     dtype = None if args.dtype in (None, "auto") else args.dtype
     gen = SpeculativeGenerator.from_pretrained(
         target, draft, device=args.device, dtype=dtype, device_map=args.device_map, cache=args.cache
@@ -235,6 +245,7 @@ def cmd_bench(args) -> int:
         command=_command_line(),
     )
     bench = Bench(config)  # validates the options and reads the prompts before loading models
+    _quiet_transformers()
     doc = bench.run()
     print(markdown_table(doc["rows"]))
     c = doc["cost"].get("c")

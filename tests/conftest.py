@@ -12,3 +12,4 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from fixtures_models import *  # noqa: E402,F401,F403
 from fixtures_redis import *  # noqa: E402,F401,F403
+from fixtures_cli import *  # noqa: E402,F401,F403
