@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.stop()
     report = {
-        "command": "python benchmarks/bench_cache.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/bench_cache.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "model": model_desc,
