@@ -126,3 +126,17 @@ def test_module_entry_point(redis_server, cache_namespace):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["namespace"] == cache_namespace
+
+
+def test_admin_commands_never_flush_or_reconfigure_the_server(redis_process):
+    # The server's own command statistics show what the client sent.
+    url = redis_process.url
+    for argv in (("stats",), ("invalidate", "--all"), ("invalidate", "--key", "0" * 64), ("flush",)):
+        assert cli(argv[0], "--url", url, *argv[1:]) == 0
+    import redis
+
+    client = redis.Redis.from_url(url)
+    used = {name.removeprefix("cmdstat_") for name in client.info("commandstats")}
+    client.close()
+    assert {"scan", "incrby", "unlink"} <= used  # redis-py sends INCR as INCRBY
+    assert not used & {"flushdb", "flushall", "config"}, used
