@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(f"error: unknown cache command {command!r}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): nothing to report
+        return 1
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
