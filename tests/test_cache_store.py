@@ -105,9 +105,12 @@ def test_paused_server_costs_one_deadline_per_call_until_the_breaker_opens(redis
         # Each call waited about one deadline (connect succeeds: the kernel still accepts).
         assert all(0.05 < t < 1.0 for t in times), times
         assert s.breaker.state == "open"
-        start = time.perf_counter()
-        assert s.call("get", "k", default="fallback") == "fallback"
-        assert time.perf_counter() - start < 0.005  # breaker open: ~0
+        fast = []
+        for _ in range(3):
+            start = time.perf_counter()
+            assert s.call("get", "k", default="fallback") == "fallback"
+            fast.append(time.perf_counter() - start)
+        assert min(fast) < 0.005  # breaker open: ~0, against ~0.1 s per call before
         redis_process.resume()
         time.sleep(0.6)  # cool-down passes; the next call is the probe
         assert s.call("get", "k") == b"v"
