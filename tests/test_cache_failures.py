@@ -87,7 +87,7 @@ def test_killed_mid_run(gen, expected, redis_process):
         assert layer.error_count() == 0
         killer = threading.Timer(0.05, redis_process.kill)
         killer.start()
-        outputs = [[r.token_ids for r in run_workload(gen, decoding)] for _ in range(3)]  # dies in here
+        outputs = [[r.token_ids for r in run_workload(gen, decoding)] for _ in range(2)]  # dies in here
         killer.join()
         assert redis_process.proc.poll() is not None  # really killed
         assert all(o == expected for o in outputs)
