@@ -574,8 +574,8 @@ class Bench:
             "command": cfg.command,
             "machine": machine_info(self.gen.device),
             "models": {
-                "target": cfg.target,
-                "draft": cfg.draft,
+                "target": display_model(cfg.target),
+                "draft": display_model(cfg.draft),
                 "target_parameters": sum(p.numel() for p in self.gen.target_model.parameters()),
                 "draft_parameters": (sum(p.numel() for p in self.gen.draft_model.parameters())
                                      if self.gen.draft_model is not None else None),
@@ -685,6 +685,25 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def headline(rows: list[dict[str, Any]], main_k: int) -> list[str]:
+    """The draft-model method at the main K against baseline and the transformers peers, per setting."""
+    lines = []
+    for setting in SETTINGS:
+        by = {(r["method"], r["k"]): r for r in rows if r["setting"] == setting and r["workload"] == "main"}
+        model = by.get(("model", main_k))
+        if model is None:
+            continue
+        parts = [f"{model['speedup']:.2f}x baseline"]
+        for method, k in (("hf", None), ("hf-assisted", None), ("hf-assisted-k", main_k)):
+            peer = by.get((method, k))
+            if peer is not None:
+                parts.append(f"{model['tokens_per_s'] / peer['tokens_per_s']:.2f}x {method}")
+        if model["efficiency"] is not None:
+            parts.append(f"efficiency {model['efficiency']:.2f} of the bound {model['bound']:.2f}")
+        lines.append(f"{setting}, draft model K={main_k}: " + ", ".join(parts))
+    return lines
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results table as markdown."""
     head = ["setting", "workload", "method", "K", "tokens/s", "speedup", "accept", "tau",
@@ -738,6 +757,8 @@ def report_markdown(doc: dict[str, Any]) -> str:
         "Forward cost at " + f"{cost['context_tokens']} tokens of context: target {cost['target_forward_ms']:.2f} ms"
         + (f", draft {cost['draft_forward_ms']:.2f} ms, c = {cost['c']:.3f}" if "c" in cost else "")
         + f"; target forward over K+1 = {main_k + 1} tokens: {cost[f'target_verify_ms_k{main_k}']:.2f} ms.",
+        "",
+        *[f"- {line}" for line in headline(doc["rows"], main_k)],
         "",
         markdown_table(doc["rows"]),
         "",
@@ -796,6 +817,18 @@ def write_plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     plt.close(fig)
     written.append("acceptance_by_position.png")
     return written
+
+
+def display_model(path: str | None) -> str | None:
+    """How a model is named in results: the bundled pair by its package path, anything else as given."""
+    if path is None:
+        return None
+    from pathlib import Path as _Path
+
+    for name, bundled in zip(("target", "draft"), default_pair()):
+        if _Path(path).resolve() == _Path(bundled).resolve():
+            return f"specdec/assets/default_pair/{name} (bundled)"
+    return path
 
 
 def default_pair() -> tuple[str, str]:

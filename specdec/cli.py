@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_argument_group("benchmark")
     b.add_argument("--num-draft-tokens", type=_k_list, default=None, metavar="K[,K...]",
                    help="K, or a sweep like 4,2,8 (the first value is the main K used for the sampled "
-                        "setting and the cache rows; default 4,2,8, --quick: 4)")
+                        "setting and the cache rows; default 4,2,6,8, --quick: 4)")
     b.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128 (--quick: 32)")
     b.add_argument("--num-prompts", type=_positive_int, default=None, help="default 16 (--quick: 3)")
     b.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats; default 3 (--quick: 1)")
@@ -216,7 +216,7 @@ def stats_line(result) -> str:
 
 def cmd_bench(args) -> int:
     """`specdec bench`: run the comparison, print the table, write the files."""
-    from .bench import ALL_METHODS, Bench, BenchConfig, markdown_table
+    from .bench import ALL_METHODS, Bench, BenchConfig, headline, markdown_table
 
     quick = args.quick
     target, draft = _model_paths(args)
@@ -227,7 +227,7 @@ def cmd_bench(args) -> int:
         device=args.device,
         dtype=None if args.dtype in (None, "auto") else args.dtype,
         device_map=args.device_map,
-        num_draft_tokens=args.num_draft_tokens or ([4] if quick else [4, 2, 8]),
+        num_draft_tokens=args.num_draft_tokens or ([4] if quick else [4, 2, 6, 8]),
         max_new_tokens=args.max_new_tokens or (32 if quick else 128),
         num_prompts=args.num_prompts or (3 if quick else 16),
         repeats=args.repeats or (1 if quick else 3),
@@ -248,6 +248,9 @@ def cmd_bench(args) -> int:
     _quiet_transformers()
     doc = bench.run()
     print(markdown_table(doc["rows"]))
+    print()
+    for line in headline(doc["rows"], config.main_k):
+        print(line)
     c = doc["cost"].get("c")
     if c is not None:
         print(f"\nc = draft forward / target forward = {c:.3f} "

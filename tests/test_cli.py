@@ -45,6 +45,8 @@ def test_bench_quick_writes_every_file(quick_bench):
         reader = csv.DictReader(fh)
         assert reader.fieldnames == COLUMNS
         assert len(list(reader)) == len(json.loads((out / "results.json").read_text())["rows"])
+    report = (out / "results.md").read_text()
+    assert "greedy, draft model K=3: " in report and "x hf-assisted-k" in report
 
 
 def test_bench_json_has_every_column_and_method(quick_bench):
