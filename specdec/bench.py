@@ -808,7 +808,7 @@ def write_plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
             acc = r["per_position_acceptance"]
             ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{r['method']} K={r['k']}")
     ax.set_xlabel("draft position")
-    ax.set_ylabel("P(accepted | drafted)")
+    ax.set_ylabel("accepted / drafted at this slot")
     ax.set_ylim(0, 1.05)
     ax.set_title("Acceptance by draft position (greedy)")
     ax.legend(fontsize=8)
