@@ -351,6 +351,8 @@ def _verify(
     params = state.params
     draft_tokens = proposal.tokens  # [B, k]
     if params.greedy:
+        if draft_tokens.shape[1] == 0:  # nothing to verify: plain greedy decoding
+            return torch.argmax(logits[:, 0], dim=-1, keepdim=True), torch.zeros_like(num_draft)
         return kernels.verify_greedy(draft_tokens, logits, num_draft)
     k = draft_tokens.shape[1]
     probs = proposal.probs  # [B, k, V_draft] or None
