@@ -34,6 +34,11 @@ def test_ngram_no_match_and_growth():
     seq = [1, 2, 3]
     assert index.propose(seq, 4) == []
     seq += [1]
-    assert index.propose(seq, 4) == [2, 3, 1]  # the continuation may run into the current suffix
+    assert index.propose(seq, 4) == [2, 3, 1, 2]  # the copy runs on over its own output
     seq += [2]
     assert index.propose(seq, 2) == [3, 1]
+
+
+def test_ngram_repeating_pattern_gives_full_drafts():
+    seq = [9, 4, 5, 4, 5, 4, 5]  # period 2; the latest earlier "4 5" ends one period back
+    assert NgramIndex(1, 3).propose(seq, 6) == [4, 5, 4, 5, 4, 5]

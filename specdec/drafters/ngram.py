@@ -2,7 +2,9 @@
 
 Match the last n tokens of a row (n = max_ngram down to min_ngram) against everything
 earlier in that row (prompt and output) and propose the tokens that followed the most
-recent earlier occurrence. No model, no probabilities: the target verifies one-hot drafts.
+recent earlier occurrence, continuing the copy over its own output when it reaches the
+end of the row (so a repeating pattern yields full-length drafts). No model, no
+probabilities: the target verifies one-hot drafts.
 """
 
 from __future__ import annotations
@@ -38,8 +40,20 @@ class NgramIndex:
         for n in range(min(self.max_n, length), self.min_n - 1, -1):
             end = self.latest.get(tuple(seq[length - n :]))
             if end is not None:
-                return seq[end + 1 : end + 1 + k]
+                return _copy_forward(seq, end + 1, k)
         return []
+
+
+def _copy_forward(seq: list[int], start: int, k: int) -> list[int]:
+    """k tokens copied from seq[start:], where a copy that reaches the end of seq goes
+    on over the tokens it has just copied (an overlapping LZ77 copy): a loop of period
+    p < k still gives k drafts instead of p."""
+    out: list[int] = []
+    length = len(seq)
+    for i in range(k):
+        j = start + i
+        out.append(seq[j] if j < length else out[j - length])
+    return out
 
 
 @register_drafter("ngram")
