@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .workload import Prompt, cache_workload, load_builtin, load_jsonl, render
+from .workload import cache_workload, load_builtin, load_jsonl, render
 
 OURS = ("baseline", "model", "ngram", "cache")
 PEERS = ("hf", "hf-assisted", "hf-lookup")

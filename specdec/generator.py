@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
@@ -16,7 +16,6 @@ from .stats import GenerationResult, GenerationStats
 
 _UNSET: Any = object()
 
-Prompt = "str | list[dict]"  # text, or chat messages rendered with the tokenizer's chat template
 
 
 class SpeculativeGenerator:

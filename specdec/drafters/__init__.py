@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
-
-if TYPE_CHECKING:
-    from ..generator import SpeculativeGenerator
 
 _REGISTRY: dict[str, type[Drafter]] = {}
 
@@ -41,11 +38,7 @@ def get_drafter_class(name: str) -> type[Drafter]:
 
 def _load_builtin() -> None:
     # Imported lazily so that each module can import this registry.
-    from . import model, ngram, none  # noqa: F401
-    try:
-        from . import cache  # noqa: F401
-    except ImportError:  # the cache drafter needs specdec.cache
-        pass
+    from . import cache, model, ngram, none  # noqa: F401
 
 
 __all__ = [
