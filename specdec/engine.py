@@ -294,7 +294,8 @@ def iter_decode(
         valid = slots <= num_draft.unsqueeze(1)  # [B, k+1]
         logits = target.forward(inputs, valid)  # [B, k+1, V]
         tokens, num_accepted = _verify(state, proposal, logits, num_draft, vocab)
-        target.rollback(slots <= num_accepted.unsqueeze(1))
+        if k:  # with no drafts the one fed token is always kept
+            target.rollback(slots <= num_accepted.unsqueeze(1))
 
         emitted_rows = tokens.tolist()  # the step's one host synchronisation
         drafted_rows = num_draft.tolist()
