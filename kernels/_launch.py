@@ -65,6 +65,26 @@ def require_unit_last_stride(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def check_verify_shapes(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+                        context: str = "") -> tuple[int, int, int]:
+    """Dtype and [B, K] / [B, K+1, V] shape checks shared by the verify launchers.
+
+    Returns (B, K, V); `context` is appended to the shape-mismatch message.
+    """
+    require_dtype("target_logits", target_logits, LOGIT_DTYPES,
+                  " float64 logits run through specdec.kernels.reference.")
+    require_dtype("draft_tokens", draft_tokens, INDEX_DTYPES)
+    if draft_tokens.dim() != 2:
+        raise ValueError(f"draft_tokens must have shape [B, K], got {tuple(draft_tokens.shape)}")
+    batch, k = draft_tokens.shape
+    if target_logits.dim() != 3 or target_logits.shape[-1] < 1:
+        raise ValueError(f"target_logits must have shape [B, K+1, V] with V >= 1, got {tuple(target_logits.shape)}")
+    vocab = target_logits.shape[-1]
+    require_shape("target_logits", target_logits, (batch, k + 1, vocab),
+                  f"B={batch} rows and K+1={k + 1} positions, from draft_tokens {tuple(draft_tokens.shape)}{context}")
+    return batch, k, vocab
+
+
 def require_device(tensors: dict[str, torch.Tensor | None], device: torch.device, kernel) -> None:
     """All tensors on one device, and a device this build of the kernel can run on."""
     for name, tensor in tensors.items():

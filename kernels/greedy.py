@@ -94,17 +94,7 @@ def verify_greedy_triton(
     """
     draft_tokens = _launch.require_tensor("draft_tokens", draft_tokens)
     target_logits = _launch.require_tensor("target_logits", target_logits)
-    _launch.require_dtype("target_logits", target_logits, _launch.LOGIT_DTYPES,
-                          " float64 logits run through specdec.kernels.reference.")
-    _launch.require_dtype("draft_tokens", draft_tokens, _launch.INDEX_DTYPES)
-    if draft_tokens.dim() != 2:
-        raise ValueError(f"draft_tokens must have shape [B, K], got {tuple(draft_tokens.shape)}")
-    batch, k = draft_tokens.shape
-    if target_logits.dim() != 3 or target_logits.shape[-1] < 1:
-        raise ValueError(f"target_logits must have shape [B, K+1, V] with V >= 1, got {tuple(target_logits.shape)}")
-    vocab = target_logits.shape[-1]
-    _launch.require_shape("target_logits", target_logits, (batch, k + 1, vocab),
-                          f"B={batch} rows and K+1={k + 1} positions, from draft_tokens {tuple(draft_tokens.shape)}")
+    batch, k, vocab = _launch.check_verify_shapes(draft_tokens, target_logits)
     _launch.require_unit_last_stride("target_logits", target_logits)
     if num_draft is not None:
         num_draft = _launch.require_tensor("num_draft", num_draft)

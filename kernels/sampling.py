@@ -180,20 +180,14 @@ def verify_sampling_triton(
     uniforms = _launch.require_tensor("uniforms", uniforms)
     exponentials = _launch.require_tensor("exponentials", exponentials)
     temperature, top_k, top_p = _launch.check_sampling_params(temperature, top_k, top_p)
-    _launch.require_dtype("target_logits", target_logits, _launch.LOGIT_DTYPES,
-                          " float64 logits run through specdec.kernels.reference.")
-    _launch.require_dtype("draft_tokens", draft_tokens, _launch.INDEX_DTYPES)
     _launch.require_dtype("uniforms", uniforms, _launch.FLOAT_DTYPES)
     _launch.require_dtype("exponentials", exponentials, _launch.FLOAT_DTYPES)
-    if draft_tokens.dim() != 2:
-        raise ValueError(f"draft_tokens must have shape [B, K], got {tuple(draft_tokens.shape)}")
-    batch, k = draft_tokens.shape
-    if target_logits.dim() != 3 or target_logits.shape[-1] < 1:
-        raise ValueError(f"target_logits must have shape [B, K+1, V] with V >= 1, got {tuple(target_logits.shape)}")
-    vocab = target_logits.shape[-1]
+    if target_logits.dim() == 3:
+        vocab_note = f" and V={target_logits.shape[-1]} from target_logits"
+    else:
+        vocab_note = ""
+    batch, k, vocab = _launch.check_verify_shapes(draft_tokens, target_logits, vocab_note)
     from_drafts = f"from draft_tokens {tuple(draft_tokens.shape)} and V={vocab} from target_logits"
-    _launch.require_shape("target_logits", target_logits, (batch, k + 1, vocab),
-                          f"B={batch} rows and K+1={k + 1} positions, {from_drafts}")
     _launch.require_shape("uniforms", uniforms, (batch, k), f"one uniform per draft slot, {from_drafts}")
     _launch.require_shape("exponentials", exponentials, (batch, vocab), f"one Exp(1) per token and row, {from_drafts}")
     _launch.require_unit_last_stride("target_logits", target_logits)

@@ -207,6 +207,10 @@ class DecodeState:
     noise_dtype: torch.dtype
     cache_layer: Any = None
     rows: list[int] = field(default_factory=list)  # original batch index of each active row
+    # The last step's outcome on the host, set before Drafter.observe, so that drafters
+    # need no device-to-host copies of their own:
+    step_accepted: list[int] = field(default_factory=list)  # [B] drafts accepted per row
+    step_emitted: list[list[int]] = field(default_factory=list)  # [B][<= K+1] tokens emitted, no padding
 
     @property
     def batch_size(self) -> int:
@@ -267,17 +271,13 @@ def iter_decode(
         rows=list(range(batch)),
     )
 
-    for i in range(batch):  # max_new_tokens == 0
-        if params.max_new_tokens == 0:
-            finish[i] = "length"
-    if all(f is not None for f in finish):
-        return _finish(outputs, finish, stats, start)
+    if params.max_new_tokens == 0:
+        return _finish(outputs, ["length"] * batch, stats, start)
 
     target = KVState(generator.target_model, batch, device)
     prefill(target, prompts)
     drafter.start(state)
     last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # [B]
-    vocab = generator.vocab_size
 
     while state.rows:
         remaining = [params.max_new_tokens - len(outputs[r]) for r in state.rows]
@@ -293,17 +293,18 @@ def iter_decode(
         slots = torch.arange(k + 1, device=device).unsqueeze(0)  # [1, k+1]
         valid = slots <= num_draft.unsqueeze(1)  # [B, k+1]
         logits = target.forward(inputs, valid)  # [B, k+1, V]
-        tokens, num_accepted = _verify(state, proposal, logits, num_draft, vocab)
+        tokens, num_accepted = _verify(state, proposal, logits, num_draft)
         if k:  # with no drafts the one fed token is always kept
             target.rollback(slots <= num_accepted.unsqueeze(1))
 
-        emitted_rows = tokens.tolist()  # the step's one host synchronisation
+        state.step_emitted = [[t for t in r if t >= 0] for r in tokens.tolist()]  # host copy of the step
+        state.step_accepted = [len(e) - 1 for e in state.step_emitted]
         drafted_rows = num_draft.tolist()
         finished_now = []
         new_last = []
         for b, row in enumerate(state.rows):
-            emitted = [t for t in emitted_rows[b] if t >= 0]
-            accepted = len(emitted) - 1
+            emitted = state.step_emitted[b]
+            accepted = state.step_accepted[b]
             kept, reason = _apply_limits(emitted, stop_ids, remaining[b])
             outputs[row].extend(kept)
             state.sequences[b].extend(kept)
@@ -319,7 +320,8 @@ def iter_decode(
         last = torch.tensor(new_last, dtype=torch.long, device=device)
 
         if finished_now:
-            keep = [b for b in range(state.batch_size) if b not in set(finished_now)]
+            done = set(finished_now)
+            keep = [b for b in range(state.batch_size) if b not in done]
             if not keep:
                 break
             keep_t = torch.tensor(keep, dtype=torch.long, device=device)
@@ -347,7 +349,6 @@ def _verify(
     proposal: DraftProposal,
     logits: torch.Tensor,  # [B, k+1, V]
     num_draft: torch.Tensor,  # [B]
-    vocab: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     params = state.params
     draft_tokens = proposal.tokens  # [B, k]

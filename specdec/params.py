@@ -45,8 +45,11 @@ class GenerationParams:
 
     def for_row(self, index: int, batch: int) -> "GenerationParams":
         """These params as they apply to one row (a per-row seed becomes that row's int)."""
-        seeds = self.row_seeds(batch)
-        return self if seeds is None or isinstance(self.seed, int) else replace(self, seed=seeds[index])
+        if self.seed is None or isinstance(self.seed, int):
+            return self
+        if len(self.seed) != batch:
+            self.row_seeds(batch)  # raises the length error
+        return replace(self, seed=self.seed[index])
 
     def for_rows(self, indices: list[int], batch: int) -> "GenerationParams":
         """These params for a subset of the rows."""

@@ -51,7 +51,11 @@ class Drafter(ABC):
         num_accepted: torch.Tensor,  # [B] drafts accepted per row
         emitted: torch.Tensor,  # [B, K+1] tokens emitted this step, -1 padded
     ) -> None:
-        """Hook after verification: roll back internal state past the kept tokens."""
+        """Hook after verification: roll back internal state past the kept tokens.
+
+        The same outcome is on the host in state.step_accepted / state.step_emitted;
+        use those rather than copying these tensors to the host again.
+        """
 
     def select_rows(self, keep: torch.Tensor) -> None:  # [B'] int64 indices of rows that stay
         """Drop finished rows from any per-row state."""

@@ -119,7 +119,7 @@ class CacheDrafter(Drafter):
         """Adapt each row's draft length to how much of its last proposal was kept."""
         if self.limit is None:
             return
-        for b, accepted in enumerate(num_accepted.tolist()):
+        for b, accepted in enumerate(state.step_accepted):
             proposed = self.proposed[b]
             if not proposed:
                 continue

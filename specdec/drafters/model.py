@@ -69,32 +69,28 @@ class ModelDrafter(Drafter):
             if i < k - 1:
                 logits = self.kv.forward(token.unsqueeze(1), ones, logits_to_keep=1)[:, -1]
         self.fed_drafts = max(k - 1, 0)
-        self.drafts = torch.stack(tokens, dim=1)  # [B, k]
+        drafts = torch.stack(tokens, dim=1)  # [B, k]
         self.proposed = True
         return DraftProposal(
-            tokens=self.drafts,
+            tokens=drafts,
             num_draft=torch.full((state.batch_size,), k, dtype=torch.long, device=device),
             probs=torch.stack(probs, dim=1) if probs else None,  # [B, k, V_draft]
         )
 
     def observe(self, state, num_accepted: torch.Tensor, emitted: torch.Tensor) -> None:
-        first = emitted[:, 0].tolist()
         if not self.proposed:  # no drafting this step (k = 0): nothing was fed
-            for b, t in enumerate(first):
-                self.pending[b].append(t)
+            for b, tokens in enumerate(state.step_emitted):
+                self.pending[b].append(tokens[0])
             return
         self.proposed = False
         fed = self.fed_drafts
         slots = torch.arange(fed, device=state.device).unsqueeze(0)
         keep = torch.cat([self.pending_valid, slots < num_accepted.unsqueeze(1)], dim=1)
         self.kv.rollback(keep)
-        accepted = num_accepted.tolist()
-        drafts = self.drafts.tolist()
-        emitted_rows = emitted.tolist()
-        for b, n in enumerate(accepted):
-            # Accepted drafts the draft model has not seen yet (only d_k, when all k accepted),
-            # then the target's correction / bonus token.
-            self.pending[b] = drafts[b][fed:n] + [emitted_rows[b][n]]
+        for b, (n, tokens) in enumerate(zip(state.step_accepted, state.step_emitted)):
+            # The emitted tokens are the n accepted drafts, then the target's correction or
+            # bonus token; the draft model has already seen the first `fed` drafts.
+            self.pending[b] = tokens[min(fed, n):]
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.kv.select_rows(keep)
