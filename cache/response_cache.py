@@ -73,13 +73,18 @@ class ResponseCache:
 
     def lookup(self, request: ResponseRequest) -> DecodedValue | None:
         """The cached response, or None (miss, failure or a value that fails to decode)."""
+        # The pending map is read BEFORE the server: the writer removes a key from it only
+        # after the value reached the server, so a value queued before this call is either
+        # in this snapshot or already on the server. Reading the server first would miss a
+        # write that completes between the two reads.
+        with self._pending_lock:
+            pending = dict(self._pending) if self._pending else None
         result = self.namespace.read(request.model_ids, lambda e: [self.key(request, e)])
         if result is None:
             return None
         (key,), (raw,) = result
         if raw is None:
-            with self._pending_lock:
-                raw = self._pending.get(key)
+            raw = pending.get(key) if pending else None
             if raw is None:
                 return None
         try:

@@ -6,6 +6,7 @@ operations, the response cache, the draft store and invalidation.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -119,6 +120,34 @@ def test_response_roundtrip_and_key_separation(store, ns):
     keys = [k for k in store.backend.scan(f"specdec:{ns.name}:resp:*")]
     assert len(keys) == 1 and len(keys[0].rsplit(":", 1)[1]) == 64
     assert len(store.backend.get(keys[0])) == 16 + 3 * 4 + len("length")
+
+
+def test_write_completing_between_the_server_read_and_the_pending_read_is_not_missed(store, ns):
+    """A write queued before a lookup must be found, even when the writer finishes it while
+    the lookup is between its server read and its pending-map read (forced here: the
+    writer is held until the server read has returned a miss, then drained)."""
+    rc = ResponseCache(store, ns, ttl_s=60, max_value_bytes=1 << 20)
+    req = request_for(prompt=(4, 5, 6))
+    assert rc.lookup(req) is None  # learns the epochs, so put() can key the pending write
+    gate = threading.Event()
+    assert store.submit(lambda: gate.wait(5))  # the writer is busy until the gate opens
+    assert rc.put(req, [1, 2], "stop")
+    read = ns.read
+
+    def read_then_let_the_writer_finish(*args, **kwargs):
+        result = read(*args, **kwargs)
+        assert result is not None and result[1] == [None]  # the server has no value yet
+        gate.set()
+        assert store.flush(5)  # the write lands and leaves the pending map
+        return result
+
+    ns.read = read_then_let_the_writer_finish
+    try:
+        hit = rc.lookup(req)
+    finally:
+        ns.read = read
+        gate.set()
+    assert hit is not None and (hit.tokens, hit.tail) == ([1, 2], "stop")
 
 
 def test_no_read_across_namespaces(store, ns, backend_url):
