@@ -32,6 +32,7 @@ from .cache.namespace import Namespace
 from .cache.normalize import render_prompt
 from .cache.response_cache import ResponseCache, ResponseRequest
 from .cache.store import get_store, release_store
+from .drafters import get_drafter_class, resolve_drafter_name
 
 log = logging.getLogger("specdec.cache")
 
@@ -166,13 +167,10 @@ class CacheLayer:
             return True
         if params.seed is None or not isinstance(params.seed, int):
             return False
-        return self._drafter_name(params) != "cache"
+        return not get_drafter_class(self._drafter_name(params)).reads_shared_state
 
     def _drafter_name(self, params: Any) -> str:
-        # The same resolution of "auto" as the generator's.
-        if params.drafter == "auto":
-            return "model" if getattr(self.generator, "draft_model", None) is not None else "ngram"
-        return params.drafter
+        return resolve_drafter_name(params.drafter, getattr(self.generator, "draft_model", None) is not None)
 
     def _effective_sampling(self, params: Any) -> tuple[dict[str, Any], int | None, tuple[str, ...]]:
         # Any parameter this module does not know about (a field added to GenerationParams
@@ -199,7 +197,8 @@ class CacheLayer:
             "ignore_eos": bool(params.ignore_eos),
             "extra": extra,
         }
-        models = (self.draft_id,) if drafter == "model" and self.draft_id is not None else ()
+        uses_draft = get_drafter_class(drafter).uses_draft_model
+        models = (self.draft_id,) if uses_draft and self.draft_id is not None else ()
         return sampling, int(params.seed), models
 
     def prompt_key_ids(self, prompt_ids: Sequence[int], prompt_text: Any) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .drafters import Drafter, get_drafter_class
+from .drafters import Drafter, get_drafter_class, resolve_drafter_name
 from .engine import RowOutput, decode, iter_decode
 from .params import GenerationParams, make_params
 from .stats import GenerationResult, GenerationStats
@@ -242,9 +242,7 @@ class SpeculativeGenerator:
         return layer, drafter, frozenset(stop_ids)
 
     def _make_drafter(self, params: GenerationParams, layer) -> Drafter:
-        name = params.drafter
-        if name == "auto":
-            name = "model" if self.draft_model is not None else "ngram"
+        name = resolve_drafter_name(params.drafter, self.draft_model is not None)
         return get_drafter_class(name)(self, layer)
 
     def _check_rows(self, rows: list[list[int]], params: GenerationParams) -> None:

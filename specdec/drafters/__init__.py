@@ -36,6 +36,14 @@ def get_drafter_class(name: str) -> type[Drafter]:
         ) from None
 
 
+def resolve_drafter_name(name: str, has_draft_model: bool) -> str:
+    """The registered drafter that `name` stands for ("auto": the draft model if one is loaded,
+    else prompt lookup)."""
+    if name == "auto":
+        return "model" if has_draft_model else "ngram"
+    return name
+
+
 def _load_builtin() -> None:
     # Imported lazily so that each module can import this registry.
     from . import cache, model, ngram, none  # noqa: F401
@@ -49,4 +57,5 @@ __all__ = [
     "get_drafter_class",
     "pack_proposals",
     "register_drafter",
+    "resolve_drafter_name",
 ]

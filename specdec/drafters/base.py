@@ -32,6 +32,12 @@ class Drafter(ABC):
     name: ClassVar[str]
     # True if propose() returns draft probabilities (a model); False for one-hot drafters.
     provides_probs: ClassVar[bool] = False
+    # True if it runs the generator's draft model (needs one loaded; its weights shape the output
+    # of seeded sampling, so they belong in response-cache keys).
+    uses_draft_model: ClassVar[bool] = False
+    # True if its drafts depend on state shared across requests (the Redis draft store), so
+    # seeded sampled output is not a function of the request alone and is never cached.
+    reads_shared_state: ClassVar[bool] = False
 
     def __init__(self, generator: "SpeculativeGenerator", cache_layer=None) -> None:
         # Raise ValueError here when the drafter cannot serve this request (checked before compute).

@@ -30,6 +30,8 @@ _MAX_PAUSE = 16  # tokens a row drafts nothing, at most, after consecutive fully
 class CacheDrafter(Drafter):
     """Drafts from specdec.cache.DraftStore (continuation of the longest matching context)."""
 
+    reads_shared_state = True
+
     def __init__(self, generator, cache_layer=None) -> None:
         super().__init__(generator, cache_layer)
         if cache_layer is None:

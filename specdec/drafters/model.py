@@ -21,6 +21,7 @@ class ModelDrafter(Drafter):
     """Autoregressive drafting with a draft model; returns q for lossless verification."""
 
     provides_probs = True
+    uses_draft_model = True
 
     def __init__(self, generator, cache_layer=None) -> None:
         super().__init__(generator, cache_layer)
