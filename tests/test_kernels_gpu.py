@@ -14,10 +14,9 @@ import torch
 import specdec.kernels as kernels
 from specdec.kernels import reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+from gpu_support import GPU_MARKS, require_compiled_kernels
+
+pytestmark = GPU_MARKS
 
 VOCABS = [32000, 128256, 151936]
 DTYPES = [torch.bfloat16, torch.float32]
@@ -26,8 +25,7 @@ DEVICE = "cuda"
 
 @pytest.fixture(scope="module")
 def mods():
-    if not kernels.triton_available():
-        pytest.skip("Triton cannot run on this CUDA device")
+    require_compiled_kernels()
     from specdec.kernels import greedy, probs, sampling
 
     return greedy, sampling, probs
