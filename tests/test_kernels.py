@@ -409,6 +409,87 @@ def test_probs_shapes_dtypes_and_strided_rows():
                         reference.logits_to_probs(masked, 1.0, 50, 1.0))
 
 
+# --------------------------------------------------------------------------- non-finite logits
+
+def _nonfinite_logits(batch: int, k: int, vocab: int, seed: int) -> torch.Tensor:  # [B, K+1, V]
+    """Logits with the cases of reference.py's non-finite policy, one per (row, position):
+    NaN entries (one at the row maximum), scattered -inf, two +inf ties, and rows with no
+    allowed token (all -inf, all NaN, a mix), across tile boundaries."""
+    g = _gen(seed)
+    inf, nan = float("inf"), float("nan")
+    logits = torch.randn(batch, k + 1, vocab, generator=g) * 3
+    logits[0, 0, logits[0, 0].argmax()] = nan  # the would-be argmax is NaN
+    logits[0, 0, ::7] = nan
+    logits[0, 1, 1::3] = -inf
+    logits[1, 0, [vocab // 3, vocab - 1]] = inf  # tied +inf, the later one in the last tile
+    logits[1, 1] = -inf  # no allowed token
+    logits[2, 2] = nan  # no allowed token, after two normal positions
+    logits[3, 0, : vocab // 2] = -inf
+    logits[3, 0, vocab // 2:] = nan  # no allowed token, mixed
+    logits[3, 1, 5] = inf
+    logits[3, 1, 9] = nan
+    return logits
+
+
+@pytest.mark.parametrize("vocab", [111, 1000])
+def test_greedy_non_finite_logits_follow_the_policy(vocab):
+    logits = _nonfinite_logits(4, 3, vocab, seed=51)
+    best = reference.sanitize_logits(logits).argmax(-1)  # [B, K+1]; all-excluded rows pick 0 here
+    drafts = best[:, :3].clone()
+    drafts[3, 0] = -1  # a -1 draft against a position with no token
+    want = reference.verify_greedy(drafts, logits)
+    got = verify_greedy_triton(drafts, logits, block_size=32 if vocab == 111 else 128)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (got, want)
+    assert got[1].tolist() == [3, 1, 2, 0]
+    assert got[0][1].tolist() == [vocab // 3, -1, -1, -1]  # lowest +inf id, then no token
+    assert got[0][2, 2] == -1 and got[0][3, 0] == -1
+    assert not torch.isnan(logits[0, 0, got[0][0, 0]])
+
+
+@pytest.mark.parametrize("model", [True, False], ids=["draft_probs", "one_hot"])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (7, 0.9)])
+def test_sampling_non_finite_logits_follow_the_policy(model, top_k, top_p):
+    vocab, k = 111, 3
+    logits = _nonfinite_logits(4, k, vocab, seed=52)
+    g = _gen(53)
+    p = reference.logits_to_probs(logits, 0.7, top_k, top_p)  # [B, K+1, V]
+    assert not torch.isnan(p).any()
+    q = reference.logits_to_probs(logits[:, :k] + torch.randn(4, k, vocab, generator=g), 0.7, top_k, top_p)
+    drafts = _sample(p[:, :k] + 1e-3, g)  # allowed tokens mostly, never -1
+    for uniforms in (torch.zeros(4, k), torch.rand(4, k, generator=g)):
+        _, exponentials = _noise(4, k, vocab, g)
+        args = (drafts, q if model else None, logits, uniforms, exponentials)
+        kwargs = dict(temperature=0.7, top_k=top_k, top_p=top_p)
+        want = reference.verify_sampling(*args, **kwargs)
+        got = verify_sampling_triton(*args, **kwargs, block_size=32)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (got, want)
+        tokens, n = got
+        for b in range(4):
+            last = int(tokens[b, n[b]])
+            no_token = not bool((p[b, n[b]] > 0).any())
+            assert (last == -1) == no_token, (b, last)
+            if last >= 0:
+                assert p[b, n[b], last] > 0 or (model and bool(n[b] < k)), "sampled an excluded token"
+    # Rows 1 and 2 reach a position without a token at the latest there: nothing is accepted past it.
+    assert int(n[1]) <= 1 and int(n[2]) <= 2
+
+
+def test_probs_non_finite_logits_follow_the_policy():
+    logits = _nonfinite_logits(4, 3, 1000, seed=54).view(-1, 1000)  # [16, V]
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.5, 40, 1.0), (0.9, 0, 0.8), (1.0, 10, 0.7)):
+        block = 128 if (top_k, top_p) == (0, 1.0) else 1024
+        got = logits_to_probs_triton(logits, temperature, top_k, top_p, block_size=block)
+        want = reference.logits_to_probs(logits, temperature, top_k, top_p)
+        assert not torch.isnan(got).any()
+        assert torch.equal(got > 0, want > 0), "kept token sets differ"
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-7)
+        allowed = (reference.sanitize_logits(logits) > float("-inf")).any(-1)  # [16]
+        assert bool((got[~allowed] == 0).all()) and int((~allowed).sum()) == 3
+        torch.testing.assert_close(got[allowed].sum(-1), torch.ones(int(allowed.sum())), rtol=0, atol=1e-5)
+    # Two +inf logits share all the mass.
+    assert got[4].tolist().count(0.5) == 2 and float(got[4].sum()) == 1.0
+
+
 # --------------------------------------------------------------------------- validation
 
 def _valid_sampling_args():
