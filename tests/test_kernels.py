@@ -578,6 +578,27 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert proc.stdout.count("ok    sm_90") == 8
 
 
+# --------------------------------------------------------------------------- benchmark
+
+def test_kernel_benchmark_quick_grid_runs_under_the_interpreter(tmp_path):
+    """benchmarks/bench_kernels.py --quick: every op, kernel and reference agree, files written."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--quick",
+                           "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = (tmp_path / "kernels_cpu_interpreter_fp32.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:3] == ["op", "batch", "k"] and "same_output" in header
+    body = [dict(zip(header, line.split(","))) for line in rows[1:]]
+    assert {r["op"] for r in body} == {"verify_greedy", "verify_sampling", "verify_sampling_topk_topp",
+                                       "logits_to_probs", "logits_to_probs_topk_topp"}
+    assert all(r["same_output"] == "True" for r in body), [r for r in body if r["same_output"] != "True"]
+    assert all(float(r["triton_us"]) > 0 and float(r["reference_us"]) > 0 for r in body)
+    md = (tmp_path / "kernels_cpu_interpreter_fp32.md").read_text()
+    assert "Interpreter run" in md and "python benchmarks/bench_kernels.py --quick" in md
+
+
 # --------------------------------------------------------------------------- dispatch
 
 def test_dispatch_uses_the_reference_off_the_gpu():
