@@ -8,10 +8,13 @@ rounding step; where the baseline's top two logits are that close, the two paths
 pick different tokens. The failure message gives the rate and, for each differing
 prompt, the baseline's top-2 logit gap where the outputs part, so a real bug (a gap
 far above bf16 resolution) is told apart from rounding.
-fp32: equality for every prompt.
+fp32: equality for every prompt. The bundled trained pair in bf16: >= 99% as well.
 """
 
 from __future__ import annotations
+
+import json
+from importlib import resources
 
 import pytest
 import torch
@@ -97,3 +100,29 @@ def test_engine_greedy_equals_baseline_on_a_128k_vocabulary(models, monkeypatch,
     if draft == "self":
         assert accepted > 0.9, f"the target as its own draft accepted only {accepted:.2f} of its drafts"
     print(f"{dtype} draft={draft}: equal to baseline for {rate:.1%} of prompts, acceptance {accepted:.2f}")
+
+
+def test_bundled_pair_bf16_greedy_equals_baseline(monkeypatch):
+    """The bundled trained pair, loaded in bf16 on the GPU, on the bundled held-out prompts."""
+    from specdec import SpeculativeGenerator
+
+    require_compiled_kernels()
+    assets = resources.files("specdec.assets")
+    pair = assets.joinpath("default_pair")
+    gen = SpeculativeGenerator.from_pretrained(str(pair.joinpath("target")), str(pair.joinpath("draft")),
+                                               device=DEVICE, dtype=torch.bfloat16)
+    lines = assets.joinpath("prompts", "stdlib_heldout.jsonl").read_text().splitlines()
+    prompts = [list(gen.tokenizer(json.loads(line)["prompt"])["input_ids"]) for line in lines if line.strip()]
+    assert len(prompts) >= 50
+    base = gen.generate_ids(prompts, max_new_tokens=64, drafter="none")
+    calls = _count_kernel_calls(monkeypatch)
+    spec = gen.generate_ids(prompts, max_new_tokens=64, drafter="model", num_draft_tokens=4)
+    assert calls, "the engine did not verify through the Triton kernel"
+    same = [a.token_ids == b.token_ids for a, b in zip(base, spec)]
+    rate = sum(same) / len(same)
+    details = [f"prompt {i}: " + _divergence(gen.target_model, prompts[i], base[i].token_ids, spec[i].token_ids)
+               for i, ok in enumerate(same) if not ok and base[i].token_ids and spec[i].token_ids]
+    accepted = sum(r.stats.accepted_tokens for r in spec) / max(1, sum(r.stats.drafted_tokens for r in spec))
+    assert rate >= 0.99, (f"bundled pair, bf16: greedy output equals baseline for {rate:.1%} of {len(same)} prompts "
+                          f"(acceptance {accepted:.2f}):\n" + "\n".join(details))
+    print(f"bundled pair bf16: equal to baseline for {rate:.1%} of prompts, acceptance {accepted:.2f}")
