@@ -165,9 +165,12 @@ def verify_sampling(
     batch, k = draft_tokens.shape
     p = logits_to_probs(target_logits, temperature, top_k, top_p)  # [B, K+1, V]
     tokens = draft_tokens.to(torch.int64)
+    vocab = p.shape[-1]
     valid = _draft_mask(num_draft, batch, k, tokens.device)  # [B, K]
-    safe_tokens = tokens.clamp(min=0).unsqueeze(-1)  # [B, K, 1]; padding slots are ignored
-    p_draft = p[:, :k].gather(-1, safe_tokens).squeeze(-1)  # [B, K]
+    # A draft outside [0, V) (a -1 in a real slot, an id past the vocabulary) has p = 0: rejected.
+    in_vocab = (tokens >= 0) & (tokens < vocab)  # [B, K]
+    safe_tokens = torch.where(in_vocab, tokens, 0).unsqueeze(-1)  # [B, K, 1]
+    p_draft = torch.where(in_vocab, p[:, :k].gather(-1, safe_tokens).squeeze(-1), 0.0)  # [B, K]
     if draft_probs is None:
         q_draft = torch.ones_like(p_draft)
     else:
@@ -183,8 +186,9 @@ def verify_sampling(
     if k and rejected.any():
         n_draft = n.clamp(max=k - 1)
         if draft_probs is None:
-            d_rej = safe_tokens.squeeze(-1).gather(1, n_draft.view(-1, 1))  # [B, 1]
-            residual = p_next.scatter(1, d_rej, 0.0)
+            d_rej = tokens.gather(1, n_draft.view(-1, 1))  # [B, 1], may be outside [0, V)
+            columns = torch.arange(vocab, device=tokens.device).unsqueeze(0)  # [1, V]
+            residual = torch.where(columns == d_rej, 0.0, p_next)  # p without d (nothing if d is not a token)
         else:
             q_next = draft_probs.to(p.dtype).gather(1, n_draft.expand(-1, 1, p.shape[-1])).squeeze(1)
             residual = (p_next - q_next).clamp(min=0.0)

@@ -360,6 +360,22 @@ def test_sampling_out_of_vocab_draft_is_rejected():
     assert torch.equal(tokens[:, 0], reference.sample_exponential_race(p0, case["exponentials"]))
 
 
+@pytest.mark.parametrize("model", [True, False], ids=["draft_probs", "one_hot"])
+def test_sampling_drafts_outside_the_vocabulary_match_the_reference(model):
+    """-1 (what a drafter returns for a row without an allowed token) and ids >= V in real
+    draft slots: p = 0 there, so both implementations reject them and sample the same."""
+    case = _sampling_case(4, 3, 111, seed=19, model=model, ragged=False)
+    case["draft_tokens"][0, 0] = -1
+    case["draft_tokens"][1, 1] = 111
+    case["draft_tokens"][2, 2] = -1
+    case["draft_tokens"][3, 0] = 5000
+    for uniforms in (torch.zeros(4, 3), torch.rand(4, 3, generator=_gen(20))):
+        case["uniforms"] = uniforms
+        tokens, num_accepted = _run_sampling(case, 32)
+        assert int(num_accepted[0]) == 0 and int(num_accepted[1]) <= 1 and int(num_accepted[3]) == 0
+        assert bool((tokens >= -1).all()) and int(tokens[0, 0]) >= 0
+
+
 def test_sampling_seeded_determinism():
     """Same seed -> same noise -> the same tokens from kernel and reference, every time."""
     def run(seed):
