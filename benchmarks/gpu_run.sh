@@ -1,35 +1,36 @@
 #!/usr/bin/env bash
-# Everything a GPU session runs, in stages that each fit in 10 minutes.
+# Everything a GPU session runs, in stages that each fit in one 10-minute call.
 #
-#   benchmarks/gpu_run.sh OUT_DIR [STAGE ...]
+#   benchmarks/gpu_run.sh OUT_DIR STAGE [STAGE ...]
 #
-# Stages (default: tests kernels bench-b1; run the rest in later calls):
+# Stages:
 #   env        device, driver and package versions                         (seconds)
 #   tests      pytest -m gpu: every GPU test must run and pass, none skip  (~3-5 min)
 #   interp     the interpreter tests in their own process, with the GPU
-#              present (tests/test_kernels_isolation.py)                   (~4 min)
+#              present (tests/test_kernels_isolation.py)                   (~3-4 min)
 #   kernels    benchmarks/bench_kernels.py, bf16 and fp32                  (~2 min)
 #   bench-b1   benchmarks/bench_gpu.py, Llama-3-8B / 3.2-1B shapes, batch 1, K 4,
-#              oracle alpha 0.7 and 1.0, plus transformers assisted     (~4-6 min)
+#              oracle alpha 0.7 and 1.0, plus transformers assisted        (~4-6 min)
 #   bench-b16  the same at batch 16 (transformers assisted is batch 1 only)
 #   bench-b64  the same at batch 64
 #   all        every stage above, in order (longer than one 10-minute call)
+# One call each, same OUT_DIR:  env tests | kernels interp | bench-b1 | bench-b16 | bench-b64
 #
 # Each stage logs to OUT_DIR/logs/<stage>.log and appends "<stage> ok|FAILED (rc N)"
 # to OUT_DIR/status.txt; a failing stage does not stop the next one, and the script
 # exits non-zero if any stage failed. Python: .venv/bin/python if present, else python3
-# (override with PYTHON=...). STAGE_TIMEOUT (seconds, default 570) bounds each stage
-# so its log is written even when the caller's time limit is near.
+# (override with PYTHON=...); the package is installed editable (no dependencies) when
+# `specdec.kernels` does not import from this checkout. STAGE_TIMEOUT (seconds, default
+# 570) bounds each stage so its log is written even when the caller's limit is near.
 set -u -o pipefail
 
-if [ $# -lt 1 ]; then
+if [ $# -lt 2 ]; then
     sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(tests kernels bench-b1)
 [ "${STAGES[0]}" = "all" ] && STAGES=(env tests interp kernels bench-b1 bench-b16 bench-b64)
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +42,16 @@ TIMEOUT=${STAGE_TIMEOUT:-570}
 mkdir -p "$OUT/logs"
 unset TRITON_INTERPRET  # compiled kernels on the GPU (tests/conftest.py sets it only without CUDA)
 export OUT PYTHON
+
+# The package maps kernels/ to specdec.kernels, so it must be installed (editable) to import.
+if ! "$PYTHON" -c "import os, specdec.kernels as k; assert os.path.realpath(k.__file__).startswith(os.path.realpath('$ROOT'))" \
+        2>/dev/null; then
+    echo "installing this checkout (pip install --no-deps --no-build-isolation -e .)"
+    if ! "$PYTHON" -m pip install --no-deps --no-build-isolation -e . >"$OUT/logs/install.log" 2>&1; then
+        echo "pip install -e . failed; see $OUT/logs/install.log" >&2
+        exit 2
+    fi
+fi
 
 stage_env() {
     date -u +%Y-%m-%dT%H:%M:%SZ
