@@ -25,7 +25,7 @@
 set -u -o pipefail
 
 if [ $# -lt 2 ]; then
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
