@@ -25,7 +25,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_tiny_preset_runs_every_method_and_reports(tmp_path):
-    proc = _run("--preset", "tiny", "--out", str(tmp_path), "--threads", "1", "--rounds", "3", "--new-tokens", "32",
+    proc = _run("--preset", "tiny", "--out", str(tmp_path), "--threads", "1", "--rounds", "2", "--new-tokens", "24",
                 "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads((tmp_path / "bench_gpu_tiny_b1.json").read_text())
@@ -40,7 +40,7 @@ def test_tiny_preset_runs_every_method_and_reports(tmp_path):
     assert sorted(rows) == sorted(["baseline", "oracle-a0.7", "oracle-a1", "model-random", "model-self", "hf",
                                    "hf-assisted-random", "hf-assisted-self"])
     for name, row in rows.items():
-        assert row["ms_per_token"] > 0 and len(row["ms_per_token_rounds"]) == 3, name
+        assert row["ms_per_token"] > 0 and len(row["ms_per_token_rounds"]) == 2, name
         # fp32 on CPU: every greedy method reproduces the baseline.
         assert row["equal_to_baseline"] == 1.0, f"{name} differs from baseline greedy output"
     assert rows["baseline"]["speedup"] == 1.0 and rows["baseline"]["tau"] == 1.0
