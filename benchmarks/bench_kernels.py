@@ -5,10 +5,10 @@ of repeats), checks that they emit the same tokens, and reports microseconds and
 effective GB/s. On a GPU it also measures the device's copy bandwidth (a large
 device-to-device copy, read + write bytes) and reports each kernel's share of it.
 Writes a CSV and a markdown table, with the device and the command, to
-benchmarks/results/kernels_<device>.{csv,md}.
+<--out>/kernels_<device>.{csv,md} (default benchmarks/results).
 
-    python benchmarks/bench_kernels.py              # GPU: B {1,8,64} x K {1,4,8} x V {32000,128256}
-    python benchmarks/bench_kernels.py --quick      # small shapes; runs on CPU under TRITON_INTERPRET=1
+    python benchmarks/bench_kernels.py              # GPU: bf16 + fp32, B {1,64}, K 4, V {32000,128256,151936}
+    python benchmarks/bench_kernels.py --quick      # a tiny grid; runs on CPU under TRITON_INTERPRET=1
 
 Effective bytes are what the fused op has to move at least, the same for both
 implementations: every target logit (all K+1 positions can be needed), the draft
@@ -18,6 +18,12 @@ gathered q values; for logits -> probs the logits read and the float32 probs wri
 
 Without CUDA the Triton kernels run in the interpreter on CPU: its timings only show
 that the script and kernels run, not how fast the kernels are.
+
+The reference is the eager PyTorch path the engine takes off the GPU (it includes the
+non-finite-logit handling, one elementwise pass, like the kernels). With top-p, which
+token sits exactly on the boundary can differ between the sort + cumsum of the
+reference and the kernel's tile sums (float32 rounding of the cumulative mass), so
+"same output" may read "NO" for a `_topk_topp` row without either being wrong.
 """
 
 from __future__ import annotations
@@ -173,11 +179,14 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, Triton interpreter)"
 
 
-def _write(rows: list[Row], device: torch.device, copy_gbps: float | None, command: str) -> tuple[Path, Path]:
+def _write(rows: list[Row], device: torch.device, copy_gbps: float | None, command: str,
+           out: Path) -> tuple[Path, Path]:
     tag = "cpu_interpreter" if device.type != "cuda" else "cuda_" + "".join(
         c if c.isalnum() else "_" for c in torch.cuda.get_device_name(device).lower()).strip("_")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = RESULTS / f"kernels_{tag}.csv", RESULTS / f"kernels_{tag}.md"
+    dtypes = sorted({r.dtype for r in rows})
+    tag += "_" + "_".join(dtypes)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / f"kernels_{tag}.csv", out / f"kernels_{tag}.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
@@ -188,7 +197,7 @@ def _write(rows: list[Row], device: torch.device, copy_gbps: float | None, comma
         "",
         f"- command: `{command}`",
         f"- date: {datetime.date.today().isoformat()}; commit {_commit()}; torch {torch.__version__}, "
-        f"triton {triton.__version__}",
+        f"triton {triton.__version__}, python {platform.python_version()}",
         "- timings: median per call, both implementations timed side by side in this run"
         + ("; CUDA events with the L2 cache flushed before each call" if device.type == "cuda" else ""),
         "- GB/s: effective bytes (see benchmarks/bench_kernels.py) / median time",
@@ -217,13 +226,13 @@ def _write(rows: list[Row], device: torch.device, copy_gbps: float | None, comma
 
 def summary(rows: list[Row], copy_gbps: float | None) -> list[str]:
     out = []
-    for op in OPS:
-        mine = [r for r in rows if r.op == op]
+    for op, dtype in itertools.product(OPS, DTYPES):
+        mine = [r for r in rows if r.op == op and r.dtype == dtype]
         if not mine:
             continue
         slowest = min(mine, key=lambda r: r.speedup)
         largest = max(mine, key=lambda r: r.batch * ((r.k if isinstance(r.k, int) else 0) + 1) * r.vocab)
-        line = (f"- {op}: speedup min {slowest.speedup}x (B={slowest.batch}, K={slowest.k}, V={slowest.vocab}), "
+        line = (f"- {op} {dtype}: speedup min {slowest.speedup}x (B={slowest.batch}, K={slowest.k}, V={slowest.vocab}), "
                 f"median {statistics.median(r.speedup for r in mine):.3g}x")
         if copy_gbps:
             line += (f"; largest shape (B={largest.batch}, K={largest.k}, V={largest.vocab}) at "
@@ -240,25 +249,30 @@ def summary(rows: list[Row], copy_gbps: float | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes (B {1,4}, K {1,4}, V {1000,4099})")
-    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8 64)")
-    parser.add_argument("--k", type=int, nargs="+", help="draft lengths (default 1 4 8)")
-    parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes (default 32000 128256)")
+    parser.add_argument("--quick", action="store_true", help="a tiny grid (B {1,3}, K 2, V 1000) for the interpreter")
+    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 64)")
+    parser.add_argument("--k", type=int, nargs="+", help="draft lengths (default 4)")
+    parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes (default 32000 128256 151936)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+",
-                        help="logit dtypes (default bf16 on GPU, fp32 on CPU)")
+                        help="logit dtypes (default bf16 fp32 on GPU, fp32 on CPU)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--reps", type=int, default=None, help="repeats on CPU (GPU uses do_bench)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the csv and markdown")
     args = parser.parse_args(argv)
+    for name in ("batch", "k", "vocab"):
+        values = getattr(args, name) or []
+        if any(v < (0 if name == "k" else 1) for v in values):
+            parser.error(f"--{name} values must be >= {0 if name == 'k' else 1}, got {values}")
     command = "python benchmarks/bench_kernels.py" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    batches = args.batch or ([1, 4] if args.quick else [1, 8, 64])
-    ks = args.k or ([1, 4] if args.quick else [1, 4, 8])
-    vocabs = args.vocab or ([1000, 4099] if args.quick else [32000, 128256])
-    dtypes = args.dtype or (["bf16"] if cuda else ["fp32"])
-    reps = args.reps or (3 if args.quick else 10)
+    batches = args.batch or ([1, 3] if args.quick else [1, 64])
+    ks = args.k or ([2] if args.quick else [4])
+    vocabs = args.vocab or ([1000] if args.quick else [32000, 128256, 151936])
+    dtypes = args.dtype or (["bf16", "fp32"] if cuda else ["fp32"])
+    reps = args.reps or (2 if args.quick else 10)
     if not cuda and not args.quick and not (args.batch and args.k and args.vocab):
         parser.error("no CUDA device: the interpreter cannot run the full-size grid; use --quick")
 
@@ -277,9 +291,9 @@ def main(argv: list[str] | None = None) -> None:
                           + ("" if row.same_output else "  OUTPUT DIFFERS"), flush=True)
                     if cuda:
                         torch.cuda.empty_cache()
-    csv_path, md_path = _write(rows, device, copy_gbps, command)
+    csv_path, md_path = _write(rows, device, copy_gbps, command, args.out)
     print("\n".join(summary(rows, copy_gbps)))
-    print(f"wrote {csv_path.relative_to(RESULTS.parent.parent)} and {md_path.relative_to(RESULTS.parent.parent)}")
+    print(f"wrote {csv_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Two launches, no host synchronisation:
   1. `_row_argmax_kernel`, one program per (row b, position i <= num_draft[b]): the
      argmax of target_logits[b, i] in one pass over V (lane-wise running maxima, lowest
-     id on ties, like torch.argmax). Positions past num_draft[b] are never emitted, so
+     id on ties, like torch.argmax; NaN counts as -inf and a row with no allowed token
+     gives -1, see reference.py). Positions past num_draft[b] are never emitted, so
      their rows are not read at all.
   2. `_greedy_accept_kernel`, one program per row: longest prefix where the draft equals
      the argmax, then the argmax at the first mismatch (or the bonus token), -1 after.
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from .probs import _sanitize
 
 __all__ = ["verify_greedy_triton"]
 
@@ -46,14 +48,15 @@ def _row_argmax_kernel(
         best_idx = tl.zeros([BLOCK], dtype=tl.int32)
         for start in tl.range(0, V, BLOCK, loop_unroll_factor=2):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            x = _sanitize(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
             # Strictly greater: within a lane the earlier (lower) id keeps a tie.
             better = x > best_val
             best_val = tl.where(better, x, best_val)
             best_idx = tl.where(better, cols, best_idx)
         top = tl.max(best_val, axis=0)
-        # Lowest id among the lanes holding the maximum (a row of all -inf gives 0).
+        # Lowest id among the lanes holding the maximum; -1 when no token is allowed.
         winner = tl.min(tl.where(best_val == top, best_idx, V), axis=0)
+        winner = tl.where(top == float("-inf"), -1, winner)
         tl.store(best_ptr + b * (K + 1) + i, winner)
 
 
@@ -72,7 +75,8 @@ def _greedy_accept_kernel(
     pos = tl.arange(0, BLOCK_K)  # slots 0..K
     best = tl.load(best_ptr + b * (K + 1) + pos, mask=pos <= nd, other=-1).to(tl.int64)
     draft = tl.load(draft_ptr + b * stride_db + pos * stride_dk, mask=pos < nd, other=-1).to(tl.int64)
-    mismatch = (pos < nd) & (draft != best)
+    # A position with no allowed token (best = -1) matches no draft, not even a -1.
+    mismatch = (pos < nd) & ((draft != best) | (best < 0))
     n = tl.min(tl.where(mismatch, pos, nd), axis=0)  # accepted drafts
     last = tl.sum(tl.where(pos == n, best, 0), axis=0)
     tokens = tl.where(pos < n, draft, tl.where(pos == n, last, -1))

@@ -20,6 +20,10 @@ NUM_CANDIDATES - 1 = 15 probes per pass, so 2**32 keys shrink to one in at most 
 passes, and the result is the exact value the sorting reference would pick (ties and
 all), not an approximation.
 
+Non-finite logits follow the reference's policy (`reference.sanitize_logits`): NaN is
+-inf, +inf is the largest float32 after scaling, a row with no allowed token gives
+all-zero probabilities.
+
 Conventions are those of `reference.logits_to_probs`: top-k keeps every logit >= the
 k-th largest; top-p keeps every token whose probability is >= the smallest probability
 p_m whose strictly-larger mass is < top_p (the reference's tie-inclusive threshold,
@@ -52,15 +56,26 @@ def _key_float(key):
     return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
+# Largest finite float32: +inf logits become this after scaling (reference.sanitize_logits).
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _sanitize(x):
+    """NaN -> -inf, +inf -> FLOAT32_MAX (the policy of reference.sanitize_logits)."""
+    return tl.where(x == x, tl.minimum(x, FLOAT32_MAX), float("-inf"))
+
+
 @triton.jit
 def _load_scaled(row_ptr, cols, mask, temperature, SCALE_BY_RECIPROCAL: tl.constexpr):
-    """Logits of one tile as float32 divided by the temperature (-inf outside the row)."""
+    """Logits of one tile as float32 divided by the temperature, sanitised (-inf outside the row)."""
     x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
     if SCALE_BY_RECIPROCAL:
         # CUDA build: `temperature` holds float32(1 / T), as torch uses on CUDA.
-        return x * temperature
+        x = x * temperature
     else:
-        return tl.math.div_rn(x, temperature)
+        x = tl.math.div_rn(x, temperature)
+    return _sanitize(x)
 
 
 @triton.jit
@@ -179,6 +194,10 @@ def _row_distribution(
     kth = tl.full([], float("-inf"), tl.float32)
     if HAS_TOP_K:
         kth = _top_k_logit(row_ptr, V, temperature, top_k, x_min, m, SCALE_BY_RECIPROCAL, SEARCH_BLOCK, NUM_CANDIDATES)
+    # A row with no allowed token (all -inf after sanitising) gets m = 0, so every
+    # probability of it comes out exp(-inf) = 0, not nan.
+    m = tl.where(m == float("-inf"), 0.0, m)
+    if HAS_TOP_K:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in tl.range(0, V, BLOCK, loop_unroll_factor=2):
             cols = start + tl.arange(0, BLOCK)
@@ -186,7 +205,9 @@ def _row_distribution(
             x = _load_scaled(row_ptr, cols, mask, temperature, SCALE_BY_RECIPROCAL)
             acc += tl.where(mask & (x >= kth), tl.exp(x - m), 0.0)
         s = tl.sum(acc, axis=0)
-    inv_sum = tl.math.div_rn(1.0, s)
+    # s >= 1 for a row with an allowed token (the maximum adds exp(0)); 0 for one without,
+    # whose probabilities exp(-inf) * 1 are then 0.
+    inv_sum = tl.math.div_rn(1.0, tl.maximum(s, 1.0))
 
     threshold = tl.full([], 0.0, tl.float32)
     inv_kept = tl.full([], 1.0, tl.float32)
@@ -195,7 +216,8 @@ def _row_distribution(
             row_ptr, V, temperature, top_p, m, inv_sum, kth,
             SCALE_BY_RECIPROCAL, HAS_TOP_K, SEARCH_BLOCK, NUM_CANDIDATES,
         )
-        inv_kept = tl.math.div_rn(1.0, kept)
+        # kept >= the top probability > 0, except in a row without an allowed token (all 0).
+        inv_kept = tl.math.div_rn(1.0, tl.maximum(kept, 1e-30))
     return m, inv_sum, kth, threshold, inv_kept
 
 

@@ -15,6 +15,21 @@ Conventions shared with the kernels (keep them in sync, never bend these to matc
   * A draft token d_i with target prob p and draft prob q is accepted iff u * q < p,
     i.e. u < min(1, p / q) for u ~ U[0, 1). Without draft probs (one-hot q), q = 1.
   * Computation happens in float64 for float64 logits, otherwise in float32.
+
+Non-finite logits (the policy the kernels follow too):
+  * -inf excludes a token: it gets probability 0 and is never the argmax.
+  * NaN is treated as -inf. One bad entry (an overflowed fp16 value, a NaN in a padded
+    vocabulary slot) then costs that token only, instead of turning the whole row into
+    NaN or making it the argmax (torch.argmax picks NaN).
+  * +inf, after temperature scaling, becomes the dtype's largest finite value, so the
+    tokens at +inf share the row's mass equally (the limit of softmax) instead of
+    producing NaN; greedy picks the lowest such id.
+  * A row with no allowed token (every entry -inf or NaN) has no next token: the
+    verifiers emit -1 in that row's slot (num_accepted still counts the drafts accepted
+    before it) and logits_to_probs returns an all-zero row. A -1 at
+    tokens[b, num_accepted[b]] is how a caller sees a broken row without an extra
+    device-to-host transfer: the engine should stop that row with an error rather
+    than decode on from an invented token. No draft is ever accepted against such a row.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ __all__ = [
     "compute_dtype",
     "logits_to_probs",
     "sample_exponential_race",
+    "sanitize_logits",
     "verify_greedy",
     "verify_sampling",
 ]
@@ -36,6 +52,11 @@ _MIN_EXPONENTIAL = 1e-30
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops compute in: float64 stays float64, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sanitize_logits(x: torch.Tensor) -> torch.Tensor:  # [..., V] float -> same shape and dtype
+    """NaN -> -inf (excluded), +inf -> the dtype's largest finite value (see the module docstring)."""
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
 
 
 def logits_to_probs(
@@ -51,7 +72,8 @@ def logits_to_probs(
     """
     if temperature <= 0:
         raise ValueError(f"logits_to_probs needs temperature > 0, got {temperature}")
-    x = logits.to(compute_dtype(logits.dtype)) / temperature
+    x = sanitize_logits(logits.to(compute_dtype(logits.dtype)) / temperature)
+    excluded = x.amax(dim=-1, keepdim=True) == float("-inf")  # [..., 1] rows with no allowed token
     vocab = x.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]  # [..., 1]
@@ -64,16 +86,17 @@ def logits_to_probs(
         threshold = sorted_probs.gather(-1, last_rank.clamp(min=0))
         probs = probs.masked_fill(probs < threshold, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    return probs.masked_fill(excluded, 0.0)  # softmax of an all -inf row is nan
 
 
 def sample_exponential_race(
     weights: torch.Tensor,  # [..., V] non-negative, need not sum to 1
     exponentials: torch.Tensor,  # [..., V] Exp(1) noise
 ) -> torch.Tensor:  # [...] int64
-    """Sample proportionally to `weights`: argmax(weights / E)."""
+    """Sample proportionally to `weights`: argmax(weights / E); -1 for a row of zeros."""
     noise = exponentials.to(weights.dtype).clamp(min=_MIN_EXPONENTIAL)
-    return torch.argmax(weights / noise, dim=-1)
+    sample = torch.argmax(weights / noise, dim=-1)
+    return torch.where((weights > 0).any(dim=-1), sample, torch.full_like(sample, -1))
 
 
 def _draft_mask(num_draft: torch.Tensor | None, batch: int, k: int, device) -> torch.Tensor:
@@ -105,10 +128,16 @@ def verify_greedy(
     num_draft: torch.Tensor | None = None,  # [B] drafts per row (<= K); None = all K
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1] int64 (-1 padded), num_accepted [B]
     """Accept the longest prefix where draft == argmax(target); then emit the target's
-    argmax at the first mismatch (or the bonus token after all drafts)."""
+    argmax at the first mismatch (or the bonus token after all drafts).
+
+    A position whose logits allow no token (all -inf / NaN) has argmax -1: no draft
+    matches it, and -1 is emitted there.
+    """
     batch, k = draft_tokens.shape
-    best = torch.argmax(target_logits, dim=-1)  # [B, K+1]
-    valid = _draft_mask(num_draft, batch, k, draft_tokens.device)
+    x = sanitize_logits(target_logits.to(compute_dtype(target_logits.dtype)))  # [B, K+1, V]
+    best = torch.argmax(x, dim=-1)  # [B, K+1]
+    best = torch.where(x.amax(dim=-1) == float("-inf"), torch.full_like(best, -1), best)
+    valid = _draft_mask(num_draft, batch, k, draft_tokens.device) & (best[:, :k] >= 0)
     num_accepted = _accepted_count((draft_tokens == best[:, :k]) & valid)  # [B]
     last = best.gather(1, num_accepted.view(-1, 1)).squeeze(1)  # [B]
     return _emit(draft_tokens.to(torch.int64), num_accepted, last), num_accepted
@@ -136,9 +165,12 @@ def verify_sampling(
     batch, k = draft_tokens.shape
     p = logits_to_probs(target_logits, temperature, top_k, top_p)  # [B, K+1, V]
     tokens = draft_tokens.to(torch.int64)
+    vocab = p.shape[-1]
     valid = _draft_mask(num_draft, batch, k, tokens.device)  # [B, K]
-    safe_tokens = tokens.clamp(min=0).unsqueeze(-1)  # [B, K, 1]; padding slots are ignored
-    p_draft = p[:, :k].gather(-1, safe_tokens).squeeze(-1)  # [B, K]
+    # A draft outside [0, V) (a -1 in a real slot, an id past the vocabulary) has p = 0: rejected.
+    in_vocab = (tokens >= 0) & (tokens < vocab)  # [B, K]
+    safe_tokens = torch.where(in_vocab, tokens, 0).unsqueeze(-1)  # [B, K, 1]
+    p_draft = torch.where(in_vocab, p[:, :k].gather(-1, safe_tokens).squeeze(-1), 0.0)  # [B, K]
     if draft_probs is None:
         q_draft = torch.ones_like(p_draft)
     else:
@@ -154,8 +186,9 @@ def verify_sampling(
     if k and rejected.any():
         n_draft = n.clamp(max=k - 1)
         if draft_probs is None:
-            d_rej = safe_tokens.squeeze(-1).gather(1, n_draft.view(-1, 1))  # [B, 1]
-            residual = p_next.scatter(1, d_rej, 0.0)
+            d_rej = tokens.gather(1, n_draft.view(-1, 1))  # [B, 1], may be outside [0, V)
+            columns = torch.arange(vocab, device=tokens.device).unsqueeze(0)  # [1, V]
+            residual = torch.where(columns == d_rej, 0.0, p_next)  # p without d (nothing if d is not a token)
         else:
             q_next = draft_probs.to(p.dtype).gather(1, n_draft.expand(-1, 1, p.shape[-1])).squeeze(1)
             residual = (p_next - q_next).clamp(min=0.0)

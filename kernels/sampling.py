@@ -12,6 +12,9 @@ Two launches, no host synchronisation:
      exponential race argmax(r / E) on both at once, so a residual that rounds to all
      zeros falls back to p without a second pass. Emits drafts, the sample, -1 after.
 
+Non-finite logits follow reference.py's policy: a position whose row allows no token
+accepts no draft and emits -1.
+
 p and q are never materialised: the verifier reads every target row it may need once,
 then per batch row the sampled position's logits again, one row of noise and (after a
 rejection with draft probabilities) one row of q, and writes K+1 tokens per row.
@@ -123,6 +126,7 @@ def _sample_kernel(
     best_r = tl.full([BLOCK], -1.0, tl.float32)
     idx_r = tl.zeros([BLOCK], dtype=tl.int32)
     residual_mass = tl.zeros([BLOCK], dtype=tl.int32)  # any residual weight > 0
+    p_mass = tl.zeros([BLOCK], dtype=tl.int32)  # any p > 0 (none: the row allows no token)
     for start in range(0, V, BLOCK):  # three loads per tile already overlap; no unroll
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
@@ -145,11 +149,13 @@ def _sample_kernel(
         best_r = tl.where(better_r, score_r, best_r)
         idx_r = tl.where(better_r, cols, idx_r)
         residual_mass = residual_mass | (mask & (r > 0.0)).to(tl.int32)
+        p_mass = p_mass | (mask & (p > 0.0)).to(tl.int32)
     top_p_score = tl.max(best_p, axis=0)
     sample_p = tl.min(tl.where(best_p == top_p_score, idx_p, V), axis=0)
     top_r_score = tl.max(best_r, axis=0)
     sample_r = tl.min(tl.where(best_r == top_r_score, idx_r, V), axis=0)
     use_residual = rejected & (tl.max(residual_mass, axis=0) > 0)
+    sample_p = tl.where(tl.max(p_mass, axis=0) > 0, sample_p, -1)
     last = tl.where(use_residual, sample_r, sample_p).to(tl.int64)
 
     tokens = tl.where(pos < n, draft, tl.where(pos == n, last, -1))

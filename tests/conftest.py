@@ -5,6 +5,8 @@ import os
 import torch
 
 # Triton kernels run on CPU under the interpreter; it must be set before triton is imported.
+# Only where there is no CUDA device: on a GPU the interpreter would replace the compiled
+# kernels for every test in the process (tests/test_kernels_isolation.py guards this).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -12,8 +12,6 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does this too)
-
 import pytest
 import torch
 
@@ -25,11 +23,18 @@ sampling_mod = pytest.importorskip("specdec.kernels.sampling")
 probs_mod = pytest.importorskip("specdec.kernels.probs")
 from specdec.kernels import _launch  # noqa: E402
 
-if not _launch.is_interpreted(greedy_mod._row_argmax_kernel) and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before triton is imported",
-                allow_module_level=True)
+# conftest.py sets TRITON_INTERPRET=1 only where there is no CUDA device; this module
+# never sets it, so importing it cannot turn the GPU tests' compiled kernels into
+# interpreted ones. With CUDA the kernels here are compiled and these CPU-tensor tests
+# run in a process of their own (test_kernels_isolation.py), under the interpreter.
+# A mark, not a module-level skip: `pytest -m gpu` then deselects these tests instead of
+# reporting a skip on a GPU machine.
+pytestmark = pytest.mark.skipif(
+    not _launch.is_interpreted(greedy_mod._row_argmax_kernel),
+    reason="compiled Triton kernels (CUDA present): these interpreter tests run in their own process, "
+           "see tests/test_kernels_isolation.py",
+)
 
-DEVICE = "cpu" if _launch.is_interpreted(greedy_mod._row_argmax_kernel) else "cuda"
 VOCABS = [7, 111, 1000, 4099]
 # Tiles for the plain passes: several tiles per row, a partial last tile.
 PLAIN_BLOCK = {7: 16, 111: 32, 1000: 128, 4099: 512}
@@ -355,6 +360,22 @@ def test_sampling_out_of_vocab_draft_is_rejected():
     assert torch.equal(tokens[:, 0], reference.sample_exponential_race(p0, case["exponentials"]))
 
 
+@pytest.mark.parametrize("model", [True, False], ids=["draft_probs", "one_hot"])
+def test_sampling_drafts_outside_the_vocabulary_match_the_reference(model):
+    """-1 (what a drafter returns for a row without an allowed token) and ids >= V in real
+    draft slots: p = 0 there, so both implementations reject them and sample the same."""
+    case = _sampling_case(4, 3, 111, seed=19, model=model, ragged=False)
+    case["draft_tokens"][0, 0] = -1
+    case["draft_tokens"][1, 1] = 111
+    case["draft_tokens"][2, 2] = -1
+    case["draft_tokens"][3, 0] = 5000
+    for uniforms in (torch.zeros(4, 3), torch.rand(4, 3, generator=_gen(20))):
+        case["uniforms"] = uniforms
+        tokens, num_accepted = _run_sampling(case, 32)
+        assert int(num_accepted[0]) == 0 and int(num_accepted[1]) <= 1 and int(num_accepted[3]) == 0
+        assert bool((tokens >= -1).all()) and int(tokens[0, 0]) >= 0
+
+
 def test_sampling_seeded_determinism():
     """Same seed -> same noise -> the same tokens from kernel and reference, every time."""
     def run(seed):
@@ -406,6 +427,87 @@ def test_probs_shapes_dtypes_and_strided_rows():
     masked[:, 40:] = float("-inf")  # a vocabulary mask
     _assert_probs_close(logits_to_probs_triton(masked, 1.0, 50, 1.0, block_size=32),
                         reference.logits_to_probs(masked, 1.0, 50, 1.0))
+
+
+# --------------------------------------------------------------------------- non-finite logits
+
+def _nonfinite_logits(batch: int, k: int, vocab: int, seed: int) -> torch.Tensor:  # [B, K+1, V]
+    """Logits with the cases of reference.py's non-finite policy, one per (row, position):
+    NaN entries (one at the row maximum), scattered -inf, two +inf ties, and rows with no
+    allowed token (all -inf, all NaN, a mix), across tile boundaries."""
+    g = _gen(seed)
+    inf, nan = float("inf"), float("nan")
+    logits = torch.randn(batch, k + 1, vocab, generator=g) * 3
+    logits[0, 0, logits[0, 0].argmax()] = nan  # the would-be argmax is NaN
+    logits[0, 0, ::7] = nan
+    logits[0, 1, 1::3] = -inf
+    logits[1, 0, [vocab // 3, vocab - 1]] = inf  # tied +inf, the later one in the last tile
+    logits[1, 1] = -inf  # no allowed token
+    logits[2, 2] = nan  # no allowed token, after two normal positions
+    logits[3, 0, : vocab // 2] = -inf
+    logits[3, 0, vocab // 2:] = nan  # no allowed token, mixed
+    logits[3, 1, 5] = inf
+    logits[3, 1, 9] = nan
+    return logits
+
+
+@pytest.mark.parametrize("vocab", [111, 1000])
+def test_greedy_non_finite_logits_follow_the_policy(vocab):
+    logits = _nonfinite_logits(4, 3, vocab, seed=51)
+    best = reference.sanitize_logits(logits).argmax(-1)  # [B, K+1]; all-excluded rows pick 0 here
+    drafts = best[:, :3].clone()
+    drafts[3, 0] = -1  # a -1 draft against a position with no token
+    want = reference.verify_greedy(drafts, logits)
+    got = verify_greedy_triton(drafts, logits, block_size=32 if vocab == 111 else 128)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (got, want)
+    assert got[1].tolist() == [3, 1, 2, 0]
+    assert got[0][1].tolist() == [vocab // 3, -1, -1, -1]  # lowest +inf id, then no token
+    assert got[0][2, 2] == -1 and got[0][3, 0] == -1
+    assert not torch.isnan(logits[0, 0, got[0][0, 0]])
+
+
+@pytest.mark.parametrize("model", [True, False], ids=["draft_probs", "one_hot"])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (7, 0.9)])
+def test_sampling_non_finite_logits_follow_the_policy(model, top_k, top_p):
+    vocab, k = 111, 3
+    logits = _nonfinite_logits(4, k, vocab, seed=52)
+    g = _gen(53)
+    p = reference.logits_to_probs(logits, 0.7, top_k, top_p)  # [B, K+1, V]
+    assert not torch.isnan(p).any()
+    q = reference.logits_to_probs(logits[:, :k] + torch.randn(4, k, vocab, generator=g), 0.7, top_k, top_p)
+    drafts = _sample(p[:, :k] + 1e-3, g)  # allowed tokens mostly, never -1
+    for uniforms in (torch.zeros(4, k), torch.rand(4, k, generator=g)):
+        _, exponentials = _noise(4, k, vocab, g)
+        args = (drafts, q if model else None, logits, uniforms, exponentials)
+        kwargs = dict(temperature=0.7, top_k=top_k, top_p=top_p)
+        want = reference.verify_sampling(*args, **kwargs)
+        got = verify_sampling_triton(*args, **kwargs, block_size=32)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (got, want)
+        tokens, n = got
+        for b in range(4):
+            last = int(tokens[b, n[b]])
+            no_token = not bool((p[b, n[b]] > 0).any())
+            assert (last == -1) == no_token, (b, last)
+            if last >= 0:
+                assert p[b, n[b], last] > 0 or (model and bool(n[b] < k)), "sampled an excluded token"
+    # Rows 1 and 2 reach a position without a token at the latest there: nothing is accepted past it.
+    assert int(n[1]) <= 1 and int(n[2]) <= 2
+
+
+def test_probs_non_finite_logits_follow_the_policy():
+    logits = _nonfinite_logits(4, 3, 1000, seed=54).view(-1, 1000)  # [16, V]
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.5, 40, 1.0), (0.9, 0, 0.8), (1.0, 10, 0.7)):
+        block = 128 if (top_k, top_p) == (0, 1.0) else 1024
+        got = logits_to_probs_triton(logits, temperature, top_k, top_p, block_size=block)
+        want = reference.logits_to_probs(logits, temperature, top_k, top_p)
+        assert not torch.isnan(got).any()
+        assert torch.equal(got > 0, want > 0), "kept token sets differ"
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-7)
+        allowed = (reference.sanitize_logits(logits) > float("-inf")).any(-1)  # [16]
+        assert bool((got[~allowed] == 0).all()) and int((~allowed).sum()) == 3
+        torch.testing.assert_close(got[allowed].sum(-1), torch.ones(int(allowed.sum())), rtol=0, atol=1e-5)
+    # Two +inf logits share all the mass.
+    assert got[4].tolist().count(0.5) == 2 and float(got[4].sum()) == 1.0
 
 
 # --------------------------------------------------------------------------- validation
@@ -494,6 +596,27 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok    sm_90") == 8
+
+
+# --------------------------------------------------------------------------- benchmark
+
+def test_kernel_benchmark_quick_grid_runs_under_the_interpreter(tmp_path):
+    """benchmarks/bench_kernels.py --quick: every op, kernel and reference agree, files written."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--quick",
+                           "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = (tmp_path / "kernels_cpu_interpreter_fp32.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:3] == ["op", "batch", "k"] and "same_output" in header
+    body = [dict(zip(header, line.split(","))) for line in rows[1:]]
+    assert {r["op"] for r in body} == {"verify_greedy", "verify_sampling", "verify_sampling_topk_topp",
+                                       "logits_to_probs", "logits_to_probs_topk_topp"}
+    assert all(r["same_output"] == "True" for r in body), [r for r in body if r["same_output"] != "True"]
+    assert all(float(r["triton_us"]) > 0 and float(r["reference_us"]) > 0 for r in body)
+    md = (tmp_path / "kernels_cpu_interpreter_fp32.md").read_text()
+    assert "Interpreter run" in md and "python benchmarks/bench_kernels.py --quick" in md
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -1,7 +1,9 @@
 """Compiled Triton kernels on a CUDA device, against the reference on the same device.
 
-Real vocabulary sizes (Llama 2, Llama 3, Qwen 2), bf16 and fp32 logits, batches up to
-256, and the engine end to end with the kernels in the loop. Skipped without CUDA.
+Real vocabulary sizes (Llama 2, Llama 3, Qwen 2), bf16, fp16 and fp32 logits, batches
+up to 256, non-finite logits, the kernels inside a captured CUDA graph, and the engine
+end to end with the kernels in the loop. Skipped without CUDA; with CUDA every test
+runs (a missing kernel fails, see gpu_support.py).
 """
 
 from __future__ import annotations
@@ -14,20 +16,18 @@ import torch
 import specdec.kernels as kernels
 from specdec.kernels import reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+from gpu_support import GPU_MARKS, require_compiled_kernels
+
+pytestmark = GPU_MARKS
 
 VOCABS = [32000, 128256, 151936]
-DTYPES = [torch.bfloat16, torch.float32]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DEVICE = "cuda"
 
 
 @pytest.fixture(scope="module")
 def mods():
-    if not kernels.triton_available():
-        pytest.skip("Triton cannot run on this CUDA device")
+    require_compiled_kernels()
     from specdec.kernels import greedy, probs, sampling
 
     return greedy, sampling, probs
@@ -158,6 +158,125 @@ def test_dispatch_runs_the_kernels_on_cuda(mods, monkeypatch):
     # float64 keeps the reference's float64 arithmetic.
     assert kernels.logits_to_probs(args[2].double()[:, 0]).dtype == torch.float64
     assert calls[-1] == "logits_to_probs_triton" and len(calls) == 4
+
+
+# --------------------------------------------------------------------------- non-finite logits
+
+def _nonfinite_logits(batch: int, k: int, vocab: int, dtype, seed: int) -> torch.Tensor:  # [B, K+1, V]
+    """The cases of reference.py's non-finite policy: NaN (one at the row maximum), -inf,
+    tied +inf, and positions with no allowed token (all -inf, all NaN, mixed)."""
+    g = _gen(seed)
+    inf, nan = float("inf"), float("nan")
+    logits = torch.randn(batch, k + 1, vocab, device=DEVICE, generator=g) * 3
+    logits[0, 0, logits[0, 0].argmax()] = nan
+    logits[0, 0, ::7] = nan
+    logits[0, 1, 1::3] = -inf
+    logits[1, 0, [vocab // 3, vocab - 1]] = inf
+    logits[1, 1] = -inf
+    logits[2, 2] = nan
+    logits[3, 0, : vocab // 2] = -inf
+    logits[3, 0, vocab // 2:] = nan
+    logits[3, 1, 5] = inf
+    logits[3, 1, 9] = nan
+    return logits.to(dtype)
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_logits_follow_the_policy(mods, vocab, dtype):
+    k = 3
+    logits = _nonfinite_logits(4, k, vocab, dtype, seed=vocab)
+    best = reference.sanitize_logits(logits.float()).argmax(-1)
+    drafts = best[:, :k].clone()
+    drafts[3, 0] = -1
+    want = reference.verify_greedy(drafts, logits)
+    got = mods[0].verify_greedy_triton(drafts, logits)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[1].tolist() == [3, 1, 2, 0] and got[0][1].tolist() == [vocab // 3, -1, -1, -1]
+
+    g = _gen(vocab + 1)
+    for top_k, top_p in ((0, 1.0), (20, 1.0)):
+        p = reference.logits_to_probs(logits, 0.7, top_k, top_p)
+        assert not torch.isnan(p).any()
+        q = reference.logits_to_probs(logits[:, :k].float() + torch.randn(4, k, vocab, device=DEVICE, generator=g),
+                                      0.7, top_k, top_p)
+        sampled = _sample(p[:, :k] + 1e-6, g)
+        uniforms = torch.rand(4, k, device=DEVICE, generator=g)
+        exponentials = torch.empty(4, vocab, device=DEVICE).exponential_(generator=g)
+        for probs in (q, None):
+            args = (sampled, probs, logits, uniforms, exponentials)
+            kwargs = dict(temperature=0.7, top_k=top_k, top_p=top_p)
+            want = reference.verify_sampling(*args, **kwargs)
+            got = mods[1].verify_sampling_triton(*args, **kwargs)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        got_p = mods[2].logits_to_probs_triton(logits.view(-1, vocab), 0.7, top_k, top_p)
+        assert not torch.isnan(got_p).any()
+        assert torch.equal(got_p > 0, p.view(-1, vocab) > 0)
+        torch.testing.assert_close(got_p, p.view(-1, vocab), rtol=1e-4, atol=1e-7)
+        assert int((got_p.sum(-1) == 0).sum()) == 3  # the three positions without a token
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+def test_kernels_inside_a_captured_cuda_graph(mods):
+    """verify_greedy, verify_sampling and logits_to_probs captured once with static input
+    buffers, replayed with new inputs copied in: the same tokens and probabilities as the
+    reference on those inputs (no host synchronisation or allocation breaks the capture)."""
+    batch, k, vocab = 8, 4, 128256
+    static = dict(
+        drafts=torch.zeros(batch, k, dtype=torch.int64, device=DEVICE),
+        q=torch.zeros(batch, k, vocab, device=DEVICE),
+        logits=torch.zeros(batch, k + 1, vocab, dtype=torch.bfloat16, device=DEVICE),
+        uniforms=torch.zeros(batch, k, device=DEVICE),
+        exponentials=torch.ones(batch, vocab, device=DEVICE),
+        num_draft=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
+        last=torch.zeros(batch, vocab, dtype=torch.bfloat16, device=DEVICE),
+    )
+    sampling = dict(temperature=0.8, top_k=50, top_p=1.0)
+
+    def fill(seed: int) -> dict:
+        args, kwargs = _sampling_case(batch, k, vocab, torch.bfloat16, seed, model=True, **sampling)
+        new = dict(drafts=args[0], q=args[1], logits=args[2], uniforms=args[3], exponentials=args[4],
+                   num_draft=kwargs["num_draft"], last=args[2][:, -1].contiguous())
+        for name, value in new.items():
+            static[name].copy_(value)
+        return new
+
+    def step(x: dict):
+        greedy = kernels.verify_greedy(x["drafts"], x["logits"], x["num_draft"])
+        sampled = kernels.verify_sampling(x["drafts"], x["q"], x["logits"], x["uniforms"], x["exponentials"],
+                                          num_draft=x["num_draft"], **sampling)
+        probs = kernels.logits_to_probs(x["last"], 0.8, 50, 0.9)
+        return greedy, sampled, probs
+
+    fill(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for _ in range(2):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step(static)
+
+    seen = []
+    for seed in (1, 2, 3):
+        new = fill(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        (g_tokens, g_n), (s_tokens, s_n), probs = outputs
+        want_g = reference.verify_greedy(new["drafts"], new["logits"], new["num_draft"])
+        want_s = reference.verify_sampling(new["drafts"], new["q"], new["logits"], new["uniforms"],
+                                           new["exponentials"], num_draft=new["num_draft"], **sampling)
+        assert torch.equal(g_tokens, want_g[0]) and torch.equal(g_n, want_g[1]), f"greedy differs (seed {seed})"
+        assert torch.equal(s_tokens, want_s[0]) and torch.equal(s_n, want_s[1]), f"sampling differs (seed {seed})"
+        eager = kernels.logits_to_probs(new["last"], 0.8, 50, 0.9)
+        assert torch.equal(probs, eager), f"probs differ from the eager kernel (seed {seed})"
+        want_p = reference.logits_to_probs(new["last"], 0.8, 50, 0.9)
+        assert int(((probs > 0) != (want_p > 0)).any(-1).sum()) <= 2  # top-p boundary rounding, see above
+        seen.append(s_tokens.clone())
+    assert not torch.equal(seen[0], seen[1]), "replays returned the same tokens for different inputs"
 
 
 # --------------------------------------------------------------------------- engine end to end

@@ -87,3 +87,53 @@ def test_exponential_race_samples_proportionally():
     assert counts[2] == 0
     expected = [20000 * w / 5.0 for w in (0.5, 1.5, 3.0)]
     assert scistats.chisquare([counts[0], counts[1], counts[3]], expected).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- non-finite logits
+
+def test_nan_is_excluded_and_never_the_argmax():
+    logits = torch.tensor([[[0.0, float("nan"), 1.0, float("-inf")], [2.0, 1.0, float("nan"), 0.0]]],
+                          dtype=torch.float64)  # [1, 2, 4]
+    tokens, n = ref.verify_greedy(torch.tensor([[2]]), logits)
+    assert n.tolist() == [1] and tokens.tolist() == [[2, 0]]
+    p = ref.logits_to_probs(logits, 1.0)
+    assert not torch.isnan(p).any()
+    assert p[0, 0, 1] == 0 and p[0, 0, 3] == 0 and p[0, 1, 2] == 0
+    assert torch.allclose(p.sum(-1), torch.ones(1, 2, dtype=torch.float64))
+
+
+def test_positive_inf_tokens_share_the_mass():
+    inf = float("inf")
+    logits = torch.tensor([[3.0, inf, 1.0, inf, float("nan")]])
+    p = ref.logits_to_probs(logits, 0.5)
+    assert p.tolist() == [[0.0, 0.5, 0.0, 0.5, 0.0]]
+    tokens, _ = ref.verify_greedy(torch.empty(1, 0, dtype=torch.long), logits.unsqueeze(1))
+    assert tokens.tolist() == [[1]]  # lowest id among the +inf tokens
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), float("nan")])
+def test_row_with_no_allowed_token_emits_minus_one(fill):
+    logits = torch.randn(2, 3, 6, dtype=torch.float64)
+    best = logits.argmax(-1)  # [2, 3]
+    logits[0, 1] = fill  # row 0: position 1 allows nothing
+    logits[1, 0, :3] = float("-inf")
+    logits[1, 0, 3:] = float("nan")  # row 1: position 0 allows nothing
+    draft = best[:, :2].clone()
+    draft[1, 0] = -1  # even a -1 draft does not match a position without a token
+    tokens, n = ref.verify_greedy(draft, logits)
+    assert n.tolist() == [1, 0]
+    assert tokens.tolist() == [[int(best[0, 0]), -1, -1], [-1, -1, -1]]
+    p = ref.logits_to_probs(logits, 0.8, top_k=2, top_p=0.9)
+    assert (p[0, 1] == 0).all() and (p[1, 0] == 0).all() and not torch.isnan(p).any()
+    # Sampling: the draft at a position without a token is rejected, -1 emitted there.
+    q = ref.logits_to_probs(torch.randn(2, 2, 6, dtype=torch.float64), 1.0)
+    u = torch.zeros(2, 2, dtype=torch.float64)  # accept whenever p(d) > 0
+    e = torch.ones(2, 6, dtype=torch.float64)
+    for probs in (q, None):
+        tokens, n = ref.verify_sampling(draft.clamp(min=0), probs, logits, u, e)
+        assert n.tolist() == [1, 0] and tokens[0, 1] == -1 and tokens[1, 0] == -1
+
+
+def test_exponential_race_of_zero_weights_is_minus_one():
+    weights = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    assert ref.sample_exponential_race(weights, torch.ones(2, 3)).tolist() == [-1, 1]
