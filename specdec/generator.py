@@ -9,7 +9,7 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator
 
 import torch
 
@@ -185,8 +185,12 @@ class SpeculativeGenerator:
         params = make_params(**kwargs)
         return self._cut_at_stops(self._run(rows, None, params, cache), params)
 
-    def stream(self, prompt, *, cache: Any = _UNSET, **kwargs) -> Iterator[str]:
-        """Yield text deltas of one prompt as the target accepts tokens."""
+    def stream(self, prompt, *, cache: Any = _UNSET, **kwargs) -> Generator[str, None, GenerationResult]:
+        """Yield text deltas of one prompt as the target accepts tokens.
+
+        The generator's return value (StopIteration.value, or `result = yield from ...`)
+        is the GenerationResult with the stats, as generate() would give it.
+        """
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer; construct the generator with one")
         texts = self._prompt_texts(prompt)
@@ -196,10 +200,13 @@ class SpeculativeGenerator:
         ids = [self._encode(texts[0])]
         layer, drafter, stop_ids = self._prepare(ids, params, cache)
         params = params.for_row(0, 1)
+        start = time.perf_counter()
         hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
         if hit is not None:
             yield self._stopped_text(hit.token_ids, params)
-            return
+            stats = GenerationStats(prompt_tokens=len(ids[0]), new_tokens=len(hit.token_ids), cache_hit=True)
+            stats.wall_time_s = time.perf_counter() - start
+            return self._cut_at_stops([self._result(hit.token_ids, hit.finish_reason, stats)], params)[0]
         # With stop strings, the last (longest stop - 1) characters are held back until
         # it is clear they do not start a stop string: streamed text never shows one.
         hold = max((len(s) for s in params.stop), default=1) - 1
@@ -232,6 +239,8 @@ class SpeculativeGenerator:
             yield final[len(emitted_text):]
         if layer is not None:
             layer.record(ids[0], texts[0], params, outputs[0].token_ids, outputs[0].finish_reason)
+        result = self._result(outputs[0].token_ids, outputs[0].finish_reason, outputs[0].stats)
+        return self._cut_at_stops([result], params)[0]
 
     # ------------------------------------------------------------------ internals
 

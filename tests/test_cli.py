@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from specdec import SpeculativeGenerator
-from specdec.bench import COLUMNS, default_pair
+from specdec.bench import COLUMN_KEYS
+from specdec.generator import bundled_pair
 from specdec.cli import main
 from specdec.workload import builtin_prompts_path, cache_workload, load_builtin, load_jsonl, near_duplicate
 
@@ -39,11 +40,12 @@ def quick_bench(cli_pair, tmp_path_factory):
 def test_bench_quick_writes_every_file(quick_bench):
     rc, out = quick_bench
     assert rc == 0
-    for name in ("results.json", "results.csv", "results.md", "speedup_vs_k.png", "acceptance_by_position.png"):
+    for name in ("results.json", "results.csv", "results.md", "speedup.png", "speedup_vs_k.png",
+                 "acceptance_by_position.png"):
         assert (out / name).stat().st_size > 0, name
     with (out / "results.csv").open() as fh:
         reader = csv.DictReader(fh)
-        assert reader.fieldnames == COLUMNS
+        assert reader.fieldnames == COLUMN_KEYS
         assert len(list(reader)) == len(json.loads((out / "results.json").read_text())["rows"])
     report = (out / "results.md").read_text()
     assert "greedy, draft model K=3: " in report and "x hf-assisted-k" in report
@@ -56,7 +58,7 @@ def test_bench_json_has_every_column_and_method(quick_bench):
     assert doc["machine"]["device_name"]
     rows = doc["rows"]
     for row in rows:
-        assert set(COLUMNS) <= set(row)
+        assert set(COLUMN_KEYS) <= set(row)
     methods = {(r["setting"], r["method"], r["k"]) for r in rows}
     for method in ("baseline", "hf", "hf-assisted"):
         assert ("greedy", method, None) in methods
@@ -272,8 +274,8 @@ def test_builtin_prompts_are_held_out_and_deterministic():
 
 
 def test_bundled_pair_loads_and_generates():
-    target, draft = default_pair()
-    gen = SpeculativeGenerator.from_pretrained(target, draft)
+    gen = SpeculativeGenerator.from_pretrained("bundled")  # the documented one-call load
+    assert gen.draft_model is not None
     assert gen.target_dtype == torch.float32  # stored float16, declared float32
     assert gen.tokenizer.bos_token_id is not None
     n_target = sum(p.numel() for p in gen.target_model.parameters())
