@@ -199,7 +199,7 @@ def _speedup_bars(plt, out: Path, rows: list[dict[str, Any]], main_k: int) -> st
     """Bars: every method at the main K (or without K), one group per setting, values printed."""
     settings = [s for s in ("greedy", "sampled") if any(r["setting"] == s for r in rows)]
     methods = [m for m in ORDER if any(r["method"] == m and r["k"] in (None, main_k) for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * len(settings)), 4.2))
+    fig, ax = plt.subplots(figsize=(min(11.0, max(6.0, 0.8 * len(methods) * len(settings))), 4.2))
     width = 0.8 / len(methods)
     labelled: set[str] = set()
     for j, method in enumerate(methods):
@@ -259,27 +259,27 @@ def _speedup_vs_k(plt, out: Path, rows: list[dict[str, Any]], ks: list[int]) -> 
 
 
 def _acceptance(plt, out: Path, rows: list[dict[str, Any]], main_k: int, ks: list[int]) -> str | None:
-    """P(slot i accepted | drafted): grouped bars per slot at the main K, one line per K in a sweep."""
+    """P(slot i accepted | drafted): grouped bars per slot for one K, one line per (method, K) in a sweep."""
     greedy = [r for r in rows if r["setting"] == "greedy" and r.get("per_position_acceptance")
               and r["method"] in ("model", "ngram", "auto")]
     if not greedy:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    at_main = [r for r in greedy if r["k"] in (main_k, None)]
-    width = 0.8 / max(1, len(at_main))
-    for j, r in enumerate(at_main):
-        acc = r["per_position_acceptance"]
-        color, _, _ = _style(r["method"])
-        xs = [i + 1 + (j - (len(at_main) - 1) / 2) * width for i in range(len(acc))]
-        ax.bar(xs, acc, width * 0.92, color=color, label=f"{r['method']}" + (f" K={r['k']}" if r["k"] else ""))
-    if len(ks) > 1:
-        for r in greedy:
-            if r["k"] in (main_k, None):
-                continue
+    if len(ks) > 1:  # a sweep: one line per (method, K), colour by method, line style by K
+        dashes = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+        for r in sorted(greedy, key=lambda r: (ORDER.index(r["method"]), r["k"] or 0)):
             acc = r["per_position_acceptance"]
             color, marker, _ = _style(r["method"])
-            ax.plot(range(1, len(acc) + 1), acc, marker=marker, color=color, linestyle=":",
-                    alpha=0.4 + 0.6 * r["k"] / max(ks), label=f"{r['method']} K={r['k']}")
+            line = dashes[ks.index(r["k"]) % len(dashes)] if r["k"] in ks else "-"
+            ax.plot(range(1, len(acc) + 1), acc, marker=marker, color=color, linestyle=line,
+                    label=f"{r['method']}" + (f" K={r['k']}" if r["k"] else ""))
+    else:  # one K: grouped bars, one group per draft position
+        width = 0.8 / len(greedy)
+        for j, r in enumerate(greedy):
+            acc = r["per_position_acceptance"]
+            color, _, _ = _style(r["method"])
+            xs = [i + 1 + (j - (len(greedy) - 1) / 2) * width for i in range(len(acc))]
+            ax.bar(xs, acc, width * 0.92, color=color, label=f"{r['method']}" + (f" K={r['k']}" if r["k"] else ""))
     width_slots = max(len(r["per_position_acceptance"]) for r in greedy)
     ax.set_xticks(range(1, width_slots + 1))
     ax.set_xlabel("draft position")
