@@ -123,14 +123,79 @@ def test_generate_prints_text_then_stats(cli_pair, capsys):
     assert "6 tokens in" in captured.err and "mean accepted length" in captured.err
 
 
-def test_generate_stream_matches(cli_pair, capsys):
+def test_generate_stream_prints_text_then_stats(cli_pair, capsys, monkeypatch):
+    written = []
+    real_write = sys.stdout.write
+
+    def write(text):  # what reaches stdout, call by call
+        written.append(text)
+        return real_write(text)
+
+    monkeypatch.setattr(sys.stdout, "write", write)
     rc = main(["generate", "for i in", "--target", cli_pair.target, "--draft", cli_pair.draft,
-               "--max-new-tokens", "5", "--ignore-eos", "--stream"])
+               "--max-new-tokens", "5", "--ignore-eos", "--stream", "--drafter", "none"])
+    monkeypatch.undo()
     assert rc == 0
-    streamed = capsys.readouterr().out
+    captured = capsys.readouterr()
     gen = SpeculativeGenerator.from_pretrained(cli_pair.target)
     expected = gen.generate("for i in", max_new_tokens=5, ignore_eos=True, drafter="none")[0].text
-    assert streamed == expected + "\n"
+    assert captured.out == expected + "\n"
+    assert len(written) > 2  # one token per step: the text arrived in pieces, then the newline
+    assert "5 tokens in" in captured.err and "tok/s" in captured.err and "mean accepted length" in captured.err
+
+
+def test_generate_stop_string(cli_pair, capsys):
+    gen = SpeculativeGenerator.from_pretrained(cli_pair.target)
+    full = gen.generate("def add(a, b):", max_new_tokens=12, ignore_eos=True)[0].text
+    stop = full[len(full) // 2]
+    rc = main(["generate", "def add(a, b):", "--target", cli_pair.target, "--draft", "none",
+               "--max-new-tokens", "12", "--ignore-eos", "--stop", stop, "--stop", "\x00unused"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert captured.out == full[: full.find(stop)] + "\n"
+    assert "finish=stop" in captured.err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cache_hit_reports_latency_not_tokens_per_second(cli_pair, capsys, stream):
+    argv = ["generate", "class Point:", "--target", cli_pair.target, "--draft", "none", "--max-new-tokens", "6",
+            "--ignore-eos", "--cache", f"memory://cli-hit-{stream}"] + (["--stream"] if stream else [])
+    # The first call fills the in-process memory:// store, the second is answered from it.
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert second.out == first.out
+    assert "cache hit" not in first.err and "tok/s" in first.err
+    assert "[cache hit: 6 tokens in " in second.err and " ms" in second.err
+    assert "tok/s" not in second.err and "mean accepted length" not in second.err
+
+
+def test_version(capsys):
+    from specdec import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"specdec {__version__}"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--drafter", "medusa"], "--drafter 'medusa' is unknown; choose one of"),
+        (["--cache", "http://localhost"], "unsupported cache URL 'http://localhost'"),
+        (["--cache", "redis://h:1/0?bogus=1"], "unknown cache URL option 'bogus'"),
+        (["--drafter", "model", "--draft", "none"], "--drafter model needs a draft model"),
+        (["--stop", ""], "stop holds an empty string"),
+    ],
+)
+def test_generate_checks_options_before_loading_models(tmp_path, capsys, extra, message):
+    """The target does not exist: an error about the option proves it was checked before loading."""
+    rc = main(["generate", "x", "--target", str(tmp_path / "never-loaded")] + extra)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "never-loaded" not in err
 
 
 # --------------------------------------------------------------------------- bad arguments
@@ -148,6 +213,7 @@ def test_generate_stream_matches(cli_pair, capsys):
         (["bench", "--device", "cpu", "--device-map", "auto"], "either --device or --device-map"),
         (["bench", "--device", "nonsense"], "is not a torch device"),
         (["bench", "--prompts", "no/such/file.jsonl"], "does not exist"),
+        (["bench", "--cache", "ftp://x", "--full"], "unsupported cache URL 'ftp://x'"),
         (["generate", "x", "--temperature", "-1"], "temperature must be >= 0"),
         (["generate", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     ],
@@ -165,6 +231,7 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, cli_pair, capsys):
         (["bench", "--repeats", "0"], "must be >= 1"),
         (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
         (["generate"], "the following arguments are required: prompt"),
+        (["bench", "--full", "--quick"], "argument --quick: not allowed with argument --full"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -198,7 +265,8 @@ def test_bad_prompt_file_names_the_line(tmp_path, cli_pair, capsys):
 def test_missing_model_path_is_an_error(tmp_path, capsys):
     rc = main(["generate", "x", "--target", str(tmp_path / "missing-model")])
     assert rc == 2
-    assert "missing-model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing-model" in err and "no such local folder" in err
 
 
 def test_cache_subcommand_is_wired(capsys):
