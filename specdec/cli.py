@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K, or a sweep like 4,2,8 (the first value is the main K used for the sampled "
                         "setting and the cache rows; default 4, --full: 4,2,6,8)")
     b.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128 (--quick: 32)")
-    b.add_argument("--num-prompts", type=_positive_int, default=None, help="default 8 (--full: 16, --quick: 3)")
+    b.add_argument("--num-prompts", type=_positive_int, default=None, help="default 6 (--full: 16, --quick: 3)")
     b.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats; default 3 (--quick: 1)")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass")
     preset = b.add_mutually_exclusive_group()

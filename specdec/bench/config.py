@@ -2,8 +2,8 @@
 
 Two presets. The default is the headline: baseline, the draft model and n-gram at
 the main K (and "auto" where the engine offers it), against transformers' plain,
-assisted and prompt-lookup generation, greedy and sampled, on 8 prompts: a few
-minutes on a 2-core CPU. `--full` adds the K sweep, the cache workload and all 16
+assisted and prompt-lookup generation, greedy and sampled, on 6 prompts: a few
+minutes on a 2-core CPU. `--full` adds the K sweep, the cache workload and 16
 prompts. `--quick` is a smoke run. Any explicit option overrides the preset.
 """
 
@@ -37,7 +37,7 @@ class Preset:
 
 
 PRESETS = {
-    "headline": Preset((4,), 128, 8, 3, 4, HEADLINE_METHODS),
+    "headline": Preset((4,), 128, 6, 3, 4, HEADLINE_METHODS),
     "full": Preset((4, 2, 6, 8), 128, 16, 3, 4, ALL_METHODS),
     "quick": Preset((4,), 32, 3, 1, 1, ALL_METHODS),
 }
@@ -55,7 +55,7 @@ class BenchConfig:
     device_map: str | None = None
     num_draft_tokens: list[int] = field(default_factory=lambda: [4])  # first value = main K
     max_new_tokens: int = 128
-    num_prompts: int = 8
+    num_prompts: int = 6
     repeats: int = 3
     warmup: bool = True
     prompts_file: str | None = None
