@@ -354,3 +354,22 @@ def test_bundled_pair_loads_and_generates():
     plain = gen.generate(prompt, max_new_tokens=24, drafter="none")[0]
     assert spec.token_ids == plain.token_ids
     assert spec.text and spec.stats.accepted_tokens > 0
+
+
+def test_bench_command_for_acceptance_numbers(cli_pair, tmp_path):
+    """The shape of run used to compare engines: two methods, one K, both settings, one thread."""
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["bench", "--methods", "baseline,model", "--k", "4", "--settings", "greedy,sampled",
+                   "--threads", "1", "--out", str(tmp_path), "--target", cli_pair.target, "--draft", cli_pair.draft,
+                   "--prompts", cli_pair.prompts, "--max-new-tokens", "6", "--repeats", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["setting"], r["method"], r["k"]) for r in rows] == [
+        ("greedy", "baseline", None), ("greedy", "model", 4), ("sampled", "baseline", None), ("sampled", "model", 4)
+    ]
+    for r in rows:
+        if r["method"] == "model":
+            assert r["acceptance_rate"] is not None and len(r["per_position_acceptance"]) == 4

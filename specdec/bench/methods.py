@@ -58,10 +58,6 @@ class Run:
     before_repeat: Callable[[int], None] | None = None  # called with the repeat index
     samples: list[list[Sample]] = field(default_factory=list)  # [repeat][prompt], complete repeats only
 
-    @property
-    def key(self) -> tuple:
-        return (self.setting, self.workload, self.method, self.k)
-
 
 def specdec_uses_draft_model(drafter: str, has_draft_model: bool) -> bool:
     """Whether specdec's `drafter` (a name, "auto" included) runs the draft model."""
