@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import time
-from pathlib import Path
 from typing import Any, Generator
 
 import torch
@@ -465,7 +464,8 @@ def _locate(name: str, value: Any, revision: str | None) -> tuple[str, bool]:
             return value, True
         raise OSError(
             f"{name} {value!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it "
-            "cannot be downloaded; download it first (unset HF_HUB_OFFLINE) or pass a local path"
+            f"cannot be downloaded (nor is there a local folder {os.path.abspath(local)}); download it first "
+            "(unset HF_HUB_OFFLINE) or pass a local path"
         )
     unreachable = _hub_unreachable()
     if unreachable is None:
@@ -474,7 +474,8 @@ def _locate(name: str, value: Any, revision: str | None) -> tuple[str, bool]:
         return value, True  # offline, but a copy is cached: load it without asking the hub
     raise OSError(
         f"{name} {value!r} is not in the local Hugging Face cache and the hub cannot be reached "
-        f"({unreachable}); connect to the network, set HF_ENDPOINT to a mirror, or pass a local path"
+        f"({unreachable}), nor is there a local folder {os.path.abspath(local)}; connect to the network, "
+        "set HF_ENDPOINT to a mirror, or pass a local path"
     )
 
 

@@ -14,7 +14,6 @@ import torch
 
 from specdec import SpeculativeGenerator
 from specdec.bench import COLUMN_KEYS
-from specdec.generator import bundled_pair
 from specdec.cli import main
 from specdec.workload import builtin_prompts_path, cache_workload, load_builtin, load_jsonl, near_duplicate
 
