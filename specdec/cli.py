@@ -63,8 +63,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
     g.add_argument("--device-map", choices=("auto",), help="let accelerate place the target (multi-GPU / offload)")
     g.add_argument("--threads", type=_positive_int,
-                   help="torch CPU threads (default: 1 on CPU, so a shared machine does not stall; torch's "
-                        "choice on GPU)")
+                   help="torch CPU threads (bench default: 1 per process on CPU, so that a shared machine "
+                        "neither stalls nor skews timings; otherwise torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,10 +164,11 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _apply_threads(args) -> int:
-    from .bench.runner import apply_threads
+def _apply_threads(args) -> None:
+    if args.threads is not None:
+        import torch
 
-    return apply_threads(args.threads, args.device, args.device_map)
+        torch.set_num_threads(args.threads)
 
 
 def _check_generate_options(args) -> dict:
@@ -288,8 +289,10 @@ def cmd_bench(args) -> int:
     from .bench import Bench, headline, markdown_table
 
     config = bench_config(args)
+    from .bench import apply_threads
+
     bench = Bench(config)  # validates the options and reads the prompts before loading models
-    threads = _apply_threads(args)
+    threads = apply_threads(args.threads, args.device, args.device_map)
     _quiet_transformers()
     if args.threads is None and threads == 1:
         print("torch threads: 1 per process on CPU (pass --threads N to change)", file=sys.stderr)
