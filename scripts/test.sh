@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine and run the test suite (CPU; the tests start their own redis-server).
+# Set up a fresh machine (once; see setup.sh) and run the test suite (CPU; the tests start
+# their own redis-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test

@@ -1,14 +1,15 @@
 """specdec: speculative decoding for Hugging Face causal language models.
 
     from specdec import SpeculativeGenerator
-    gen = SpeculativeGenerator.from_pretrained("target-id-or-path", "draft-id-or-path")
-    result = gen.generate("def fibonacci(n):", max_new_tokens=64)[0]
+    gen = SpeculativeGenerator.from_pretrained("bundled")   # or hub ids / local paths
+    result = gen.generate("def fibonacci(n):", max_new_tokens=64, stop=["\\n\\n"])[0]
 """
 
-from .generator import SpeculativeGenerator, check_vocab_compatible
+from .generator import SpeculativeGenerator, bundled_pair, check_vocab_compatible
 from .params import MAX_DRAFT_TOKENS, GenerationParams
 from .stats import GenerationResult, GenerationStats
 
+# The package version: pyproject.toml reads it from here, `specdec --version` prints it.
 __version__ = "0.1.0"
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "SpeculativeGenerator",
+    "bundled_pair",
     "check_vocab_compatible",
 ]

@@ -1,11 +1,13 @@
 """The `specdec` command: generate, bench, cache.
 
-    specdec bench                        # bundled pair, built-in prompts, full comparison
-    specdec bench --quick                # the same in under a minute
-    specdec generate "def fib(n):" --stream
+    specdec bench                        # bundled pair: the headline comparison, a few minutes
+    specdec bench --full                 # adds the K sweep and the cache workload
+    specdec bench --quick                # a smoke run in under a minute
+    specdec generate "def fib(n):" --stream --stop "\n\n"
     specdec cache ...                    # cache administration (specdec.cache.cli)
 
-Bad arguments exit with status 2 and a message saying what was wrong and how to fix it.
+Bad arguments exit with status 2 and a message saying what was wrong and how to fix it,
+before any model loads. Ctrl-C exits with status 130 without a traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _k_list(text: str) -> list[int]:
-    from .bench import parse_int_list
+    from .bench.config import parse_int_list
 
     try:
         return parse_int_list(text)
@@ -60,7 +62,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device for both models (cpu, cuda, cuda:1, mps)")
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
     g.add_argument("--device-map", choices=("auto",), help="let accelerate place the target (multi-GPU / offload)")
-    g.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads (bench default: 1 per process on CPU, so that a shared machine "
+                        "neither stalls nor skews timings; otherwise torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="specdec",
         description="Speculative decoding for Hugging Face causal LMs: generate, benchmark, manage the cache.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"specdec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{generate,bench,cache}")
     sub.required = True
 
@@ -85,32 +92,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafter", default="auto", help="model, ngram, cache, none or auto (default)")
     g.add_argument("--num-draft-tokens", type=_non_negative_int, default=4, help="K drafts per step")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the text contains TEXT (cut before it); repeat for several")
     g.add_argument("--cache", help="cache URL (redis://..., memory://); default: none")
-    g.add_argument("--stream", action="store_true", help="print text as the target accepts it")
+    g.add_argument("--stream", action="store_true", help="print text as the target accepts it, then the stats")
 
     bench = sub.add_parser(
         "bench",
         help="speculative decoding vs baseline and Hugging Face generate, side by side",
-        description="Benchmark baseline, draft-model, n-gram and cache drafting against transformers' "
-                    "generate (plain, assisted, prompt lookup) on the same models and prompts.",
+        description="Benchmark baseline, draft-model and n-gram drafting against transformers' "
+                    "generate (plain, assisted, prompt lookup) on the same models and prompts. The default is "
+                    "the headline at one K (a few minutes on a 2-core CPU); --full adds the K sweep and the "
+                    "cache workload.",
     )
     _add_model_options(bench)
     b = bench.add_argument_group("benchmark")
-    b.add_argument("--num-draft-tokens", type=_k_list, default=None, metavar="K[,K...]",
+    b.add_argument("--num-draft-tokens", "--k", type=_k_list, default=None, metavar="K[,K...]",
                    help="K, or a sweep like 4,2,8 (the first value is the main K used for the sampled "
-                        "setting and the cache rows; default 4,2,6,8, --quick: 4)")
+                        "setting and the cache rows; default 4, --full: 4,2,6,8)")
     b.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128 (--quick: 32)")
-    b.add_argument("--num-prompts", type=_positive_int, default=None, help="default 16 (--quick: 3)")
+    b.add_argument("--num-prompts", type=_positive_int, default=None, help="default 6 (--full: 16, --quick: 3)")
     b.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats; default 3 (--quick: 1)")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass")
-    b.add_argument("--quick", action="store_true", help="a small run, under a minute on a laptop CPU")
+    preset = b.add_mutually_exclusive_group()
+    preset.add_argument("--full", action="store_true",
+                        help="the K sweep, the cache workload and 16 prompts (about 4x the default's time)")
+    preset.add_argument("--quick", action="store_true", help="a smoke run, under a minute on a laptop CPU")
     b.add_argument("--prompts", metavar="FILE.jsonl",
                    help='prompts, one JSON object per line: {"prompt": ...} or {"turns": [...]}')
     b.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampled setting")
     b.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled setting")
     b.add_argument("--settings", type=_name_list, default=("greedy", "sampled"), help="greedy,sampled")
     b.add_argument("--methods", type=_name_list, default=None,
-                   help="subset of baseline,model,ngram,cache,hf,hf-assisted,hf-lookup (default: all)")
+                   help="subset of baseline,model,ngram,auto,cache,hf,hf-assisted,hf-lookup (default: all but "
+                        "cache; --full and --quick: all)")
     b.add_argument("--cache", default="memory://specdec-bench",
                    help="cache URL for the cache rows (default: in-process memory://)")
     b.add_argument("--cache-prompts", type=_positive_int, default=None,
@@ -127,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_paths(args) -> tuple[str, str | None]:
-    from .bench import default_pair
+    from .generator import bundled_pair
 
     draft = args.draft
     if draft is not None and draft.lower() == "none":
@@ -135,7 +150,7 @@ def _model_paths(args) -> tuple[str, str | None]:
     if args.target is None:
         if draft not in (None, "none"):
             raise ValueError("--draft needs --target: the bundled target only pairs with the bundled draft")
-        target, bundled_draft = default_pair()
+        target, bundled_draft = bundled_pair()
         return target, (None if draft == "none" else bundled_draft)
     return args.target, (None if draft in (None, "none") else draft)
 
@@ -156,23 +171,40 @@ def _apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _check_generate_options(args) -> dict:
+    """Every check on `specdec generate`'s options that needs no model; returns generate()'s kwargs."""
+    from .drafters import available_drafters
+    from .params import make_params
+
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, drafter=args.drafter, num_draft_tokens=args.num_draft_tokens, ignore_eos=args.ignore_eos,
+        stop=args.stop,
+    )
+    make_params(**kwargs)
+    if args.drafter not in available_drafters():
+        raise ValueError(f"--drafter {args.drafter!r} is unknown; choose one of {', '.join(available_drafters())}")
+    if args.drafter == "model" and (args.draft or "").lower() == "none":
+        raise ValueError("--drafter model needs a draft model; drop --draft none or pick --drafter ngram")
+    if args.cache:
+        from .cache.config import parse_cache_url
+
+        parse_cache_url(args.cache)
+    if args.device is not None:
+        from .bench.config import check_device
+
+        check_device(args.device)
+    return kwargs
+
+
 def cmd_generate(args) -> int:
     """`specdec generate`: one prompt, text on stdout, a stats line on stderr."""
     from . import SpeculativeGenerator
-    from .params import make_params
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise ValueError("the prompt is empty; pass text, or '-' to read it from stdin")
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, drafter=args.drafter, num_draft_tokens=args.num_draft_tokens, ignore_eos=args.ignore_eos,
-    )
-    make_params(**kwargs)  # every check on the decoding options before the models load
-    if args.device is not None:
-        from .bench import check_device
-
-        check_device(args.device)
+    kwargs = _check_generate_options(args)  # before the models load
     target, draft = _model_paths(args)
     _apply_threads(args)
     _quiet_transformers()
@@ -181,18 +213,19 @@ def cmd_generate(args) -> int:
         target, draft, device=args.device, dtype=dtype, device_map=args.device_map, cache=args.cache
     )
     if args.stream:
-        import time
-
-        t0 = time.perf_counter()
-        for delta in gen.stream(prompt, **kwargs):
+        deltas = gen.stream(prompt, **kwargs)
+        while True:
+            try:
+                delta = next(deltas)
+            except StopIteration as done:
+                result = done.value
+                break
             sys.stdout.write(delta)
             sys.stdout.flush()
-        elapsed = time.perf_counter() - t0
-        sys.stdout.write("\n")
-        print(f"[streamed in {elapsed:.2f}s]", file=sys.stderr)
-        return 0
-    result = gen.generate(prompt, **kwargs)[0]
-    sys.stdout.write(result.text + "\n")
+    else:
+        result = gen.generate(prompt, **kwargs)[0]
+        sys.stdout.write(result.text)
+    sys.stdout.write("\n")
     sys.stdout.flush()
     print(stats_line(result), file=sys.stderr)
     return 0
@@ -201,6 +234,10 @@ def cmd_generate(args) -> int:
 def stats_line(result) -> str:
     """One line of the numbers a user looks at after a generation."""
     s = result.stats
+    if s.cache_hit:
+        # No decoding happened: tokens/s and accepted lengths would be meaningless.
+        return (f"[cache hit: {s.new_tokens} tokens in {s.wall_time_s * 1e3:.2f} ms, "
+                f"finish={result.finish_reason}]")
     parts = [
         f"{s.new_tokens} tokens in {s.wall_time_s:.2f}s ({s.tokens_per_second:.1f} tok/s)",
         f"finish={result.finish_reason}",
@@ -209,43 +246,56 @@ def stats_line(result) -> str:
     ]
     if s.drafted_tokens:
         parts.append(f"acceptance={s.acceptance_rate:.2f} ({s.accepted_tokens}/{s.drafted_tokens})")
-    if s.cache_hit:
-        parts.append("cache hit")
+    if s.cache_errors:
+        parts.append(f"cache errors={s.cache_errors}")
     return "[" + ", ".join(parts) + "]"
 
 
-def cmd_bench(args) -> int:
-    """`specdec bench`: run the comparison, print the table, write the files."""
-    from .bench import ALL_METHODS, Bench, BenchConfig, headline, markdown_table
+def bench_config(args):
+    """The BenchConfig of `specdec bench`'s arguments: the preset's values where none was given."""
+    from .bench import PRESETS, BenchConfig
 
-    quick = args.quick
+    name = "full" if args.full else "quick" if args.quick else "headline"
+    preset = PRESETS[name]
     target, draft = _model_paths(args)
-    config = BenchConfig(
+    return BenchConfig(
         target=target,
         draft=draft,
         out=args.out,
         device=args.device,
         dtype=None if args.dtype in (None, "auto") else args.dtype,
         device_map=args.device_map,
-        num_draft_tokens=args.num_draft_tokens or ([4] if quick else [4, 2, 6, 8]),
-        max_new_tokens=args.max_new_tokens or (32 if quick else 128),
-        num_prompts=args.num_prompts or (3 if quick else 16),
-        repeats=args.repeats or (1 if quick else 3),
+        num_draft_tokens=args.num_draft_tokens or list(preset.num_draft_tokens),
+        max_new_tokens=args.max_new_tokens or preset.max_new_tokens,
+        num_prompts=args.num_prompts or preset.num_prompts,
+        repeats=args.repeats or preset.repeats,
         warmup=not args.no_warmup,
         prompts_file=args.prompts,
         seed=args.seed,
         temperature=args.temperature,
         settings=args.settings,
-        methods=args.methods or ALL_METHODS,
+        methods=args.methods or preset.methods,
         cache_url=args.cache,
-        cache_prompts=args.cache_prompts or (1 if quick else 4),
+        cache_prompts=args.cache_prompts or preset.cache_prompts,
         threads=args.threads,
-        quick=quick,
+        preset=name,
         progress=not args.no_progress,
         command=_command_line(),
     )
+
+
+def cmd_bench(args) -> int:
+    """`specdec bench`: run the comparison, print the table, write the files."""
+    from .bench import Bench, headline, markdown_table
+
+    config = bench_config(args)
+    from .bench import apply_threads
+
     bench = Bench(config)  # validates the options and reads the prompts before loading models
+    threads = apply_threads(args.threads, args.device, args.device_map)
     _quiet_transformers()
+    if args.threads is None and threads == 1:
+        print("torch threads: 1 per process on CPU (pass --threads N to change)", file=sys.stderr)
     doc = bench.run()
     print(markdown_table(doc["rows"]))
     print()
@@ -257,8 +307,13 @@ def cmd_bench(args) -> int:
               f"({doc['cost']['draft_forward_ms']:.2f} ms / {doc['cost']['target_forward_ms']:.2f} ms)")
     for note in doc["notes"]:
         print(f"note: {note}")
-    print(f"\nwrote {', '.join(['results.json', 'results.csv', 'results.md'] + doc.get('plots', []))} "
-          f"to {config.out}")
+    for warning in doc["suspect"]:
+        print(f"WARNING: {warning}")
+    files = ["results.json", "results.csv", "results.md"] + doc.get("plots", [])
+    if doc["partial"]:
+        print(f"\ninterrupted: wrote the partial results ({', '.join(files)}) to {config.out}", file=sys.stderr)
+        return 130
+    print(f"\nwrote {', '.join(files)} to {config.out}")
     return 0
 
 
@@ -277,7 +332,16 @@ def cmd_cache(argv: list[str]) -> int:
 
 
 def _command_line() -> str:
-    return " ".join(["specdec", *(shlex.quote(a) for a in sys.argv[1:])])
+    """The command as typed, with credentials in URLs replaced by ***."""
+    from .cache.config import redact_url
+
+    def clean(arg: str) -> str:
+        if "://" in arg:
+            head, sep, url = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+            return shlex.quote(head + sep + redact_url(url))
+        return shlex.quote(arg)
+
+    return " ".join(["specdec", *(clean(a) for a in sys.argv[1:])])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # bad arguments, missing files or models
         print(f"specdec {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before anything was measured (bench handles its own)
+        print(f"specdec {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if argv is not None:
             sys.argv = sys_argv

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import torch
 from transformers import DynamicCache
@@ -234,9 +234,10 @@ def decode(
     drafter: Drafter,
     stop_ids: frozenset[int],
     cache_layer: Any = None,
+    stop_check: Callable[[list[int]], bool] | None = None,
 ) -> list[RowOutput]:
     """Decode every prompt; returns one RowOutput per prompt, in order."""
-    steps = iter_decode(generator, prompts, params, drafter, stop_ids, cache_layer)
+    steps = iter_decode(generator, prompts, params, drafter, stop_ids, cache_layer, stop_check)
     while True:
         try:
             next(steps)
@@ -251,8 +252,13 @@ def iter_decode(
     drafter: Drafter,
     stop_ids: frozenset[int],
     cache_layer: Any = None,
+    stop_check: Callable[[list[int]], bool] | None = None,
 ) -> Generator[tuple[int, list[int]], None, list[RowOutput]]:
-    """Like decode(), but yields (row index, new tokens) as each step emits them."""
+    """Like decode(), but yields (row index, new tokens) as each step emits them.
+
+    `stop_check(row's new tokens) -> True` ends a row early (stop strings); the caller
+    cuts the tokens exactly afterwards, so this only saves steps.
+    """
     start = time.perf_counter()
     device = generator.device
     batch = len(prompts)
@@ -307,6 +313,8 @@ def iter_decode(
             accepted = state.step_accepted[b]
             kept, reason = _apply_limits(emitted, stop_ids, remaining[b])
             outputs[row].extend(kept)
+            if reason is None and stop_check is not None and stop_check(outputs[row]):
+                reason = "stop"
             state.sequences[b].extend(kept)
             stats[row].record_step(drafted_rows[b], accepted, len(kept))
             stats[row].draft_forwards += k if drafter.provides_probs else 0

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import socket
 import time
-from typing import Any, Iterator
+from typing import Any, Generator
 
 import torch
 
 from .drafters import Drafter, get_drafter_class, resolve_drafter_name
 from .engine import RowOutput, decode, iter_decode
-from .params import GenerationParams, make_params
+from .params import GenerationParams, check_text, make_params
 from .stats import GenerationResult, GenerationStats
+from .stopping import StopStringChecker, cut_at_stop, find_stop
 
 _UNSET: Any = object()
-
+BUNDLED = "bundled"  # from_pretrained("bundled"): the pair shipped in specdec/assets/default_pair
+HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub before a download is tried
 
 
 class SpeculativeGenerator:
@@ -67,8 +72,8 @@ class SpeculativeGenerator:
     @classmethod
     def from_pretrained(
         cls,
-        target: str,
-        draft: str | None = None,
+        target: str | os.PathLike,
+        draft: str | os.PathLike | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
@@ -79,38 +84,53 @@ class SpeculativeGenerator:
     ) -> "SpeculativeGenerator":
         """Load target (and draft) through transformers' Auto classes.
 
-        `target`/`draft` are hub ids or local paths. `device` moves both models there;
+        `target`/`draft` are hub ids or local paths (str or os.PathLike).
+        `from_pretrained("bundled")` loads the bundled default pair (target and draft,
+        shipped in the package, no download). `device` moves both models there;
         `device_map="auto"` lets accelerate place the target (the draft follows the
         target's input device). `dtype` is a torch dtype or its name ("float32", "bfloat16").
+
+        A local path that does not exist fails at once; a hub id that is neither in the
+        local Hugging Face cache nor reachable (offline, HF_HUB_OFFLINE=1) fails within
+        a few seconds instead of retrying.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        for name, value in (("target", target), ("draft", draft)):
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"{name} must be a hub id or a local path (str), got {type(value).__name__}")
+        if target is None:
+            raise TypeError(
+                "from_pretrained needs a target model: a hub id, a local path, or \"bundled\" for the bundled "
+                "pair, e.g. SpeculativeGenerator.from_pretrained(\"bundled\")"
+            )
+        if isinstance(target, str) and target == BUNDLED:
+            bundled_target, bundled_draft = bundled_pair()
+            target, draft = bundled_target, (bundled_draft if draft is None else draft)
         if device is not None and device_map is not None:
             raise ValueError("pass either device= or device_map=, not both")
         torch_dtype = _resolve_dtype(dtype)
+        target, target_local = _locate("target", target, revision)
+        draft, draft_local = _locate("draft", draft, None) if draft is not None else (None, False)
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if revision is not None:
             kwargs["revision"] = revision
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         tok_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
-        tokenizer = AutoTokenizer.from_pretrained(target, **tok_kwargs)
+        target_only = {"local_files_only": True} if target_local else {}
+        draft_only = {"local_files_only": True} if draft_local else {}
+        tokenizer = AutoTokenizer.from_pretrained(target, **tok_kwargs, **target_only)
         draft_tokenizer = None
         if draft is not None:
             try:
-                draft_tokenizer = AutoTokenizer.from_pretrained(draft)
+                draft_tokenizer = AutoTokenizer.from_pretrained(draft, **draft_only)
             except (OSError, ValueError):  # a draft checkpoint may ship without a tokenizer
                 draft_tokenizer = None
         target_model = AutoModelForCausalLM.from_pretrained(
-            target, **kwargs, **({"device_map": device_map} if device_map is not None else {})
+            target, **kwargs, **target_only, **({"device_map": device_map} if device_map is not None else {})
         )
         draft_model = None
         if draft is not None:
             draft_kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
-            draft_model = AutoModelForCausalLM.from_pretrained(draft, **draft_kwargs)
+            draft_model = AutoModelForCausalLM.from_pretrained(draft, **draft_kwargs, **draft_only)
         if device is not None:
             target_model = target_model.to(device)
         target_device = _input_device(target_model)
@@ -148,21 +168,28 @@ class SpeculativeGenerator:
         A prompt is text, or a list of chat messages ({"role", "content"} dicts) that is
         rendered with the tokenizer's chat template. Keyword arguments: max_new_tokens,
         temperature, top_k, top_p, seed, drafter, num_draft_tokens, stop_token_ids,
-        ignore_eos (see GenerationParams), and cache (a URL or None to switch it off).
+        stop, ignore_eos (see GenerationParams), and cache (a URL or None to switch it off).
+        transformers names are mapped or refused with the name to use (see make_params).
+        With `stop=[...]` a row ends when its text contains a stop string: `text` is cut
+        before it, `token_ids` end with the token that completed it (specdec.stopping).
         """
         texts = self._prompt_texts(prompts)
         params = make_params(**kwargs)
         ids = [self._encode(t) for t in texts]
-        return self._run(ids, texts, params, cache)
+        return self._cut_at_stops(self._run(ids, texts, params, cache), params)
 
     def generate_ids(self, input_ids, *, cache: Any = _UNSET, **kwargs) -> list[GenerationResult]:
         """Like generate() for token ids: one list of ints or a list of such lists."""
         rows = _id_rows(input_ids)
         params = make_params(**kwargs)
-        return self._run(rows, None, params, cache)
+        return self._cut_at_stops(self._run(rows, None, params, cache), params)
 
-    def stream(self, prompt, *, cache: Any = _UNSET, **kwargs) -> Iterator[str]:
-        """Yield text deltas of one prompt as the target accepts tokens."""
+    def stream(self, prompt, *, cache: Any = _UNSET, **kwargs) -> Generator[str, None, GenerationResult]:
+        """Yield text deltas of one prompt as the target accepts tokens.
+
+        The generator's return value (StopIteration.value, or `result = yield from ...`)
+        is the GenerationResult with the stats, as generate() would give it.
+        """
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer; construct the generator with one")
         texts = self._prompt_texts(prompt)
@@ -172,13 +199,20 @@ class SpeculativeGenerator:
         ids = [self._encode(texts[0])]
         layer, drafter, stop_ids = self._prepare(ids, params, cache)
         params = params.for_row(0, 1)
+        start = time.perf_counter()
         hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
         if hit is not None:
-            yield self._decode_text(hit.token_ids)
-            return
+            yield self._stopped_text(hit.token_ids, params)
+            stats = GenerationStats(prompt_tokens=len(ids[0]), new_tokens=len(hit.token_ids), cache_hit=True)
+            stats.wall_time_s = time.perf_counter() - start
+            return self._cut_at_stops([self._result(hit.token_ids, hit.finish_reason, stats)], params)[0]
+        # With stop strings, the last (longest stop - 1) characters are held back until
+        # it is clear they do not start a stop string: streamed text never shows one.
+        hold = max((len(s) for s in params.stop), default=1) - 1
         tokens: list[int] = []
         emitted_text = ""
-        steps = iter_decode(self, ids, params, drafter, stop_ids, layer)
+        stopped = False
+        steps = iter_decode(self, ids, params, drafter, stop_ids, layer, self._stop_checker(params))
         while True:
             try:
                 _, new = next(steps)
@@ -186,18 +220,26 @@ class SpeculativeGenerator:
                 outputs: list[RowOutput] = done.value
                 break
             tokens.extend(new)
+            if stopped:
+                continue
             text = self._decode_text(tokens)
             # Hold back an incomplete multi-byte character until its last byte arrives.
             if text.endswith("\ufffd"):
                 continue
+            if params.stop:
+                at = find_stop(text, params.stop, len(emitted_text))
+                stopped = at is not None
+                text = text[:at] if stopped else text[: len(text) - hold]
             if len(text) > len(emitted_text) and text.startswith(emitted_text):
                 yield text[len(emitted_text):]
                 emitted_text = text
-        final = self._decode_text(outputs[0].token_ids)
+        final = self._stopped_text(outputs[0].token_ids, params)
         if len(final) > len(emitted_text) and final.startswith(emitted_text):
             yield final[len(emitted_text):]
         if layer is not None:
             layer.record(ids[0], texts[0], params, outputs[0].token_ids, outputs[0].finish_reason)
+        result = self._result(outputs[0].token_ids, outputs[0].finish_reason, outputs[0].stats)
+        return self._cut_at_stops([result], params)[0]
 
     # ------------------------------------------------------------------ internals
 
@@ -218,7 +260,8 @@ class SpeculativeGenerator:
             results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
         if misses:
             sub_params = params.for_rows(misses, len(rows))
-            outputs = decode(self, [rows[i] for i in misses], sub_params, drafter, stop_ids, layer)
+            outputs = decode(self, [rows[i] for i in misses], sub_params, drafter, stop_ids, layer,
+                             self._stop_checker(params))
             for i, out in zip(misses, outputs):
                 results[i] = self._result(out.token_ids, out.finish_reason, out.stats)
                 if layer is not None:
@@ -241,6 +284,31 @@ class SpeculativeGenerator:
             stop_ids.update(self.eos_token_ids)
         return layer, drafter, frozenset(stop_ids)
 
+    def _stop_checker(self, params: GenerationParams) -> StopStringChecker | None:
+        """The decode loop's early exit for stop strings (None without them)."""
+        return StopStringChecker(params.stop, self._decode_text) if params.stop else None
+
+    def _stopped_text(self, token_ids: list[int], params: GenerationParams) -> str:
+        """The text of `token_ids`, cut before the first stop string."""
+        cut = cut_at_stop(token_ids, params.stop, self._decode_text)
+        return self._decode_text(token_ids if cut is None else token_ids[: cut.num_tokens])[
+            : None if cut is None else cut.text_end
+        ]
+
+    def _cut_at_stops(self, results: list[GenerationResult], params: GenerationParams) -> list[GenerationResult]:
+        """Cut each result at its first stop string (exact, whatever the loop did)."""
+        if not params.stop:
+            return results
+        for r in results:
+            cut = cut_at_stop(r.token_ids, params.stop, self._decode_text)
+            if cut is None:
+                continue
+            r.token_ids = r.token_ids[: cut.num_tokens]
+            r.text = self._decode_text(r.token_ids)[: cut.text_end]
+            r.finish_reason = "stop"
+            r.stats.new_tokens = len(r.token_ids)
+        return results
+
     def _make_drafter(self, params: GenerationParams, layer) -> Drafter:
         name = resolve_drafter_name(params.drafter, self.draft_model is not None)
         return get_drafter_class(name)(self, layer)
@@ -248,6 +316,17 @@ class SpeculativeGenerator:
     def _check_rows(self, rows: list[list[int]], params: GenerationParams) -> None:
         if not rows:
             raise ValueError("no prompts given; pass at least one prompt")
+        beyond = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if beyond:
+            raise ValueError(
+                f"stop_token_ids {beyond} are outside the model's vocabulary [0, {self.vocab_size}), so they "
+                "could never stop a row; pass ids from this model's tokenizer, e.g. tokenizer.convert_tokens_to_ids(...)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                "stop strings need a tokenizer to decode the text; construct the generator with one, "
+                "or use stop_token_ids="
+            )
         for i, row in enumerate(rows):
             if not row:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
@@ -264,9 +343,10 @@ class SpeculativeGenerator:
                 )
 
     def _prompt_texts(self, prompts) -> list[str]:
+        """Each prompt as text (chat messages rendered), every check before any compute."""
         if self.tokenizer is None:
             raise ValueError("generate() needs a tokenizer for text prompts; use generate_ids() with token ids")
-        if isinstance(prompts, str) or _is_chat(prompts):
+        if isinstance(prompts, str) or _looks_like_chat(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a str, a list of str or chat messages, got {type(prompts).__name__}")
@@ -274,16 +354,24 @@ class SpeculativeGenerator:
             raise ValueError("no prompts given; pass at least one prompt")
         texts = []
         for i, p in enumerate(prompts):
-            if _is_chat(p):
+            if _looks_like_chat(p):
+                _check_chat(i, p)
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise ValueError(
+                        f"prompt {i} is a list of chat messages, but the tokenizer has no chat template; "
+                        "pass the prompt as text, or set tokenizer.chat_template"
+                    )
                 p = self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
             if not isinstance(p, str):
                 raise TypeError(f"prompt {i} must be a str or a list of chat messages, got {type(p).__name__}")
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one character")
+            check_text(f"prompt {i}", p)
             texts.append(p)
         return texts
 
     def _encode(self, text: str) -> list[int]:
+        """Token ids of one prompt text (validated by _prompt_texts)."""
         return list(self.tokenizer(text)["input_ids"])
 
     def _decode_text(self, token_ids: list[int]) -> str | None:
@@ -330,6 +418,99 @@ def check_vocab_compatible(target_size: int, draft_size: int, tokenizer=None, dr
                 f"({len(target_vocab)} tokens): {len(differing)} tokens differ, e.g. {t!r} is "
                 f"{draft_vocab[t]} in the draft and {target_vocab.get(t)} in the target"
             )
+
+
+def bundled_pair() -> tuple[str, str]:
+    """Local paths of the bundled target and draft (`from_pretrained("bundled")` loads both)."""
+    from importlib import resources
+
+    root = resources.files("specdec.assets").joinpath("default_pair")
+    return str(root.joinpath("target")), str(root.joinpath("draft"))
+
+
+def _locate(name: str, value: Any, revision: str | None) -> tuple[str, bool]:
+    """(what to pass to transformers, local_files_only) for a target/draft argument.
+
+    Fails at once, with the fix, on a missing local path and on a hub id that can be
+    neither found in the local cache nor downloaded, so nobody waits on retries.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        is_path = True
+    elif isinstance(value, str):
+        is_path = False
+    else:
+        raise TypeError(
+            f"{name} must be a hub id or a local path (str or os.PathLike), got {type(value).__name__}; "
+            "e.g. \"Qwen/Qwen2.5-0.5B\", \"./my-checkpoint\" or \"bundled\" for the bundled pair"
+        )
+    if not value:
+        raise ValueError(f"{name} is an empty string; pass a hub id or a local path")
+    local = os.path.expanduser(value)
+    if os.path.isdir(local):
+        return local, False
+    if os.path.exists(local):
+        raise ValueError(
+            f"{name} {value!r} is a file; pass the folder that holds config.json and the weights"
+        )
+    if is_path or not _HUB_ID.fullmatch(value):
+        raise FileNotFoundError(
+            f"{name} {value!r}: no such local folder ({os.path.abspath(local)} does not exist); "
+            "pass the folder that holds config.json and the weights, or a hub id like \"org/name\""
+        )
+    cached = _in_hub_cache(value, revision)
+    if _hub_offline():
+        if cached:
+            return value, True
+        raise OSError(
+            f"{name} {value!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it "
+            f"cannot be downloaded (nor is there a local folder {os.path.abspath(local)}); download it first "
+            "(unset HF_HUB_OFFLINE) or pass a local path"
+        )
+    unreachable = _hub_unreachable()
+    if unreachable is None:
+        return value, False
+    if cached:
+        return value, True  # offline, but a copy is cached: load it without asking the hub
+    raise OSError(
+        f"{name} {value!r} is not in the local Hugging Face cache and the hub cannot be reached "
+        f"({unreachable}), nor is there a local folder {os.path.abspath(local)}; connect to the network, "
+        "set HF_ENDPOINT to a mirror, or pass a local path"
+    )
+
+
+# Hub repository ids: "name" or "org/name".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # an unreadable cache is a cache miss
+        return False
+
+
+def _hub_unreachable() -> str | None:
+    """None when one TCP connection to the hub (or the proxy) opens in a few seconds, else why not."""
+    from urllib.parse import urlsplit
+
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(v)), None)
+    url = urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme in ("https", "") else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
 
 
 def _check_model(name: str, model) -> None:
@@ -398,8 +579,35 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or a name like 'float32', 'bfloat16', 'float16'")
 
 
-def _is_chat(p) -> bool:
-    return isinstance(p, (list, tuple)) and bool(p) and all(isinstance(m, dict) for m in p)
+def _looks_like_chat(p) -> bool:
+    """A list whose items are dicts: meant as chat messages (checked by _check_chat)."""
+    return isinstance(p, (list, tuple)) and bool(p) and any(isinstance(m, dict) for m in p)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def _check_chat(index: int, messages) -> None:
+    """ValueError/TypeError unless every message is {"role": str, "content": str}."""
+    example = '[{"role": "user", "content": "Hello"}]'
+    for j, m in enumerate(messages):
+        where = f"prompt {index}, message {j}"
+        if not isinstance(m, dict):
+            raise TypeError(f"{where} is a {type(m).__name__}; every chat message is a dict like {example}")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise ValueError(
+                f"{where} has no {' and no '.join(repr(k) for k in missing)} (keys: {sorted(m)}); "
+                f"every chat message needs both, e.g. {example}"
+            )
+        if not isinstance(m["role"], str) or not m["role"]:
+            raise ValueError(f"{where}: role must be a non-empty str such as {', '.join(CHAT_ROLES)}, got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise TypeError(
+                f"{where}: content must be a str, got {type(m['content']).__name__} {m['content']!r:.60}; "
+                f"e.g. {example}"
+            )
+        check_text(where, m["content"])
 
 
 def _id_rows(input_ids) -> list[list[int]]:

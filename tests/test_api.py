@@ -92,3 +92,64 @@ def test_from_pretrained_placement(llama_pair, gen, placement):
     assert placed.device.type == "cpu" and placed.target_dtype == torch.float64
     kw = dict(max_new_tokens=10, ignore_eos=True)
     assert placed.generate("x = 1", **kw)[0].token_ids == gen.generate("x = 1", **kw)[0].token_ids
+
+
+# --------------------------------------------------------------------------- stop strings
+
+
+def _stop_string_of(gen, prompt: str, n: int = 10) -> tuple[list[int], str, str]:
+    """The plain continuation of `prompt` and a stop string that first appears in its middle."""
+    full = gen.generate(prompt, max_new_tokens=n, ignore_eos=True, drafter="none")[0]
+    text = full.text
+    for start in range(len(text) // 3, len(text) - 2):
+        stop = text[start:start + 2]
+        if text.find(stop) == start and stop.strip():
+            return full.token_ids, text, stop
+    pytest.skip("no usable stop string in this continuation")
+
+
+@pytest.mark.parametrize("drafter", ["none", "model", "ngram"])
+def test_stop_string_cuts_text_and_tokens(gen, drafter):
+    tokens, text, stop = _stop_string_of(gen, "def add(a, b):", 24)
+    r = gen.generate("def add(a, b):", max_new_tokens=24, ignore_eos=True, drafter=drafter, stop=[stop])[0]
+    at = text.find(stop)
+    assert r.text == text[:at] and r.finish_reason == "stop"
+    # token_ids end with the first token whose text completes the stop string.
+    n = next(i for i in range(1, len(tokens) + 1) if stop in gen.tokenizer.decode(tokens[:i], skip_special_tokens=True))
+    assert r.token_ids == tokens[:n]
+    assert r.stats.new_tokens == n
+    # The loop stopped early instead of decoding all 24 tokens.
+    assert r.stats.target_forwards < 24 if drafter == "none" else True
+    # Several stop strings: the earliest match wins, wherever it is in the list.
+    later = text[at + 3: at + 5] if text[at + 3: at + 5].strip() else "\x00never"
+    both = gen.generate("def add(a, b):", max_new_tokens=24, ignore_eos=True, drafter=drafter, stop=[later, stop])[0]
+    assert both.text == r.text and both.token_ids == r.token_ids
+
+
+def test_stop_string_never_met_changes_nothing(gen):
+    kw = dict(max_new_tokens=12, ignore_eos=True)
+    a = gen.generate("for i in", **kw)[0]
+    b = gen.generate("for i in", stop=["\x00not-there"], **kw)[0]
+    assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+
+
+def test_stop_string_in_stream_and_generate_ids(gen):
+    tokens, text, stop = _stop_string_of(gen, "import os\n", 24)
+    expected = gen.generate("import os\n", max_new_tokens=24, ignore_eos=True, stop=stop)[0]
+    deltas = list(gen.stream("import os\n", max_new_tokens=24, ignore_eos=True, stop=stop))
+    assert "".join(deltas) == expected.text and stop not in "".join(deltas)
+    ids = gen.tokenizer("import os\n")["input_ids"]
+    by_ids = gen.generate_ids(ids, max_new_tokens=24, ignore_eos=True, stop=[stop])[0]
+    assert by_ids.token_ids == expected.token_ids and by_ids.text == expected.text
+
+
+def test_stop_string_sampled_matches_the_uncut_row(gen):
+    """Cutting is exact: a sampled row stopped early equals the same seeded row decoded in full, then cut."""
+    kw = dict(max_new_tokens=30, ignore_eos=True, temperature=0.9, seed=11)
+    full = gen.generate("x = ", **kw)[0]
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 1]
+    if not stop.strip():
+        pytest.skip("the middle character is blank")
+    r = gen.generate("x = ", stop=[stop], **kw)[0]
+    assert r.text == full.text[: full.text.find(stop)]
+    assert full.token_ids[: len(r.token_ids)] == r.token_ids

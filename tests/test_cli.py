@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from specdec import SpeculativeGenerator
-from specdec.bench import COLUMNS, default_pair
+from specdec.bench import COLUMN_KEYS
 from specdec.cli import main
 from specdec.workload import builtin_prompts_path, cache_workload, load_builtin, load_jsonl, near_duplicate
 
@@ -39,11 +39,12 @@ def quick_bench(cli_pair, tmp_path_factory):
 def test_bench_quick_writes_every_file(quick_bench):
     rc, out = quick_bench
     assert rc == 0
-    for name in ("results.json", "results.csv", "results.md", "speedup_vs_k.png", "acceptance_by_position.png"):
+    for name in ("results.json", "results.csv", "results.md", "speedup.png", "speedup_vs_k.png",
+                 "acceptance_by_position.png"):
         assert (out / name).stat().st_size > 0, name
     with (out / "results.csv").open() as fh:
         reader = csv.DictReader(fh)
-        assert reader.fieldnames == COLUMNS
+        assert reader.fieldnames == COLUMN_KEYS
         assert len(list(reader)) == len(json.loads((out / "results.json").read_text())["rows"])
     report = (out / "results.md").read_text()
     assert "greedy, draft model K=3: " in report and "x hf-assisted-k" in report
@@ -56,7 +57,7 @@ def test_bench_json_has_every_column_and_method(quick_bench):
     assert doc["machine"]["device_name"]
     rows = doc["rows"]
     for row in rows:
-        assert set(COLUMNS) <= set(row)
+        assert set(COLUMN_KEYS) <= set(row)
     methods = {(r["setting"], r["method"], r["k"]) for r in rows}
     for method in ("baseline", "hf", "hf-assisted"):
         assert ("greedy", method, None) in methods
@@ -121,14 +122,79 @@ def test_generate_prints_text_then_stats(cli_pair, capsys):
     assert "6 tokens in" in captured.err and "mean accepted length" in captured.err
 
 
-def test_generate_stream_matches(cli_pair, capsys):
+def test_generate_stream_prints_text_then_stats(cli_pair, capsys, monkeypatch):
+    written = []
+    real_write = sys.stdout.write
+
+    def write(text):  # what reaches stdout, call by call
+        written.append(text)
+        return real_write(text)
+
+    monkeypatch.setattr(sys.stdout, "write", write)
     rc = main(["generate", "for i in", "--target", cli_pair.target, "--draft", cli_pair.draft,
-               "--max-new-tokens", "5", "--ignore-eos", "--stream"])
+               "--max-new-tokens", "5", "--ignore-eos", "--stream", "--drafter", "none"])
+    monkeypatch.undo()
     assert rc == 0
-    streamed = capsys.readouterr().out
+    captured = capsys.readouterr()
     gen = SpeculativeGenerator.from_pretrained(cli_pair.target)
     expected = gen.generate("for i in", max_new_tokens=5, ignore_eos=True, drafter="none")[0].text
-    assert streamed == expected + "\n"
+    assert captured.out == expected + "\n"
+    assert len(written) > 2  # one token per step: the text arrived in pieces, then the newline
+    assert "5 tokens in" in captured.err and "tok/s" in captured.err and "mean accepted length" in captured.err
+
+
+def test_generate_stop_string(cli_pair, capsys):
+    gen = SpeculativeGenerator.from_pretrained(cli_pair.target)
+    full = gen.generate("def add(a, b):", max_new_tokens=12, ignore_eos=True)[0].text
+    stop = full[len(full) // 2]
+    rc = main(["generate", "def add(a, b):", "--target", cli_pair.target, "--draft", "none",
+               "--max-new-tokens", "12", "--ignore-eos", "--stop", stop, "--stop", "\x00unused"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert captured.out == full[: full.find(stop)] + "\n"
+    assert "finish=stop" in captured.err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cache_hit_reports_latency_not_tokens_per_second(cli_pair, capsys, stream):
+    argv = ["generate", "class Point:", "--target", cli_pair.target, "--draft", "none", "--max-new-tokens", "6",
+            "--ignore-eos", "--cache", f"memory://cli-hit-{stream}"] + (["--stream"] if stream else [])
+    # The first call fills the in-process memory:// store, the second is answered from it.
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert second.out == first.out
+    assert "cache hit" not in first.err and "tok/s" in first.err
+    assert "[cache hit: 6 tokens in " in second.err and " ms" in second.err
+    assert "tok/s" not in second.err and "mean accepted length" not in second.err
+
+
+def test_version(capsys):
+    from specdec import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"specdec {__version__}"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--drafter", "medusa"], "--drafter 'medusa' is unknown; choose one of"),
+        (["--cache", "http://localhost"], "unsupported cache URL 'http://localhost'"),
+        (["--cache", "redis://h:1/0?bogus=1"], "unknown cache URL option 'bogus'"),
+        (["--drafter", "model", "--draft", "none"], "--drafter model needs a draft model"),
+        (["--stop", ""], "stop holds an empty string"),
+    ],
+)
+def test_generate_checks_options_before_loading_models(tmp_path, capsys, extra, message):
+    """The target does not exist: an error about the option proves it was checked before loading."""
+    rc = main(["generate", "x", "--target", str(tmp_path / "never-loaded")] + extra)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "never-loaded" not in err
 
 
 # --------------------------------------------------------------------------- bad arguments
@@ -146,6 +212,7 @@ def test_generate_stream_matches(cli_pair, capsys):
         (["bench", "--device", "cpu", "--device-map", "auto"], "either --device or --device-map"),
         (["bench", "--device", "nonsense"], "is not a torch device"),
         (["bench", "--prompts", "no/such/file.jsonl"], "does not exist"),
+        (["bench", "--cache", "ftp://x", "--full"], "unsupported cache URL 'ftp://x'"),
         (["generate", "x", "--temperature", "-1"], "temperature must be >= 0"),
         (["generate", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     ],
@@ -163,6 +230,7 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, cli_pair, capsys):
         (["bench", "--repeats", "0"], "must be >= 1"),
         (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
         (["generate"], "the following arguments are required: prompt"),
+        (["bench", "--full", "--quick"], "argument --quick: not allowed with argument --full"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -196,7 +264,8 @@ def test_bad_prompt_file_names_the_line(tmp_path, cli_pair, capsys):
 def test_missing_model_path_is_an_error(tmp_path, capsys):
     rc = main(["generate", "x", "--target", str(tmp_path / "missing-model")])
     assert rc == 2
-    assert "missing-model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing-model" in err and "no such local folder" in err
 
 
 def test_cache_subcommand_is_wired(capsys):
@@ -272,8 +341,8 @@ def test_builtin_prompts_are_held_out_and_deterministic():
 
 
 def test_bundled_pair_loads_and_generates():
-    target, draft = default_pair()
-    gen = SpeculativeGenerator.from_pretrained(target, draft)
+    gen = SpeculativeGenerator.from_pretrained("bundled")  # the documented one-call load
+    assert gen.draft_model is not None
     assert gen.target_dtype == torch.float32  # stored float16, declared float32
     assert gen.tokenizer.bos_token_id is not None
     n_target = sum(p.numel() for p in gen.target_model.parameters())
@@ -284,3 +353,22 @@ def test_bundled_pair_loads_and_generates():
     plain = gen.generate(prompt, max_new_tokens=24, drafter="none")[0]
     assert spec.token_ids == plain.token_ids
     assert spec.text and spec.stats.accepted_tokens > 0
+
+
+def test_bench_command_for_acceptance_numbers(cli_pair, tmp_path):
+    """The shape of run used to compare engines: two methods, one K, both settings, one thread."""
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["bench", "--methods", "baseline,model", "--k", "4", "--settings", "greedy,sampled",
+                   "--threads", "1", "--out", str(tmp_path), "--target", cli_pair.target, "--draft", cli_pair.draft,
+                   "--prompts", cli_pair.prompts, "--max-new-tokens", "6", "--repeats", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["setting"], r["method"], r["k"]) for r in rows] == [
+        ("greedy", "baseline", None), ("greedy", "model", 4), ("sampled", "baseline", None), ("sampled", "model", 4)
+    ]
+    for r in rows:
+        if r["method"] == "model":
+            assert r["acceptance_rate"] is not None and len(r["per_position_acceptance"]) == 4

@@ -1,0 +1,134 @@
+"""The numbers of one results row, from the samples of a run and of its baseline.
+
+  tokens/s    new tokens / wall time over all prompts of a repeat; median over repeats
+  speedup     tokens/s / baseline tokens/s (same setting and workload, same run)
+  tau         tokens emitted per target forward (bonus/correction token included)
+  bound       tau / (k c + 1) (Leviathan et al. 2023), k = draft forwards per target
+              forward, c = draft forward time / target forward time; drafters without a
+              model cost no forward: bound = tau
+  efficiency  speedup / bound
+  spread      (max - min) / median of the per-repeat tokens/s
+
+Every function here is plain arithmetic on counts, so tests can check it by hand.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .methods import Run, Sample
+from .report import COLUMN_KEYS
+
+SPREAD_LIMIT = 0.10  # repeats further apart than this make a row suspect
+
+
+def repeat_tokens_per_s(repeat: list[Sample]) -> float:
+    """New tokens over all prompts of one repeat / their summed wall time."""
+    return sum(len(s.tokens) for s in repeat) / sum(s.seconds for s in repeat)
+
+
+def bound(tau: float, draft_forwards_per_step: float, c: float) -> float:
+    """Leviathan et al.'s speedup bound tau / (k c + 1) for a measured run."""
+    return tau / (draft_forwards_per_step * c + 1.0)
+
+
+def per_position_acceptance(samples: list[Sample]) -> list[float]:
+    """Accepted / drafted at each draft slot, summed over samples (0.0 where nothing was drafted)."""
+    width = max((len(s.drafted_per_position) for s in samples), default=0)
+    drafted = [0] * width
+    accepted = [0] * width
+    for s in samples:
+        for i, (d, a) in enumerate(zip(s.drafted_per_position, s.accepted_per_position)):
+            drafted[i] += d
+            accepted[i] += a
+    return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+
+
+def greedy_mismatches(run: Run, baseline: Run) -> list[int]:
+    """Indices of prompts whose tokens differ from baseline's in any repeat the two share."""
+    bad = set()
+    for repeat, ref in zip(run.samples, baseline.samples):
+        for i, (s, r) in enumerate(zip(repeat, ref)):
+            if s.tokens != r.tokens:
+                bad.add(i)
+    return sorted(bad)
+
+
+def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
+    """Every column of one run (None where it does not apply or was not measured)."""
+    out: dict[str, Any] = dict.fromkeys(COLUMN_KEYS)
+    out.update(setting=run.setting, workload=run.workload, method=run.method, k=run.k)
+    if not run.samples:  # interrupted before a full repeat
+        out["repeats"] = 0
+        return out
+    tps = [repeat_tokens_per_s(rep) for rep in run.samples]
+    flat = [s for rep in run.samples for s in rep]
+    tokens = sum(len(s.tokens) for s in flat)
+    out.update(
+        tokens_per_s=statistics.median(tps),
+        tokens_per_s_repeats=tps,
+        spread=(max(tps) - min(tps)) / statistics.median(tps) if len(tps) > 1 else None,
+        new_tokens=tokens // len(run.samples),
+        prompts=len(run.samples[0]),
+        repeats=len(run.samples),
+    )
+    if baseline is not None and baseline.samples:
+        out["speedup"] = out["tokens_per_s"] / statistics.median(
+            [repeat_tokens_per_s(rep) for rep in baseline.samples]
+        )
+    forwards = [s.target_forwards for s in flat]
+    if all(f is not None for f in forwards) and sum(forwards):
+        tau = tokens / sum(forwards)
+        out["mean_accepted_length"] = tau
+        out["target_forwards_per_token"] = 1.0 / tau
+        if run.uses_draft_model:
+            if c is not None:
+                k_eff = sum(s.draft_forwards or 0 for s in flat) / sum(forwards)
+                out["c"] = c
+                out["bound"] = bound(tau, k_eff, c)
+        else:  # no draft model: drafting costs no model forward
+            out["c"] = 0.0
+            out["bound"] = tau
+        if out.get("bound") and out.get("speedup") is not None:
+            out["efficiency"] = out["speedup"] / out["bound"]
+    drafted = [s.drafted for s in flat]
+    if all(d is not None for d in drafted) and sum(drafted):
+        out["acceptance_rate"] = sum(s.accepted for s in flat) / sum(drafted)
+    out["per_position_acceptance"] = per_position_acceptance(flat)
+    out["cache_hit_rate"] = sum(s.cache_hit for s in flat) / len(flat)
+    if run.setting == "greedy" and baseline is not None and baseline.samples:
+        bad = greedy_mismatches(run, baseline)
+        out["greedy_equals_baseline"] = not bad
+        out["greedy_mismatches"] = bad
+    return out
+
+
+def rows(runs: list[Run], c: float | None) -> list[dict[str, Any]]:
+    """One row per run, each against the baseline of its setting and workload."""
+    baselines = {(r.setting, r.workload): r for r in runs if r.method == "baseline"}
+    return [row(run, baselines.get((run.setting, run.workload)), c) for run in runs]
+
+
+def suspect(rows_: list[dict[str, Any]], cost: dict[str, float], repeats: int) -> list[str]:
+    """Warnings about measurements that should not be trusted as they stand."""
+    out = []
+    one = cost.get("target_forward_ms")
+    verify = next((v for k, v in cost.items() if k.startswith("target_verify_ms_k")), None)
+    if one is not None and verify is not None and verify < one:
+        out.append(
+            f"the target's forward over K+1 tokens ({verify:.2f} ms) measured cheaper than a one-token "
+            f"forward ({one:.2f} ms): the machine was busy or its clock changed; rerun on a quiet machine "
+            "(--threads 1 on a shared CPU)"
+        )
+    if repeats < 2:
+        out.append("a single repeat: no spread to judge the numbers by; use --repeats 3 or more")
+    wide = [r for r in rows_ if r.get("spread") is not None and r["spread"] > SPREAD_LIMIT]
+    if wide:
+        names = ", ".join(f"{r['setting']} {r['method']}" + (f" K={r['k']}" if r["k"] else "") +
+                          f" ({r['spread']:.0%})" for r in wide[:6])
+        out.append(
+            f"{len(wide)} row(s) vary more than {SPREAD_LIMIT:.0%} between repeats: {names}"
+            + (", ..." if len(wide) > 6 else "") + "; the machine was busy: rerun on a quiet machine"
+        )
+    return out

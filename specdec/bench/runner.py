@@ -1,0 +1,389 @@
+"""The runner: load once, measure forward costs, plan the runs, execute them, report.
+
+Order alternates between repeats (forward, then reversed) after one untimed warm-up
+pass, and each prompt is decoded alone (batch 1). Ctrl-C stops after the generation in
+flight: what was measured (complete repeats) is written, marked partial.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..workload import cache_workload, load_builtin, load_jsonl, render
+from . import metrics
+from .config import BenchConfig
+from .methods import (
+    Run,
+    auto_k_supported,
+    forward_ms,
+    hf_method,
+    specdec_method,
+    specdec_uses_draft_model,
+)
+from .report import COLUMN_KEYS, write_results
+
+
+class Bench:
+    """Loads the models and workloads, builds the runs, executes them, reports."""
+
+    def __init__(self, config: BenchConfig, log: Callable[[str], None] | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.notes: list[str] = []
+        self.partial = False
+        self._cache_layers: list[Any] = []
+        # The workload is read before the models, so that a bad prompt file fails at once.
+        if config.prompts_file:
+            self.prompts = load_jsonl(config.prompts_file)[: config.num_prompts]
+        else:
+            self.prompts = load_builtin(config.num_prompts)
+
+    # ------------------------------------------------------------------ setup
+
+    def load(self) -> None:
+        from .. import SpeculativeGenerator
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.gen = SpeculativeGenerator.from_pretrained(
+            cfg.target, cfg.draft, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map
+        )
+        self.load_seconds = time.perf_counter() - t0
+        tok = self.gen.tokenizer
+        self.ids = [list(tok(render(p, tok))["input_ids"]) for p in self.prompts]
+        self.cache_prompts = cache_workload(self.prompts, min(cfg.cache_prompts, len(self.prompts)))
+        self.cache_ids = [list(tok(render(p, tok))["input_ids"]) for p in self.cache_prompts]
+        limit = self.gen.max_positions
+        for p, ids in zip(self.prompts + self.cache_prompts, self.ids + self.cache_ids):
+            if limit is not None and len(ids) + cfg.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {p.id!r} has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} that is "
+                    f"more than the model's {limit} positions; lower --max-new-tokens or use shorter prompts"
+                )
+        self.eos = sorted(self.gen.eos_token_ids)
+        pad = getattr(tok, "pad_token_id", None)
+        self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
+
+    def measure_cost(self) -> dict[str, float]:
+        """Forward times at the workload's typical context (mean prompt + half the new tokens)."""
+        cfg = self.config
+        mean_prompt = sum(len(i) for i in self.ids) / len(self.ids)
+        ctx = int(mean_prompt + cfg.max_new_tokens / 2)
+        context = (self.ids[0] * (ctx // len(self.ids[0]) + 1))[:ctx]
+        reps = 10 if cfg.preset == "quick" else 40
+        target, draft = self.gen.target_model, self.gen.draft_model
+        out: dict[str, float] = {"context_tokens": ctx}
+        out["target_forward_ms"] = statistics.median(forward_ms(target, context, 1, reps))
+        out[f"target_verify_ms_k{cfg.main_k}"] = statistics.median(forward_ms(target, context, cfg.main_k + 1, reps))
+        if draft is not None:
+            out["draft_forward_ms"] = statistics.median(forward_ms(draft, context, 1, reps))
+            out["c"] = out["draft_forward_ms"] / out["target_forward_ms"]
+        return out
+
+    # ------------------------------------------------------------------ the plan
+
+    def _ours(self, method: str, drafter: str, k: int | str | None, setting: str, layer: Any = None,
+              workload: str = "main", group: str = "", before_repeat=None) -> Run:
+        cfg = self.config
+        temperature = cfg.temperature if setting == "sampled" else None
+        execute = specdec_method(self.gen, drafter, 0 if k is None else k, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=temperature, cache_layer=layer)
+        uses = specdec_uses_draft_model(drafter, self.gen.draft_model is not None)
+        return Run(setting, workload, method, k if isinstance(k, int) and drafter != "none" else None, execute,
+                   uses_draft_model=uses, group=group, before_repeat=before_repeat)
+
+    def _hf(self, method: str, setting: str, *, assistant: bool = False, k: int | None = None,
+            lookup: bool = False) -> Run:
+        cfg = self.config
+        execute = hf_method(
+            self.gen.target_model, self.gen.draft_model if assistant else None, eos=self.eos, pad=self.pad,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature if setting == "sampled" else None,
+            lookup_k=k if lookup else None, assistant_k=k if assistant else None,
+        )
+        return Run(setting, "main", method, k, execute, uses_draft_model=assistant)
+
+    def _cache_runs(self, setting: str) -> list[Run]:
+        """cache-cold and cache-warm on the cache workload, in a fresh namespace each repeat."""
+        from ..caching import CacheLayer
+
+        k = self.config.main_k
+        run_id = uuid.uuid4().hex[:8]
+        holder: dict[str, Any] = {}
+
+        def fresh_namespace(repeat: int) -> None:
+            if "layer" in holder:
+                holder["layer"].close()
+            # response_cache=false: measure the drafter, not whole responses served from the cache.
+            holder["layer"] = CacheLayer.open(
+                self.config.cache_url, self.gen, namespace=f"bench-{run_id}-{setting}-{repeat}", response_cache=False
+            )
+            self._cache_layers.append(holder["layer"])
+
+        def flush_writes(repeat: int) -> None:
+            # The warm pass must see everything the cold pass wrote (writes are write-behind).
+            holder["layer"].flush()
+
+        temperature = self.config.temperature if setting == "sampled" else None
+
+        def through_layer(ids: list[int], seed: int):
+            return specdec_method(self.gen, "cache", k, max_new_tokens=self.config.max_new_tokens,
+                                  temperature=temperature, cache_layer=holder["layer"])(ids, seed)
+
+        uses = specdec_uses_draft_model("cache", self.gen.draft_model is not None)
+        return [
+            Run(setting, "cache", "cache-cold", k, through_layer, uses_draft_model=uses, group=f"cache-{setting}",
+                before_repeat=fresh_namespace),
+            Run(setting, "cache", "cache-warm", k, through_layer, uses_draft_model=uses, group=f"cache-{setting}",
+                before_repeat=flush_writes),
+        ]
+
+    def cache_available(self) -> bool:
+        """True when the cache drafter is registered and a cache layer opens on --cache."""
+        from ..cache.config import redact_url
+
+        try:
+            from ..drafters import available_drafters
+
+            if "cache" not in available_drafters():
+                self.notes.append("cache rows skipped: the cache drafter is not registered")
+                return False
+            from ..caching import CacheLayer
+
+            CacheLayer.open(self.config.cache_url, self.gen, namespace="bench-probe").close()
+            return True
+        except ImportError as exc:
+            self.notes.append(f"cache rows skipped: the cache package is not available ({exc})")
+            return False
+        except (OSError, ValueError) as exc:
+            self.notes.append(f"cache rows skipped: {redact_url(self.config.cache_url)} did not open ({exc})")
+            return False
+
+    def plan(self) -> list[Run]:
+        """Every (setting, workload, method, K) row, in execution order."""
+        cfg = self.config
+        methods = set(cfg.methods)
+        if self.gen.draft_model is None and methods & {"model", "hf-assisted"}:
+            self.notes.append("model and hf-assisted rows skipped: no draft model (pass --draft)")
+            methods -= {"model", "hf-assisted"}
+        if "auto" in methods and not auto_k_supported():
+            self.notes.append('auto row skipped: this engine has no num_draft_tokens="auto"')
+            methods.discard("auto")
+        runs: list[Run] = []
+        for setting in cfg.settings:
+            sampled = setting == "sampled"
+            # The sampled setting uses the main K only; greedy sweeps every K.
+            ks = cfg.num_draft_tokens if not sampled else [cfg.main_k]
+            runs.append(self._ours("baseline", "none", None, setting))
+            if "hf" in methods:
+                runs.append(self._hf("hf", setting))
+            if "hf-assisted" in methods and not sampled:
+                runs.append(self._hf("hf-assisted", setting, assistant=True))
+            if "auto" in methods:
+                runs.append(self._ours("auto", "auto", "auto", setting))
+            for k in ks:
+                if "model" in methods:
+                    runs.append(self._ours("model", "model", k, setting))
+                if "ngram" in methods:
+                    runs.append(self._ours("ngram", "ngram", k, setting))
+                if "hf-assisted" in methods:
+                    runs.append(self._hf("hf-assisted-k", setting, assistant=True, k=k))
+                if "hf-lookup" in methods:
+                    runs.append(self._hf("hf-lookup", setting, k=k, lookup=True))
+        if "cache" in methods and "greedy" in cfg.settings and self.cache_available():
+            runs.append(self._ours("baseline", "none", None, "greedy", workload="cache"))
+            runs.extend(self._cache_runs("greedy"))
+        return runs
+
+    # ------------------------------------------------------------------ execution
+
+    @staticmethod
+    def _groups(runs: list[Run]) -> list[list[Run]]:
+        groups: list[list[Run]] = []
+        for run in runs:
+            if run.group and groups and groups[-1][0].group == run.group:
+                groups[-1].append(run)
+            else:
+                groups.append([run])
+        return groups
+
+    def _prompt_ids(self, run: Run) -> list[list[int]]:
+        return self.cache_ids if run.workload == "cache" else self.ids
+
+    def execute(self, runs: list[Run]) -> None:
+        """Warm-up, then the timed repeats in alternating order; Ctrl-C ends it early (self.partial)."""
+        cfg = self.config
+        groups = self._groups(runs)
+        total = sum(len(self._prompt_ids(r)) for r in runs) * cfg.repeats + (len(runs) if cfg.warmup else 0)
+        bar = _progress(total, cfg.progress)
+        try:
+            if cfg.warmup:
+                for group in groups:
+                    for run in group:
+                        if run.before_repeat is not None:
+                            run.before_repeat(-1)
+                        bar.set_description(f"warm-up {run.method}")
+                        run.execute(self._prompt_ids(run)[0], cfg.seed)
+                        bar.update(1)
+            for repeat in range(cfg.repeats):
+                order = groups if repeat % 2 == 0 else list(reversed(groups))
+                for group in order:
+                    for run in group:
+                        if run.before_repeat is not None:
+                            run.before_repeat(repeat)
+                        label = run.method + (f" k={run.k}" if run.k else "")
+                        bar.set_description(f"{repeat + 1}/{cfg.repeats} {run.setting} {label}")
+                        samples = []
+                        for i, ids in enumerate(self._prompt_ids(run)):
+                            samples.append(run.execute(ids, cfg.seed + i))
+                            bar.update(1)
+                        run.samples.append(samples)
+        except KeyboardInterrupt:
+            self.partial = True
+            done = min((len(r.samples) for r in runs), default=0)
+            self.notes.append(
+                f"interrupted (Ctrl-C) during repeat {done + 1} of {cfg.repeats}: rows report the repeats that "
+                "finished; rows without any were not measured"
+            )
+        finally:
+            bar.close()
+            for layer in self._cache_layers:
+                layer.close()
+
+    # ------------------------------------------------------------------ everything
+
+    def run(self) -> dict[str, Any]:
+        """Load, measure c, execute, write the files; returns the JSON document.
+
+        Ctrl-C while loading or measuring propagates (nothing measured yet); during the
+        timed runs it ends them, and what finished is written with "partial": true.
+        """
+        from ..cache.config import redact_url
+
+        cfg = self.config
+        self.log(f"loading target {cfg.target}" + (f" and draft {cfg.draft}" if cfg.draft else ""))
+        self.load()
+        cost = self.measure_cost()
+        self.log("forward cost: " + ", ".join(f"{k}={v:.3f}" for k, v in cost.items()))
+        runs = self.plan()
+        self.execute(runs)
+        rows = metrics.rows(runs, cost.get("c"))
+        repeats_done = max((len(r.samples) for r in runs), default=0)
+        doc = {
+            "command": cfg.command,
+            "partial": self.partial,
+            "machine": machine_info(self.gen.device),
+            "models": {
+                "target": display_model(cfg.target),
+                "draft": display_model(cfg.draft),
+                "target_parameters": sum(p.numel() for p in self.gen.target_model.parameters()),
+                "draft_parameters": (sum(p.numel() for p in self.gen.draft_model.parameters())
+                                     if self.gen.draft_model is not None else None),
+                "dtype": str(self.gen.target_dtype).replace("torch.", ""),
+                "device": str(self.gen.device),
+                "load_seconds": self.load_seconds,
+            },
+            "workload": {
+                "source": cfg.prompts_file or "built-in held-out standard-library prompts",
+                "prompts": len(self.prompts),
+                "mean_prompt_tokens": sum(len(i) for i in self.ids) / len(self.ids),
+                "cache_workload_prompts": len(self.cache_prompts),
+                "max_new_tokens": cfg.max_new_tokens,
+            },
+            "settings": {
+                "preset": cfg.preset,
+                "num_draft_tokens": cfg.num_draft_tokens,
+                "main_k": cfg.main_k,
+                "repeats": cfg.repeats,
+                "warmup": cfg.warmup,
+                "seed": cfg.seed,
+                "sampled_temperature": cfg.temperature,
+                "threads": torch.get_num_threads(),
+                "cache_url": redact_url(cfg.cache_url),
+            },
+            "cost": cost,
+            "suspect": metrics.suspect(rows, cost, min(cfg.repeats, repeats_done) if self.partial else cfg.repeats),
+            "notes": self.notes,
+            "columns": COLUMN_KEYS,
+            "rows": rows,
+        }
+        write_results(cfg.out, doc)
+        return doc
+
+
+def apply_threads(threads: int | None, device: str | None, device_map: str | None) -> int:
+    """Torch CPU threads for this process: `threads` if given, else 1 for a CPU run.
+
+    One thread per process keeps a shared or small CPU from stalling single calls for
+    seconds (two busy threads on two cores contend with everything else); GPU runs keep
+    torch's default. Returns the count in effect.
+    """
+    on_cpu = device_map is None and (
+        (device is not None and torch.device(device).type == "cpu")
+        or (device is None and not torch.cuda.is_available())
+    )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif on_cpu:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: a silent stand-in
+        return _NoBar()
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="gen", dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_description(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Device name, CPU, versions: enough to tell two result files apart."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def display_model(path: str | None) -> str | None:
+    """How a model is named in results: the bundled pair by its package path, anything else as given."""
+    from ..generator import bundled_pair
+
+    if path is None:
+        return None
+    for name, bundled in zip(("target", "draft"), bundled_pair()):
+        if Path(path).resolve() == Path(bundled).resolve():
+            return f"specdec/assets/default_pair/{name} (bundled)"
+    return path

@@ -1,0 +1,209 @@
+"""The benchmark's own numbers, against hand computation, and how a run behaves.
+
+Rows are built by the bench's real code (specdec.bench.metrics) from samples whose
+counts are written down here, so every expected value below is worked out by hand,
+not read back from the bench.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from specdec.bench import COLUMNS, PRESETS, apply_threads
+from specdec.bench import metrics
+from specdec.bench.methods import Run, Sample
+from specdec.bench.report import column_prose, markdown_table
+from specdec.cli import main
+
+
+def _run(method, samples_per_repeat, *, k=None, uses_draft_model=False, setting="greedy"):
+    run = Run(setting, "main", method, k, execute=None, uses_draft_model=uses_draft_model)
+    run.samples = samples_per_repeat
+    return run
+
+
+def _baseline():
+    # 2 prompts, 16 tokens per repeat in 2.0 s (8 tokens/s) and in 2.5 s (6.4 tokens/s):
+    # median over the two repeats = (8 + 6.4) / 2 = 7.2 tokens/s. One target forward per token.
+    rep = lambda seconds: [Sample(list(range(10)), seconds / 2, target_forwards=10),  # noqa: E731
+                           Sample(list(range(6)), seconds / 2, target_forwards=6)]
+    return _run("baseline", [rep(2.0), rep(2.5)])
+
+
+def _model(tokens_b=None):
+    # Same tokens; 1.0 s and 1.25 s per repeat: 16 and 12.8 tokens/s, median 14.4 -> speedup 2.0.
+    # Target forwards 4 + 4 = 8 for 16 tokens -> tau = 2. Draft forwards 12 + 12 = 24 -> k = 3 per step.
+    def rep(seconds):
+        return [
+            Sample(list(range(10)), seconds / 2, target_forwards=4, draft_forwards=12, drafted=12, accepted=6,
+                   drafted_per_position=[4, 4, 4], accepted_per_position=[3, 2, 1]),
+            Sample(list(tokens_b or range(6)), seconds / 2, target_forwards=4, draft_forwards=12, drafted=12,
+                   accepted=2, drafted_per_position=[4, 4, 4], accepted_per_position=[2, 0, 0]),
+        ]
+
+    return _run("model", [rep(1.0), rep(1.25)], k=3, uses_draft_model=True)
+
+
+def test_bound_and_efficiency_by_hand():
+    c = 0.1
+    row = metrics.rows([_baseline(), _model()], c)[1]
+    assert row["tokens_per_s"] == pytest.approx(14.4)
+    assert row["speedup"] == pytest.approx(14.4 / 7.2)  # 2.0
+    assert row["mean_accepted_length"] == pytest.approx(2.0)
+    assert row["target_forwards_per_token"] == pytest.approx(0.5)
+    # Leviathan et al.: tau / (k c + 1) = 2 / (3 * 0.1 + 1) = 2 / 1.3
+    assert row["bound"] == pytest.approx(2 / 1.3)
+    assert row["efficiency"] == pytest.approx(2.0 * 1.3 / 2)  # 1.3
+    assert row["acceptance_rate"] == pytest.approx(8 / 24)
+    # Per position over both prompts and both repeats: accepted (3+2)*2 / drafted (4+4)*2, ...
+    assert row["per_position_acceptance"] == pytest.approx([5 / 8, 2 / 8, 1 / 8])
+    assert row["spread"] == pytest.approx((16 - 12.8) / 14.4)
+
+
+def test_bound_without_a_draft_model_is_tau():
+    ngram = _model()
+    ngram.method, ngram.uses_draft_model = "ngram", False
+    row = metrics.rows([_baseline(), ngram], c=0.1)[1]
+    assert row["c"] == 0.0 and row["bound"] == pytest.approx(2.0) and row["efficiency"] == pytest.approx(1.0)
+
+
+def test_a_method_whose_output_differs_is_reported_as_differing():
+    same, differs = _model(), _model(tokens_b=[0, 1, 2, 3, 4, 99])  # prompt 1's last token differs
+    differs.method = "ngram"
+    rows = metrics.rows([_baseline(), same, differs], c=0.1)
+    assert rows[1]["greedy_equals_baseline"] is True and rows[1]["greedy_mismatches"] == []
+    assert rows[2]["greedy_equals_baseline"] is False and rows[2]["greedy_mismatches"] == [1]
+    assert "| NO |" in markdown_table(rows)
+    # A difference in a later repeat counts too.
+    late = _model()
+    late.samples[1][0] = Sample([7] * 10, 0.5, target_forwards=4, draft_forwards=12, drafted=12, accepted=6)
+    assert metrics.rows([_baseline(), late], c=0.1)[1]["greedy_mismatches"] == [0]
+
+
+def test_sampled_rows_have_no_equality_flag():
+    base, model = _baseline(), _model()
+    base.setting = model.setting = "sampled"
+    assert metrics.rows([base, model], 0.1)[1]["greedy_equals_baseline"] is None
+
+
+def test_suspect_measurements_are_flagged():
+    rows = metrics.rows([_baseline(), _model()], c=0.1)
+    cheap_verify = {"target_forward_ms": 6.0, "target_verify_ms_k4": 5.0}
+    flags = metrics.suspect(rows, cheap_verify, repeats=2)
+    assert any("measured cheaper than a one-token forward" in f for f in flags)
+    # Both rows' repeats differ by 22% (16 vs 12.8 and 8 vs 6.4 tokens/s): over the 10% limit.
+    assert any("2 row(s) vary more than 10% between repeats" in f for f in flags)
+    assert any("a single repeat" in f for f in metrics.suspect(rows, {}, repeats=1))
+    steady = _model()
+    steady.samples[1] = steady.samples[0]
+    base = _baseline()
+    base.samples[1] = base.samples[0]
+    assert metrics.suspect(metrics.rows([base, steady], 0.1), {"target_forward_ms": 6.0,
+                                                               "target_verify_ms_k4": 7.0}, repeats=2) == []
+
+
+def test_one_column_definition_drives_csv_table_and_prose(tmp_path):
+    from specdec.bench.report import TABLE_KEYS, write_csv
+
+    rows = metrics.rows([_baseline(), _model()], c=0.1)
+    write_csv(tmp_path / "r.csv", rows)
+    with (tmp_path / "r.csv").open() as fh:
+        assert csv.DictReader(fh).fieldnames == [c.key for c in COLUMNS]
+    header = markdown_table(rows).splitlines()[0]
+    prose = column_prose()
+    for c in COLUMNS:
+        if c.key in TABLE_KEYS:
+            assert f"| {c.header} |" in header or header.startswith(f"| {c.header} |")
+            assert f"{c.header} = {c.meaning}" in prose
+
+
+def test_interrupted_run_reports_what_finished():
+    base, model = _baseline(), _model()
+    model.samples = model.samples[:1]  # interrupted in the second repeat
+    unmeasured = _run("ngram", [], k=3)
+    rows = metrics.rows([base, model, unmeasured], c=0.1)
+    assert rows[1]["repeats"] == 1 and rows[1]["speedup"] == pytest.approx(16 / 7.2)
+    assert rows[2]["repeats"] == 0 and rows[2]["tokens_per_s"] is None
+
+
+# --------------------------------------------------------------------------- a run, end to end
+
+
+def test_default_is_the_headline_and_full_adds_the_sweep():
+    head, full = PRESETS["headline"], PRESETS["full"]
+    assert head.num_draft_tokens == (4,) and "cache" not in head.methods
+    assert {"baseline", "model", "ngram", "hf", "hf-assisted", "hf-lookup"} <= set(head.methods)
+    assert full.num_draft_tokens == (4, 2, 6, 8) and "cache" in full.methods and full.num_prompts == 16
+
+
+def _bench_argv(cli_pair, out, *extra):
+    return ["bench", "--target", cli_pair.target, "--draft", cli_pair.draft, "--prompts", cli_pair.prompts,
+            "--max-new-tokens", "4", "--num-prompts", "2", "--no-warmup", "--no-progress", "--out", str(out), *extra]
+
+
+def test_ctrl_c_writes_partial_results(cli_pair, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of the timed runs: exit 130, no traceback, the finished rows written."""
+    from specdec.bench import runner
+
+    real = runner.specdec_method
+    calls = {"n": 0}
+
+    def interrupted_after_a_while(*args, **kwargs):
+        execute = real(*args, **kwargs)
+
+        def wrapped(ids, seed):
+            calls["n"] += 1
+            if calls["n"] == 7:  # repeat 1 done (3 runs x 2 prompts), first call of repeat 2
+                raise KeyboardInterrupt
+            return execute(ids, seed)
+
+        return wrapped
+
+    monkeypatch.setattr(runner, "specdec_method", interrupted_after_a_while)
+    threads = torch.get_num_threads()
+    rc = main(_bench_argv(cli_pair, tmp_path, "--methods", "baseline,model,ngram", "--settings", "greedy",
+                          "--repeats", "2", "--threads", str(threads)))
+    captured = capsys.readouterr()
+    assert rc == 130
+    assert "Traceback" not in captured.err and "interrupted: wrote the partial results" in captured.err
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["partial"] is True
+    assert [r["repeats"] for r in doc["rows"]] == [1, 1, 1]
+    assert "PARTIAL" in (tmp_path / "results.md").read_text()
+    assert any("interrupted (Ctrl-C) during repeat 2 of 2" in n for n in doc["notes"])
+
+
+def test_one_thread_per_cpu_process_by_default(cli_pair, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert apply_threads(None, "cpu", None) == 1
+        torch.set_num_threads(2)
+        assert apply_threads(3, "cpu", None) == 3
+        torch.set_num_threads(2)
+        rc = main(_bench_argv(cli_pair, tmp_path, "--methods", "baseline", "--settings", "greedy",
+                              "--repeats", "1", "--device", "cpu"))
+        assert rc == 0
+        doc = json.loads((tmp_path / "results.json").read_text())
+        assert doc["settings"]["threads"] == 1 and doc["machine"]["torch_threads"] == 1
+        assert any("a single repeat" in w for w in doc["suspect"])  # flagged in the files ...
+        assert "WARNING: a single repeat" in capsys.readouterr().out  # ... and on screen
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_urls_are_redacted_in_the_results(cli_pair, tmp_path):
+    threads = torch.get_num_threads()
+    rc = main(_bench_argv(cli_pair, tmp_path, "--methods", "baseline", "--settings", "greedy", "--repeats", "1",
+                          "--cache", "memory://user:hunter2@bench", "--threads", str(threads)))
+    assert rc == 0
+    for name in ("results.json", "results.md"):
+        text = (tmp_path / name).read_text()
+        assert "hunter2" not in text, name
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["settings"]["cache_url"] == "memory://***@bench"
+    assert "memory://***@bench" in doc["command"]
