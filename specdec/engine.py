@@ -139,7 +139,7 @@ def iter_decode(
         state.step_emitted = [row[: row[k + 1] + 1] for row in host]
         if k:  # with no drafts the one fed token is always kept
             bound = max(len(s) + row[k + 3] for s, row in zip(state.sequences, host)) - 1
-            target.set_lengths(before + num_accepted + 1, bound)
+            target.set_lengths(_rollback_lengths(before, num_accepted, num_draft), bound)
         finished_now = []
         for b, (row, seq) in enumerate(zip(state.rows, state.sequences)):
             accepted, drafted, n_kept, why = host[b][k + 1 :]
@@ -173,6 +173,16 @@ def _draft_kv(engine: str, batch: int, capacity: int, device: torch.device, mode
     """KV state for a drafter's model: the target's path where that model allows it."""
     path = engine_path(model, "auto" if engine == "auto" else engine, capacity, role="draft")
     return make_kv(model, path, batch, capacity, device, vocab_size)
+
+
+def _rollback_lengths(
+    before: torch.Tensor,  # [B] target KV lengths before the step's forward
+    num_accepted: torch.Tensor,  # [B]
+    num_draft: torch.Tensor,  # [B]
+) -> torch.Tensor:  # [B]
+    """Target KV lengths after a step: [last, d_1..d_n] stay, rejected drafts go (the
+    emitted correction / bonus token is fed as the next step's first input)."""
+    return before + num_accepted + 1
 
 
 def _verify(

@@ -28,6 +28,12 @@ _MUL1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MUL2 = -7723592293110705685  # 0x94D049BB133111EB
 
 
+def _wrap(value: int) -> int:
+    """A Python int reduced to a signed int64, as uint64 arithmetic would leave it."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 values (torch's >> is arithmetic on negatives)."""
     return (x >> bits) & ((1 << (64 - bits)) - 1)
@@ -48,7 +54,7 @@ def hash_bits(
 ) -> torch.Tensor:  # [B, width] int64, 64 well-mixed bits each
     """The raw 64-bit hash of (seed, counter, stream, index) for index in [0, width)."""
     state = _mix(seeds + _GOLDEN)
-    state = _mix(state + counters * _GOLDEN + stream * _MUL1)  # [B]
+    state = _mix(state + counters * _GOLDEN + _wrap(stream * _MUL1))  # [B]
     index = torch.arange(width, device=seeds.device, dtype=torch.int64)  # [width]
     return _mix(state.unsqueeze(1) + (index + 1) * _GOLDEN)
 
