@@ -88,7 +88,11 @@ def static_blocker(model: torch.nn.Module, capacity: int) -> str | None:
     if odd:
         return f"cache layers are not plain KV ({', '.join(odd)})"
     window = getattr(config, "sliding_window", None)
-    sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in layers)
+    # Judged from the config as well as the probe: a transformers version that builds
+    # cache layers lazily would show none, and a window must never be ignored.
+    sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in layers) or (
+        getattr(config, "use_sliding_window", True) is not False
+    )
     if sliding and isinstance(window, int) and window < capacity:
         return f"sliding window {window} is shorter than the request ({capacity} positions)"
     return None

@@ -115,3 +115,21 @@ def test_recurrent_models_are_refused_before_compute(family, extra):
     with pytest.raises(ValueError, match="recurrent or state-space"):
         SpeculativeGenerator(build("llama"), None, model)
     assert not calls
+
+
+def test_path_choice_is_logged_and_forced_static_refused(caplog):
+    """auto falls back with its reason in the debug log; engine="static" on a model that
+    cannot take it fails before any compute, saying why and what to use instead."""
+    model = build("bloom")
+    gen = SpeculativeGenerator(model, None)
+    with caplog.at_level("DEBUG", logger="specdec.kv"):
+        run(gen, PROMPTS[:1], drafter="none")
+    assert any("generic KV path" in r.message and "ALiBi" in r.message for r in caplog.records)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    gen.engine = "static"
+    with pytest.raises(ValueError, match='engine="static" cannot serve this target model: ALiBi.*engine="auto"'):
+        run(gen, PROMPTS[:1], drafter="none")
+    assert not calls
+    with pytest.raises(ValueError, match="engine must be one of"):
+        gen.engine = "fast"
