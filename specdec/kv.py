@@ -162,20 +162,29 @@ class KVState(ABC):
         batch, width = input_ids.shape
         slots = torch.arange(width, device=self.device)  # [T]
         positions = self.lengths.unsqueeze(1) + slots  # [B, T]: row b's slot t goes to lengths[b] + t
+        if num_valid is not None:
+            # Slots past a row's real tokens repeat its last real position, so their position
+            # ids never pass the model's limit (learned position tables have no row for it).
+            last_real = (self.lengths + num_valid - 1).clamp(min=0)  # [B]
+            position_ids = torch.minimum(positions, last_real.unsqueeze(1))
+        else:
+            position_ids = positions
         kwargs = {}
         if last_only and self._keep_arg:
             kwargs["logits_to_keep"] = 1
         if hidden:
             kwargs["output_hidden_states"] = True
         ids = input_ids.clamp(min=0, max=self.max_id)
-        out = self._call(ids, positions, num_valid, width, kwargs)
+        out = self._call(ids, positions, position_ids, num_valid, width, kwargs)
         self.lengths = self.lengths + (num_valid if num_valid is not None else width)
         self.forwards += 1
         states = out.hidden_states[-1] if hidden else None
         return out.logits, states
 
     @abstractmethod
-    def _call(self, ids, positions, num_valid, width: int, kwargs: dict): ...
+    def _call(self, ids, positions, position_ids, num_valid, width: int, kwargs: dict):
+        """One model forward; `positions` [B, T] are where slots are written, `position_ids`
+        [B, T] what the model is told."""
 
     @abstractmethod
     def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:  # [B]
@@ -276,7 +285,7 @@ class StaticKV(KVState):
         self.cache = RowCache(capacity)
         self._min = torch.finfo(self.dtype).min if self.dtype.is_floating_point else float("-inf")
 
-    def _call(self, ids, positions, num_valid, width, kwargs):
+    def _call(self, ids, positions, position_ids, num_valid, width, kwargs):
         view = bucket_width(self.bound + width, self.capacity)
         self.cache.write_positions = positions
         self.cache.view_width = view
@@ -288,7 +297,7 @@ class StaticKV(KVState):
         out = self.model(
             input_ids=ids,
             attention_mask=mask.unsqueeze(1),  # [B, 1, T, W] additive, passed through as-is
-            position_ids=positions,
+            position_ids=position_ids,
             past_key_values=self.cache,
             use_cache=True,
             **kwargs,
@@ -321,7 +330,7 @@ class DynamicKV(KVState):
         self.cache = DynamicCache()
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, S] 1 = a real token
 
-    def _call(self, ids, positions, num_valid, width, kwargs):
+    def _call(self, ids, positions, position_ids, num_valid, width, kwargs):
         slots = torch.arange(width, device=self.device).unsqueeze(0)  # [1, T]
         valid = (slots < num_valid.unsqueeze(1)) if num_valid is not None else torch.ones_like(ids, dtype=torch.bool)
         mask = torch.cat([self.mask, valid.to(torch.long)], dim=1)  # [B, S + T]
@@ -333,7 +342,7 @@ class DynamicKV(KVState):
         out = self.model(
             input_ids=ids,
             attention_mask=attention,
-            position_ids=positions,
+            position_ids=position_ids,
             past_key_values=self.cache,
             use_cache=True,
             **kwargs,

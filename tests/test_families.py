@@ -133,3 +133,20 @@ def test_path_choice_is_logged_and_forced_static_refused(caplog):
     assert not calls
     with pytest.raises(ValueError, match="engine must be one of"):
         gen.engine = "fast"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_learned_positions_at_the_limit(family):
+    """Draft slots past a row's real tokens never get position ids past the model's table,
+    even when the longest row ends at the last position."""
+    target = build(family)
+    limit = 128
+    long_prompt = [7, 8, 9] * ((limit - 8) // 3) + [7] * ((limit - 8) % 3)  # ends exactly at the limit
+    prompts = [long_prompt, [61]]
+    gen = SpeculativeGenerator(target, None, perturbed(target, 0.05, seed=3))
+    solo = [gen.generate_ids([p], max_new_tokens=8, drafter="none", ignore_eos=True)[0].token_ids for p in prompts]
+    for path in ("static", "generic"):
+        gen.engine = path
+        for drafter in ("ngram", "model"):
+            res = gen.generate_ids(prompts, max_new_tokens=8, drafter=drafter, num_draft_tokens=8, ignore_eos=True)
+            assert [r.token_ids for r in res] == solo, (path, drafter)
