@@ -183,7 +183,7 @@ def verify_sampling(
     rejected = valid.gather(1, num_accepted.clamp(max=k - 1).view(-1, 1)).squeeze(1) if k else (
         torch.zeros(batch, dtype=torch.bool, device=tokens.device))
     rejected = rejected & (num_accepted < k)  # [B]: a real draft was rejected at n
-    if k and rejected.any():
+    if k:  # computed for every row (no host read of `rejected`), used where a draft was rejected
         n_draft = n.clamp(max=k - 1)
         if draft_probs is None:
             d_rej = tokens.gather(1, n_draft.view(-1, 1))  # [B, 1], may be outside [0, V)

@@ -13,7 +13,8 @@ from typing import Any, Generator
 import torch
 
 from .drafters import Drafter, get_drafter_class, resolve_drafter_name
-from .engine import RowOutput, decode, iter_decode
+from .engine import RowOutput, decode, iter_decode, request_capacity
+from .kv import ENGINE_PATHS, check_supported, static_blocker
 from .params import GenerationParams, check_text, make_params
 from .stats import GenerationResult, GenerationStats
 from .stopping import StopStringChecker, cut_at_stop, find_stop
@@ -21,6 +22,11 @@ from .stopping import StopStringChecker, cut_at_stop, find_stop
 _UNSET: Any = object()
 BUNDLED = "bundled"  # from_pretrained("bundled"): the pair shipped in specdec/assets/default_pair
 HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub before a download is tried
+
+# The engine path of generators constructed without engine=; tests switch it to run a
+# whole module on one path.
+DEFAULT_ENGINE = "auto"
+
 
 
 class SpeculativeGenerator:
@@ -38,10 +44,12 @@ class SpeculativeGenerator:
         *,
         cache: Any = None,
         draft_tokenizer: Any = None,
+        engine: str | None = None,
     ) -> None:
         _check_model("target_model", target_model)
         if draft_model is not None:
             _check_model("draft_model", draft_model)
+        self.engine = DEFAULT_ENGINE if engine is None else engine
         self.target_model = target_model.eval()
         self.draft_model = draft_model.eval() if draft_model is not None else None
         self.tokenizer = tokenizer
@@ -141,6 +149,21 @@ class SpeculativeGenerator:
     # ------------------------------------------------------------------ properties
 
     @property
+    def engine(self) -> str:
+        """KV path: "auto" (static per-row KV where the model allows it, else generic),
+        "static" (an error where it does not) or "generic" (DynamicCache + validity mask)."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, value: str) -> None:
+        if value not in ENGINE_PATHS:
+            raise ValueError(
+                f"engine must be one of {', '.join(map(repr, ENGINE_PATHS))}, got {value!r}; "
+                '"auto" picks the static path wherever the model allows it'
+            )
+        self._engine = value
+
+    @property
     def target_dtype(self) -> torch.dtype:
         return next(self.target_model.parameters()).dtype
 
@@ -212,7 +235,10 @@ class SpeculativeGenerator:
         tokens: list[int] = []
         emitted_text = ""
         stopped = False
-        steps = iter_decode(self, ids, params, drafter, stop_ids, layer, self._stop_checker(params))
+        steps = iter_decode(
+            self.target_model, ids, params, drafter, stop_ids,
+            cache_layer=layer, stop_check=self._stop_checker(params), **self._engine_args(),
+        )
         while True:
             try:
                 _, new = next(steps)
@@ -260,8 +286,10 @@ class SpeculativeGenerator:
             results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
         if misses:
             sub_params = params.for_rows(misses, len(rows))
-            outputs = decode(self, [rows[i] for i in misses], sub_params, drafter, stop_ids, layer,
-                             self._stop_checker(params))
+            outputs = decode(
+                self.target_model, [rows[i] for i in misses], sub_params, drafter, stop_ids,
+                cache_layer=layer, stop_check=self._stop_checker(params), **self._engine_args(),
+            )
             for i, out in zip(misses, outputs):
                 results[i] = self._result(out.token_ids, out.finish_reason, out.stats)
                 if layer is not None:
@@ -279,6 +307,7 @@ class SpeculativeGenerator:
         params.row_seeds(len(rows))  # a per-row seed list must match the prompts
         layer = self.cache_layer if cache is _UNSET else (self._open_cache(cache) if cache else None)
         drafter = self._make_drafter(params, layer)
+        self._check_engine(rows, params, drafter)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
@@ -308,6 +337,25 @@ class SpeculativeGenerator:
             r.finish_reason = "stop"
             r.stats.new_tokens = len(r.token_ids)
         return results
+
+    def _engine_args(self) -> dict:
+        return {"device": self.device, "dtype": self.target_dtype, "engine": self.engine}
+
+    def _check_engine(self, rows: list[list[int]], params: GenerationParams, drafter: Drafter) -> None:
+        """engine="static" on a model that cannot take that path fails here, before compute."""
+        if self.engine != "static":
+            return
+        capacity = request_capacity(rows, params)
+        models = [("target", self.target_model)]
+        if drafter.uses_draft_model:
+            models.append(("draft", self.draft_model))
+        for role, model in models:
+            blocker = static_blocker(model, capacity)
+            if blocker is not None:
+                raise ValueError(
+                    f'engine="static" cannot serve this {role} model: {blocker}; use engine="auto" '
+                    '(which falls back to the generic path) or engine="generic"'
+                )
 
     def _make_drafter(self, params: GenerationParams, layer) -> Drafter:
         name = resolve_drafter_name(params.drafter, self.draft_model is not None)
@@ -519,6 +567,7 @@ def _check_model(name: str, model) -> None:
             f"{name} must be a transformers causal LM (torch.nn.Module with a .config), got {type(model).__name__}; "
             "use SpeculativeGenerator.from_pretrained to load from a hub id or path"
         )
+    check_supported(name, model)
 
 
 def _vocab_size(model) -> int:

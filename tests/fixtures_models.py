@@ -141,3 +141,12 @@ def tiny_pair(request, tmp_path_factory, tiny_tokenizer) -> TinyPair:
 @pytest.fixture(scope="session")
 def llama_pair(tmp_path_factory, tiny_tokenizer) -> TinyPair:
     return _build_pair("llama", tmp_path_factory.mktemp("pair-llama-only"), tiny_tokenizer)
+
+
+@pytest.fixture(params=["static", "generic"])
+def engine_path(request, monkeypatch) -> str:
+    """Run a test on both engine paths (generators built without engine= take this one)."""
+    import specdec.generator
+
+    monkeypatch.setattr(specdec.generator, "DEFAULT_ENGINE", request.param)
+    return request.param

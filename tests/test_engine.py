@@ -16,6 +16,11 @@ PROMPTS = [
 NEW = 24
 
 
+@pytest.fixture(autouse=True)
+def _both_paths(engine_path):
+    """Every test here runs on the static and on the generic engine path."""
+
+
 def load(pair, draft: str | None) -> SpeculativeGenerator:
     return SpeculativeGenerator.from_pretrained(
         str(pair.target), str(pair.drafts[draft]) if draft else None, dtype=torch.float64

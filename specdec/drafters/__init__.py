@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
+from .base import DecodeState, DraftProposal, Drafter, empty_proposal, pack_proposals
 
 _REGISTRY: dict[str, type[Drafter]] = {}
 
@@ -50,6 +50,7 @@ def _load_builtin() -> None:
 
 
 __all__ = [
+    "DecodeState",
     "DraftProposal",
     "Drafter",
     "available_drafters",

@@ -1,16 +1,24 @@
-"""The drafter interface: propose up to K tokens per row, then hear what was kept."""
+"""The drafter interface and the per-request state drafters read.
+
+A drafter proposes up to K tokens per row, then hears what the target kept. The state
+it reads (`DecodeState`) lives here, next to the interface, so that drafters, the loop
+and the generator import it without going through each other.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from .. import noise
+
 if TYPE_CHECKING:
-    from ..engine import DecodeState
     from ..generator import SpeculativeGenerator
+    from ..kv import KVState
+    from ..params import GenerationParams
 
 
 @dataclass
@@ -20,11 +28,49 @@ class DraftProposal:
     probs: torch.Tensor | None = None  # [B, K, V] processed draft probs q; None = one-hot drafter
 
 
+@dataclass
+class DecodeState:
+    """What drafters may read about the request being decoded (rows = active rows).
+
+    The last step's outcome is there twice: on the device (step_tokens,
+    step_num_accepted) for drafters that keep device state, and on the host
+    (step_emitted, step_accepted) from the step's one device-to-host copy, so no drafter
+    needs a transfer of its own.
+    """
+
+    sequences: list[list[int]]  # [B][n_b] prompt + emitted tokens, host
+    params: "GenerationParams"
+    device: torch.device
+    noise_dtype: torch.dtype  # dtype of accept-test uniforms and race noise
+    seeds: torch.Tensor  # [B] int64 noise seed per row (random when unseeded)
+    seq_lens: torch.Tensor  # [B] int64 len(sequences[b]) on the device: the noise counter
+    new_kv: Callable[[torch.nn.Module, int | None], "KVState"]  # KV state for a draft model, same path
+    cache_layer: Any = None
+    rows: list[int] = field(default_factory=list)  # original batch index of each active row
+    step_tokens: torch.Tensor | None = None  # [B, K+1] emitted this step, -1 padded (device)
+    step_num_accepted: torch.Tensor | None = None  # [B] drafts accepted this step (device)
+    step_accepted: list[int] = field(default_factory=list)  # [B] drafts accepted per row (host)
+    step_emitted: list[list[int]] = field(default_factory=list)  # [B][<= K+1] tokens emitted (host)
+    target_hidden: torch.Tensor | None = None  # [B, K+1, H] last target layer, if a drafter asks
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.sequences)
+
+    def uniform(self, stream: int, width: int) -> torch.Tensor:  # [B, width]
+        """Counter-based U[0, 1) noise of every row for this step (see specdec.noise)."""
+        return noise.uniform(self.seeds, self.seq_lens, stream, width, self.noise_dtype)
+
+    def exponential(self, stream: int, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:  # [B, width]
+        """Counter-based Exp(1) noise of every row for this step (see specdec.noise)."""
+        return noise.exponential(self.seeds, self.seq_lens, stream, width, dtype or self.noise_dtype)
+
+
 class Drafter(ABC):
     """One drafter per request. The engine calls, in order:
 
     start(state) once after the prompts are known; then per step propose(state, k),
-    the target verifies, and observe(state, num_accepted, emitted) with the outcome
+    the target verifies, and observe(state) with the outcome in the state
     (state.sequences already include the emitted tokens); select_rows(keep) whenever
     finished rows leave the batch; finish(state) once at the end.
     """
@@ -38,35 +84,29 @@ class Drafter(ABC):
     # True if its drafts depend on state shared across requests (the Redis draft store), so
     # seeded sampled output is not a function of the request alone and is never cached.
     reads_shared_state: ClassVar[bool] = False
+    # True if it reads the target's last hidden states (state.target_hidden); the target
+    # forward returns them only when asked, so other drafters pay nothing.
+    wants_hidden_states: ClassVar[bool] = False
 
     def __init__(self, generator: "SpeculativeGenerator", cache_layer=None) -> None:
         # Raise ValueError here when the drafter cannot serve this request (checked before compute).
         self.generator = generator
         self.cache_layer = cache_layer  # the request's specdec.caching.CacheLayer, or None
 
-    def start(self, state: "DecodeState") -> None:
+    def start(self, state: DecodeState) -> None:
         """Index or prefill the prompts (state.sequences holds them)."""
 
     @abstractmethod
-    def propose(self, state: "DecodeState", k: int) -> DraftProposal:
-        """Up to k draft tokens for every active row."""
+    def propose(self, state: DecodeState, k: int) -> DraftProposal:
+        """Up to k draft tokens for every active row (k >= 1)."""
 
-    def observe(
-        self,
-        state: "DecodeState",
-        num_accepted: torch.Tensor,  # [B] drafts accepted per row
-        emitted: torch.Tensor,  # [B, K+1] tokens emitted this step, -1 padded
-    ) -> None:
-        """Hook after verification: roll back internal state past the kept tokens.
+    def observe(self, state: DecodeState) -> None:
+        """Hook after verification: roll back internal state past the kept tokens."""
 
-        The same outcome is on the host in state.step_accepted / state.step_emitted;
-        use those rather than copying these tensors to the host again.
-        """
+    def select_rows(self, keep: list[int]) -> None:
+        """Drop finished rows from any per-row state (keep: indices of the rows that stay)."""
 
-    def select_rows(self, keep: torch.Tensor) -> None:  # [B'] int64 indices of rows that stay
-        """Drop finished rows from any per-row state."""
-
-    def finish(self, state: "DecodeState") -> None:
+    def finish(self, state: DecodeState) -> None:
         """Release per-request resources."""
 
 

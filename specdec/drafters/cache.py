@@ -45,7 +45,6 @@ class CacheDrafter(Drafter):
                 "remove that option or choose another drafter"
             )
         self.store = cache_layer.draft_store
-        self.round_trips = 0  # lookups made for this request (one per step at most)
 
     def start(self, state) -> None:
         """Reset the per-row buffers and counters for a new request."""
@@ -88,7 +87,6 @@ class CacheDrafter(Drafter):
                 fresh.append(b)
                 queries.append(seq)
         if queries:
-            self.round_trips += 1
             found = self.store.lookup_many(queries)  # one round trip for all rows
             for b, tokens in zip(fresh, found):
                 n = len(seqs[b])
@@ -112,12 +110,7 @@ class CacheDrafter(Drafter):
             rows.append(row)
         return pack_proposals(rows, k, state.device)
 
-    def observe(
-        self,
-        state,
-        num_accepted,  # [B] drafts accepted per row
-        emitted,  # [B, K+1] tokens emitted this step, -1 padded (unused: state.sequences has them)
-    ) -> None:
+    def observe(self, state) -> None:
         """Adapt each row's draft length to how much of its last proposal was kept."""
         if self.limit is None:
             return
@@ -136,9 +129,9 @@ class CacheDrafter(Drafter):
             else:
                 self.rejections[b] = 0
 
-    def select_rows(self, keep) -> None:  # [B'] int64 indices of the rows that stay
+    def select_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the per-row state."""
-        idx = keep.tolist()
+        idx = keep
         for name in ("buffers", "topped_at", "misses", "retry_at", "proposed", "rejections", "paused_until"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in idx])

@@ -1,19 +1,26 @@
 """Drafter "model": a small causal LM with its own KV cache drafts K tokens a step.
 
-Bookkeeping per row: `pending` holds tokens the target has emitted that the draft
-has not yet seen (1 token, or 2 when all K drafts were accepted: d_K was sampled but
-never fed, followed by the bonus token). Each propose() feeds the pending tokens and
-then d_1..d_{K-1}; observe() keeps what the target kept and drops the rest.
+Bookkeeping per row, all on the device: `pending` [B, W] holds the tokens the target
+has emitted that the draft model has not yet seen, `num_pending` [B] how many (1, or 2
+when all K drafts were accepted: d_K was sampled but never fed, followed by the bonus
+token). Each propose() feeds the pending tokens (a right-padded window: row b's real
+tokens are its first num_pending[b]) and then d_1..d_{K-1}; observe() moves the draft
+cache's lengths back to what the target kept and builds the next window from the
+step's emitted tokens. The window width W is known on the host from the step's one
+transfer, so nothing here reads the device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from ..engine import KVState, RowRandom, prefill
+from .. import kernels, noise
+from ..kv import prefill
 from . import register_drafter
 from .base import DraftProposal, Drafter
+
+# A window that has grown this wide (steps without drafting) is fed at once.
+_MAX_PENDING = 16
 
 
 @register_drafter("model")
@@ -33,66 +40,71 @@ class ModelDrafter(Drafter):
             )
 
     def start(self, state) -> None:
-        self.kv = KVState(
-            self.generator.draft_model, state.batch_size, state.device, self.generator.draft_vocab_size
-        )
+        self.kv = state.new_kv(self.generator.draft_model, self.generator.draft_vocab_size)
         prefill(self.kv, state.sequences)
-        self.pending = [[seq[-1]] for seq in state.sequences]
-        self.fed_drafts = 0  # drafts fed to the draft model in the last propose()
-        self.proposed = False  # whether the engine asked for drafts this step
+        self.pending = torch.tensor([[s[-1]] for s in state.sequences], dtype=torch.long, device=state.device)  # [B, 1]
+        self.num_pending = torch.ones(state.batch_size, dtype=torch.long, device=state.device)  # [B]
+        self.k = 0  # drafts proposed this step (0: the engine did not ask)
 
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
         params = state.params
-        device = state.device
-        width = max(len(p) for p in self.pending)
-        # Right-align pending tokens so that the last column is always a real token.
-        ids = torch.zeros(state.batch_size, width, dtype=torch.long)
-        valid = torch.zeros(state.batch_size, width, dtype=torch.bool)
-        for b, p in enumerate(self.pending):
-            ids[b, width - len(p):] = torch.tensor(p)
-            valid[b, width - len(p):] = True
-        ids, valid = ids.to(device), valid.to(device)
-        self.pending_valid = valid
-        logits = self.kv.forward(ids, valid, logits_to_keep=1)[:, -1]  # [B, V_draft]
-        counters = [len(s) for s in state.sequences]
-        ones = torch.ones(state.batch_size, 1, dtype=torch.bool, device=device)
+        logits, _ = self.kv.forward(self.pending, self.num_pending)  # [B, W, V_draft]
+        # The logits after each row's last real pending token.
+        last = (self.num_pending - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+        logits = logits.gather(1, last).squeeze(1)  # [B, V_draft]
         tokens, probs = [], []
         for i in range(k):
             if params.greedy:
                 token = torch.argmax(logits, dim=-1)  # [B]
             else:
-                q = kernels.logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
-                noise = state.rng.exponential(q.shape[-1], q.dtype, counters, RowRandom.DRAFT_STREAM + i)
-                token = kernels.sample_exponential_race(q, noise)
+                q = kernels.logits_to_probs(logits, params.temperature, params.top_k, params.top_p)  # [B, V]
+                race = state.exponential(noise.DRAFT_STREAM + i, q.shape[-1], q.dtype)  # [B, V]
+                token = kernels.sample_exponential_race(q, race)
                 probs.append(q)
             tokens.append(token)
             if i < k - 1:
-                logits = self.kv.forward(token.unsqueeze(1), ones, logits_to_keep=1)[:, -1]
-        self.fed_drafts = max(k - 1, 0)
-        drafts = torch.stack(tokens, dim=1)  # [B, k]
-        self.proposed = True
+                logits = self.kv.forward(token.unsqueeze(1))[0][:, -1]
+        self.k = k
         return DraftProposal(
-            tokens=drafts,
-            num_draft=torch.full((state.batch_size,), k, dtype=torch.long, device=device),
+            tokens=torch.stack(tokens, dim=1),  # [B, k]
+            num_draft=torch.full((state.batch_size,), k, dtype=torch.long, device=state.device),
             probs=torch.stack(probs, dim=1) if probs else None,  # [B, k, V_draft]
         )
 
-    def observe(self, state, num_accepted: torch.Tensor, emitted: torch.Tensor) -> None:
-        if not self.proposed:  # no drafting this step (k = 0): nothing was fed
-            for b, tokens in enumerate(state.step_emitted):
-                self.pending[b].append(tokens[0])
+    def observe(self, state) -> None:
+        emitted = state.step_tokens  # [B, k+1], -1 padded
+        n = state.step_num_accepted  # [B]
+        if not self.k:  # no drafting this step: the one emitted token joins the window
+            self.pending = torch.cat([self.pending, emitted[:, :1]], dim=1)
+            self.pending.scatter_(1, self.num_pending.unsqueeze(1), emitted[:, :1])
+            self.num_pending = self.num_pending + 1
+            if self.pending.shape[1] >= _MAX_PENDING:
+                self._absorb(state)
             return
-        self.proposed = False
-        fed = self.fed_drafts
-        slots = torch.arange(fed, device=state.device).unsqueeze(0)
-        keep = torch.cat([self.pending_valid, slots < num_accepted.unsqueeze(1)], dim=1)
-        self.kv.rollback(keep)
-        for b, (n, tokens) in enumerate(zip(state.step_accepted, state.step_emitted)):
-            # The emitted tokens are the n accepted drafts, then the target's correction or
-            # bonus token; the draft model has already seen the first `fed` drafts.
-            self.pending[b] = tokens[min(fed, n):]
+        k, self.k = self.k, 0
+        fed = k - 1  # drafts d_1..d_{k-1} went through the draft model
+        # The draft cache keeps the pending window and the accepted drafts it has seen.
+        bound = max(len(s) for s in state.sequences) - 1
+        self.kv.set_lengths(self.kv.lengths - fed + n.clamp(max=fed), bound)
+        bonus = emitted.gather(1, n.unsqueeze(1))  # [B, 1] correction or bonus token
+        both = n >= k  # all drafts accepted: d_k was never fed
+        if any(a >= k for a in state.step_accepted):
+            first = torch.where(both.unsqueeze(1), emitted[:, k - 1 : k], bonus)  # [B, 1]
+            self.pending = torch.cat([first, bonus], dim=1)  # [B, 2]
+        else:
+            self.pending = bonus
+        self.num_pending = 1 + both.to(torch.long)
 
-    def select_rows(self, keep: torch.Tensor) -> None:
+    def _absorb(self, state) -> None:
+        """Feed all but the last pending token now, so the window stays small."""
+        self.kv.forward(self.pending, self.num_pending - 1)
+        last = self.pending.gather(1, (self.num_pending - 1).unsqueeze(1))  # [B, 1]
+        self.pending = last
+        self.num_pending = torch.ones_like(self.num_pending)
+
+    def select_rows(self, keep: list[int]) -> None:
         self.kv.select_rows(keep)
-        self.pending = [self.pending[i] for i in keep.tolist()]
+        index = torch.tensor(keep, dtype=torch.long, device=self.pending.device)
+        self.pending = self.pending.index_select(0, index)
+        self.num_pending = self.num_pending.index_select(0, index)

@@ -70,5 +70,5 @@ class NgramDrafter(Drafter):
         rows = [index.propose(seq, k) for index, seq in zip(self.indexes, state.sequences)]
         return pack_proposals(rows, k, state.device)
 
-    def select_rows(self, keep) -> None:
-        self.indexes = [self.indexes[i] for i in keep.tolist()]
+    def select_rows(self, keep: list[int]) -> None:
+        self.indexes = [self.indexes[i] for i in keep]

@@ -1,0 +1,379 @@
+"""KV state of one model for a batch of rows: the static per-row path and the generic path.
+
+Both paths share one interface. `forward(ids [B, T], num_valid [B])` feeds T tokens per
+row, of which the first num_valid[b] are real, at the row's own next positions, and
+advances each row's length by num_valid; `set_lengths(lengths)` moves rows back (a
+rollback of rejected drafts); `select_rows(keep)` drops finished rows.
+
+Static path (`StaticKV`, the default where the model allows it): one preallocated
+buffer [B, H, S, D] per layer (`RowCache`). Row b's token i always lives at position i,
+so a row has no holes; its new tokens are scattered to positions lengths[b] + t; a
+rollback only moves lengths back (the stale tail is overwritten later and never read).
+Attention gets a prefix view of the buffer, [B, H, W, D] with W the longest row rounded
+up to a bucket of 64, and a ready 4-D additive mask [B, 1, T, W] built on the device,
+which transformers passes through without inspecting it. Nothing in a step reads a
+value back to the host, and shapes depend only on (B, T, W), so a step is capturable.
+
+Generic path (`DynamicKV`): transformers' DynamicCache plus a 2-D validity mask
+[B, S] with explicit position ids; rejected slots become holes and dead tail columns
+are cropped (which reads the mask on the host). It serves what the static path cannot:
+caches whose layers are not plain KV, sliding windows shorter than the request, and
+attention implementations that do not take an additive 4-D mask.
+
+`engine_path` makes the choice and says why; recurrent and state-space models are
+refused by `check_supported` before any compute, since their state cannot be rolled
+back to an earlier position.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from abc import ABC, abstractmethod
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+logger = logging.getLogger(__name__)
+
+BUCKET = 64  # attention width granularity: a few shapes, never the unused tail
+ENGINE_PATHS = ("auto", "static", "generic")
+
+# Model types whose state is recurrent (or partly so): no per-position KV to roll back.
+_RECURRENT_TYPES = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma", "jamba", "zamba", "zamba2",
+    "bamba", "falcon_h1", "granitemoehybrid", "nemotron_h", "lfm2", "lfm2_moe", "qwen3_next", "minimax",
+})
+_RECURRENT_WORDS = ("mamba", "linear", "conv", "recurrent", "rnn", "ssm", "rwkv")
+# Attention implementations that take a ready additive [B, 1, T, W] mask.
+_MASKED_ATTENTION = ("sdpa", "eager", None)
+
+
+def check_supported(name: str, model: torch.nn.Module) -> None:
+    """Raise ValueError for models whose cache cannot be rolled back (recurrent, state-space)."""
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    layer_types = [str(t) for t in (getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or [])]
+    recurrent = [t for t in layer_types if any(w in t.lower() for w in _RECURRENT_WORDS)]
+    if not recurrent and model_type not in _RECURRENT_TYPES:
+        try:
+            cache = DynamicCache(config=config)
+            recurrent = [type(layer).__name__ for layer in cache.layers if not isinstance(layer, CacheLayerMixin)]
+        except Exception:  # a config the probe does not understand: judged by its type alone
+            recurrent = []
+    if recurrent or model_type in _RECURRENT_TYPES:
+        raise ValueError(
+            f"{name} is a recurrent or state-space model ({model_type or type(model).__name__}"
+            f"{', layers: ' + ', '.join(sorted(set(recurrent))) if recurrent else ''}); speculative decoding "
+            "needs an attention KV cache that can be rolled back to an earlier position. Use a transformer "
+            "(attention-only) causal LM"
+        )
+
+
+def static_blocker(model: torch.nn.Module, capacity: int) -> str | None:
+    """Why `model` cannot take the static path for requests of `capacity` positions, or None."""
+    config = model.config
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in _MASKED_ATTENTION:
+        return f"attention implementation {attn!r} takes no additive 4-D mask"
+    if getattr(config, "alibi", False) or getattr(config, "model_type", "") == "bloom":
+        return "ALiBi positions are derived from a 2-D attention mask"
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception as err:  # noqa: BLE001 - any failure means: not a plain KV cache we can mirror
+        return f"its cache layers cannot be inspected ({type(err).__name__})"
+    plain = (DynamicLayer, DynamicSlidingWindowLayer)
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) not in plain})
+    if odd:
+        return f"cache layers are not plain KV ({', '.join(odd)})"
+    window = getattr(config, "sliding_window", None)
+    # Judged from the config as well as the probe: a transformers version that builds
+    # cache layers lazily would show none, and a window must never be ignored.
+    sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in layers) or (
+        getattr(config, "use_sliding_window", True) is not False
+    )
+    if sliding and isinstance(window, int) and window < capacity:
+        return f"sliding window {window} is shorter than the request ({capacity} positions)"
+    return None
+
+
+def engine_path(model: torch.nn.Module, requested: str, capacity: int, role: str = "target") -> str:
+    """"static" or "generic" for this model and request; the reason goes to the debug log."""
+    if requested not in ENGINE_PATHS:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_PATHS)}, got {requested!r}")
+    if requested == "generic":
+        logger.debug("%s: generic KV path (requested)", role)
+        return "generic"
+    blocker = static_blocker(model, capacity)
+    if blocker is None:
+        logger.debug("%s: static per-row KV path (%d positions)", role, capacity)
+        return "static"
+    if requested == "static":
+        raise ValueError(
+            f'engine="static" cannot serve this {role} model: {blocker}; use engine="auto" (which falls '
+            'back to the generic path) or engine="generic"'
+        )
+    logger.debug("%s: generic KV path: %s", role, blocker)
+    return "generic"
+
+
+def make_kv(model, path: str, batch: int, capacity: int, device: torch.device, vocab_size: int | None = None):
+    """The KV state of `model` for a batch on the chosen path."""
+    cls = StaticKV if path == "static" else DynamicKV
+    return cls(model, batch, capacity, device, vocab_size)
+
+
+def bucket_width(length: int, capacity: int) -> int:
+    """Attention width for rows up to `length` tokens: the next multiple of BUCKET."""
+    return min(capacity, -(-max(length, 1) // BUCKET) * BUCKET)
+
+
+# --------------------------------------------------------------------------- shared
+
+
+class KVState(ABC):
+    """A model's KV cache for a batch of rows (see the module docstring)."""
+
+    path: str
+
+    def __init__(self, model, batch: int, capacity: int, device: torch.device, vocab_size: int | None) -> None:
+        self.model = model
+        self.device = device
+        self.capacity = capacity
+        # Ids at or past the model's vocabulary (a draft whose table is a prefix of the
+        # target's) are clamped: it only costs draft quality, never correctness.
+        self.max_id = (vocab_size - 1) if vocab_size else None
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B] tokens cached per row
+        self.bound = 0  # host-side upper bound on max(lengths), so no step reads lengths back
+        self.forwards = 0
+        self.dtype = next(model.parameters()).dtype
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]; slots past num_valid are ignored
+        num_valid: torch.Tensor | None = None,  # [B] real tokens per row (a prefix); None = all T
+        *,
+        last_only: bool = False,  # logits of the last slot only (prefill)
+        hidden: bool = False,  # also return the last layer's hidden states
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, T or 1, V], hidden [B, T, H] or None
+        batch, width = input_ids.shape
+        slots = torch.arange(width, device=self.device)  # [T]
+        positions = self.lengths.unsqueeze(1) + slots  # [B, T]: row b's slot t goes to lengths[b] + t
+        if num_valid is not None:
+            # Slots past a row's real tokens repeat its last real position, so their position
+            # ids never pass the model's limit (learned position tables have no row for it).
+            last_real = (self.lengths + num_valid - 1).clamp(min=0)  # [B]
+            position_ids = torch.minimum(positions, last_real.unsqueeze(1))
+        else:
+            position_ids = positions
+        kwargs = {}
+        if last_only and self._keep_arg:
+            kwargs["logits_to_keep"] = 1
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        ids = input_ids.clamp(min=0, max=self.max_id)
+        out = self._call(ids, positions, position_ids, num_valid, width, kwargs)
+        self.lengths = self.lengths + (num_valid if num_valid is not None else width)
+        self.forwards += 1
+        states = out.hidden_states[-1] if hidden else None
+        return out.logits, states
+
+    @abstractmethod
+    def _call(self, ids, positions, position_ids, num_valid, width: int, kwargs: dict):
+        """One model forward; `positions` [B, T] are where slots are written, `position_ids`
+        [B, T] what the model is told."""
+
+    @abstractmethod
+    def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:  # [B]
+        """Keep the first lengths[b] tokens of row b (never more than it has)."""
+
+    @abstractmethod
+    def select_rows(self, keep: list[int]) -> None:
+        """Keep only these rows, in this order."""
+
+
+def prefill(kv: KVState, prompts: list[list[int]]) -> None:
+    """Feed every prompt token but the last (the last one opens the first step); rows are
+    right-padded, so each row's tokens sit at positions 0.. on the static path."""
+    rows = [p[:-1] for p in prompts]
+    width = max(len(r) for r in rows)
+    if width == 0:
+        return
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    num_valid = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    kv.forward(ids.to(kv.device), num_valid.to(kv.device), last_only=True)
+    kv.bound = width
+
+
+# --------------------------------------------------------------------------- static path
+
+
+class _RowLayer(CacheLayerMixin):
+    """One layer's [B, H, S, D] buffers; update() writes each row at its own positions."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, owner: "RowCache") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads = key_states.shape[:2]
+        # Zeros, not empty: masked columns still enter the attention matmul, and stale
+        # memory could hold NaN or inf.
+        self.keys = key_states.new_zeros(batch, heads, self.owner.capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.owner.capacity, value_states.shape[-1])
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # key_states [B, H, T, Dk], value_states [B, H, T, Dv]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        pos = self.owner.write_positions  # [B, T]
+        batch, heads, width = key_states.shape[:3]
+        index = pos.view(batch, 1, width, 1)
+        self.keys.scatter_(2, index.expand(-1, heads, -1, key_states.shape[-1]), key_states)
+        self.values.scatter_(2, index.expand(-1, heads, -1, value_states.shape[-1]), value_states)
+        view = self.owner.view_width
+        return self.keys[:, :, :view], self.values[:, :, :view]  # [B, H, W, D]: the prefix only
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.view_width, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen_hint
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def select(self, keep: torch.Tensor) -> None:  # [B'] int64
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, keep)
+            self.values = self.values.index_select(0, keep)
+
+
+class RowCache(Cache):
+    """A transformers Cache of per-row static layers; the owner sets where each forward writes."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(layers=[])
+        self.capacity = capacity
+        self.write_positions: torch.Tensor | None = None  # [B, T] set before each forward
+        self.view_width = BUCKET  # W: how much of the buffer attention sees
+        self.seen_hint = 0  # host int for models that ask for a "past length" (a bound, unused by masks)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(_RowLayer(self))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+
+class StaticKV(KVState):
+    """Per-row static KV: rows written at their own positions, rollback = lengths move back."""
+
+    path = "static"
+
+    def __init__(self, model, batch, capacity, device, vocab_size) -> None:
+        super().__init__(model, batch, capacity, device, vocab_size)
+        self.cache = RowCache(capacity)
+        self._min = torch.finfo(self.dtype).min if self.dtype.is_floating_point else float("-inf")
+
+    def _call(self, ids, positions, position_ids, num_valid, width, kwargs):
+        view = bucket_width(self.bound + width, self.capacity)
+        self.cache.write_positions = positions
+        self.cache.view_width = view
+        self.cache.seen_hint = self.bound
+        columns = torch.arange(view, device=self.device)  # [W]
+        # Query t of row b sees its row's positions 0 .. lengths[b] + t, nothing else.
+        visible = columns.view(1, 1, view) <= positions.unsqueeze(-1)  # [B, T, W]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, self._min)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask.unsqueeze(1),  # [B, 1, T, W] additive, passed through as-is
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            **kwargs,
+        )
+        self.bound = self.bound + width
+        return out
+
+    def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:
+        self.lengths = lengths
+        if bound is not None:
+            self.bound = bound
+
+    def select_rows(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.select(index)
+        self.lengths = self.lengths.index_select(0, index)
+
+
+# --------------------------------------------------------------------------- generic path
+
+
+class DynamicKV(KVState):
+    """DynamicCache plus a validity mask; rejected slots are holes, dead tail columns cropped."""
+
+    path = "generic"
+
+    def __init__(self, model, batch, capacity, device, vocab_size) -> None:
+        super().__init__(model, batch, capacity, device, vocab_size)
+        self.cache = DynamicCache()
+        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, S] 1 = a real token
+
+    def _call(self, ids, positions, position_ids, num_valid, width, kwargs):
+        slots = torch.arange(width, device=self.device).unsqueeze(0)  # [1, T]
+        valid = (slots < num_valid.unsqueeze(1)) if num_valid is not None else torch.ones_like(ids, dtype=torch.bool)
+        mask = torch.cat([self.mask, valid.to(torch.long)], dim=1)  # [B, S + T]
+        # A query that sees no key at all (the padding of a row with nothing to prefill)
+        # comes out NaN in eager attention, and its NaN keys would poison later steps even
+        # under a zero weight: let such rows see column 0 in this forward only.
+        empty = (mask.sum(1, keepdim=True) == 0).to(torch.long)  # [B, 1]
+        attention = torch.cat([mask[:, :1] | empty, mask[:, 1:]], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            **kwargs,
+        )
+        self.cache = out.past_key_values
+        self.mask = mask
+        self.bound = self.bound + width
+        return out
+
+    def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:
+        # A column stays valid while it is among the row's first lengths[b] real tokens.
+        kept = self.mask * (self.mask.cumsum(1) <= lengths.unsqueeze(1)).to(torch.long)
+        self.mask = kept
+        self.lengths = lengths
+        if bound is not None:
+            self.bound = bound
+        self._crop_tail()
+
+    def select_rows(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        self._crop_tail()
+
+    def _crop_tail(self) -> None:
+        width = self.mask.shape[1]
+        if width == 0:
+            return
+        alive = self.mask.any(dim=0)  # [S]
+        last_alive = int(torch.nonzero(alive).max()) + 1 if bool(alive.any()) else 0
+        if last_alive < width:
+            self.cache.crop(last_alive - width)  # negative: number of columns to drop
+            self.mask = self.mask[:, :last_alive]
