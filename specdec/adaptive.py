@@ -32,7 +32,11 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 # Discount applied to a row's acceptance counts at each new observation: an observation is worth
 # half after ~35 later ones, so the estimates follow a request whose text changes character.
@@ -164,7 +168,8 @@ class AdaptiveDraftPolicy:
 
     def __init__(self, k_max: int, batch_size: int) -> None:
         self.k_max = k_max
-        self.verify = CostCurve()  # seconds of a target forward over n tokens per row
+        self.batch_size = batch_size
+        self._verify: dict[int, CostCurve] = {}  # per batch size: seconds of a target forward over n tokens per row
         self.draft: dict[str, CostCurve] = {}  # per drafter: seconds to draft K tokens
         self.overhead: float | None = None  # seconds of a step outside the forwards and drafting
         self.pooled: dict[str, AcceptanceCounts] = {}  # per drafter, all rows of the request
@@ -180,7 +185,7 @@ class AdaptiveDraftPolicy:
         """The prefills: a verify-cost point at n = tokens and the draft/target cost ratio."""
         if tokens <= 0 or target_s <= 0:
             return
-        self.verify.observe(tokens, target_s)
+        self._verify_curve(exact=True).observe(tokens, target_s)
         if draft_s is not None and draft_s > 0:
             self.draft_ratio = draft_s / target_s
 
@@ -194,8 +199,8 @@ class AdaptiveDraftPolicy:
         drafted: list[int],  # [B] drafts offered per row
         accepted: list[int],  # [B] drafts accepted per row
     ) -> None:
-        """One step's measured times and outcome; discounts every row's counts."""
-        self.verify.observe(k + 1, verify_s)
+        """One step's measured times and outcome (discounting the observed rows' counts)."""
+        self._verify_curve(exact=True).observe(k + 1, verify_s)
         if k > 0 and draft_s > 0:
             self.draft.setdefault(drafter, CostCurve(proportional=True)).observe(k, draft_s)
         rest = max(step_s - verify_s - draft_s, 0.0)
@@ -217,10 +222,23 @@ class AdaptiveDraftPolicy:
     def select_rows(self, keep: list[int]) -> None:
         """Rows `keep` stay in the batch, in this order."""
         self.rows = [self.rows[i] for i in keep]
+        self.batch_size = len(keep)
         self.idle = [self.idle[i] for i in keep]
         self.probe_wait = [self.probe_wait[i] for i in keep]
 
     # -------------------------------------------------------------- estimates
+
+    def _verify_curve(self, exact: bool = False) -> CostCurve:
+        """The verify-cost curve at the current batch size (else the nearest one measured)."""
+        curve = self._verify.get(self.batch_size)
+        if curve is not None or exact or not self._verify:
+            return curve if curve is not None else self._verify.setdefault(self.batch_size, CostCurve())
+        nearest = min(self._verify, key=lambda b: abs(b - self.batch_size))
+        return self._verify[nearest]
+
+    def verify(self, tokens: int) -> float | None:
+        """Estimated seconds of a target forward over `tokens` tokens per row at this batch size."""
+        return self._verify_curve()(tokens)
 
     def row_rates(self, drafter: str, row: int) -> list[float]:
         """a_1..a_k_max for one row: its own counts over the drafter's pooled estimate."""
@@ -290,6 +308,30 @@ class AdaptiveDraftPolicy:
                 return True
         return False
 
+    def choose_per_row(self, drafter: str, k_max: int, cost_ratio: float, available: list[int] | None = None) -> list[int]:
+        """Deterministic per-row draft lengths, for seeded sampling.
+
+        A seeded row's tokens must be a function of its prompt and seed alone, not of timing or
+        of the other rows in its batch. So each row chooses from its own counts only, and the
+        costs are a fixed proxy: a target forward costs 1 whatever its width, a draft forward
+        `cost_ratio` (the draft model's parameter count over the target's; 0 for lookup drafters).
+        """
+        k_max = max(0, min(k_max, self.k_max))
+        caps = available if available is not None else [k_max] * len(self.rows)
+        out = []
+        for b, cap in enumerate(caps):
+            counts = self.rows[b].get(drafter)
+            rates = counts.rates() if counts else AcceptanceCounts(self.k_max).rates()
+            best_k, best_rate = 0, 1.0
+            for k in range(1, min(k_max, cap) + 1):
+                rate = expected_tokens(rates, k) / (1.0 + k * cost_ratio)
+                if rate > best_rate * (1 + 1e-9):
+                    best_k, best_rate = k, rate
+            if best_k == 0 and cap and self.idle[b] >= self.probe_wait[b] and 2.0 / (1.0 + cost_ratio) > 1.0:
+                best_k = 1
+            out.append(best_k)
+        return out
+
     def expected_rate(self, drafter: str, k: int, uses_model: bool) -> float | None:
         """Expected tokens per second of the batch for a step with k drafts per row."""
         cost = self.step_cost(drafter, k, uses_model)
@@ -308,6 +350,29 @@ class AdaptiveDraftPolicy:
         if now is None or more is None or reached <= 0:
             return 0.0
         return min(1.0, rate * max(more - now, 0.0) / reached)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Stopwatch:
+    """Marks on the host clock (CPU) or CUDA events (read only after the step's one sync,
+    when they are complete, so timing adds no synchronisation of its own)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            return start.elapsed_time(end) / 1000.0
+        return end - start
 
 
 # --------------------------------------------------------------------------- calibration
@@ -335,6 +400,164 @@ class ConfidenceCalibration:
                 break
 
     def __call__(self, q: float) -> float:
-        b = self._bin(q)
-        prior = (b + 0.5) / self.bins
-        return (PRIOR_WEIGHT * prior + self.successes[b]) / (PRIOR_WEIGHT + self.trials[b])
+        return self.table()[self._bin(q)]
+
+    def table(self, prior: float | None = None) -> list[float]:
+        """Calibrated acceptance of each confidence bin.
+
+        prior: the bins' prior mean (e.g. the drafter's observed first-slot acceptance, which
+        suits a draft whose probabilities are not calibrated); None: the bin's own confidence.
+        """
+        return [
+            (PRIOR_WEIGHT * ((b + 0.5) / self.bins if prior is None else prior) + s) / (PRIOR_WEIGHT + t)
+            for b, (s, t) in enumerate(zip(self.successes, self.trials))
+        ]
+
+
+# --------------------------------------------------------------------------- in the loop
+
+
+class EarlyStop:
+    """Per-row stop of a draft model's drafting within one step (lossless: drafts only shrink).
+
+    After drafting slot i a row continues while reached_i * a_{i+1} >= thresholds[i]: reached_i
+    = prod_{j<=i} a(q_j) is the chance that the row's drafts so far are all accepted, from the
+    calibrated acceptance a(q) of each draft's confidence q, and a_{i+1} the drafter's acceptance
+    estimate at the next position, so reached_i * a_{i+1} is what drafting one more token gains. Everything is on the
+    device; only on CPU (where reading a value is no transfer) does `update` also say when
+    every row has stopped, so the draft loop can end early.
+    """
+
+    def __init__(
+        self, table: list[float], thresholds: list[float], next_rates: list[float], batch: int, device: torch.device
+    ) -> None:
+        self.table = torch.tensor(table, dtype=torch.float32, device=device)  # [bins]
+        # Continue past slot i while reached_i >= thresholds[i] / a_{i+1}  (host floats, [K-1]).
+        self.bars = [t / max(a, 1e-6) for t, a in zip(thresholds, next_rates)]
+        self.reached = torch.ones(batch, dtype=torch.float32, device=device)  # [B]
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
+        self.num_draft = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.host_exit = device.type == "cpu"
+
+    def update(self, slot: int, confidence: torch.Tensor) -> bool:  # confidence [B]
+        """Account slot `slot` (0-based) just drafted; True when no row continues (CPU only)."""
+        bins = (confidence.float() * len(self.table)).long().clamp(0, len(self.table) - 1)
+        accept = self.table[bins]  # [B]
+        self.num_draft = self.num_draft + self.active.long()
+        self.reached = self.reached * accept
+        if slot < len(self.bars):
+            self.active = self.active & (self.reached >= self.bars[slot])
+        return self.host_exit and not bool(self.active.any())
+
+
+class DraftController:
+    """What the loop asks about drafting: this step's proposal, and what the step taught.
+
+    With a fixed K it only asks the drafter for K tokens. With num_draft_tokens="auto" it
+    times the step (Stopwatch), feeds an AdaptiveDraftPolicy, and asks the drafter for the
+    K the policy chooses; lookup drafters are asked first for everything they have (it costs
+    nothing) so the choice can weigh what is on offer per row.
+    """
+
+    def __init__(self, params, drafter, batch: int, device: torch.device, cost_ratio: float) -> None:
+        self.drafter = drafter
+        self.name = drafter.name
+        self.uses_model = drafter.uses_draft_model
+        self.device = device
+        self.policy = AdaptiveDraftPolicy(params.draft_limit, batch) if params.adaptive_draft else None
+        # Seeded sampling: the K choice must not depend on timing or on other rows.
+        self.seeded = params.seed is not None and not params.greedy
+        self.cost_ratio = cost_ratio if self.uses_model else 0.0
+        self.watch = Stopwatch(device)
+        self._marks: dict[str, Any] = {}
+        self._prefill: tuple | None = None
+        self.limits: torch.Tensor | None = None  # [B] per-row draft caps of this step
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy is not None
+
+    def mark(self, name: str) -> None:
+        if self.policy is not None:
+            self._marks[name] = self.watch.mark()
+
+    def prefilled(self, tokens: int) -> None:
+        """Call after the target and drafter prefills (marks 'start', 'target', 'draft')."""
+        if self.policy is not None:
+            self._prefill = (tokens, self._marks["start"], self._marks["target"], self._marks["draft"])
+
+    def propose(self, state, k_cap: int):
+        """The step's DraftProposal (k_cap: the most drafts any row may take)."""
+        from .drafters.base import empty_proposal
+
+        self.limits = None
+        state.early_stop = None
+        if k_cap <= 0:
+            return empty_proposal(state.batch_size, state.device)
+        if self.policy is None:
+            return self.drafter.propose(state, k_cap)
+        if not self.uses_model:
+            offer = self.drafter.propose(state, k_cap)
+            available = offer.host_num_draft or [k_cap] * state.batch_size
+            ks = self._choose(k_cap, available)
+            k = max(ks)
+            if k == 0:
+                return empty_proposal(state.batch_size, state.device)
+            proposal = offer if k >= offer.tokens.shape[1] else self.drafter.propose(state, k)
+        else:
+            ks = self._choose(k_cap, None)
+            k = max(ks)
+            if k == 0:
+                return empty_proposal(state.batch_size, state.device)
+            if not self.seeded:
+                state.early_stop = self._early_stop(k, state.batch_size)
+            proposal = self.drafter.propose(state, k)
+        if min(ks) < k:
+            self.limits = torch.tensor(ks, dtype=torch.long).to(state.device, non_blocking=True)
+        return proposal
+
+    def _choose(self, k_cap: int, available: list[int] | None) -> list[int]:
+        policy = self.policy
+        if self.seeded:
+            return policy.choose_per_row(self.name, k_cap, self.cost_ratio, available)
+        k = policy.choose(self.name, k_cap, self.uses_model, available)
+        caps = available or [k] * len(policy.rows)
+        return [min(k, c) for c in caps]
+
+    def _early_stop(self, k: int, batch: int) -> EarlyStop | None:
+        policy = self.policy
+        rate = policy.expected_rate(self.name, k, True)
+        if rate is None:
+            return None
+        thresholds = []
+        for slot in range(k - 1):  # whether to draft slot+2 after slot+1
+            now, more = policy.step_cost(self.name, slot + 1, True), policy.step_cost(self.name, slot + 2, True)
+            thresholds.append(rate * max(more - now, 0.0) if now is not None and more is not None else 0.0)
+        pooled = policy.pooled.get(self.name)
+        rates = pooled.rates() if pooled else AcceptanceCounts(policy.k_max).rates()
+        table = policy.calibration.table(prior=rates[0])
+        return EarlyStop(table, thresholds, rates[1:k], batch, self.device)
+
+    def record(self, k: int, drafted: list[int], accepted: list[int], confidence: list[list[float]] | None) -> None:
+        """After the step's host copy: costs (marks 'step', 'drafted', 'verified', 'done') and outcome."""
+        policy = self.policy
+        if policy is None:
+            return
+        m, sec = self._marks, self.watch.seconds
+        if not self.watch.cuda:  # on the host clock the step ends now, its bookkeeping included
+            m["done"] = self.watch.mark()
+        if self._prefill is not None:
+            tokens, start, target, draft = self._prefill
+            self._prefill = None
+            policy.record_prefill(tokens, sec(start, target), sec(target, draft) if self.uses_model else None)
+        draft_s = sec(m["step"], m["drafted"])
+        verify_s = sec(m["drafted"], m["verified"])
+        policy.record_step(self.name, k, verify_s, draft_s, sec(m["step"], m["done"]), drafted, accepted)
+        if confidence is not None and not self.seeded:
+            for conf, d, a in zip(confidence, drafted, accepted):
+                if d:
+                    policy.calibration.record(conf[:d], a)
+
+    def select_rows(self, keep: list[int]) -> None:
+        if self.policy is not None:
+            self.policy.select_rows(keep)

@@ -26,6 +26,8 @@ class DraftProposal:
     tokens: torch.Tensor  # [B, K] int64, -1 in slots past a row's num_draft
     num_draft: torch.Tensor  # [B] int64, drafts proposed per row (0..K)
     probs: torch.Tensor | None = None  # [B, K, V] processed draft probs q; None = one-hot drafter
+    confidence: torch.Tensor | None = None  # [B, K] the draft's probability of each of its tokens
+    host_num_draft: list[int] | None = None  # [B] num_draft on the host, when the drafter built it there
 
 
 @dataclass
@@ -52,6 +54,7 @@ class DecodeState:
     step_accepted: list[int] = field(default_factory=list)  # [B] drafts accepted per row (host)
     step_emitted: list[list[int]] = field(default_factory=list)  # [B][<= K+1] tokens emitted (host)
     target_hidden: torch.Tensor | None = None  # [B, K+1, H] last target layer, if a drafter asks
+    early_stop: Any = None  # specdec.adaptive.EarlyStop for this step's draft, when K is adaptive
 
     @property
     def batch_size(self) -> int:
@@ -125,5 +128,6 @@ def pack_proposals(rows: list[list[int]], k: int, device: torch.device | str = "
     for i, row in enumerate(rows):
         if row:
             tokens[i, : len(row)] = torch.tensor(row[:k], dtype=torch.int64)
-    num_draft = torch.tensor([min(len(r), k) for r in rows], dtype=torch.int64)
-    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device))
+    counts = [min(len(r), k) for r in rows]
+    num_draft = torch.tensor(counts, dtype=torch.int64)
+    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device), host_num_draft=counts)

@@ -53,23 +53,30 @@ class ModelDrafter(Drafter):
         # The logits after each row's last real pending token.
         last = (self.num_pending - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
         logits = logits.gather(1, last).squeeze(1)  # [B, V_draft]
-        tokens, probs = [], []
+        stop = state.early_stop  # adaptive K: rows may stop drafting early (specdec.adaptive)
+        tokens, probs, confidence = [], [], []
         for i in range(k):
             if params.greedy:
                 token = torch.argmax(logits, dim=-1)  # [B]
+                if stop is not None:  # the draft's probability of its greedy token
+                    confidence.append(torch.softmax(logits.float(), dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
             else:
                 q = kernels.logits_to_probs(logits, params.temperature, params.top_k, params.top_p)  # [B, V]
                 race = state.exponential(noise.DRAFT_STREAM + i, q.shape[-1], q.dtype)  # [B, V]
                 token = kernels.sample_exponential_race(q, race)
                 probs.append(q)
+                confidence.append(q.gather(1, token.unsqueeze(1)).squeeze(1))
             tokens.append(token)
+            if stop is not None and stop.update(i, confidence[-1]):
+                break  # every row has stopped: no draft forward for the next slot
             if i < k - 1:
                 logits = self.kv.forward(token.unsqueeze(1))[0][:, -1]
-        self.k = k
+        self.k = k = len(tokens)
         return DraftProposal(
             tokens=torch.stack(tokens, dim=1),  # [B, k]
             num_draft=torch.full((state.batch_size,), k, dtype=torch.long, device=state.device),
             probs=torch.stack(probs, dim=1) if probs else None,  # [B, k, V_draft]
+            confidence=torch.stack(confidence, dim=1) if confidence else None,  # [B, k]
         )
 
     def observe(self, state) -> None:
