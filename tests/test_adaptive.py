@@ -175,3 +175,157 @@ def test_rows_keep_their_own_estimates():
     assert good[0] > 0.8 and bad[0] < 0.2
     policy.select_rows([1])
     assert policy.row_rates("m", 0) == bad
+
+
+# --------------------------------------------------------------------------- in the engine
+#
+# Auto K changes only how fast, never what: greedy output equals plain greedy decoding
+# token for token, and sampled output follows the target's exact distribution, on both
+# engine paths, whatever lengths the policy chooses.
+
+import torch  # noqa: E402
+
+from specdec import SpeculativeGenerator, kernels  # noqa: E402
+from specdec.kernels import reference  # noqa: E402
+
+AUTO_PROMPTS = [
+    [5, 17, 42, 9, 100, 7, 33],
+    [61],
+    [3, 9, 11, 202, 202, 15, 15, 15, 8, 1, 40, 4, 90, 91, 92],
+    [250, 251, 250, 251, 250],
+]
+AUTO_NEW = 32
+
+
+def _load(pair, draft):
+    return SpeculativeGenerator.from_pretrained(
+        str(pair.target), str(pair.drafts[draft]) if draft else None, dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("draft", ["same", "random", "partial"])
+def test_greedy_auto_k_equals_baseline(tiny_pair, engine_path, draft):
+    gen = _load(tiny_pair, draft)
+    expected = [
+        gen.generate_ids([p], max_new_tokens=AUTO_NEW, drafter="none", ignore_eos=True)[0].token_ids
+        for p in AUTO_PROMPTS
+    ]
+    for drafter in ("model", "ngram"):
+        batch = gen.generate_ids(AUTO_PROMPTS, max_new_tokens=AUTO_NEW, drafter=drafter, ignore_eos=True)
+        assert [r.token_ids for r in batch] == expected, drafter
+        for r in batch:
+            s = r.stats
+            # The histogram accounts every verification step of the row, and names the drafter.
+            assert sum(s.draft_lengths.values()) == s.target_forwards
+            assert sum(k * n for k, n in s.draft_lengths.items()) == s.drafted_tokens
+            assert set(s.drafter_steps) <= {drafter}
+
+
+def test_auto_is_the_default_and_an_int_still_fixes_k(llama_pair):
+    gen = _load(llama_pair, "same")
+    fixed = gen.generate_ids([AUTO_PROMPTS[0]], max_new_tokens=20, drafter="model", num_draft_tokens=3, ignore_eos=True)
+    assert set(fixed[0].stats.draft_lengths) == {3}  # 20 tokens = 5 steps of 4 (K=3 never cut)
+    auto = gen.generate_ids([AUTO_PROMPTS[0]], max_new_tokens=20, drafter="model", ignore_eos=True)
+    assert auto[0].token_ids == fixed[0].token_ids
+
+
+@pytest.mark.parametrize("bad", ["fast", 4.0, -1, None])
+def test_num_draft_tokens_is_an_int_or_auto(llama_pair, bad):
+    gen = _load(llama_pair, None)
+    with pytest.raises((TypeError, ValueError), match="num_draft_tokens"):
+        gen.generate_ids([[1, 2]], num_draft_tokens=bad)
+
+
+def test_seeded_auto_is_reproducible_and_batch_invariant(tiny_pair):
+    """Seeded rows choose K from their own history and a fixed cost proxy: the same seed gives
+    the same tokens alone and in any batch."""
+    gen = _load(tiny_pair, "partial")
+    kw = dict(max_new_tokens=24, temperature=0.9, top_k=8, ignore_eos=True, drafter="model")
+    together = [r.token_ids for r in gen.generate_ids(AUTO_PROMPTS, seed=5, **kw)]
+    alone = [gen.generate_ids([p], seed=5, **kw)[0].token_ids for p in AUTO_PROMPTS]
+    again = [r.token_ids for r in gen.generate_ids(AUTO_PROMPTS, seed=5, **kw)]
+    assert together == alone == again
+
+
+def test_useless_same_size_draft_is_not_run(llama_pair, tiny_tokenizer, tmp_path):
+    """A draft as large as the target can never pay (bound <= 1): seeded auto K never drafts
+    with it, so it costs its prefill and nothing per token."""
+    from fixtures_models import make_model, save
+
+    vocab = len(tiny_tokenizer)
+    big = save(make_model("llama", vocab, seed=9), tiny_tokenizer, tmp_path / "big-random-draft")
+    gen = SpeculativeGenerator.from_pretrained(str(llama_pair.target), str(big), dtype=torch.float64)
+    res = gen.generate_ids([AUTO_PROMPTS[0]], max_new_tokens=24, temperature=1.0, seed=1, drafter="model", ignore_eos=True)
+    assert res[0].stats.draft_lengths == {0: res[0].stats.target_forwards}
+
+
+# Sampled: the exact-distribution harness of test_sampling (context-dependent target, 4 tokens).
+from test_sampling import (  # noqa: E402
+    ALPHA,
+    NEW,
+    PROMPT,
+    SAMPLES,
+    SETTINGS,
+    chi_square_pvalue,
+    exact_distribution,
+    models,  # noqa: F401  (fixture)
+)
+
+
+def _draw_auto(gen, drafter, temperature, top_k, top_p, seeded_policy=True, monkeypatch=None):
+    import specdec.adaptive as adaptive
+
+    if not seeded_policy:  # the timing-driven policy, as unseeded requests get it
+        original = adaptive.DraftController.__init__
+
+        def timing_policy(self, *a, **kw):
+            original(self, *a, **kw)
+            self.seeded = False
+
+        monkeypatch.setattr(adaptive.DraftController, "__init__", timing_policy)
+    # The seeded policy's cost proxy is the parameter ratio, which for these 5-token models is
+    # mostly embeddings; a cheap draft makes the policy draft, which is what is under test.
+    gen._cost_ratio = 0.05
+    results = gen.generate_ids(
+        [PROMPT] * SAMPLES, max_new_tokens=NEW, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=list(range(SAMPLES)), drafter=drafter, num_draft_tokens="auto", ignore_eos=True,
+    )
+    return [tuple(r.token_ids) for r in results], results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS[:3])
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_auto_k_sampled_tokens_follow_target_distribution(models, engine_path, drafter, temperature, top_k, top_p):  # noqa: F811
+    target, draft = models
+    gen = SpeculativeGenerator(target, None, draft)
+    samples, results = _draw_auto(gen, drafter, temperature, top_k, top_p)
+    assert sum(r.stats.drafted_tokens for r in results) > SAMPLES // 2  # drafts are exercised
+    assert chi_square_pvalue(samples, exact_distribution(target, temperature, top_k, top_p)) > ALPHA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_timing_driven_auto_k_sampled_tokens_follow_target_distribution(models, monkeypatch, drafter):  # noqa: F811
+    """The timing-driven policy (unseeded requests) with early stop: K depends on measured
+    times, so the sample is not a fixed outcome; the threshold is 1e-5 to keep it from
+    failing by chance while a wrong verifier still fails by far (below)."""
+    target, draft = models
+    gen = SpeculativeGenerator(target, None, draft)
+    samples, results = _draw_auto(gen, drafter, 1.0, 0, 1.0, seeded_policy=False, monkeypatch=monkeypatch)
+    assert sum(r.stats.drafted_tokens for r in results) > SAMPLES // 2
+    assert chi_square_pvalue(samples, exact_distribution(target, 1.0, 0, 1.0)) > 1e-5
+
+
+@pytest.mark.slow
+def test_auto_k_negative_control_overaccepting_verifier_fails(models, monkeypatch):  # noqa: F811
+    target, draft = models
+    gen = SpeculativeGenerator(target, None, draft)
+    real = reference.verify_sampling
+
+    def overaccepting(draft_tokens, draft_probs, target_logits, uniforms, *args, **kwargs):
+        return real(draft_tokens, draft_probs, target_logits, uniforms * 0.5, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "verify_sampling", overaccepting)
+    samples, _ = _draw_auto(gen, "model", 1.0, 0, 1.0, seeded_policy=False, monkeypatch=monkeypatch)
+    assert chi_square_pvalue(samples, exact_distribution(target, 1.0, 0, 1.0)) < 1e-6
