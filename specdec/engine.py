@@ -183,7 +183,8 @@ def iter_decode(
         )
 
         if finished_now:
-            keep = [b for b in range(state.batch_size) if b not in set(finished_now)]
+            done = set(finished_now)
+            keep = [b for b in range(state.batch_size) if b not in done]
             if not keep:
                 break
             _select_rows(state, target, drafter, keep)

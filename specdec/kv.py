@@ -88,7 +88,11 @@ def static_blocker(model: torch.nn.Module, capacity: int) -> str | None:
     if odd:
         return f"cache layers are not plain KV ({', '.join(odd)})"
     window = getattr(config, "sliding_window", None)
-    sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in layers)
+    # Judged from the config as well as the probe: a transformers version that builds
+    # cache layers lazily would show none, and a window must never be ignored.
+    sliding = any(isinstance(layer, DynamicSlidingWindowLayer) for layer in layers) or (
+        getattr(config, "use_sliding_window", True) is not False
+    )
     if sliding and isinstance(window, int) and window < capacity:
         return f"sliding window {window} is shorter than the request ({capacity} positions)"
     return None
@@ -321,9 +325,14 @@ class DynamicKV(KVState):
         slots = torch.arange(width, device=self.device).unsqueeze(0)  # [1, T]
         valid = (slots < num_valid.unsqueeze(1)) if num_valid is not None else torch.ones_like(ids, dtype=torch.bool)
         mask = torch.cat([self.mask, valid.to(torch.long)], dim=1)  # [B, S + T]
+        # A query that sees no key at all (the padding of a row with nothing to prefill)
+        # comes out NaN in eager attention, and its NaN keys would poison later steps even
+        # under a zero weight: let such rows see column 0 in this forward only.
+        empty = (mask.sum(1, keepdim=True) == 0).to(torch.long)  # [B, 1]
+        attention = torch.cat([mask[:, :1] | empty, mask[:, 1:]], dim=1)
         out = self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=attention,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,

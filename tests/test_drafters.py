@@ -42,3 +42,38 @@ def test_ngram_no_match_and_growth():
 def test_ngram_repeating_pattern_gives_full_drafts():
     seq = [9, 4, 5, 4, 5, 4, 5]  # period 2; the latest earlier "4 5" ends one period back
     assert NgramIndex(1, 3).propose(seq, 6) == [4, 5, 4, 5, 4, 5]
+
+
+def test_drafter_can_ask_for_the_targets_hidden_states(monkeypatch):
+    """A drafter that sets wants_hidden_states reads the target's last hidden states after
+    each step; other drafters get None (the target forward does not produce them)."""
+    from fixtures_models import make_model
+    from specdec import SpeculativeGenerator
+    from specdec import drafters
+    from specdec.drafters import Drafter, empty_proposal
+
+    seen: dict[str, list] = {"probe": [], "plain": []}
+
+    def make(name: str, wants: bool):
+        class Probe(Drafter):
+            wants_hidden_states = wants
+
+            def propose(self, state, k):
+                return empty_proposal(state.batch_size, state.device)
+
+            def observe(self, state):
+                hidden = state.target_hidden
+                seen[name].append(None if hidden is None else tuple(hidden.shape))
+
+        monkeypatch.setitem(drafters._REGISTRY, name, Probe)
+
+    make("probe", True)
+    make("plain", False)
+    model = make_model("llama", 64, seed=0, hidden=32)
+    gen = SpeculativeGenerator(model, None)
+    base = gen.generate_ids([[5, 6, 7], [9]], max_new_tokens=4, drafter="none", ignore_eos=True)
+    for name in ("probe", "plain"):
+        res = gen.generate_ids([[5, 6, 7], [9]], max_new_tokens=4, drafter=name, ignore_eos=True)
+        assert [r.token_ids for r in res] == [r.token_ids for r in base]
+    assert seen["probe"] == [(2, 1, 32)] * 4
+    assert seen["plain"] == [None] * 4
