@@ -198,6 +198,7 @@ class AdaptiveDraftPolicy:
         step_s: float,  # the whole step
         drafted: list[int],  # [B] drafts offered per row
         accepted: list[int],  # [B] drafts accepted per row
+        idle: bool = True,  # count rows without drafts as idle (False: they drafted from another source)
     ) -> None:
         """One step's measured times and outcome (discounting the observed rows' counts)."""
         self._verify_curve(exact=True).observe(k + 1, verify_s)
@@ -208,7 +209,7 @@ class AdaptiveDraftPolicy:
         pooled = self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max))
         for b, (d, a) in enumerate(zip(drafted, accepted)):
             if d <= 0:
-                self.idle[b] += 1
+                self.idle[b] += idle
                 continue
             if self.idle[b] >= self.probe_wait[b]:  # this was a probe
                 self.probe_wait[b] = PROBE_MIN if a else min(2 * self.probe_wait[b], PROBE_MAX)
@@ -496,6 +497,9 @@ class DraftController:
             return empty_proposal(state.batch_size, state.device)
         if self.policy is None:
             return self.drafter.propose(state, k_cap)
+        if self.drafter.chooses_length:  # seeded rows plan on their own counts (no policy)
+            state.draft_policy = None if self.seeded else self.policy
+            return self.drafter.propose(state, k_cap)
         if not self.uses_model:
             offer = self.drafter.propose(state, k_cap)
             available = offer.host_num_draft or [k_cap] * state.batch_size
@@ -538,7 +542,10 @@ class DraftController:
         table = policy.calibration.table(prior=rates[0])
         return EarlyStop(table, thresholds, rates[1:k], batch, self.device)
 
-    def record(self, k: int, drafted: list[int], accepted: list[int], confidence: list[list[float]] | None) -> None:
+    def record(
+        self, k: int, drafted: list[int], accepted: list[int], confidence: list[list[float]] | None,
+        sources: list[str] | None = None,
+    ) -> None:
         """After the step's host copy: costs (marks 'step', 'drafted', 'verified', 'done') and outcome."""
         policy = self.policy
         if policy is None:
@@ -552,7 +559,18 @@ class DraftController:
             policy.record_prefill(tokens, sec(start, target), sec(target, draft) if self.uses_model else None)
         draft_s = sec(m["step"], m["drafted"])
         verify_s = sec(m["drafted"], m["verified"])
-        policy.record_step(self.name, k, verify_s, draft_s, sec(m["step"], m["done"]), drafted, accepted)
+        step_s = sec(m["step"], m["done"])
+        if sources is None:
+            policy.record_step(self.name, k, verify_s, draft_s, step_s, drafted, accepted)
+        else:  # rows drafted by different drafters: each learns from its own rows
+            ran_model = any(s == "model" for s in sources)
+            for name in sorted(set(sources)):
+                mine = [s == name for s in sources]
+                policy.record_step(
+                    name, k, verify_s, draft_s if (name == "model") == ran_model else 0.0, step_s,
+                    [d if m else 0 for d, m in zip(drafted, mine)], [a if m else 0 for a, m in zip(accepted, mine)],
+                    idle=False,
+                )
         if confidence is not None and not self.seeded:
             for conf, d, a in zip(confidence, drafted, accepted):
                 if d:

@@ -169,17 +169,19 @@ def iter_decode(
             new = host[b][:n_kept]
             outputs[row].extend(new)
             seq.extend(new)
-            stats[row].record_step(drafted, accepted, n_kept, drafter.name)
+            stats[row].record_step(drafted, accepted, n_kept, proposal.sources[b] if proposal.sources else drafter.name)
             stats[row].draft_forwards += k if drafter.provides_probs else 0
             if new:
                 yield row, new
             if why != _RUNNING:
                 finish[row] = "stop" if why == _STOPPED else "length"
                 finished_now.append(b)
+        state.step_drafted = [row[k + 2] for row in host]
         drafter.observe(state)
         drafting.record(
-            k, [row[k + 2] for row in host], state.step_accepted,
+            k, state.step_drafted, state.step_accepted,
             [[c / 1e6 for c in row[k + 5 :]] for row in host] if confident else None,
+            proposal.sources,
         )
 
         if finished_now:
@@ -282,6 +284,7 @@ def _select_rows(state: DecodeState, target, drafter: Drafter, keep: list[int]) 
     state.step_num_accepted = state.step_num_accepted.index_select(0, index)
     state.step_accepted = [state.step_accepted[b] for b in keep]
     state.step_emitted = [state.step_emitted[b] for b in keep]
+    state.step_drafted = [state.step_drafted[b] for b in keep]
     target.bound = max(len(s) for s in state.sequences) - 1
 
 

@@ -210,15 +210,15 @@ def test_greedy_auto_k_equals_baseline(tiny_pair, engine_path, draft):
         gen.generate_ids([p], max_new_tokens=AUTO_NEW, drafter="none", ignore_eos=True)[0].token_ids
         for p in AUTO_PROMPTS
     ]
-    for drafter in ("model", "ngram"):
-        batch = gen.generate_ids(AUTO_PROMPTS, max_new_tokens=AUTO_NEW, drafter=drafter, ignore_eos=True)
-        assert [r.token_ids for r in batch] == expected, drafter
+    for drafter, k in (("model", "auto"), ("ngram", "auto"), ("auto", "auto"), ("auto", 3)):
+        batch = gen.generate_ids(AUTO_PROMPTS, max_new_tokens=AUTO_NEW, drafter=drafter, num_draft_tokens=k, ignore_eos=True)
+        assert [r.token_ids for r in batch] == expected, (drafter, k)
         for r in batch:
             s = r.stats
             # The histogram accounts every verification step of the row, and names the drafter.
             assert sum(s.draft_lengths.values()) == s.target_forwards
             assert sum(k * n for k, n in s.draft_lengths.items()) == s.drafted_tokens
-            assert set(s.drafter_steps) <= {drafter}
+            assert set(s.drafter_steps) <= ({"model", "ngram"} if drafter == "auto" else {drafter})
 
 
 def test_auto_is_the_default_and_an_int_still_fixes_k(llama_pair):
@@ -236,11 +236,12 @@ def test_num_draft_tokens_is_an_int_or_auto(llama_pair, bad):
         gen.generate_ids([[1, 2]], num_draft_tokens=bad)
 
 
-def test_seeded_auto_is_reproducible_and_batch_invariant(tiny_pair):
-    """Seeded rows choose K from their own history and a fixed cost proxy: the same seed gives
-    the same tokens alone and in any batch."""
+@pytest.mark.parametrize("drafter", ["model", "auto"])
+def test_seeded_auto_is_reproducible_and_batch_invariant(tiny_pair, drafter):
+    """Seeded rows choose K (and drafter "auto" its source) from their own history and a fixed
+    cost proxy: the same seed gives the same tokens alone and in any batch."""
     gen = _load(tiny_pair, "partial")
-    kw = dict(max_new_tokens=24, temperature=0.9, top_k=8, ignore_eos=True, drafter="model")
+    kw = dict(max_new_tokens=24, temperature=0.9, top_k=8, ignore_eos=True, drafter=drafter)
     together = [r.token_ids for r in gen.generate_ids(AUTO_PROMPTS, seed=5, **kw)]
     alone = [gen.generate_ids([p], seed=5, **kw)[0].token_ids for p in AUTO_PROMPTS]
     again = [r.token_ids for r in gen.generate_ids(AUTO_PROMPTS, seed=5, **kw)]
@@ -295,7 +296,7 @@ def _draw_auto(gen, drafter, temperature, top_k, top_p, seeded_policy=True, monk
 
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS[:3])
-@pytest.mark.parametrize("drafter", ["model", "ngram"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "auto"])
 def test_auto_k_sampled_tokens_follow_target_distribution(models, engine_path, drafter, temperature, top_k, top_p):  # noqa: F811
     target, draft = models
     gen = SpeculativeGenerator(target, None, draft)
@@ -305,13 +306,18 @@ def test_auto_k_sampled_tokens_follow_target_distribution(models, engine_path, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["model", "ngram"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "auto"])
 def test_timing_driven_auto_k_sampled_tokens_follow_target_distribution(models, monkeypatch, drafter):  # noqa: F811
     """The timing-driven policy (unseeded requests) with early stop: K depends on measured
     times, so the sample is not a fixed outcome; the threshold is 1e-5 to keep it from
     failing by chance while a wrong verifier still fails by far (below)."""
+    import specdec.adaptive as adaptive
+
     target, draft = models
     gen = SpeculativeGenerator(target, None, draft)
+    # Drafting priced at nothing, so that the policy drafts (what is under test is that its
+    # timing-driven choices, early stop and source switches change no distribution).
+    monkeypatch.setattr(adaptive.AdaptiveDraftPolicy, "draft_cost", lambda self, *a: 0.0)
     samples, results = _draw_auto(gen, drafter, 1.0, 0, 1.0, seeded_policy=False, monkeypatch=monkeypatch)
     assert sum(r.stats.drafted_tokens for r in results) > SAMPLES // 2
     assert chi_square_pvalue(samples, exact_distribution(target, 1.0, 0, 1.0)) > 1e-5

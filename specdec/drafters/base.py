@@ -28,6 +28,7 @@ class DraftProposal:
     probs: torch.Tensor | None = None  # [B, K, V] processed draft probs q; None = one-hot drafter
     confidence: torch.Tensor | None = None  # [B, K] the draft's probability of each of its tokens
     host_num_draft: list[int] | None = None  # [B] num_draft on the host, when the drafter built it there
+    sources: list[str] | None = None  # [B] which drafter drafted each row (drafter "auto")
 
 
 @dataclass
@@ -55,6 +56,8 @@ class DecodeState:
     step_emitted: list[list[int]] = field(default_factory=list)  # [B][<= K+1] tokens emitted (host)
     target_hidden: torch.Tensor | None = None  # [B, K+1, H] last target layer, if a drafter asks
     early_stop: Any = None  # specdec.adaptive.EarlyStop for this step's draft, when K is adaptive
+    draft_policy: Any = None  # specdec.adaptive.AdaptiveDraftPolicy, for drafters that choose K themselves
+    step_drafted: list[int] = field(default_factory=list)  # [B] drafts verified per row last step (host)
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +90,9 @@ class Drafter(ABC):
     # True if its drafts depend on state shared across requests (the Redis draft store), so
     # seeded sampled output is not a function of the request alone and is never cached.
     reads_shared_state: ClassVar[bool] = False
+    # True if it chooses each step's draft length itself (from state.draft_policy when K is
+    # adaptive; k is then only a cap).
+    chooses_length: ClassVar[bool] = False
     # True if it reads the target's last hidden states (state.target_hidden); the target
     # forward returns them only when asked, so other drafters pay nothing.
     wants_hidden_states: ClassVar[bool] = False
