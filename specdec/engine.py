@@ -170,7 +170,7 @@ def iter_decode(
             outputs[row].extend(new)
             seq.extend(new)
             stats[row].record_step(drafted, accepted, n_kept, proposal.sources[b] if proposal.sources else drafter.name)
-            stats[row].draft_forwards += k if drafter.provides_probs else 0
+            stats[row].draft_forwards += proposal.draft_forwards
             if new:
                 yield row, new
             if why != _RUNNING:

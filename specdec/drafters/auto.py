@@ -146,7 +146,9 @@ class AutoDrafter(Drafter):
         if probs is not None:  # sampling: one-hot q for the rows that verify lookup tokens
             onehot = torch.nn.functional.one_hot(lookup_tokens.clamp(min=0), probs.shape[-1]).to(probs.dtype)
             probs = torch.where(rows.view(-1, 1, 1), onehot, probs)
-        return DraftProposal(tokens=tokens, num_draft=num_draft, probs=probs, sources=sources)
+        return DraftProposal(
+            tokens=tokens, num_draft=num_draft, probs=probs, sources=sources, draft_forwards=drafted.draft_forwards
+        )
 
     def observe(self, state) -> None:
         self.model.observe(state)

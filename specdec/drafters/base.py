@@ -29,6 +29,7 @@ class DraftProposal:
     confidence: torch.Tensor | None = None  # [B, K] the draft's probability of each of its tokens
     host_num_draft: list[int] | None = None  # [B] num_draft on the host, when the drafter built it there
     sources: list[str] | None = None  # [B] which drafter drafted each row (drafter "auto")
+    draft_forwards: int = 0  # forwards of a draft model this proposal cost
 
 
 @dataclass

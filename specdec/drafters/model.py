@@ -79,6 +79,7 @@ class ModelDrafter(Drafter):
             num_draft=torch.full((state.batch_size,), k, dtype=torch.long, device=state.device),
             probs=torch.stack(probs, dim=1) if probs else None,  # [B, k, V_draft]
             confidence=torch.stack(confidence, dim=1) if confidence else None,  # [B, k]
+            draft_forwards=k,  # the pending window, then d_1..d_{k-1}
         )
 
     def observe(self, state) -> None:
