@@ -45,7 +45,8 @@ class OracleDrafter(ModelDrafter):
         if not state.params.greedy:
             raise ValueError('drafter="oracle" proposes greedy continuations; use temperature=0')
         rows = []
-        for seq, n in zip(state.sequences, state.prompt_lengths):
+        self.prompt_lengths = [len(seq) for seq in state.sequences]
+        for seq, n in zip(state.sequences, self.prompt_lengths):
             key = tuple(seq[:n])
             if key not in self.continuations:
                 raise ValueError("drafter='oracle' has no continuation for a prompt; call OracleDrafter.configure "
@@ -57,18 +58,23 @@ class OracleDrafter(ModelDrafter):
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
         proposal = super().propose(state, k)  # the draft model's forwards: the cost being modelled
+        k = proposal.tokens.shape[1]  # the draft model may have stopped early (adaptive K)
         vocab = self.generator.vocab_size
         tokens = torch.full((state.batch_size, k), -1, dtype=torch.int64)  # [B, k]
         counts = torch.zeros(state.batch_size, dtype=torch.int64)  # [B]
-        for b, (seq, n, cont) in enumerate(zip(state.sequences, state.prompt_lengths, self.rows)):
+        for b, (seq, n, cont) in enumerate(zip(state.sequences, self.prompt_lengths, self.rows)):
             ahead = cont[len(seq) - n: len(seq) - n + k]
             for i, token in enumerate(ahead):
                 if self._rng.random() >= self.alpha:
                     token = (token + self._rng.randrange(1, vocab)) % vocab  # any other token
                 tokens[b, i] = token
             counts[b] = len(ahead)
-        return DraftProposal(tokens=tokens.to(state.device), num_draft=counts.to(state.device))
+        self.replaced = True  # the draft cache must keep only what the target emitted
+        return DraftProposal(
+            tokens=tokens.to(state.device), num_draft=counts.to(state.device), draft_forwards=proposal.draft_forwards
+        )
 
-    def select_rows(self, keep: torch.Tensor) -> None:  # [B'] int64 indices of rows that stay
+    def select_rows(self, keep: list[int]) -> None:  # indices of the rows that stay
         super().select_rows(keep)
-        self.rows = [self.rows[i] for i in keep.tolist()]
+        self.rows = [self.rows[i] for i in keep]
+        self.prompt_lengths = [self.prompt_lengths[i] for i in keep]

@@ -193,7 +193,7 @@ class CacheLayer:
             "top_k": top_k,
             "top_p": float(params.top_p),
             "drafter": drafter,
-            "num_draft_tokens": int(params.num_draft_tokens),
+            "num_draft_tokens": params.num_draft_tokens,  # an int, or "auto"
             "ignore_eos": bool(params.ignore_eos),
             "extra": extra,
         }

@@ -24,7 +24,8 @@ from typing import Any, Callable, Generator
 import torch
 
 from . import kernels, noise
-from .drafters.base import DecodeState, DraftProposal, Drafter, empty_proposal
+from .adaptive import DraftController
+from .drafters.base import DecodeState, DraftProposal, Drafter
 from .kv import BUCKET, engine_path, make_kv, prefill
 from .params import GenerationParams
 from .stats import GenerationStats
@@ -54,11 +55,13 @@ def decode(
     engine: str = "auto",
     cache_layer: Any = None,
     stop_check: Callable[[list[int]], bool] | None = None,
+    draft_cost_ratio: float = 0.0,
 ) -> list[RowOutput]:
     """Decode every prompt; returns one RowOutput per prompt, in order."""
     steps = iter_decode(
         target_model, prompts, params, drafter, stop_ids,
         device=device, dtype=dtype, engine=engine, cache_layer=cache_layer, stop_check=stop_check,
+        draft_cost_ratio=draft_cost_ratio,
     )
     while True:
         try:
@@ -69,7 +72,7 @@ def decode(
 
 def request_capacity(prompts: list[list[int]], params: GenerationParams) -> int:
     """Positions a request can write per row (prompt, output, drafts, slack), in whole buckets."""
-    need = max(len(p) for p in prompts) + params.max_new_tokens + params.num_draft_tokens + _WRITE_SLACK
+    need = max(len(p) for p in prompts) + params.max_new_tokens + params.draft_limit + _WRITE_SLACK
     return -(-need // BUCKET) * BUCKET
 
 
@@ -85,11 +88,14 @@ def iter_decode(
     engine: str = "auto",
     cache_layer: Any = None,
     stop_check: Callable[[list[int]], bool] | None = None,
+    draft_cost_ratio: float = 0.0,
 ) -> Generator[tuple[int, list[int]], None, list[RowOutput]]:
     """Like decode(), but yields (row index, new tokens) as each step emits them.
 
     `stop_check(row's new tokens) -> True` ends a row early (stop strings); the caller
-    cuts the tokens exactly afterwards, so this only saves steps.
+    cuts the tokens exactly afterwards, so this only saves steps. draft_cost_ratio: the
+    draft model's size over the target's, the fixed cost proxy of seeded sampling with
+    num_draft_tokens="auto" (see specdec.adaptive).
     """
     start = time.perf_counter()
     batch = len(prompts)
@@ -114,17 +120,27 @@ def iter_decode(
     )
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)  # [S]
     target = make_kv(target_model, path, batch, capacity, device)
+    drafting = DraftController(params, drafter, batch, device, draft_cost_ratio)
+    drafting.mark("start")
     prefill(target, prompts)
+    drafting.mark("target")
     drafter.start(state)
+    drafting.mark("draft")
+    drafting.prefilled(max(len(p) for p in prompts) - 1)
     last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # [B]
 
     while state.rows:
         remaining = [params.max_new_tokens - len(outputs[r]) for r in state.rows]
         # Never draft past max_new_tokens: a row emits at most num_accepted + 1 tokens.
-        k = max(0, min(params.num_draft_tokens, max(remaining) - 1))
-        proposal = drafter.propose(state, k) if k else empty_proposal(state.batch_size, device)
+        drafting.mark("step")
+        proposal = drafting.propose(state, max(0, min(params.draft_limit, max(remaining) - 1)))
+        drafting.mark("drafted")
         remaining_t = torch.tensor(remaining, dtype=torch.long, device=device)  # [B]
         num_draft = torch.minimum(proposal.num_draft, remaining_t - 1).clamp(min=0)  # [B]
+        if drafting.limits is not None:  # per-row draft lengths chosen below the step's width
+            num_draft = torch.minimum(num_draft, drafting.limits)
+        if state.early_stop is not None:  # the draft model stopped some rows early
+            num_draft = torch.minimum(num_draft, state.early_stop.num_draft)
         k = proposal.tokens.shape[1]
 
         # 2. one target forward over [last, d1..dk]; each row's real slots are a prefix.
@@ -132,6 +148,7 @@ def iter_decode(
         before = target.lengths  # [B]
         logits, hidden = target.forward(inputs, num_draft + 1, hidden=drafter.wants_hidden_states)  # [B, k+1, V]
         tokens, num_accepted = _verify(state, proposal, logits, num_draft)  # [B, k+1], [B]
+        drafting.mark("verified")
 
         # 4. device-side bookkeeping: nothing here reads a value back to the host.
         kept, reason = _limits(tokens, num_accepted, remaining_t, stop_tensor)  # [B], [B]
@@ -140,7 +157,12 @@ def iter_decode(
         state.step_tokens, state.step_num_accepted, state.target_hidden = tokens, num_accepted, hidden
 
         # 5. the step's one device-to-host transfer.
-        host = _to_host(torch.cat([tokens, torch.stack([num_accepted, num_draft, kept, reason], dim=1)], dim=1))
+        packed = [tokens, torch.stack([num_accepted, num_draft, kept, reason], dim=1)]
+        confident = drafting.adaptive and proposal.confidence is not None and k > 0
+        if confident:  # draft confidences for the calibration, in millionths
+            packed.append((proposal.confidence[:, :k].float() * 1e6).round().long())
+        drafting.mark("done")
+        host = _to_host(torch.cat(packed, dim=1))
         state.step_accepted = [row[k + 1] for row in host]
         state.step_emitted = [row[: row[k + 1] + 1] for row in host]
         if k:  # with no drafts the one fed token is always kept
@@ -148,12 +170,12 @@ def iter_decode(
             target.set_lengths(_rollback_lengths(before, num_accepted, num_draft), bound)
         finished_now = []
         for b, (row, seq) in enumerate(zip(state.rows, state.sequences)):
-            accepted, drafted, n_kept, why = host[b][k + 1 :]
+            accepted, drafted, n_kept, why = host[b][k + 1 : k + 5]
             new = host[b][:n_kept]
             outputs[row].extend(new)
             seq.extend(new)
-            stats[row].record_step(drafted, accepted, n_kept)
-            stats[row].draft_forwards += k if drafter.provides_probs else 0
+            stats[row].record_step(drafted, accepted, n_kept, proposal.sources[b] if proposal.sources else drafter.name)
+            stats[row].draft_forwards += proposal.draft_forwards
             if new:
                 yield row, new
             if why == _RUNNING and stop_check is not None and stop_check(outputs[row]):
@@ -161,7 +183,13 @@ def iter_decode(
             if why != _RUNNING:
                 finish[row] = "stop" if why == _STOPPED else "length"
                 finished_now.append(b)
+        state.step_drafted = [row[k + 2] for row in host]
         drafter.observe(state)
+        drafting.record(
+            k, state.step_drafted, state.step_accepted,
+            [[c / 1e6 for c in row[k + 5 :]] for row in host] if confident else None,
+            proposal.sources,
+        )
 
         if finished_now:
             done = set(finished_now)
@@ -169,6 +197,7 @@ def iter_decode(
             if not keep:
                 break
             _select_rows(state, target, drafter, keep)
+            drafting.select_rows(keep)
             last = last.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
 
     drafter.finish(state)
@@ -262,6 +291,7 @@ def _select_rows(state: DecodeState, target, drafter: Drafter, keep: list[int]) 
     state.step_num_accepted = state.step_num_accepted.index_select(0, index)
     state.step_accepted = [state.step_accepted[b] for b in keep]
     state.step_emitted = [state.step_emitted[b] for b in keep]
+    state.step_drafted = [state.step_drafted[b] for b in keep]
     target.bound = max(len(s) for s in state.sequences) - 1
 
 

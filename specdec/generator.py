@@ -339,7 +339,19 @@ class SpeculativeGenerator:
         return results
 
     def _engine_args(self) -> dict:
-        return {"device": self.device, "dtype": self.target_dtype, "engine": self.engine}
+        return {
+            "device": self.device, "dtype": self.target_dtype, "engine": self.engine,
+            "draft_cost_ratio": self._draft_cost_ratio(),
+        }
+
+    def _draft_cost_ratio(self) -> float:
+        """Draft parameters over target parameters: the fixed cost proxy of seeded adaptive K."""
+        if self.draft_model is None:
+            return 0.0
+        if not hasattr(self, "_cost_ratio"):
+            count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+            self._cost_ratio = count(self.draft_model) / max(count(self.target_model), 1)
+        return self._cost_ratio
 
     def _check_engine(self, rows: list[list[int]], params: GenerationParams, drafter: Drafter) -> None:
         """engine="static" on a model that cannot take that path fails here, before compute."""

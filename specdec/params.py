@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 # A draft longer than this costs more in wasted draft forwards than it can ever save;
 # values above it are almost certainly a typo (e.g. 4000 for 4).
 MAX_DRAFT_TOKENS = 64
+# The longest draft num_draft_tokens="auto" considers.
+AUTO_MAX_DRAFT_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class GenerationParams:
     top_p: float = 1.0  # 1.0 = off
     seed: int | tuple[int, ...] | None = None  # one seed for every row, or one per row
     drafter: str = "auto"
-    num_draft_tokens: int = 4
+    num_draft_tokens: int | str = "auto"  # an int fixes K; "auto" chooses it every step
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     # A row ends when its decoded text contains one of these; the text is cut before it
@@ -30,6 +32,16 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adaptive_draft(self) -> bool:
+        """True when the draft length is chosen every step (num_draft_tokens="auto")."""
+        return self.num_draft_tokens == "auto"
+
+    @property
+    def draft_limit(self) -> int:
+        """The most drafts a step may verify: K, or the largest K "auto" considers."""
+        return AUTO_MAX_DRAFT_TOKENS if self.adaptive_draft else int(self.num_draft_tokens)
 
     @property
     def deterministic(self) -> bool:
@@ -235,7 +247,7 @@ def _make_params(
     top_p: float = 1.0,
     seed: int | None = None,
     drafter: str = "auto",
-    num_draft_tokens: int = 4,
+    num_draft_tokens: int | str = "auto",
     stop_token_ids=None,
     stop=None,
     ignore_eos: bool = False,
@@ -256,8 +268,15 @@ def _make_params(
         _check_int("seed", seed, minimum=0, hint="pass a non-negative int, a list of them (one per prompt), or None")
     if not isinstance(drafter, str):
         raise TypeError(f"drafter must be a str, got {type(drafter).__name__} {drafter!r}")
-    _check_int("num_draft_tokens", num_draft_tokens, minimum=0, hint="0 disables drafting")
-    if num_draft_tokens > MAX_DRAFT_TOKENS:
+    if isinstance(num_draft_tokens, str):
+        if num_draft_tokens != "auto":
+            raise ValueError(
+                f'num_draft_tokens must be an int or "auto", got {num_draft_tokens!r}; "auto" chooses '
+                "the draft length every step from measured costs and acceptance"
+            )
+    elif _check_int(
+        "num_draft_tokens", num_draft_tokens, minimum=0, hint='0 disables drafting; "auto" chooses it every step'
+    ) > MAX_DRAFT_TOKENS:
         raise ValueError(
             f"num_draft_tokens={num_draft_tokens} is larger than the supported maximum of "
             f"{MAX_DRAFT_TOKENS}; typical values are 2 to 8"

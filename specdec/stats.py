@@ -17,6 +17,8 @@ class GenerationStats:
     accepted_tokens: int = 0
     drafted_per_position: list[int] = field(default_factory=list)  # [K] drafts offered at slot i
     accepted_per_position: list[int] = field(default_factory=list)  # [K] drafts accepted at slot i
+    draft_lengths: dict[int, int] = field(default_factory=dict)  # drafts offered in a step -> steps
+    drafter_steps: dict[str, int] = field(default_factory=dict)  # drafter that drafted a step -> steps
     cache_hit: bool = False
     cache_errors: int = 0
     wall_time_s: float = 0.0
@@ -40,9 +42,12 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
-    def record_step(self, drafted: int, accepted: int, emitted: int) -> None:
+    def record_step(self, drafted: int, accepted: int, emitted: int, drafter: str | None = None) -> None:
         """Account one verification step of this row."""
         self.target_forwards += 1
+        self.draft_lengths[drafted] = self.draft_lengths.get(drafted, 0) + 1
+        if drafter is not None and drafted:
+            self.drafter_steps[drafter] = self.drafter_steps.get(drafter, 0) + 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.new_tokens += emitted

@@ -85,13 +85,16 @@ def test_greedy_ngram_drafter_equals_baseline(tiny_pair, baselines, k):
     assert ids(res) == baselines[tiny_pair.family]
 
 
-def test_auto_drafter_picks_model_then_ngram(tiny_pair, baselines):
+def test_auto_drafter_combines_model_and_ngram(tiny_pair, baselines):
+    """drafter="auto" (the default) with a draft model drafts from both sources, per row and
+    step; without one it is prompt lookup. Output is the baseline's either way."""
     with_draft = load(tiny_pair, "same")
-    res = with_draft.generate_ids(PROMPTS[:1], max_new_tokens=NEW, ignore_eos=True)
-    assert res[0].stats.draft_forwards > 0 and res[0].stats.acceptance_rate == 1.0
+    res = with_draft.generate_ids(PROMPTS[:1], max_new_tokens=NEW, num_draft_tokens=4, ignore_eos=True)
+    assert res[0].token_ids == baselines[tiny_pair.family][0]
+    assert res[0].stats.drafter_steps.get("model", 0) > 0 and res[0].stats.draft_forwards > 0
     without = load(tiny_pair, None)
     res = without.generate_ids(PROMPTS[:1], max_new_tokens=NEW, ignore_eos=True)
-    assert res[0].stats.draft_forwards == 0
+    assert res[0].stats.draft_forwards == 0 and set(res[0].stats.drafter_steps) <= {"ngram"}
     assert res[0].token_ids == baselines[tiny_pair.family][0]
 
 

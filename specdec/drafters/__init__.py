@@ -21,9 +21,9 @@ def register_drafter(name: str) -> Callable[[type[Drafter]], type[Drafter]]:
 
 
 def available_drafters() -> list[str]:
-    """Registered drafter names plus "auto"."""
+    """Registered drafter names ("auto" among them)."""
     _load_builtin()
-    return sorted(_REGISTRY) + ["auto"]
+    return sorted(_REGISTRY)
 
 
 def get_drafter_class(name: str) -> type[Drafter]:
@@ -37,16 +37,16 @@ def get_drafter_class(name: str) -> type[Drafter]:
 
 
 def resolve_drafter_name(name: str, has_draft_model: bool) -> str:
-    """The registered drafter that `name` stands for ("auto": the draft model if one is loaded,
-    else prompt lookup)."""
+    """The registered drafter that `name` stands for ("auto": the draft model and prompt lookup
+    combined per row when a draft model is loaded, else prompt lookup)."""
     if name == "auto":
-        return "model" if has_draft_model else "ngram"
+        return "auto" if has_draft_model else "ngram"
     return name
 
 
 def _load_builtin() -> None:
     # Imported lazily so that each module can import this registry.
-    from . import cache, model, ngram, none  # noqa: F401
+    from . import auto, cache, model, ngram, none  # noqa: F401
 
 
 __all__ = [

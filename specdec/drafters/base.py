@@ -26,6 +26,10 @@ class DraftProposal:
     tokens: torch.Tensor  # [B, K] int64, -1 in slots past a row's num_draft
     num_draft: torch.Tensor  # [B] int64, drafts proposed per row (0..K)
     probs: torch.Tensor | None = None  # [B, K, V] processed draft probs q; None = one-hot drafter
+    confidence: torch.Tensor | None = None  # [B, K] the draft's probability of each of its tokens
+    host_num_draft: list[int] | None = None  # [B] num_draft on the host, when the drafter built it there
+    sources: list[str] | None = None  # [B] which drafter drafted each row (drafter "auto")
+    draft_forwards: int = 0  # forwards of a draft model this proposal cost
 
 
 @dataclass
@@ -52,6 +56,9 @@ class DecodeState:
     step_accepted: list[int] = field(default_factory=list)  # [B] drafts accepted per row (host)
     step_emitted: list[list[int]] = field(default_factory=list)  # [B][<= K+1] tokens emitted (host)
     target_hidden: torch.Tensor | None = None  # [B, K+1, H] last target layer, if a drafter asks
+    early_stop: Any = None  # specdec.adaptive.EarlyStop for this step's draft, when K is adaptive
+    draft_policy: Any = None  # specdec.adaptive.AdaptiveDraftPolicy, for drafters that choose K themselves
+    step_drafted: list[int] = field(default_factory=list)  # [B] drafts verified per row last step (host)
 
     @property
     def batch_size(self) -> int:
@@ -84,6 +91,9 @@ class Drafter(ABC):
     # True if its drafts depend on state shared across requests (the Redis draft store), so
     # seeded sampled output is not a function of the request alone and is never cached.
     reads_shared_state: ClassVar[bool] = False
+    # True if it chooses each step's draft length itself (from state.draft_policy when K is
+    # adaptive; k is then only a cap).
+    chooses_length: ClassVar[bool] = False
     # True if it reads the target's last hidden states (state.target_hidden); the target
     # forward returns them only when asked, so other drafters pay nothing.
     wants_hidden_states: ClassVar[bool] = False
@@ -125,5 +135,6 @@ def pack_proposals(rows: list[list[int]], k: int, device: torch.device | str = "
     for i, row in enumerate(rows):
         if row:
             tokens[i, : len(row)] = torch.tensor(row[:k], dtype=torch.int64)
-    num_draft = torch.tensor([min(len(r), k) for r in rows], dtype=torch.int64)
-    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device))
+    counts = [min(len(r), k) for r in rows]
+    num_draft = torch.tensor(counts, dtype=torch.int64)
+    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device), host_num_draft=counts)

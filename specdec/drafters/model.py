@@ -45,6 +45,7 @@ class ModelDrafter(Drafter):
         self.pending = torch.tensor([[s[-1]] for s in state.sequences], dtype=torch.long, device=state.device)  # [B, 1]
         self.num_pending = torch.ones(state.batch_size, dtype=torch.long, device=state.device)  # [B]
         self.k = 0  # drafts proposed this step (0: the engine did not ask)
+        self.replaced = False  # set by drafter "auto" when some rows verified other drafts
 
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
@@ -53,36 +54,51 @@ class ModelDrafter(Drafter):
         # The logits after each row's last real pending token.
         last = (self.num_pending - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
         logits = logits.gather(1, last).squeeze(1)  # [B, V_draft]
-        tokens, probs = [], []
+        stop = state.early_stop  # adaptive K: rows may stop drafting early (specdec.adaptive)
+        tokens, probs, confidence = [], [], []
         for i in range(k):
             if params.greedy:
                 token = torch.argmax(logits, dim=-1)  # [B]
+                if stop is not None:  # the draft's probability of its greedy token
+                    confidence.append(torch.softmax(logits.float(), dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
             else:
                 q = kernels.logits_to_probs(logits, params.temperature, params.top_k, params.top_p)  # [B, V]
                 race = state.exponential(noise.DRAFT_STREAM + i, q.shape[-1], q.dtype)  # [B, V]
                 token = kernels.sample_exponential_race(q, race)
                 probs.append(q)
+                confidence.append(q.gather(1, token.unsqueeze(1)).squeeze(1))
             tokens.append(token)
+            if stop is not None and stop.update(i, confidence[-1]):
+                break  # every row has stopped: no draft forward for the next slot
             if i < k - 1:
                 logits = self.kv.forward(token.unsqueeze(1))[0][:, -1]
-        self.k = k
+        self.k = k = len(tokens)
+        self.drafts = torch.stack(tokens, dim=1)  # [B, k] kept for observe() when rows are replaced
         return DraftProposal(
             tokens=torch.stack(tokens, dim=1),  # [B, k]
             num_draft=torch.full((state.batch_size,), k, dtype=torch.long, device=state.device),
             probs=torch.stack(probs, dim=1) if probs else None,  # [B, k, V_draft]
+            confidence=torch.stack(confidence, dim=1) if confidence else None,  # [B, k]
+            draft_forwards=k,  # the pending window, then d_1..d_{k-1}
         )
 
     def observe(self, state) -> None:
         emitted = state.step_tokens  # [B, k+1], -1 padded
         n = state.step_num_accepted  # [B]
-        if not self.k:  # no drafting this step: the one emitted token joins the window
-            self.pending = torch.cat([self.pending, emitted[:, :1]], dim=1)
-            self.pending.scatter_(1, self.num_pending.unsqueeze(1), emitted[:, :1])
-            self.num_pending = self.num_pending + 1
-            if self.pending.shape[1] >= _MAX_PENDING:
+        if not self.k:  # this model did not draft: every emitted token joins the window
+            add = max(state.step_accepted) + 1  # tokens the widest row emitted (other drafters' too)
+            width = self.pending.shape[1]
+            self.pending = torch.cat([self.pending, torch.zeros_like(emitted[:, :add])], dim=1)  # [B, W + add]
+            slots = self.num_pending.unsqueeze(1) + torch.arange(add, device=emitted.device)  # [B, add]
+            self.pending.scatter_(1, slots, emitted[:, :add].clamp(min=0))
+            self.num_pending = self.num_pending + n + 1
+            if width + add >= _MAX_PENDING:
                 self._absorb(state)
             return
         k, self.k = self.k, 0
+        if self.replaced:
+            self.replaced = False
+            return self._observe_replaced(state, k)
         fed = k - 1  # drafts d_1..d_{k-1} went through the draft model
         # The draft cache keeps the pending window and the accepted drafts it has seen.
         bound = max(len(s) for s in state.sequences) - 1
@@ -95,6 +111,27 @@ class ModelDrafter(Drafter):
         else:
             self.pending = bonus
         self.num_pending = 1 + both.to(torch.long)
+
+    def _observe_replaced(self, state, k: int) -> None:
+        """observe() when some rows verified other drafts than this model's (drafter "auto").
+
+        The draft cache keeps the fed drafts only as far as they equal what the target
+        emitted; everything emitted after that becomes the row's pending window.
+        """
+        emitted = state.step_tokens  # [B, k+1], -1 padded
+        n = state.step_num_accepted  # [B]
+        fed = k - 1
+        same = (self.drafts[:, :fed] == emitted[:, :fed]).long().cumprod(dim=1).sum(dim=1)  # [B]
+        kept = torch.minimum(same, n)  # [B] fed drafts that stay in the draft cache
+        bound = max(len(s) for s in state.sequences) - 1
+        self.kv.set_lengths(self.kv.lengths - fed + kept, bound)
+        width = max(state.step_accepted) + 1  # the widest pending window: kept = 0, n + 1 tokens
+        slots = torch.arange(width, device=emitted.device).unsqueeze(0)  # [1, W]
+        index = (kept.unsqueeze(1) + slots).clamp(max=emitted.shape[1] - 1)  # [B, W]
+        self.pending = emitted.gather(1, index).clamp(min=0)  # [B, W] right-padded
+        self.num_pending = n + 1 - kept  # [B]
+        if self.pending.shape[1] >= _MAX_PENDING:
+            self._absorb(state)
 
     def _absorb(self, state) -> None:
         """Feed all but the last pending token now, so the window stays small."""

@@ -1,0 +1,581 @@
+"""Adaptive drafting: how many tokens to draft each step, from measured costs and observed acceptance.
+
+The decision is the one Leviathan et al. (2023) make offline, made online every step:
+with per-position conditional acceptance rates a_1..a_K (a_i = P(draft i accepted | drafts
+before it accepted)), a step that drafts K tokens emits on average
+
+    E(K) = 1 + sum_{i=1..K} prod_{j<=i} a_j          (the 1 is the correction/bonus token)
+
+and costs T(K) = overhead + verify(K + 1) + draft(K) seconds. We draft the K in 0..K_max that
+maximises the batch's E/T. Nothing in T is assumed: verify(n) is the measured time of a target
+forward over n tokens per row at this batch size, draft(K) the measured time of drafting K tokens
+with this drafter, overhead the rest of a step, each an exponential moving average over the
+request, interpolated between the token counts measured so far (the prefill gives a first
+point at a large n for free; the draft model's prefill over the same prompt gives the draft/
+target cost ratio before the first step). K = 0 is plain decoding and is reachable: a drafter
+whose drafts are rejected falls to K = 0, and its estimates drift back to their prior between
+steps (discounted counts), so it is probed again, rarely, and left again when drafts pay.
+
+Acceptance estimates are discounted Beta counts per drafter and draft position, one set per row
+(rows of a batch differ: one is repetitive, one is not) with the drafter's pooled estimate as
+the row's prior, so a new row starts from what the request has learned so far.
+
+Draft-model early stop: the draft's own probability q of the token it proposes predicts its
+acceptance. A calibration table maps q to the observed acceptance (bins of q with Beta counts,
+prior = q itself, which is exact when draft and target agree), and a row stops drafting at the
+first slot whose expected extra tokens per second fall below the step's current rate, so the
+threshold follows from the cost model instead of being a constant (transformers'
+`assistant_confidence_threshold`, llama.cpp's `p_min`). It is lossless: it only shortens drafts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Discount applied to a row's acceptance counts at each new observation: an observation is worth
+# half after ~35 later ones, so the estimates follow a request whose text changes character.
+OBS_DISCOUNT = 0.98
+# A row parked at K = 0 is probed with one draft after PROBE_MIN idle steps, the wait doubling
+# after every probe that is rejected (up to PROBE_MAX) and reset by one that is accepted. Probes
+# are skipped when even drafts that are always accepted could not beat plain decoding.
+PROBE_MIN = 4
+PROBE_MAX = 64
+PRIOR_MEAN = 0.5  # acceptance prior per position before anything is observed
+PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
+EMA = 0.2  # weight of a new cost measurement
+CALIBRATION_BINS = 10
+
+
+# --------------------------------------------------------------------------- acceptance
+
+
+@dataclass
+class AcceptanceCounts:
+    """Discounted per-position Beta counts: successes[i] / trials[i] is a_{i+1}'s evidence."""
+
+    max_k: int
+    successes: list[float] = field(default_factory=list)  # [max_k]
+    trials: list[float] = field(default_factory=list)  # [max_k]
+
+    def __post_init__(self) -> None:
+        if not self.successes:
+            self.successes = [0.0] * self.max_k
+            self.trials = [0.0] * self.max_k
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """One row-step: `drafted` tokens offered, the first `accepted` of them kept.
+
+        Slots before the first rejection are successes, the rejected slot a failure; slots after
+        it were never judged (verification stops at the first rejection) and say nothing.
+        """
+        for i in range(min(drafted, self.max_k)):
+            if i < accepted:
+                self.successes[i] += 1.0
+                self.trials[i] += 1.0
+            else:
+                self.trials[i] += 1.0
+                break
+
+    def discount(self, factor: float) -> None:
+        for i in range(self.max_k):
+            self.successes[i] *= factor
+            self.trials[i] *= factor
+
+    def rates(self, prior: list[float] | None = None, weight: float = PRIOR_WEIGHT) -> list[float]:
+        """Posterior means of a_1..a_max_k.
+
+        prior: a prior mean per position; None chains them: position 1 starts from PRIOR_MEAN,
+        every later position from the estimate of the one before it, so slots beyond the longest
+        draft so far are expected to behave like the last one observed instead of like a coin.
+        """
+        out: list[float] = []
+        for i, (s, t) in enumerate(zip(self.successes, self.trials)):
+            base = prior[i] if prior is not None else (out[-1] if out else PRIOR_MEAN)
+            out.append((weight * base + s) / (weight + t))
+        return out
+
+
+def expected_tokens(rates: list[float], k: int) -> float:
+    """E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j: tokens a step with k drafts emits on average."""
+    total, run = 1.0, 1.0
+    for a in rates[:k]:
+        run *= a
+        total += run
+    return total
+
+
+# --------------------------------------------------------------------------- costs
+
+
+class CostCurve:
+    """Measured seconds as a function of an integer size (tokens per row, drafts per step).
+
+    An exponential moving average per size; a size never measured is interpolated linearly
+    between the nearest measured sizes, or extrapolated from the two nearest on one side. With a
+    single measured size the curve is flat, or proportional to the size (`proportional=True`,
+    for costs that are one forward per unit, like drafting with a model). None before any
+    measurement.
+    """
+
+    def __init__(self, proportional: bool = False) -> None:
+        self.proportional = proportional
+        self.sizes: list[int] = []  # sorted
+        self.values: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        if seconds <= 0 or not math.isfinite(seconds):
+            return
+        old = self.values.get(size)
+        if old is None:
+            bisect.insort(self.sizes, size)
+            self.values[size] = seconds
+        else:
+            self.values[size] = old + EMA * (seconds - old)
+
+    def __call__(self, size: int) -> float | None:
+        if not self.sizes:
+            return None
+        if size in self.values:
+            return self.values[size]
+        if len(self.sizes) == 1:
+            only = self.sizes[0]
+            return self.values[only] * size / only if self.proportional and only else self.values[only]
+        i = bisect.bisect_left(self.sizes, size)
+        lo, hi = (0, 1) if i == 0 else ((-2, -1) if i == len(self.sizes) else (i - 1, i))
+        x0, x1 = self.sizes[lo], self.sizes[hi]
+        y0, y1 = self.values[x0], self.values[x1]
+        value = y0 + (y1 - y0) * (size - x0) / (x1 - x0)
+        return max(value, 0.0)
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+class AdaptiveDraftPolicy:
+    """Chooses each step's draft length and tracks what it learns during one request.
+
+    The engine calls, per step: `choose(drafter, k_max, available)` -> K; after verification
+    `record_step(...)` with the step's measured times and per-row outcome; `select_rows` when
+    rows leave the batch. Drafter names key the estimates, so drafters combined per row
+    (drafter="auto") each keep their own.
+    """
+
+    def __init__(self, k_max: int, batch_size: int) -> None:
+        self.k_max = k_max
+        self.batch_size = batch_size
+        self._verify: dict[int, CostCurve] = {}  # per batch size: seconds of a target forward over n tokens per row
+        self.draft: dict[str, CostCurve] = {}  # per drafter: seconds to draft K tokens
+        self.overhead: float | None = None  # seconds of a step outside the forwards and drafting
+        self.pooled: dict[str, AcceptanceCounts] = {}  # per drafter, all rows of the request
+        self.rows: list[dict[str, AcceptanceCounts]] = [{} for _ in range(batch_size)]
+        self.idle = [0] * batch_size  # steps since the row last drafted
+        self.probe_wait = [PROBE_MIN] * batch_size  # idle steps before the row is probed
+        self.calibration = ConfidenceCalibration()
+        self.draft_ratio: float | None = None  # draft forward / target forward, from the prefills
+
+    # -------------------------------------------------------------- measurements
+
+    def record_prefill(self, tokens: int, target_s: float, draft_s: float | None = None) -> None:
+        """The prefills: a verify-cost point at n = tokens and the draft/target cost ratio."""
+        if tokens <= 0 or target_s <= 0:
+            return
+        self._verify_curve(exact=True).observe(tokens, target_s)
+        if draft_s is not None and draft_s > 0:
+            self.draft_ratio = draft_s / target_s
+
+    def record_step(
+        self,
+        drafter: str,
+        k: int,  # drafts per row the step verified (its width - 1)
+        verify_s: float,  # the target forward
+        draft_s: float,  # drafting (0 when k = 0)
+        step_s: float,  # the whole step
+        drafted: list[int],  # [B] drafts offered per row
+        accepted: list[int],  # [B] drafts accepted per row
+        idle: bool = True,  # count rows without drafts as idle (False: they drafted from another source)
+    ) -> None:
+        """One step's measured times and outcome (discounting the observed rows' counts)."""
+        self._verify_curve(exact=True).observe(k + 1, verify_s)
+        if k > 0 and draft_s > 0:
+            self.draft.setdefault(drafter, CostCurve(proportional=True)).observe(k, draft_s)
+        rest = max(step_s - verify_s - draft_s, 0.0)
+        self.overhead = rest if self.overhead is None else self.overhead + EMA * (rest - self.overhead)
+        pooled = self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max))
+        for b, (d, a) in enumerate(zip(drafted, accepted)):
+            if d <= 0:
+                self.idle[b] += idle
+                continue
+            if self.idle[b] >= self.probe_wait[b]:  # this was a probe
+                self.probe_wait[b] = PROBE_MIN if a else min(2 * self.probe_wait[b], PROBE_MAX)
+            self.idle[b] = 0
+            counts = self.rows[b].setdefault(drafter, AcceptanceCounts(self.k_max))
+            counts.discount(OBS_DISCOUNT)
+            counts.record(d, a)
+            pooled.discount(OBS_DISCOUNT)
+            pooled.record(d, a)
+
+    def select_rows(self, keep: list[int]) -> None:
+        """Rows `keep` stay in the batch, in this order."""
+        self.rows = [self.rows[i] for i in keep]
+        self.batch_size = len(keep)
+        self.idle = [self.idle[i] for i in keep]
+        self.probe_wait = [self.probe_wait[i] for i in keep]
+
+    # -------------------------------------------------------------- estimates
+
+    def _verify_curve(self, exact: bool = False) -> CostCurve:
+        """The verify-cost curve at the current batch size (else the nearest one measured)."""
+        curve = self._verify.get(self.batch_size)
+        if curve is not None or exact or not self._verify:
+            return curve if curve is not None else self._verify.setdefault(self.batch_size, CostCurve())
+        nearest = min(self._verify, key=lambda b: abs(b - self.batch_size))
+        return self._verify[nearest]
+
+    def verify(self, tokens: int) -> float | None:
+        """Estimated seconds of a target forward over `tokens` tokens per row at this batch size."""
+        return self._verify_curve()(tokens)
+
+    def row_rates(self, drafter: str, row: int) -> list[float]:
+        """a_1..a_k_max for one row: its own counts over the drafter's pooled estimate."""
+        pooled = self.pooled.get(drafter)
+        prior = pooled.rates() if pooled else AcceptanceCounts(self.k_max).rates()
+        counts = self.rows[row].get(drafter)
+        return counts.rates(prior) if counts else prior
+
+    def draft_cost(self, drafter: str, k: int, uses_model: bool) -> float | None:
+        """Seconds to draft k tokens: measured; else k draft forwards at the prefill's cost ratio
+        (a model) or nothing (a lookup drafter); None when a model's cost is still unknown."""
+        if k == 0:
+            return 0.0
+        curve = self.draft.get(drafter)
+        if curve is not None and curve.sizes:
+            return curve(k)
+        if not uses_model:
+            return 0.0
+        verify_1 = self.verify(1)
+        if self.draft_ratio is None or verify_1 is None:
+            return None
+        return k * self.draft_ratio * verify_1
+
+    def step_cost(self, drafter: str, k: int, uses_model: bool) -> float | None:
+        """Estimated seconds of a step with k drafts, or None while a needed cost is unknown."""
+        verify = self.verify(k + 1)
+        draft = self.draft_cost(drafter, k, uses_model)
+        if verify is None or draft is None:
+            return None
+        return (self.overhead or 0.0) + verify + draft
+
+    def choose(self, drafter: str, k_max: int, uses_model: bool, available: list[int] | None = None) -> int:
+        """The draft length in 0..k_max that maximises the batch's expected tokens per second.
+
+        available: per row, how many drafts the drafter can offer this step (None: k_max for
+        every row, as for a draft model); a row contributes E(min(k, available)).
+        """
+        k_max = max(0, min(k_max, self.k_max))
+        caps = available if available is not None else [k_max] * len(self.rows)
+        if k_max == 0 or not any(caps):
+            return 0
+        rates = [self.row_rates(drafter, r) for r in range(len(self.rows))]
+        best_k, best_rate = 0, 0.0
+        for k in range(k_max + 1):
+            cost = self.step_cost(drafter, k, uses_model)
+            if cost is None:
+                return 1  # a cost is still unknown: the shortest draft measures it
+            if cost <= 0:
+                continue
+            rate = sum(expected_tokens(r, min(k, c)) for r, c in zip(rates, caps)) / cost
+            if rate > best_rate * (1 + 1e-9):
+                best_k, best_rate = k, rate
+        if best_k == 0 and self._probe_due(drafter, k_max, uses_model, caps):
+            return 1
+        return best_k
+
+    def _probe_due(self, drafter: str, k_max: int, uses_model: bool, caps: list[int]) -> bool:
+        """Whether a row parked at K = 0 has waited long enough, and drafting could pay at all."""
+        if not any(c and i >= w for c, i, w in zip(caps, self.idle, self.probe_wait)):
+            return False
+        base = self.step_cost(drafter, 0, uses_model)
+        if not base:
+            return False
+        for k in range(1, k_max + 1):  # perfect acceptance: k + 1 tokens a step
+            cost = self.step_cost(drafter, k, uses_model)
+            if cost and (k + 1) / cost > 1.0 / base:
+                return True
+        return False
+
+    def choose_per_row(self, drafter: str, k_max: int, cost_ratio: float, available: list[int] | None = None) -> list[int]:
+        """Deterministic per-row draft lengths, for seeded sampling.
+
+        A seeded row's tokens must be a function of its prompt and seed alone, not of timing or
+        of the other rows in its batch. So each row chooses from its own counts only, and the
+        costs are a fixed proxy: a target forward costs 1 whatever its width, a draft forward
+        `cost_ratio` (the draft model's parameter count over the target's; 0 for lookup drafters).
+        """
+        k_max = max(0, min(k_max, self.k_max))
+        caps = available if available is not None else [k_max] * len(self.rows)
+        out = []
+        for b, cap in enumerate(caps):
+            counts = self.rows[b].get(drafter)
+            rates = counts.rates() if counts else AcceptanceCounts(self.k_max).rates()
+            best_k, best_rate = 0, 1.0
+            for k in range(1, min(k_max, cap) + 1):
+                rate = expected_tokens(rates, k) / (1.0 + k * cost_ratio)
+                if rate > best_rate * (1 + 1e-9):
+                    best_k, best_rate = k, rate
+            if best_k == 0 and cap and self.idle[b] >= self.probe_wait[b] and 2.0 / (1.0 + cost_ratio) > 1.0:
+                best_k = 1
+            out.append(best_k)
+        return out
+
+    def expected_rate(self, drafter: str, k: int, uses_model: bool) -> float | None:
+        """Expected tokens per second of the batch for a step with k drafts per row."""
+        cost = self.step_cost(drafter, k, uses_model)
+        if cost is None or cost <= 0:
+            return None
+        return sum(expected_tokens(self.row_rates(drafter, r), k) for r in range(len(self.rows))) / cost
+
+    def continue_threshold(self, drafter: str, k: int, reached: float, rate: float) -> float:
+        """Least calibrated acceptance at which drafting slot k+1 still pays.
+
+        reached: probability that slots 1..k are all accepted; rate: the step's expected tokens
+        per second. One more slot costs one draft forward and the verify slope and gains
+        reached * a tokens on average: worth it while reached * a >= rate * that cost.
+        """
+        now, more = self.step_cost(drafter, k, True), self.step_cost(drafter, k + 1, True)
+        if now is None or more is None or reached <= 0:
+            return 0.0
+        return min(1.0, rate * max(more - now, 0.0) / reached)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Stopwatch:
+    """Marks on the host clock (CPU) or CUDA events (read only after the step's one sync,
+    when they are complete, so timing adds no synchronisation of its own)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class ConfidenceCalibration:
+    """Maps the draft's probability of its token to the observed acceptance probability."""
+
+    def __init__(self, bins: int = CALIBRATION_BINS) -> None:
+        self.bins = bins
+        self.successes = [0.0] * bins
+        self.trials = [0.0] * bins
+
+    def _bin(self, q: float) -> int:
+        return min(int(q * self.bins), self.bins - 1)
+
+    def record(self, confidences: list[float], accepted: int) -> None:
+        """One row-step: the confidences of its drafts in order and how many were accepted."""
+        for i, q in enumerate(confidences):
+            b = self._bin(q)
+            self.trials[b] += 1.0
+            if i < accepted:
+                self.successes[b] += 1.0
+            else:
+                break
+
+    def __call__(self, q: float) -> float:
+        return self.table()[self._bin(q)]
+
+    def table(self, prior: float | None = None) -> list[float]:
+        """Calibrated acceptance of each confidence bin.
+
+        prior: the bins' prior mean (e.g. the drafter's observed first-slot acceptance, which
+        suits a draft whose probabilities are not calibrated); None: the bin's own confidence.
+        """
+        return [
+            (PRIOR_WEIGHT * ((b + 0.5) / self.bins if prior is None else prior) + s) / (PRIOR_WEIGHT + t)
+            for b, (s, t) in enumerate(zip(self.successes, self.trials))
+        ]
+
+
+# --------------------------------------------------------------------------- in the loop
+
+
+class EarlyStop:
+    """Per-row stop of a draft model's drafting within one step (lossless: drafts only shrink).
+
+    After drafting slot i a row continues while reached_i * a_{i+1} >= thresholds[i]: reached_i
+    = prod_{j<=i} a(q_j) is the chance that the row's drafts so far are all accepted, from the
+    calibrated acceptance a(q) of each draft's confidence q, and a_{i+1} the drafter's acceptance
+    estimate at the next position, so reached_i * a_{i+1} is what drafting one more token gains. Everything is on the
+    device; only on CPU (where reading a value is no transfer) does `update` also say when
+    every row has stopped, so the draft loop can end early.
+    """
+
+    def __init__(
+        self, table: list[float], thresholds: list[float], next_rates: list[float], batch: int, device: torch.device
+    ) -> None:
+        self.table = torch.tensor(table, dtype=torch.float32, device=device)  # [bins]
+        # Continue past slot i while reached_i >= thresholds[i] / a_{i+1}  (host floats, [K-1]).
+        self.bars = [t / max(a, 1e-6) for t, a in zip(thresholds, next_rates)]
+        self.reached = torch.ones(batch, dtype=torch.float32, device=device)  # [B]
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
+        self.num_draft = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.host_exit = device.type == "cpu"
+
+    def update(self, slot: int, confidence: torch.Tensor) -> bool:  # confidence [B]
+        """Account slot `slot` (0-based) just drafted; True when no row continues (CPU only)."""
+        bins = (confidence.float() * len(self.table)).long().clamp(0, len(self.table) - 1)
+        accept = self.table[bins]  # [B]
+        self.num_draft = self.num_draft + self.active.long()
+        self.reached = self.reached * accept
+        if slot < len(self.bars):
+            self.active = self.active & (self.reached >= self.bars[slot])
+        return self.host_exit and not bool(self.active.any())
+
+
+class DraftController:
+    """What the loop asks about drafting: this step's proposal, and what the step taught.
+
+    With a fixed K it only asks the drafter for K tokens. With num_draft_tokens="auto" it
+    times the step (Stopwatch), feeds an AdaptiveDraftPolicy, and asks the drafter for the
+    K the policy chooses; lookup drafters are asked first for everything they have (it costs
+    nothing) so the choice can weigh what is on offer per row.
+    """
+
+    def __init__(self, params, drafter, batch: int, device: torch.device, cost_ratio: float) -> None:
+        self.drafter = drafter
+        self.name = drafter.name
+        self.uses_model = drafter.uses_draft_model
+        self.device = device
+        self.policy = AdaptiveDraftPolicy(params.draft_limit, batch) if params.adaptive_draft else None
+        # Seeded sampling: the K choice must not depend on timing or on other rows.
+        self.seeded = params.seed is not None and not params.greedy
+        self.cost_ratio = cost_ratio if self.uses_model else 0.0
+        self.watch = Stopwatch(device)
+        self._marks: dict[str, Any] = {}
+        self._prefill: tuple | None = None
+        self.limits: torch.Tensor | None = None  # [B] per-row draft caps of this step
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy is not None
+
+    def mark(self, name: str) -> None:
+        if self.policy is not None:
+            self._marks[name] = self.watch.mark()
+
+    def prefilled(self, tokens: int) -> None:
+        """Call after the target and drafter prefills (marks 'start', 'target', 'draft')."""
+        if self.policy is not None:
+            self._prefill = (tokens, self._marks["start"], self._marks["target"], self._marks["draft"])
+
+    def propose(self, state, k_cap: int):
+        """The step's DraftProposal (k_cap: the most drafts any row may take)."""
+        from .drafters.base import empty_proposal
+
+        self.limits = None
+        state.early_stop = None
+        if k_cap <= 0:
+            return empty_proposal(state.batch_size, state.device)
+        if self.policy is None:
+            return self.drafter.propose(state, k_cap)
+        if self.drafter.chooses_length:  # seeded rows plan on their own counts (no policy)
+            state.draft_policy = None if self.seeded else self.policy
+            return self.drafter.propose(state, k_cap)
+        if not self.uses_model:
+            offer = self.drafter.propose(state, k_cap)
+            available = offer.host_num_draft or [k_cap] * state.batch_size
+            ks = self._choose(k_cap, available)
+            k = max(ks)
+            if k == 0:
+                return empty_proposal(state.batch_size, state.device)
+            proposal = offer if k >= offer.tokens.shape[1] else self.drafter.propose(state, k)
+        else:
+            ks = self._choose(k_cap, None)
+            k = max(ks)
+            if k == 0:
+                return empty_proposal(state.batch_size, state.device)
+            if not self.seeded:
+                state.early_stop = self._early_stop(k, state.batch_size)
+            proposal = self.drafter.propose(state, k)
+        if min(ks) < k:
+            self.limits = torch.tensor(ks, dtype=torch.long).to(state.device, non_blocking=True)
+        return proposal
+
+    def _choose(self, k_cap: int, available: list[int] | None) -> list[int]:
+        policy = self.policy
+        if self.seeded:
+            return policy.choose_per_row(self.name, k_cap, self.cost_ratio, available)
+        k = policy.choose(self.name, k_cap, self.uses_model, available)
+        caps = available or [k] * len(policy.rows)
+        return [min(k, c) for c in caps]
+
+    def _early_stop(self, k: int, batch: int) -> EarlyStop | None:
+        policy = self.policy
+        rate = policy.expected_rate(self.name, k, True)
+        if rate is None:
+            return None
+        thresholds = []
+        for slot in range(k - 1):  # whether to draft slot+2 after slot+1
+            now, more = policy.step_cost(self.name, slot + 1, True), policy.step_cost(self.name, slot + 2, True)
+            thresholds.append(rate * max(more - now, 0.0) if now is not None and more is not None else 0.0)
+        pooled = policy.pooled.get(self.name)
+        rates = pooled.rates() if pooled else AcceptanceCounts(policy.k_max).rates()
+        table = policy.calibration.table(prior=rates[0])
+        return EarlyStop(table, thresholds, rates[1:k], batch, self.device)
+
+    def record(
+        self, k: int, drafted: list[int], accepted: list[int], confidence: list[list[float]] | None,
+        sources: list[str] | None = None,
+    ) -> None:
+        """After the step's host copy: costs (marks 'step', 'drafted', 'verified', 'done') and outcome."""
+        policy = self.policy
+        if policy is None:
+            return
+        m, sec = self._marks, self.watch.seconds
+        if not self.watch.cuda:  # on the host clock the step ends now, its bookkeeping included
+            m["done"] = self.watch.mark()
+        if self._prefill is not None:
+            tokens, start, target, draft = self._prefill
+            self._prefill = None
+            policy.record_prefill(tokens, sec(start, target), sec(target, draft) if self.uses_model else None)
+        draft_s = sec(m["step"], m["drafted"])
+        verify_s = sec(m["drafted"], m["verified"])
+        step_s = sec(m["step"], m["done"])
+        if sources is None:
+            policy.record_step(self.name, k, verify_s, draft_s, step_s, drafted, accepted)
+        else:  # rows drafted by different drafters: each learns from its own rows
+            ran_model = any(s == "model" for s in sources)
+            for name in sorted(set(sources)):
+                mine = [s == name for s in sources]
+                policy.record_step(
+                    name, k, verify_s, draft_s if (name == "model") == ran_model else 0.0, step_s,
+                    [d if m else 0 for d, m in zip(drafted, mine)], [a if m else 0 for a, m in zip(accepted, mine)],
+                    idle=False,
+                )
+        if confidence is not None and not self.seeded:
+            for conf, d, a in zip(confidence, drafted, accepted):
+                if d:
+                    policy.calibration.record(conf[:d], a)
+
+    def select_rows(self, keep: list[int]) -> None:
+        if self.policy is not None:
+            self.policy.select_rows(keep)

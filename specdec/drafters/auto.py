@@ -1,0 +1,167 @@
+"""Drafter "auto": per row and step, prompt lookup where it is expected to pay, the draft model otherwise.
+
+Each step the n-gram index offers what it has for every row (free: a dictionary lookup).
+Every source keeps per-row acceptance estimates (specdec.adaptive), so the expected
+accepted length of each offer is known. Two plans are weighed:
+
+  lookup only   rows with an n-gram offer draft it, the draft model does not run;
+  with model    the draft model drafts K for the batch, and each row verifies whichever
+                of its two offers has the larger expected accepted length.
+
+The plan with more expected tokens per second wins (with num_draft_tokens="auto" the
+costs are the measured ones and K is chosen too; with a fixed K the model runs whenever a
+row expects more from it). Rows that verify n-gram tokens under sampling get a one-hot q,
+so the verifier's rule for them is exactly the one-hot rule. The draft model's cache keeps
+its own drafts only as far as they equal what the target emitted (ModelDrafter handles
+replaced rows), so switching sources costs nothing in correctness.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adaptive import OBS_DISCOUNT, AcceptanceCounts, expected_tokens
+from . import register_drafter
+from .base import DraftProposal, Drafter, empty_proposal
+from .model import ModelDrafter
+from .ngram import NgramDrafter
+
+LOOKUP, MODEL = "ngram", "model"
+
+
+@register_drafter("auto")
+class AutoDrafter(Drafter):
+    """Combines the n-gram and draft-model drafters per row (see the module docstring)."""
+
+    provides_probs = True
+    uses_draft_model = True
+    chooses_length = True  # picks K itself from the policy the loop hands it
+
+    def __init__(self, generator, cache_layer=None) -> None:
+        super().__init__(generator, cache_layer)
+        self.model = ModelDrafter(generator, cache_layer)
+        self.lookup = NgramDrafter(generator, cache_layer)
+
+    def start(self, state) -> None:
+        self.model.start(state)
+        self.lookup.start(state)
+        self.k_max = state.params.draft_limit
+        # Acceptance per row and source when no adaptive policy is running (fixed K).
+        self.counts = [{LOOKUP: AcceptanceCounts(self.k_max), MODEL: AcceptanceCounts(self.k_max)}
+                       for _ in range(state.batch_size)]
+        self.sources = [LOOKUP] * state.batch_size
+
+    # ------------------------------------------------------------------ choosing
+
+    def _rates(self, policy, source: str, b: int) -> list[float]:
+        if policy is not None:
+            return policy.row_rates(source, b)
+        return self.counts[b][source].rates()
+
+    def _cost(self, policy, source: str, k: int) -> float:
+        if policy is None:
+            return 1.0  # fixed K: only the expected lengths decide
+        cost = policy.step_cost(source, k, source == MODEL)
+        return cost if cost is not None else float("inf")
+
+    def plan(self, state, k_cap: int, available: list[int], policy) -> tuple[list[int], list[str]]:
+        """Per row: (drafts, source), from the plan with the most expected tokens per second."""
+        if policy is None:
+            return self._plan_per_row(state, k_cap, available)
+        batch = state.batch_size
+        lookup = [self._rates(policy, LOOKUP, b) for b in range(batch)]
+        model = [self._rates(policy, MODEL, b) for b in range(batch)]
+        best = (0, [LOOKUP] * batch, batch / self._cost(policy, LOOKUP, 0))  # plain decoding
+        for k in range(1, k_cap + 1):
+            if any(available):  # lookup only: the draft model does not run
+                tokens = sum(expected_tokens(lookup[b], min(k, available[b])) for b in range(batch))
+                rate = tokens / self._cost(policy, LOOKUP, k)
+                if rate > best[2] * (1 + 1e-9):
+                    best = (k, [LOOKUP] * batch, rate)
+            sources, tokens = [], 0.0  # the draft model runs; each row takes its better offer
+            for b in range(batch):
+                from_lookup = expected_tokens(lookup[b], min(k, available[b])) if available[b] else 0.0
+                from_model = expected_tokens(model[b], k)
+                sources.append(LOOKUP if from_lookup >= from_model else MODEL)
+                tokens += max(from_lookup, from_model)
+            rate = tokens / self._cost(policy, MODEL, k)
+            if rate > best[2] * (1 + 1e-9):
+                best = (k, sources, rate)
+        k, sources, _ = best
+        return [min(k, available[b]) if s == LOOKUP else k for b, s in enumerate(sources)], sources
+
+    def _plan_per_row(self, state, k_cap: int, available: list[int]) -> tuple[list[int], list[str]]:
+        """Each row on its own counts: a fixed K, or (seeded sampling with K "auto") the best K
+        under the fixed cost proxy, so a row's tokens never depend on the rest of its batch."""
+        adaptive = state.params.adaptive_draft
+        ratio = self.generator._draft_cost_ratio() if adaptive else 0.0
+        ks, sources = [], []
+        for b in range(state.batch_size):
+            counts = self.counts[b]
+            best = (0, LOOKUP, 1.0 if adaptive else 0.0)
+            for k in (range(1, k_cap + 1) if adaptive else [k_cap]):
+                if available[b]:
+                    rate = expected_tokens(counts[LOOKUP].rates(), min(k, available[b]))
+                    if rate > best[2] * (1 + 1e-9):
+                        best = (min(k, available[b]), LOOKUP, rate)
+                rate = expected_tokens(counts[MODEL].rates(), k) / (1.0 + k * ratio)
+                if rate > best[2] * (1 + 1e-9):
+                    best = (k, MODEL, rate)
+            ks.append(best[0])
+            sources.append(best[1])
+        return ks, sources
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.inference_mode()
+    def propose(self, state, k: int) -> DraftProposal:
+        offer = self.lookup.propose(state, k)
+        available = offer.host_num_draft
+        ks, sources = self.plan(state, k, available, state.draft_policy)
+        self.sources = sources
+        k = max(ks)
+        if k == 0:
+            return empty_proposal(state.batch_size, state.device)
+        limits = torch.tensor(ks, dtype=torch.long).to(state.device, non_blocking=True)  # [B]
+        if MODEL not in sources:
+            offer = self.lookup.propose(state, k) if k < offer.tokens.shape[1] else offer
+            offer.num_draft = torch.minimum(offer.num_draft, limits)
+            offer.sources = sources
+            return offer
+        drafted = self.model.propose(state, k)
+        k = drafted.tokens.shape[1]
+        use_lookup = [s == LOOKUP for s in sources]
+        if not any(use_lookup):
+            drafted.num_draft = torch.minimum(drafted.num_draft, limits)
+            drafted.sources = sources
+            return drafted
+        self.model.replaced = True
+        rows = torch.tensor(use_lookup, dtype=torch.bool).to(state.device, non_blocking=True)  # [B]
+        width = min(k, offer.tokens.shape[1])
+        lookup_tokens = torch.full_like(drafted.tokens, -1)  # [B, k]
+        lookup_tokens[:, :width] = offer.tokens[:, :width]
+        tokens = torch.where(rows.unsqueeze(1), lookup_tokens, drafted.tokens)  # [B, k]
+        num_draft = torch.minimum(torch.where(rows, offer.num_draft, drafted.num_draft), limits)  # [B]
+        probs = drafted.probs  # [B, k, V] or None (greedy)
+        if probs is not None:  # sampling: one-hot q for the rows that verify lookup tokens
+            onehot = torch.nn.functional.one_hot(lookup_tokens.clamp(min=0), probs.shape[-1]).to(probs.dtype)
+            probs = torch.where(rows.view(-1, 1, 1), onehot, probs)
+        return DraftProposal(
+            tokens=tokens, num_draft=num_draft, probs=probs, sources=sources, draft_forwards=drafted.draft_forwards
+        )
+
+    def observe(self, state) -> None:
+        self.model.observe(state)
+        for b, (source, d, a) in enumerate(zip(self.sources, state.step_drafted, state.step_accepted)):
+            if d:  # per-row counts of the source the row used (the plan without a policy)
+                self.counts[b][source].discount(OBS_DISCOUNT)
+                self.counts[b][source].record(d, a)
+
+    def select_rows(self, keep: list[int]) -> None:
+        self.model.select_rows(keep)
+        self.lookup.select_rows(keep)
+        self.counts = [self.counts[i] for i in keep]
+
+    def finish(self, state) -> None:
+        self.model.finish(state)
+        self.lookup.finish(state)
