@@ -57,7 +57,8 @@ def _name_list(text: str) -> tuple[str, ...]:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", help="target model: hub id or local path (default: the bundled pair's target)")
-    g.add_argument("--draft", help="draft model: hub id or local path; 'none' for no draft "
+    g.add_argument("--draft", help="draft model: hub id or local path; 'none' for no draft; 'random' (bench) a "
+                                   "random-weight draft of the target's shape, the useless-draft workload "
                                    "(default: the bundled draft when --target is not given)")
     g.add_argument("--device", help="torch device for both models (cpu, cuda, cuda:1, mps)")
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
@@ -148,10 +149,10 @@ def _model_paths(args) -> tuple[str, str | None]:
     if draft is not None and draft.lower() == "none":
         draft = "none"
     if args.target is None:
-        if draft not in (None, "none"):
+        if draft not in (None, "none", "random"):
             raise ValueError("--draft needs --target: the bundled target only pairs with the bundled draft")
         target, bundled_draft = bundled_pair()
-        return target, (None if draft == "none" else bundled_draft)
+        return target, (None if draft == "none" else draft if draft == "random" else bundled_draft)
     return args.target, (None if draft in (None, "none") else draft)
 
 

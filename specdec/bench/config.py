@@ -18,7 +18,10 @@ import torch
 SETTINGS = ("greedy", "sampled")
 # Names accepted by --methods. "cache" runs cache-cold and cache-warm on the cache
 # workload; "hf-assisted" runs transformers' defaults and, per K, hf-assisted-k.
-OURS = ("baseline", "model", "ngram", "auto", "cache")
+# --draft random: a draft of the target's own shape with random weights (the useless-draft
+# workload: every draft is rejected and each costs a full target forward).
+RANDOM_DRAFT = "random"
+OURS = ("baseline", "model", "ngram", "auto", "model-auto", "ngram-auto", "cache")
 PEERS = ("hf", "hf-assisted", "hf-lookup")
 ALL_METHODS = OURS + PEERS
 HEADLINE_METHODS = ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")

@@ -75,6 +75,15 @@ def auto_k_supported() -> bool:
     return True
 
 
+def random_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A model of `model`'s architecture and shape with random weights, on its device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    param = next(model.parameters())
+    return AutoModelForCausalLM.from_config(model.config).to(device=param.device, dtype=param.dtype).eval()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,12 +20,13 @@ import torch
 
 from ..workload import cache_workload, load_builtin, load_jsonl, render
 from . import metrics
-from .config import BenchConfig
+from .config import RANDOM_DRAFT, BenchConfig
 from .methods import (
     Run,
     auto_k_supported,
     forward_ms,
     hf_method,
+    random_like,
     specdec_method,
     specdec_uses_draft_model,
 )
@@ -55,9 +56,14 @@ class Bench:
 
         cfg = self.config
         t0 = time.perf_counter()
+        useless = cfg.draft == RANDOM_DRAFT
         self.gen = SpeculativeGenerator.from_pretrained(
-            cfg.target, cfg.draft, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map
+            cfg.target, None if useless else cfg.draft, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map
         )
+        if useless:  # the useless-draft workload: the target's shape, random weights
+            self.gen = SpeculativeGenerator(
+                self.gen.target_model, self.gen.tokenizer, random_like(self.gen.target_model, seed=cfg.seed)
+            )
         self.load_seconds = time.perf_counter() - t0
         tok = self.gen.tokenizer
         self.ids = [list(tok(render(p, tok))["input_ids"]) for p in self.prompts]
@@ -172,12 +178,12 @@ class Bench:
         """Every (setting, workload, method, K) row, in execution order."""
         cfg = self.config
         methods = set(cfg.methods)
-        if self.gen.draft_model is None and methods & {"model", "hf-assisted"}:
+        if self.gen.draft_model is None and methods & {"model", "model-auto", "hf-assisted"}:
             self.notes.append("model and hf-assisted rows skipped: no draft model (pass --draft)")
-            methods -= {"model", "hf-assisted"}
-        if "auto" in methods and not auto_k_supported():
-            self.notes.append('auto row skipped: this engine has no num_draft_tokens="auto"')
-            methods.discard("auto")
+            methods -= {"model", "model-auto", "hf-assisted"}
+        if methods & {"auto", "model-auto", "ngram-auto"} and not auto_k_supported():
+            self.notes.append('auto rows skipped: this engine has no num_draft_tokens="auto"')
+            methods -= {"auto", "model-auto", "ngram-auto"}
         runs: list[Run] = []
         for setting in cfg.settings:
             sampled = setting == "sampled"
@@ -190,6 +196,10 @@ class Bench:
                 runs.append(self._hf("hf-assisted", setting, assistant=True))
             if "auto" in methods:
                 runs.append(self._ours("auto", "auto", "auto", setting))
+            if "model-auto" in methods:  # the draft model alone, K chosen every step
+                runs.append(self._ours("model-auto", "model", "auto", setting))
+            if "ngram-auto" in methods:
+                runs.append(self._ours("ngram-auto", "ngram", "auto", setting))
             for k in ks:
                 if "model" in methods:
                     runs.append(self._ours("model", "model", k, setting))
