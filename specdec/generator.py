@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -173,12 +174,33 @@ class SpeculativeGenerator:
         layer, drafter, stop_ids = self._prepare(ids, params, cache)
         params = params.for_row(0, 1)
         hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
-        if hit is not None:
+        if hit is not None and hit.trusted:
             yield self._decode_text(hit.token_ids)
             return
-        tokens: list[int] = []
+        prefix: list[int] = []  # tokens confirmed from a cached response
+        decode_params, decode_ids = params, ids
+        if hit is not None:
+            from .caching import verify_responses
+
+            checked = verify_responses(self, ids, [hit.token_ids], params.max_new_tokens, stop_ids)[0]
+            prefix = checked.token_ids
+            if checked.finish_reason is not None:
+                yield self._decode_text(prefix)
+                layer.record(
+                    ids[0], texts[0], params, prefix, checked.finish_reason,
+                    responses=not (hit.source == "exact" and checked.kind == "verified"),
+                )
+                return
+            decode_params = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(prefix), seed=None)
+            decode_ids = [ids[0] + prefix]
+        tokens: list[int] = list(prefix)
         emitted_text = ""
-        steps = iter_decode(self, ids, params, drafter, stop_ids, layer)
+        if prefix:
+            text = self._decode_text(tokens)
+            if not text.endswith("\ufffd"):
+                yield text
+                emitted_text = text
+        steps = iter_decode(self, decode_ids, decode_params, drafter, stop_ids, layer)
         while True:
             try:
                 _, new = next(steps)
@@ -193,11 +215,12 @@ class SpeculativeGenerator:
             if len(text) > len(emitted_text) and text.startswith(emitted_text):
                 yield text[len(emitted_text):]
                 emitted_text = text
-        final = self._decode_text(outputs[0].token_ids)
+        final_tokens = prefix + outputs[0].token_ids
+        final = self._decode_text(final_tokens)
         if len(final) > len(emitted_text) and final.startswith(emitted_text):
             yield final[len(emitted_text):]
         if layer is not None:
-            layer.record(ids[0], texts[0], params, outputs[0].token_ids, outputs[0].finish_reason)
+            layer.record(ids[0], texts[0], params, final_tokens, outputs[0].finish_reason)
 
     # ------------------------------------------------------------------ internals
 
@@ -205,17 +228,24 @@ class SpeculativeGenerator:
         layer, drafter, stop_ids = self._prepare(rows, params, cache)
         errors_before = layer.error_count() if layer is not None else 0
         results: list[GenerationResult | None] = [None] * len(rows)
-        misses = []
+        misses: list[int] = []
+        drafts: list[tuple[int, Any, float]] = []  # (row, cached response, lookup start)
         for i, row in enumerate(rows):
             start = time.perf_counter()
             row_params = params.for_row(i, len(rows))
             hit = layer.lookup(row, texts[i] if texts else None, row_params) if layer is not None else None
             if hit is None:
                 misses.append(i)
-                continue
-            stats = GenerationStats(prompt_tokens=len(row), new_tokens=len(hit.token_ids), cache_hit=True)
-            stats.wall_time_s = time.perf_counter() - start
-            results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
+            elif hit.trusted:  # authenticated under the operator's secret: served as is
+                stats = GenerationStats(
+                    prompt_tokens=len(row), new_tokens=len(hit.token_ids), cache_hit=True, cache_kind="trusted"
+                )
+                stats.wall_time_s = time.perf_counter() - start
+                results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
+            else:  # a draft of its full length: the target checks it before anything is served
+                drafts.append((i, hit, start))
+        if drafts:
+            self._serve_checked(rows, texts, params, drafts, drafter, stop_ids, layer, results)
         if misses:
             sub_params = params.for_rows(misses, len(rows))
             outputs = decode(self, [rows[i] for i in misses], sub_params, drafter, stop_ids, layer)
@@ -229,6 +259,51 @@ class SpeculativeGenerator:
             for r in results:
                 r.stats.cache_errors = errors
         return results  # type: ignore[return-value]
+
+    def _serve_checked(self, rows, texts, params, drafts, drafter, stop_ids, layer, results) -> None:
+        """Cached greedy responses: one checking forward for all of them, then decode on where needed."""
+        from .caching import verify_responses
+
+        check_start = time.perf_counter()
+        checked = verify_responses(
+            self, [rows[i] for i, _, _ in drafts], [h.token_ids for _, h, _ in drafts], params.max_new_tokens, stop_ids
+        )
+        check_time = time.perf_counter() - check_start
+        groups: dict[int, list[tuple[int, Any, Any]]] = {}  # tokens still to decode -> rows
+        for (i, hit, start), c in zip(drafts, checked):
+            if c.finish_reason is None:
+                groups.setdefault(params.max_new_tokens - len(c.token_ids), []).append((i, hit, c))
+                continue
+            stats = GenerationStats(
+                prompt_tokens=len(rows[i]),
+                new_tokens=len(c.token_ids),
+                target_forwards=1,
+                cache_hit=True,
+                cache_kind=c.kind,
+                cache_verified_tokens=min(c.verified_tokens, len(c.token_ids)),
+            )
+            stats.wall_time_s = time.perf_counter() - start
+            results[i] = self._result(c.token_ids, c.finish_reason, stats)
+            # Rewrite what was not exactly this request's confirmed entry (a near-duplicate, a wrong one).
+            layer.record(
+                rows[i], texts[i] if texts else None, params.for_row(i, len(rows)), c.token_ids, c.finish_reason,
+                responses=not (hit.source == "exact" and c.kind == "verified"),
+            )
+        for remaining, group in groups.items():
+            # Greedy: seeds do not matter, only the budget left after the kept tokens.
+            sub_params = dataclasses.replace(params, max_new_tokens=remaining, seed=None)
+            outputs = decode(self, [rows[i] + c.token_ids for i, _, c in group], sub_params, drafter, stop_ids, layer)
+            for (i, _, c), out in zip(group, outputs):
+                stats = out.stats
+                stats.prompt_tokens = len(rows[i])
+                stats.new_tokens += len(c.token_ids)
+                stats.target_forwards += 1  # the checking forward
+                stats.cache_kind = c.kind
+                stats.cache_verified_tokens = c.verified_tokens
+                stats.wall_time_s += check_time
+                tokens = c.token_ids + out.token_ids
+                results[i] = self._result(tokens, out.finish_reason, stats)
+                layer.record(rows[i], texts[i] if texts else None, params.for_row(i, len(rows)), tokens, out.finish_reason)
 
     def _prepare(self, rows: list[list[int]], params: GenerationParams, cache) -> tuple[Any, Drafter, frozenset]:
         """Every check that can fail, before any compute."""
