@@ -48,6 +48,10 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self.killed: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()  # shut down by a deadline
+        # socket -> the call using it now. A pooled socket moves to the next call as soon as
+        # the last one releases it, which may be before that call's watch has ended: only
+        # the current owner's deadline may shut it down.
+        self._owner: "weakref.WeakKeyDictionary[socket.socket, _Call]" = weakref.WeakKeyDictionary()
         self.expired_calls = 0
 
     def watch(self, seconds: float) -> "_Watch":
@@ -69,6 +73,7 @@ class Watchdog:
         if call is None or sock is None:
             return
         with self._cond:
+            self._owner[sock] = call
             if call.expired:
                 self._kill(sock)
             elif not any(s is sock for s in call.sockets):
@@ -109,7 +114,8 @@ class Watchdog:
                 call.expired = True
                 self.expired_calls += 1
                 for sock in call.sockets:
-                    self._kill(sock)
+                    if self._owner.get(sock) is call:
+                        self._kill(sock)
 
     def _kill(self, sock: socket.socket) -> None:
         # The plain socket's shutdown (not SSLSocket's, which touches TLS state another

@@ -207,8 +207,8 @@ def test_dripping_peer_costs_at_most_the_deadline_per_call(gen, dripping):
             start = time.perf_counter()
             assert layer.store.call("mget", [f"k{i}"]) is None
             times.append(time.perf_counter() - start)
-        assert max(times) < deadline + 0.25, times  # generous margin: shared CI cores
-        assert sorted(times)[1] < deadline + 0.05, times
+        assert max(times) < deadline + 0.4, times  # generous margins: shared, loaded CI cores
+        assert sorted(times)[1] < deadline + 0.1, times  # (the old code held each call for seconds)
         counts = layer.counts()
         assert counts["deadline_misses"] == 3 and counts["failures"] == 3
         assert layer.store.breaker.state == "open"  # deadline misses open the breaker like errors
