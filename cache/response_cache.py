@@ -173,7 +173,7 @@ class ResponseCache:
 
     def invalidate(self, request: ResponseRequest) -> bool:
         """Delete the entry of one request now (admin: errors propagate); True if it existed."""
-        epochs = self.namespace.fetch_epochs(request.model_ids)
+        epochs = self.namespace.ensure_epochs(request.model_ids)  # a missing epoch is a new, empty one
         if epochs is None:
             raise ConnectionError(f"cache server {self.store.config.describe()} did not answer")
         key = self.key(request, epochs)

@@ -337,3 +337,35 @@ def test_trusted_mode_secret_is_never_taken_from_a_url_nor_printed(gen, monkeypa
         assert layer.trusted
         for text in (repr(config), str(config), repr(layer), repr(layer.responses)):
             assert SECRET not in text
+
+
+def test_trusted_mode_treats_a_bad_tag_as_a_draft(gen, url, cache_namespace):
+    base = one(gen, cache=None, **GREEDY)
+    with CacheLayer.open(url, gen, secret="another-secret-0123456789") as other:
+        other.responses.lookup(other.request_for(gen.tokenizer(PROMPT)["input_ids"], PROMPT, make_params(**GREEDY)))
+        request = other.request_for(gen.tokenizer(PROMPT)["input_ids"], PROMPT, make_params(**GREEDY))
+        other.responses.put(request, [(t + 1) % gen.vocab_size for t in base.token_ids], "length")  # signed, wrong key
+        other.flush()
+    with open_layer(url, gen, "trusted") as layer:
+        got = one(gen, cache=layer, **GREEDY)
+        assert got.token_ids == base.token_ids and got.stats.cache_kind == "rejected"
+        layer.flush()
+        again = one(gen, cache=layer, **GREEDY)  # the checked answer was written back, signed
+        assert again.token_ids == base.token_ids and again.stats.cache_kind == "trusted"
+
+
+def test_a_batch_of_cached_responses_is_checked_in_one_forward(gen, url):
+    prompts = [PROMPT, "for i in range(10):", "class Point:", "import os"]
+    expected = [one(gen, p, cache=None, **GREEDY).token_ids for p in prompts]
+    with open_layer(url, gen, "verified", namespace=f"ns-{uuid.uuid4().hex[:8]}") as layer:
+        gen.generate(prompts[:3], cache=layer, **GREEDY)
+        layer.flush()
+        # Forge one of them; a fourth prompt misses. Prompts have different lengths (left padding).
+        request = layer.request_for(gen.tokenizer(prompts[1])["input_ids"], prompts[1], make_params(**GREEDY))
+        key = layer.responses.key(request, layer.namespace.fetch_epochs(request.model_ids))
+        wrong = expected[1][:5] + [(t + 1) % gen.vocab_size for t in expected[1][5:]]
+        layer.store.backend.set_many([(key, encode_value(KIND_RESPONSE, wrong, key, tail="length", max_bytes=1 << 20), 60)])
+        results = gen.generate(prompts, cache=layer, **GREEDY)
+    assert [r.token_ids for r in results] == expected
+    assert [r.stats.cache_kind for r in results] == ["verified", "partial", "verified", None]
+    assert results[1].stats.cache_verified_tokens == 5
