@@ -149,10 +149,22 @@ def _getpid() -> int:
 WATCHDOG = Watchdog()
 
 
+def _check_deadline() -> None:
+    """Raise if the current call is past its deadline: never start a connect or a command then.
+
+    Without this, a connection whose socket the watchdog shut down would reconnect, have
+    the new socket shut down at once (the call has expired), reconnect again, and so on.
+    """
+    call = WATCHDOG.current()
+    if call is not None and (call.expired or call.deadline <= time.monotonic()):
+        raise redis.exceptions.TimeoutError("the whole-call deadline passed")
+
+
 class _DeadlineMixin:
     """Reports the connection's sockets to the watchdog and caps connect at the time left."""
 
     def _connect(self):  # type: ignore[override]
+        _check_deadline()
         left = WATCHDOG.remaining()
         configured = self.socket_connect_timeout  # type: ignore[has-type]
         if left is not None:
@@ -170,6 +182,7 @@ class _DeadlineMixin:
         return super()._wrap_socket_with_ssl(sock)  # type: ignore[misc]
 
     def send_packed_command(self, command, check_health=True):  # type: ignore[override]
+        _check_deadline()
         sock = self._sock  # type: ignore[attr-defined]
         if sock is not None and sock in WATCHDOG.killed:
             self.disconnect()  # type: ignore[attr-defined]  # shut down by an earlier deadline: reconnect
