@@ -97,11 +97,17 @@ def test_killed_mid_run(gen, expected, redis_process):
         # Back up (empty: nothing persisted): after the cool-down the cache works again.
         redis_process.restart()
         time.sleep(0.4)
-        assert [r.token_ids for r in run_workload(gen, layer)] == expected
-        layer.flush()
-        again = run_workload(gen, layer)
-        assert [r.token_ids for r in again] == expected
-        assert again[0].stats.cache_hit
+        # Writes racing the breaker's single half-open probe may be skipped: allow a few rounds.
+        hit = False
+        for _ in range(3):
+            assert [r.token_ids for r in run_workload(gen, layer)] == expected
+            layer.flush()
+            again = run_workload(gen, layer)
+            assert [r.token_ids for r in again] == expected
+            hit = again[0].stats.cache_hit
+            if hit:
+                break
+        assert hit
     finally:
         decoding.close()
         layer.close()
