@@ -34,6 +34,10 @@ class Backend(ABC):
         """Store several values, each with its own TTL, in one round trip."""
 
     @abstractmethod
+    def set_if_absent(self, key: str, value: bytes) -> bool:
+        """Store `value` (no expiry) only if `key` does not exist (SET NX); True if it was stored."""
+
+    @abstractmethod
     def delete(self, keys: Sequence[str]) -> int:
         """Delete keys; return how many existed."""
 

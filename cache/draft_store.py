@@ -72,7 +72,7 @@ class DraftStore:
 
     # -- keys --
 
-    def _prefix(self, epoch: int, n: int) -> bytes:
+    def _prefix(self, epoch: str, n: int) -> bytes:
         prefix = self._prefixes.get((epoch, n))
         if prefix is None:
             meta = {
@@ -86,11 +86,11 @@ class DraftStore:
             prefix = self._prefixes[(epoch, n)] = canonical_json(meta) + b"\n"
         return prefix
 
-    def context_key(self, context: Sequence[int], epoch: int) -> str:
+    def context_key(self, context: Sequence[int], epoch: str) -> str:
         """Redis key of a context (a token sequence) under a namespace epoch."""
         return self._key_from_bytes(pack_tokens(context), epoch)
 
-    def _key_from_bytes(self, context_bytes: bytes, epoch: int) -> str:
+    def _key_from_bytes(self, context_bytes: bytes, epoch: str) -> str:
         h = hashlib.sha256(self._prefix(epoch, len(context_bytes) // 4) + context_bytes).hexdigest()
         return draft_key(self.namespace.name, h[:40])
 
@@ -105,7 +105,7 @@ class DraftStore:
         for seq in sequences:
             plan.append([(n, 0) for n in self.contexts if len(seq) >= n])
 
-        def keys_for(epochs: list[int]) -> list[str]:
+        def keys_for(epochs: list[str]) -> list[str]:
             keys: list[str] = []
             for seq, entries in zip(sequences, plan):
                 for j, (n, _) in enumerate(entries):
@@ -157,7 +157,7 @@ class DraftStore:
 
     # -- writes --
 
-    def writes_for(self, sequence: Sequence[int], epoch: int) -> list[Write]:
+    def writes_for(self, sequence: Sequence[int], epoch: str) -> list[Write]:
         """The (key, value, ttl) writes that index `sequence` under `epoch`."""
         packed = pack_tokens(sequence)  # int32 bytes: contexts and continuations are slices of it
         n_tokens = len(packed) // 4
@@ -215,7 +215,7 @@ class DraftStore:
             return False
 
         def job() -> None:
-            epochs = self.namespace.cached_epochs() or self.namespace.fetch_epochs()
+            epochs = self.namespace.cached_epochs() or self.namespace.ensure_epochs()
             if epochs is None:
                 self._unclaim(seq_digest)
                 return
@@ -234,7 +234,7 @@ class DraftStore:
 
     def put(self, context: Sequence[int], continuation: Sequence[int]) -> None:
         """Store one continuation for one context now (admin: errors propagate)."""
-        epochs = self.namespace.cached_epochs() or self.namespace.fetch_epochs()
+        epochs = self.namespace.cached_epochs() or self.namespace.ensure_epochs()
         if epochs is None:
             raise ConnectionError(f"cache server {self.store.config.describe()} did not answer")
         key = self.context_key(context, epochs[0])

@@ -1,21 +1,31 @@
 """Fingerprints of models and tokenizers: what a cached answer depends on.
 
 Model: name or path, revision (commit hash when loaded from the hub), SHA-256 of the
-config JSON, the parameter dtype, and a SHA-256 of a small sample of the weights (a
-few hundred values from three tensors), so a model retrained and saved to the same
-path gets a new fingerprint without hashing gigabytes.
+config JSON, the parameter dtype, and a SHA-256 over EVERY parameter and buffer (name,
+dtype, shape and all bytes), so a change to any weight, anywhere, gives a new
+fingerprint. A sample of the weights is not enough: fine-tuning a few layers and
+saving to the same path leaves any fixed sample unchanged.
+
+Cost: SHA-256 runs at roughly 0.5 GB/s per core and hashlib releases the GIL, so the
+tensors are hashed in 16 MiB chunks on a thread per core (a tree hash: per-chunk
+digests, then one digest over them in a fixed order). benchmarks/bench_cache.py
+measures it against load time. Computed once per model object (weakly memoised):
+weights changed in place on a live object keep the old fingerprint; reload the
+model (or call `invalidate_model`) after changing weights.
+
 Tokenizer: class, name or path, vocabulary size, SHA-256 of the sorted vocabulary and
 the special token ids.
 
-Computed once per object (weakly memoised). Everything here is duck-typed; torch and
-transformers are not imported.
+torch is imported lazily (only to view tensors as bytes); transformers never.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .keys import canonical_json, short_id
@@ -23,7 +33,7 @@ from .keys import canonical_json, short_id
 _MODEL_MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _TOKENIZER_MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_WEIGHT_SAMPLE = 256
+_CHUNK_BYTES = 16 << 20
 
 
 def _memo(memo: weakref.WeakKeyDictionary, obj: Any, compute) -> dict:
@@ -37,18 +47,55 @@ def _memo(memo: weakref.WeakKeyDictionary, obj: Any, compute) -> dict:
     return found
 
 
-def _weights_sample(model: Any) -> str | None:
-    params = getattr(model, "parameters", None)
-    if params is None:
+def _named_tensors(model: Any) -> list[tuple[str, Any]]:
+    """Every parameter and buffer once (tied weights under their first name), in a fixed order."""
+    named = []
+    for getter in ("named_parameters", "named_buffers"):
+        fn = getattr(model, getter, None)
+        if fn is not None:
+            named.extend(fn(remove_duplicate=True))
+    return named
+
+
+def _tensor_bytes(tensor: Any) -> memoryview:
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.contiguous().view(torch.uint8).numpy())
+
+
+def weights_sha256(model: Any) -> str | None:
+    """SHA-256 tree hash of every parameter and buffer of `model` (names, dtypes, shapes, bytes)."""
+    named = [(n, t) for n, t in _named_tensors(model) if not getattr(t, "is_meta", False)]
+    if not named:
         return None
-    tensors = [p for p in params() if not getattr(p, "is_meta", False)]
-    if not tensors:
-        return None
+    chunks: list[tuple[int, int, Any]] = []  # (tensor index, chunk offset, tensor)
+    for i, (_, t) in enumerate(named):
+        nbytes = t.numel() * t.element_size()
+        chunks.extend((i, off, t) for off in range(0, max(nbytes, 1), _CHUNK_BYTES))
+    views: dict[int, memoryview] = {}
+
+    def chunk_digest(item: tuple[int, int, Any]) -> bytes:
+        i, off, t = item
+        view = views.get(i)
+        if view is None:  # benign race: two threads may both convert; the bytes are equal
+            view = views[i] = _tensor_bytes(t)
+        return hashlib.sha256(view[off : off + _CHUNK_BYTES]).digest()
+
+    workers = max(1, min(len(chunks), os.cpu_count() or 1))
+    if workers == 1:
+        digests = [chunk_digest(c) for c in chunks]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="specdec-fingerprint") as pool:
+            digests = list(pool.map(chunk_digest, chunks))
     h = hashlib.sha256()
-    for t in {0: tensors[0], 1: tensors[len(tensors) // 2], 2: tensors[-1]}.values():
-        flat = t.detach().reshape(-1)[:_WEIGHT_SAMPLE]
-        h.update(str(tuple(t.shape)).encode())
-        h.update(canonical_json(flat.float().cpu().tolist()))
+    for (i, off, t), d in zip(chunks, digests):
+        if off == 0:
+            name = named[i][0]
+            h.update(canonical_json([name, str(t.dtype), list(t.shape)]))
+        h.update(d)
     return h.hexdigest()
 
 
@@ -62,7 +109,7 @@ def _compute_model_fingerprint(model: Any) -> dict[str, Any]:
         "revision": getattr(config, "_commit_hash", None) or getattr(config, "revision", None),
         "config_sha256": hashlib.sha256(config_json.encode("utf-8")).hexdigest(),
         "dtype": str(dtype) if dtype is not None else None,
-        "weights_sample_sha256": _weights_sample(model),
+        "weights_sha256": weights_sha256(model),
     }
 
 

@@ -4,8 +4,8 @@ Every key lives under `specdec:{namespace}:`. Kinds:
 
     specdec:{ns}:resp:{sha256 hex}          a cached response
     specdec:{ns}:draft:{hex}                a draft-store continuation
-    specdec:{ns}:epoch                      the namespace epoch (INCR to invalidate all)
-    specdec:{ns}:model-epoch:{model id}     a per-model epoch (INCR to invalidate one model)
+    specdec:{ns}:epoch                      the namespace epoch token (replaced to invalidate all)
+    specdec:{ns}:model-epoch:{model id}     a per-model epoch token (replaced to invalidate one model)
     specdec:{ns}:models                     hash: model id -> description (for the CLI)
     specdec:{ns}:stats                      hash: shared hit/miss/store counters
 
@@ -24,7 +24,13 @@ from collections.abc import Mapping, Set
 from typing import Any
 
 # Bump when the key material or value layout changes meaning: old entries stop matching.
-SCHEMA_VERSION = 1
+# 2: prompt kinds (text / ids / near), effective stop set, epoch tokens, full-weight fingerprints.
+SCHEMA_VERSION = 2
+# What the prompt of a response key is: the exact ids of a text prompt, the exact ids of
+# an id prompt (separate spaces: the same ids reached two ways never share an exact
+# entry), or the ids of the normalised text ("near": shared by whitespace variants and
+# by an id prompt that decodes to the same text; only ever used as a draft).
+PROMPT_KINDS = ("text", "ids", "near")
 PREFIX = "specdec"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _PLAIN = (str, int, bool, type(None))  # exact types that canonicalize to themselves
@@ -109,9 +115,9 @@ def short_id(obj: Any) -> str:
 def response_material(
     *,
     namespace: str,
-    epoch: int,
+    epoch: str,
     model: str,
-    model_epoch: int,
+    model_epoch: str,
     tokenizer: str,
     normalization: Mapping[str, Any],
     prompt_ids: list[int] | tuple[int, ...],
@@ -119,14 +125,21 @@ def response_material(
     seed: int | None,
     max_new_tokens: int,
     stop_token_ids: Any,
-    extra_models: Mapping[str, int] | None = None,
+    prompt_kind: str = "ids",
+    stop_strings: Any = (),
+    extra_models: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The key material of a response, as the design lists it.
 
-    `model` / `tokenizer` are fingerprint ids; `sampling` holds the sampling parameters
-    already resolved to their effective values; `extra_models` maps further model ids
-    the output depends on (a draft model under seeded sampling) to their epochs.
+    `model` / `tokenizer` are fingerprint ids; `epoch` / `model_epoch` the current epoch
+    tokens; `prompt_kind` one of PROMPT_KINDS; `sampling` holds the sampling parameters
+    already resolved to their effective values; `stop_token_ids` is the effective stop
+    set (eos ids of the generation config, model config and tokenizer unless ignore_eos,
+    plus the request's stop ids); `extra_models` maps further model ids the output
+    depends on (a draft model under seeded sampling) to their epoch tokens.
     """
+    if prompt_kind not in PROMPT_KINDS:
+        raise ValueError(f"prompt_kind={prompt_kind!r}; allowed: {', '.join(PROMPT_KINDS)}")
     return {
         "schema": SCHEMA_VERSION,
         "namespace": namespace,
@@ -135,11 +148,11 @@ def response_material(
         "extra_models": dict(extra_models or {}),
         "tokenizer": tokenizer,
         "normalization": dict(normalization),
-        "prompt": list(prompt_ids),
+        "prompt": {"kind": prompt_kind, "ids": list(prompt_ids)},
         "sampling": dict(sampling),
         "seed": seed,
         "max_new_tokens": max_new_tokens,
-        "stop": sorted(set(stop_token_ids or ())),
+        "stop": {"ids": sorted(set(stop_token_ids or ())), "strings": sorted(set(stop_strings or ()))},
     }
 
 
@@ -154,12 +167,12 @@ def draft_key(namespace: str, hexdigest: str) -> str:
 
 
 def epoch_key(namespace: str) -> str:
-    """Redis key of the namespace epoch counter."""
+    """Redis key of the namespace epoch token."""
     return f"{PREFIX}:{namespace}:epoch"
 
 
 def model_epoch_key(namespace: str, model_id: str) -> str:
-    """Redis key of one model's epoch counter within a namespace."""
+    """Redis key of one model's epoch token within a namespace."""
     return f"{PREFIX}:{namespace}:model-epoch:{model_id}"
 
 

@@ -88,6 +88,13 @@ class MemoryBackend(Backend):
             for key, value, ttl in writes:
                 self._put(key, bytes(value), ttl)
 
+    def set_if_absent(self, key: str, value: bytes) -> bool:
+        with self._lock:
+            if self._live(key) is not None:
+                return False
+            self._put(key, bytes(value), None)
+            return True
+
     def delete(self, keys: Sequence[str]) -> int:
         with self._lock:
             n = 0

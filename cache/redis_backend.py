@@ -1,8 +1,10 @@
 """Redis backend (redis-py): standalone over TCP, TLS or a unix socket, or Redis Cluster.
 
 Failure behaviour is set here once: socket connect and read/write timeouts equal the
-deadline, and redis-py's own retries are switched off (its default retries ten times
-with backoff, which would turn one dead server into seconds of latency). The client
+deadline, connections are deadline-aware (specdec.cache.deadline: the store bounds
+each whole call, handshake included), and redis-py's own retries are switched off
+(its default retries ten times with backoff, which would turn one dead server into
+seconds of latency). The client
 is created on first use, so an unreachable server fails a call rather than the
 constructor. Callers share one instance per process and URL (specdec.cache.store),
 hence one connection pool per process.
@@ -17,8 +19,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from urllib.parse import urlsplit
+
 from .backend import Backend, Write
 from .config import CacheConfig
+from .deadline import connection_class
 
 
 class RedisBackend(Backend):
@@ -49,6 +54,7 @@ class RedisBackend(Backend):
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
+            "connection_class": connection_class(urlsplit(self.config.url).scheme),
         }
         if self.cluster:
             # Cluster discovery runs here; a failure propagates and the next call tries again.
@@ -76,6 +82,9 @@ class RedisBackend(Backend):
             else:
                 pipe.set(key, value)
         pipe.execute()
+
+    def set_if_absent(self, key: str, value: bytes) -> bool:
+        return bool(self.client.set(key, value, nx=True))
 
     def delete(self, keys: Sequence[str]) -> int:
         if not keys:

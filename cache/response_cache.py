@@ -1,10 +1,15 @@
 """Response cache: whole outputs of deterministic requests, keyed canonically.
 
-The caller decides what is deterministic and resolves sampling parameters to their
-effective values (specdec.caching does both); this module turns a ResponseRequest
-into `specdec:{ns}:resp:{sha256}`, reads with one round trip in the steady state, and
-writes behind. A value written by this process but still queued is served from the
-pending map, so a repeat right after a miss hits without waiting for the writer.
+The caller decides what is deterministic, resolves sampling parameters to their
+effective values, and decides what a value may be used for (specdec.caching does all
+three); this module turns a ResponseRequest into `specdec:{ns}:resp:{sha256}`, reads
+with one round trip in the steady state, and writes behind. A value written by this
+process but still queued is found in the pending map, so a repeat right after a miss
+hits without waiting for the writer.
+
+With a secret (trusted mode) values are written with an HMAC-SHA256 tag over the full
+Redis key and the value, and a read reports whether the value it found carries a
+valid tag (`DecodedValue.authenticated`). Without one, nothing read is authenticated.
 """
 
 from __future__ import annotations
@@ -13,7 +18,16 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .codec import HEADER, KIND_RESPONSE, CorruptValue, DecodedValue, ValueTooLarge, decode_value, encode_value
+from .codec import (
+    HEADER,
+    KIND_RESPONSE,
+    TAG_BYTES,
+    CorruptValue,
+    DecodedValue,
+    ValueTooLarge,
+    decode_value,
+    encode_value,
+)
 from .keys import digest, response_key, response_material
 from .namespace import Namespace
 from .store import CacheStore
@@ -30,15 +44,17 @@ class ResponseRequest:
     sampling: Mapping[str, Any]  # effective sampling parameters
     seed: int | None
     max_new_tokens: int
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # the effective stop set (eos ids included unless ignore_eos)
     extra_models: tuple[str, ...] = ()  # other model ids the output depends on (draft model)
+    prompt_kind: str = "ids"  # "text" | "ids" | "near" (see keys.PROMPT_KINDS)
+    stop_strings: tuple[str, ...] = ()
 
     @property
     def model_ids(self) -> list[str]:
         """Every model id whose epoch is part of the key."""
         return [self.model, *self.extra_models]
 
-    def material(self, namespace: str, epochs: list[int]) -> dict[str, Any]:
+    def material(self, namespace: str, epochs: list[str]) -> dict[str, Any]:
         """The canonical key material given [namespace epoch, model epoch, extra model epochs...]."""
         return response_material(
             namespace=namespace,
@@ -52,6 +68,8 @@ class ResponseRequest:
             seed=self.seed,
             max_new_tokens=self.max_new_tokens,
             stop_token_ids=self.stop_token_ids,
+            prompt_kind=self.prompt_kind,
+            stop_strings=self.stop_strings,
             extra_models=dict(zip(self.extra_models, epochs[2:])),
         )
 
@@ -59,15 +77,27 @@ class ResponseRequest:
 class ResponseCache:
     """Get/put whole responses in one namespace of one store."""
 
-    def __init__(self, store: CacheStore, namespace: Namespace, *, ttl_s: float, max_value_bytes: int) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        namespace: Namespace,
+        *,
+        ttl_s: float,
+        max_value_bytes: int,
+        secret: bytes | None = None,
+    ) -> None:
         self.store = store
         self.namespace = namespace
         self.ttl_s = ttl_s
         self.max_value_bytes = max_value_bytes
+        self._secret = secret
         self._pending: dict[str, bytes] = {}  # Redis key -> value queued for writing
         self._pending_lock = threading.Lock()
 
-    def key(self, request: ResponseRequest, epochs: list[int]) -> str:
+    def __repr__(self) -> str:
+        return f"ResponseCache(namespace={self.namespace.name!r}, signed={self._secret is not None})"
+
+    def key(self, request: ResponseRequest, epochs: list[str]) -> str:
         """The Redis key of `request` under the given epochs."""
         return response_key(self.namespace.name, digest(request.material(self.namespace.name, epochs)))
 
@@ -88,21 +118,24 @@ class ResponseCache:
             if raw is None:
                 return None
         try:
-            return decode_value(raw, key, kind=KIND_RESPONSE, max_bytes=self.max_value_bytes)
+            return decode_value(raw, key, kind=KIND_RESPONSE, max_bytes=self.max_value_bytes, secret=self._secret)
         except CorruptValue:
             self.store.count("corrupt")
             return None
 
     def put(self, request: ResponseRequest, tokens: list[int], finish_reason: str) -> bool:
         """Queue the response for writing; False if it was not queued (too large, queue full)."""
-        if HEADER.size + 4 * len(tokens) + len(finish_reason.encode("utf-8")) > self.max_value_bytes:
+        tag = TAG_BYTES if self._secret else 0
+        if HEADER.size + 4 * len(tokens) + len(finish_reason.encode("utf-8")) + tag > self.max_value_bytes:
             self.store.count("oversize")
             return False
         epochs = self.namespace.cached_epochs(request.model_ids)
         if epochs is not None:
             key = self.key(request, epochs)
             try:
-                value = encode_value(KIND_RESPONSE, tokens, key, tail=finish_reason, max_bytes=self.max_value_bytes)
+                value = encode_value(
+                    KIND_RESPONSE, tokens, key, tail=finish_reason, max_bytes=self.max_value_bytes, secret=self._secret
+                )
             except ValueTooLarge:
                 self.store.count("oversize")
                 return False
@@ -119,12 +152,14 @@ class ResponseCache:
         else:
             # Epochs unknown in this process: the writer fetches them first.
             def job() -> None:
-                current = self.namespace.fetch_epochs(request.model_ids)
+                current = self.namespace.ensure_epochs(request.model_ids)
                 if current is None:
                     return
                 key = self.key(request, current)
                 try:
-                    value = encode_value(KIND_RESPONSE, tokens, key, tail=finish_reason, max_bytes=self.max_value_bytes)
+                    value = encode_value(
+                        KIND_RESPONSE, tokens, key, tail=finish_reason, max_bytes=self.max_value_bytes, secret=self._secret
+                    )
                 except ValueTooLarge:
                     self.store.count("oversize")
                     return
@@ -138,7 +173,7 @@ class ResponseCache:
 
     def invalidate(self, request: ResponseRequest) -> bool:
         """Delete the entry of one request now (admin: errors propagate); True if it existed."""
-        epochs = self.namespace.fetch_epochs(request.model_ids)
+        epochs = self.namespace.ensure_epochs(request.model_ids)  # a missing epoch is a new, empty one
         if epochs is None:
             raise ConnectionError(f"cache server {self.store.config.describe()} did not answer")
         key = self.key(request, epochs)

@@ -1,9 +1,10 @@
 """One process-wide handle per cache server: backend, circuit breaker, write-behind, counters.
 
-Hot-path code calls `store.call(...)`, which never raises: a connection failure or
-timeout (the deadline) counts a failure and feeds the breaker; any other error counts
-an error; an open breaker skips the call and counts a short circuit. Each returns the
-caller's default. Admin code (CLI, invalidation) calls `store.admin(...)`, which
+Hot-path code calls `store.call(...)`, which never raises: a connection failure, a
+timeout or a missed whole-call deadline (connect and handshake included, see
+deadline.py) counts a failure and feeds the breaker; any other error counts an error;
+an open breaker skips the call and counts a short circuit. Each returns the caller's
+default. Admin code (CLI, invalidation) calls `store.admin(...)`, which
 raises, because a person asked for it and should hear that it failed.
 
 Everyone in a process who opens the same URL with the same settings gets the same
@@ -24,6 +25,7 @@ from typing import Any, Callable
 from .backend import Backend, open_backend
 from .breaker import CircuitBreaker
 from .config import CacheConfig
+from .deadline import WATCHDOG
 from .keys import stats_key
 from .writer import WriteBehind
 
@@ -57,6 +59,8 @@ class CacheStore:
     def __init__(self, config: CacheConfig, backend: Backend | None = None) -> None:
         self.config = config
         self.backend = backend if backend is not None else open_backend(config)
+        # In-process backends cannot hang; only network calls run under the watchdog.
+        self._deadline_s = config.deadline_ms / 1000.0 if self.backend.kind == "redis" else None
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self.writer = WriteBehind(config.queue_size)
         self.epochs: dict[str, int] = {}  # epoch key -> last value seen (optimistic reads)
@@ -126,17 +130,28 @@ class CacheStore:
         if not self.breaker.allow():
             self.count("short_circuits")
             return default
+        watched = None
         try:
-            result = getattr(self.backend, op)(*args)
-        except _CONNECTION_ERRORS as exc:
-            self.breaker.record_failure()
-            self.count("failures")
-            self._log(f"cache server {self.config.describe()} unreachable", exc)
-            return default
-        except Exception as exc:  # the server answered with an error: not an outage
-            self.breaker.record_success()
-            self.count("errors")
-            self._log(f"cache call {op} failed", exc)
+            if self._deadline_s is None:
+                result = getattr(self.backend, op)(*args)
+            else:
+                with WATCHDOG.watch(self._deadline_s) as watched:
+                    result = getattr(self.backend, op)(*args)
+                if watched.expired:  # answered, but too late: a miss all the same
+                    raise TimeoutError(f"cache call {op} exceeded its deadline of {self.config.deadline_ms:g} ms")
+        except Exception as exc:
+            # Final once the watch has ended: the watchdog never touches a finished call.
+            expired = watched is not None and watched.expired
+            if expired or isinstance(exc, _CONNECTION_ERRORS):
+                self.breaker.record_failure()
+                self.count("failures")
+                if expired:
+                    self.count("deadline_misses")
+                self._log(f"cache server {self.config.describe()} unreachable or too slow", exc)
+            else:  # the server answered with an error: not an outage
+                self.breaker.record_success()
+                self.count("errors")
+                self._log(f"cache call {op} failed", exc)
             return default
         self.breaker.record_success()
         return result

@@ -1,4 +1,4 @@
-"""Glue between the generator and specdec.cache: CacheLayer.
+"""Glue between the generator and specdec.cache: CacheLayer, and the check of cached responses.
 
 The generator calls, per request row:
 
@@ -9,10 +9,28 @@ and the "cache" drafter reads `layer.draft_store`. Neither call raises or waits 
 failing server: failures are counted (`error_count()`, copied into stats.cache_errors)
 and the request proceeds as if there were no cache.
 
-What is served: only deterministic requests (greedy, or sampling with an explicit
-seed), since anything else must be a fresh sample. Seeded sampling with the "cache"
-drafter is not served either: its tokens depend on what the draft store held at the
-time, not only on the key. Every other request still feeds the draft store.
+Trust. Anyone who can write to the Redis can write any bytes, so what a lookup returns
+is a claim, not an answer:
+- verified mode (default, no secret): a cached greedy response is a draft of its full
+  length. `verify_responses` runs ONE target forward over prompt + response, keeps the
+  longest prefix the target agrees with plus the target's own token at the first
+  mismatch (or the bonus token after the last), and the generator decodes on from
+  there. A wrong, stale, forged or near-duplicate entry costs time, never output.
+  Sampled responses are neither served nor used (one forward cannot check a sample).
+- trusted mode (a secret, by argument or SPECDEC_CACHE_SECRET): entries are written
+  with an HMAC-SHA256 tag over the full Redis key and the value; an authenticated
+  entry found under the exact key of the request is served without a forward (greedy,
+  and seeded sampling whose drafter reads no shared state). Anything else (no tag, a
+  bad tag, a near-duplicate key) is at most a draft to verify, as in verified mode.
+
+Keys. The exact key holds the prompt's kind ("text" or "ids": the same ids reached
+both ways never share an exact entry) and its exact token ids, the effective sampling
+parameters, seed, max_new_tokens and the effective stop set (eos ids of the generation
+config, model config and tokenizer unless ignore_eos, stop ids, stop strings). A second,
+"near" key holds the ids of the normalised text (NFKC, whitespace, optional case
+folding), for text prompts and for id prompts that decode to text, so whitespace
+variants and an id prompt equal to a text prompt find each other's responses, as
+drafts only.
 """
 
 from __future__ import annotations
@@ -25,11 +43,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .cache.config import CacheConfig, parse_cache_url
 from .cache.draft_store import DraftStore
 from .cache.fingerprint import fingerprint_id, model_fingerprint, tokenizer_fingerprint
 from .cache.namespace import Namespace
-from .cache.normalize import render_prompt
+from .cache.normalize import normalize_text, render_prompt
 from .cache.response_cache import ResponseCache, ResponseRequest
 from .cache.store import get_store, release_store
 from .drafters import get_drafter_class, resolve_drafter_name
@@ -39,17 +59,40 @@ log = logging.getLogger("specdec.cache")
 _FINISH_REASONS = ("stop", "length")
 # GenerationParams fields resolved explicitly into the key (everything else goes in as is).
 _HANDLED_PARAMS = frozenset(
-    {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "drafter", "num_draft_tokens", "stop_token_ids", "ignore_eos"}
+    {
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "drafter",
+        "num_draft_tokens",
+        "stop_token_ids",
+        "ignore_eos",
+        "stop",
+    }
 )
 _IDS_MEMO_SIZE = 512
 
 
 @dataclass
 class CachedResponse:
-    """A response served from the cache."""
+    """A response found in the cache, and what it may be used for."""
 
     token_ids: list[int]  # [N] new tokens only
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" as the entry claims (only trusted entries are believed)
+    trusted: bool  # authenticated entry under the exact key: may be served without a forward
+    source: str  # "exact" (this request's key) | "near" (the normalised prompt's key)
+
+
+@dataclass
+class CheckedResponse:
+    """A cached greedy response after the target's check (see verify_responses)."""
+
+    token_ids: list[int]  # [<= max_new_tokens] verified prefix + the target's token, cut at stop/limit
+    finish_reason: str | None  # "stop" | "length", or None: decode on from prompt + token_ids
+    verified_tokens: int  # cached tokens the target agreed with, before the first mismatch
+    kind: str  # "verified" | "partial" | "rejected"
 
 
 class CacheLayer:
@@ -64,9 +107,13 @@ class CacheLayer:
         self.normalization = config.normalization
         self.model_id, self.draft_id, self.tokenizer_id = self._fingerprints(generator)
         self.responses = ResponseCache(
-            self.store, self.namespace, ttl_s=config.ttl_s, max_value_bytes=config.max_value_bytes
+            self.store,
+            self.namespace,
+            ttl_s=config.ttl_s,
+            max_value_bytes=config.max_value_bytes,
+            secret=config.secret,
         )
-        self.vocab_size = _vocab_size(generator)
+        self.vocab_size = getattr(generator, "vocab_size", None)
         self.draft_store = DraftStore(
             self.store,
             self.namespace,
@@ -93,6 +140,8 @@ class CacheLayer:
         Keyword options override URL query options (namespace, ttl_s, deadline_ms,
         breaker_failures, breaker_cooldown_s, casefold, whitespace, max_value_bytes,
         response_cache, draft_store, ...; see specdec.cache.config.CacheConfig).
+        `secret=` (str or bytes, at least 16 bytes; default: $SPECDEC_CACHE_SECRET)
+        turns on trusted mode; it is refused in the URL.
         """
         if isinstance(spec, CacheLayer):
             if options:
@@ -115,8 +164,8 @@ class CacheLayer:
         target = getattr(generator, "target_model", None)
         draft = getattr(generator, "draft_model", None)
         tokenizer = getattr(generator, "tokenizer", None)
-        # The generator's own fingerprints (name, revision, config hash) plus a sample of
-        # the weights, so a checkpoint retrained in place does not answer for the old one.
+        # The generator's own fingerprints (name, revision, config hash) plus a hash of
+        # every weight, so a checkpoint retrained in place does not answer for the old one.
         model_fp = {"weights": model_fingerprint(target) if target is not None else None}
         if hasattr(generator, "model_fingerprint"):
             model_fp["generator"] = generator.model_fingerprint()
@@ -159,13 +208,24 @@ class CacheLayer:
 
     # ------------------------------------------------------------------ keys
 
+    @property
+    def trusted(self) -> bool:
+        """Trusted mode: authenticated entries are served without a forward."""
+        return self.config.trusted
+
     def is_servable(self, params: Any) -> bool:
-        """May a response for these params come from (and go to) the response cache?"""
+        """May a response for these params be looked up in (and written to) the response cache?
+
+        Greedy: always (verified by one forward, or authenticated in trusted mode).
+        Seeded sampling: only in trusted mode (one forward cannot verify a sample), and
+        not with a drafter that reads shared state (its tokens depend on what the store
+        held at the time, not only on the key). Unseeded sampling: never.
+        """
         if not self.config.response_cache:
             return False
         if params.greedy:
             return True
-        if params.seed is None or not isinstance(params.seed, int):
+        if not self.trusted or params.seed is None or not isinstance(params.seed, int):
             return False
         return not get_drafter_class(self._drafter_name(params)).reads_shared_state
 
@@ -185,7 +245,7 @@ class CacheLayer:
             return {"mode": "greedy", "ignore_eos": bool(params.ignore_eos), "extra": extra}, None, ()
         drafter = self._drafter_name(params)
         top_k = int(params.top_k)
-        if top_k >= self.vocab_size:
+        if self.vocab_size is not None and top_k >= self.vocab_size:
             top_k = 0  # keeps every token: the same as off
         sampling = {
             "mode": "sample",
@@ -201,8 +261,31 @@ class CacheLayer:
         models = (self.draft_id,) if uses_draft and self.draft_id is not None else ()
         return sampling, int(params.seed), models
 
+    def stop_set(self, params: Any) -> tuple[int, ...]:
+        """The effective stop ids: the request's, plus every eos id the generator stops on unless ignore_eos."""
+        stops = {int(t) for t in params.stop_token_ids}
+        if not params.ignore_eos:
+            stops.update(int(t) for t in getattr(self.generator, "eos_token_ids", ()))
+        return tuple(sorted(stops))
+
+    def near_ids(self, prompt_ids: Sequence[int], prompt_text: Any) -> tuple[int, ...] | None:
+        """Token ids of the normalised prompt text (None without a tokenizer).
+
+        A text prompt is normalised as is; an id prompt is decoded first, so that it
+        meets a text prompt that encodes to the same ids.
+        """
+        tokenizer = getattr(self.generator, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        if prompt_text is None:
+            text = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+            if not text:
+                return None
+            return tuple(int(t) for t in tokenizer(normalize_text(text, self.normalization))["input_ids"])
+        return self.prompt_key_ids(prompt_ids, prompt_text)
+
     def prompt_key_ids(self, prompt_ids: Sequence[int], prompt_text: Any) -> tuple[int, ...]:
-        """Token ids the key is built from: those of the normalised text when there is text."""
+        """Token ids of the normalised text when there is text (the near key), else the ids."""
         tokenizer = getattr(self.generator, "tokenizer", None)
         if prompt_text is None or tokenizer is None:
             return tuple(int(t) for t in prompt_ids)
@@ -222,42 +305,79 @@ class CacheLayer:
                     self._ids_memo.popitem(last=False)
         return ids
 
-    def request_for(self, prompt_ids: Sequence[int], prompt_text: Any, params: Any) -> ResponseRequest:
-        """The response-cache request (key material without epochs) of one row."""
+    def request_for(
+        self, prompt_ids: Sequence[int], prompt_text: Any, params: Any, *, near: bool = False
+    ) -> ResponseRequest | None:
+        """The response-cache request (key material without epochs) of one row.
+
+        The exact request keys on the prompt's kind ("text" when prompt_text is given,
+        else "ids") and its exact ids; `near=True` gives the normalised-prompt request
+        (None when there is no text to normalise).
+        """
         sampling, seed, extra = self._effective_sampling(params)
+        if near:
+            ids = self.near_ids(prompt_ids, prompt_text)
+            if ids is None:
+                return None
+            kind = "near"
+        else:
+            ids = tuple(int(t) for t in prompt_ids)
+            kind = "text" if prompt_text is not None else "ids"
         return ResponseRequest(
             model=self.model_id,
             tokenizer=self.tokenizer_id,
             normalization=self.normalization.spec(),
-            prompt_ids=self.prompt_key_ids(prompt_ids, prompt_text),
+            prompt_ids=ids,
             sampling=sampling,
             seed=seed,
             max_new_tokens=int(params.max_new_tokens),
-            stop_token_ids=tuple(sorted(set(int(t) for t in params.stop_token_ids))),
+            stop_token_ids=self.stop_set(params),
             extra_models=extra,
+            prompt_kind=kind,
+            stop_strings=tuple(getattr(params, "stop", None) or ()),
         )
 
     # ------------------------------------------------------------------ engine interface
 
     def lookup(self, prompt_ids: list[int], prompt_text: Any, params: Any) -> CachedResponse | None:
-        """The cached response of a deterministic request, or None. Never raises."""
+        """A cached response for this row and what it may be used for, or None. Never raises.
+
+        Greedy: the exact entry (trusted if authenticated under this layer's secret), else
+        the near entry (never trusted). Seeded sampling (trusted mode only): the exact
+        entry, and only if authenticated.
+        """
         try:
             if not self.is_servable(params):
                 return None
-            request = self.request_for(prompt_ids, prompt_text, params)
-            value = self.responses.lookup(request)
-            if value is not None and not self._plausible(value.tokens, value.tail, params):
-                self.store.count("corrupt")
-                value = None
-            self.store.count("hits" if value is not None else "misses")
-            self.store.count_shared(self.namespace.name, "hits" if value is not None else "misses")
-            if value is None:
-                return None
-            return CachedResponse(token_ids=value.tokens, finish_reason=value.tail)
+            found = self._find(prompt_ids, prompt_text, params)
+            self.store.count("hits" if found is not None else "misses")
+            self.store.count_shared(self.namespace.name, "hits" if found is not None else "misses")
+            return found
         except Exception:  # a cache bug must not fail a generation
             self.store.count("errors")
             log.warning("cache lookup failed; decoding without it", exc_info=True)
             return None
+
+    def _find(self, prompt_ids: list[int], prompt_text: Any, params: Any) -> CachedResponse | None:
+        exact = self.request_for(prompt_ids, prompt_text, params)
+        value = self.responses.lookup(exact)
+        if value is not None and self._plausible(value.tokens, value.tail, params):
+            trusted = self.trusted and value.authenticated
+            if trusted or params.greedy:
+                return CachedResponse(value.tokens, value.tail, trusted, "exact")
+            self.store.count("unauthenticated")
+            return None
+        if value is not None:
+            self.store.count("corrupt")
+        if not params.greedy:
+            return None
+        near = self.request_for(prompt_ids, prompt_text, params, near=True)
+        if near is None:
+            return None
+        value = self.responses.lookup(near)
+        if value is None or not self._plausible(value.tokens, value.tail, params):
+            return None
+        return CachedResponse(value.tokens, value.tail, False, "near")
 
     def _plausible(self, tokens: list[int], finish_reason: str, params: Any) -> bool:
         return (
@@ -267,20 +387,35 @@ class CacheLayer:
         )
 
     def record(
-        self, prompt_ids: list[int], prompt_text: Any, params: Any, token_ids: list[int], finish_reason: str
+        self,
+        prompt_ids: list[int],
+        prompt_text: Any,
+        params: Any,
+        token_ids: list[int],
+        finish_reason: str,
+        *,
+        responses: bool = True,
     ) -> None:
         """Queue the finished row for the draft store and (if servable) the response cache.
 
-        Returns at once: the writes happen on the write-behind thread. Never raises.
+        Greedy rows are written under the exact and the near key, seeded samples (trusted
+        mode only) under the exact key. `responses=False` feeds the draft store only (the
+        response cache already holds exactly this). Returns at once: the writes happen
+        on the write-behind thread. Never raises.
         """
         try:
             if self.config.draft_store:
                 self.draft_store.add(list(prompt_ids) + list(token_ids))
-            if self.is_servable(params):
-                request = self.request_for(prompt_ids, prompt_text, params)
-                if self.responses.put(request, list(token_ids), finish_reason):
-                    self.store.count("stores")
-                    self.store.count_shared(self.namespace.name, "stores")
+            if responses and self.is_servable(params):
+                requests = [self.request_for(prompt_ids, prompt_text, params)]
+                if params.greedy:
+                    near = self.request_for(prompt_ids, prompt_text, params, near=True)
+                    if near is not None:
+                        requests.append(near)
+                for request in requests:
+                    if self.responses.put(request, list(token_ids), finish_reason):
+                        self.store.count("stores")
+                        self.store.count_shared(self.namespace.name, "stores")
         except Exception:
             self.store.count("errors")
             log.warning("cache record failed; the response is not cached", exc_info=True)
@@ -299,22 +434,32 @@ class CacheLayer:
         """Wait until queued writes have reached the server (or `timeout` passed)."""
         return self.store.flush(timeout)
 
-    def invalidate_namespace(self) -> int:
-        """Invalidate every entry of this namespace (O(1) epoch bump); return the new epoch."""
+    def invalidate_namespace(self) -> str:
+        """Invalidate every entry of this namespace (O(1): a new random epoch token, returned)."""
         return self.namespace.bump()
 
-    def invalidate_model(self, model_id: str | None = None) -> int:
-        """Invalidate every response of one model (default: this generator's target)."""
+    def invalidate_model(self, model_id: str | None = None) -> str:
+        """Invalidate every response of one model (default: this generator's target); return its new epoch token."""
         return self.namespace.bump_model(model_id or self.model_id)
 
     def invalidate(self, prompt: Any, **generate_kwargs: Any) -> bool:
-        """Delete the cached response of one request (text or token ids + generate() kwargs)."""
+        """Delete the cached response of one request (text, chat messages or token ids + generate() kwargs).
+
+        Both its exact and its near entry go; True if either existed.
+        """
         from .params import make_params
 
         params = make_params(**generate_kwargs)
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], Mapping)):
-            return self.responses.invalidate(self.request_for((), prompt, params))
-        return self.responses.invalidate(self.request_for(list(prompt), None, params))
+            tokenizer = self.generator.tokenizer
+            text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True
+            )
+            ids, text_or_none = list(tokenizer(text)["input_ids"]), text
+        else:
+            ids, text_or_none = list(prompt), None
+        requests = [self.request_for(ids, text_or_none, params), self.request_for(ids, text_or_none, params, near=True)]
+        return any([self.responses.invalidate(r) for r in requests if r is not None])
 
     def close(self) -> None:
         """Flush briefly and release the shared connection (the last user closes it)."""
@@ -329,16 +474,70 @@ class CacheLayer:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CacheLayer({self.config.describe()!r}, namespace={self.namespace.name!r})"
+        mode = "trusted" if self.trusted else "verified"
+        return f"CacheLayer({self.config.describe()!r}, namespace={self.namespace.name!r}, mode={mode!r})"
 
 
-def _vocab_size(generator: Any) -> int | None:
-    size = getattr(generator, "vocab_size", None)
-    if isinstance(size, int):
-        return size
-    model = getattr(generator, "target_model", None)
-    config = getattr(model, "config", None)
-    return getattr(config, "vocab_size", None)
+# ---------------------------------------------------------------------- checking cached responses
+
+
+@torch.inference_mode()
+def verify_responses(
+    generator: Any,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+) -> list[CheckedResponse]:
+    """Check cached greedy responses against the target in ONE forward over prompt + response.
+
+    Row i's sequence is prompts[i] + responses[i] (N_i tokens); the target's argmax at
+    positions len(prompt)-1 .. len(prompt)+N_i-1 is what greedy decoding would emit
+    after each prefix. Kept: the longest prefix of the response the target agrees with,
+    then the target's own token at the first mismatch (or the bonus token after all
+    N_i), cut at the first stop token (kept, "stop") or at max_new_tokens ("length").
+    Rows are left-padded into one batch with an attention mask and explicit position
+    ids, so each row sees exactly the positions and keys it would see alone. No KV
+    cache is kept: a finished row needs nothing more, and an unfinished one is decoded
+    on by the engine from prompt + kept tokens.
+    """
+    model = generator.target_model
+    device = generator.device
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, S] left-padded
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, S] 1 = real token
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[b, width - len(s) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # [B, S] pads take position 0, masked out
+    keep = max(len(r) for r in responses) + 1
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: all positions, then the tail
+        logits = model(**inputs).logits
+    preds = logits[:, -keep:].argmax(dim=-1).tolist()  # [B, keep]: argmax after each of the last `keep` prefixes
+    checked = []
+    for b, response in enumerate(responses):
+        n = len(response)
+        target = preds[b][keep - n - 1 :]  # [n+1] what greedy decoding emits at each response position
+        agreed = next((j for j in range(n) if response[j] != target[j]), n)
+        kept = list(response[:agreed]) + [target[agreed]]
+        reason = None
+        for j, t in enumerate(kept[:max_new_tokens]):
+            if t in stop_ids:
+                kept, reason = kept[: j + 1], "stop"
+                break
+        if reason is None and len(kept) >= max_new_tokens:
+            kept, reason = kept[:max_new_tokens], "length"
+        if agreed == n or (reason is not None and len(kept) <= agreed):
+            kind = "verified"  # every cached token the output needed was right
+        else:
+            kind = "partial" if agreed else "rejected"
+        checked.append(CheckedResponse(kept, reason, agreed, kind))
+    return checked
 
 
 def _config_options(config: CacheConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -224,27 +225,57 @@ class SpeculativeGenerator:
         params = params.for_row(0, 1)
         start = time.perf_counter()
         hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
-        if hit is not None:
+        if hit is not None and hit.trusted:  # authenticated under the operator's secret: served as is
             yield self._stopped_text(hit.token_ids, params)
-            stats = GenerationStats(prompt_tokens=len(ids[0]), new_tokens=len(hit.token_ids), cache_hit=True)
+            stats = GenerationStats(
+                prompt_tokens=len(ids[0]), new_tokens=len(hit.token_ids), cache_hit=True, cache_kind="trusted"
+            )
             stats.wall_time_s = time.perf_counter() - start
             return self._cut_at_stops([self._result(hit.token_ids, hit.finish_reason, stats)], params)[0]
+        prefix: list[int] = []  # tokens confirmed from a cached response
+        decode_params, decode_ids, checked = params, ids, None
+        if hit is not None:  # a draft of its full length: one checking forward first
+            from .caching import verify_responses
+
+            checked = verify_responses(self, ids, [hit.token_ids], params.max_new_tokens, stop_ids)[0]
+            prefix = checked.token_ids
+            if checked.finish_reason is not None:
+                yield self._stopped_text(prefix, params)
+                layer.record(
+                    ids[0], texts[0], params, prefix, checked.finish_reason,
+                    responses=not (hit.source == "exact" and checked.kind == "verified"),
+                )
+                stats = GenerationStats(
+                    prompt_tokens=len(ids[0]), new_tokens=len(prefix), target_forwards=1, cache_hit=True,
+                    cache_kind=checked.kind, cache_verified_tokens=min(checked.verified_tokens, len(prefix)),
+                )
+                stats.wall_time_s = time.perf_counter() - start
+                return self._cut_at_stops([self._result(prefix, checked.finish_reason, stats)], params)[0]
+            # Greedy: seeds do not matter, only the budget left after the kept tokens.
+            decode_params = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(prefix), seed=None)
+            decode_ids = [ids[0] + prefix]
         # With stop strings, the last (longest stop - 1) characters are held back until
         # it is clear they do not start a stop string: streamed text never shows one.
         hold = max((len(s) for s in params.stop), default=1) - 1
         tokens: list[int] = []
         emitted_text = ""
         stopped = False
+        checker = self._stop_checker(params)
         steps = iter_decode(
-            self.target_model, ids, params, drafter, stop_ids,
-            cache_layer=layer, stop_check=self._stop_checker(params), **self._engine_args(),
+            self.target_model, decode_ids, decode_params, drafter, stop_ids, cache_layer=layer,
+            stop_check=(lambda new: checker(prefix + new)) if checker is not None else None,
+            **self._engine_args(),
         )
+        pending_prefix = bool(prefix)
         while True:
-            try:
-                _, new = next(steps)
-            except StopIteration as done:
-                outputs: list[RowOutput] = done.value
-                break
+            if pending_prefix:  # the confirmed cached tokens come out first
+                pending_prefix, new = False, prefix
+            else:
+                try:
+                    _, new = next(steps)
+                except StopIteration as done:
+                    outputs: list[RowOutput] = done.value
+                    break
             tokens.extend(new)
             if stopped:
                 continue
@@ -259,12 +290,21 @@ class SpeculativeGenerator:
             if len(text) > len(emitted_text) and text.startswith(emitted_text):
                 yield text[len(emitted_text):]
                 emitted_text = text
-        final = self._stopped_text(outputs[0].token_ids, params)
+        final_tokens = prefix + outputs[0].token_ids
+        final = self._stopped_text(final_tokens, params)
         if len(final) > len(emitted_text) and final.startswith(emitted_text):
             yield final[len(emitted_text):]
         if layer is not None:
-            layer.record(ids[0], texts[0], params, outputs[0].token_ids, outputs[0].finish_reason)
-        result = self._result(outputs[0].token_ids, outputs[0].finish_reason, outputs[0].stats)
+            layer.record(ids[0], texts[0], params, final_tokens, outputs[0].finish_reason)
+        stats = outputs[0].stats
+        if checked is not None:
+            stats.prompt_tokens = len(ids[0])
+            stats.new_tokens += len(prefix)
+            stats.target_forwards += 1  # the checking forward
+            stats.cache_kind = checked.kind
+            stats.cache_verified_tokens = checked.verified_tokens
+        stats.wall_time_s = time.perf_counter() - start
+        result = self._result(final_tokens, outputs[0].finish_reason, stats)
         return self._cut_at_stops([result], params)[0]
 
     # ------------------------------------------------------------------ internals
@@ -273,17 +313,24 @@ class SpeculativeGenerator:
         layer, drafter, stop_ids = self._prepare(rows, params, cache)
         errors_before = layer.error_count() if layer is not None else 0
         results: list[GenerationResult | None] = [None] * len(rows)
-        misses = []
+        misses: list[int] = []
+        drafts: list[tuple[int, Any, float]] = []  # (row, cached response, lookup start)
         for i, row in enumerate(rows):
             start = time.perf_counter()
             row_params = params.for_row(i, len(rows))
             hit = layer.lookup(row, texts[i] if texts else None, row_params) if layer is not None else None
             if hit is None:
                 misses.append(i)
-                continue
-            stats = GenerationStats(prompt_tokens=len(row), new_tokens=len(hit.token_ids), cache_hit=True)
-            stats.wall_time_s = time.perf_counter() - start
-            results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
+            elif hit.trusted:  # authenticated under the operator's secret: served as is
+                stats = GenerationStats(
+                    prompt_tokens=len(row), new_tokens=len(hit.token_ids), cache_hit=True, cache_kind="trusted"
+                )
+                stats.wall_time_s = time.perf_counter() - start
+                results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
+            else:  # a draft of its full length: the target checks it before anything is served
+                drafts.append((i, hit, start))
+        if drafts:
+            self._serve_checked(rows, texts, params, drafts, drafter, stop_ids, layer, results)
         if misses:
             sub_params = params.for_rows(misses, len(rows))
             outputs = decode(
@@ -300,6 +347,54 @@ class SpeculativeGenerator:
             for r in results:
                 r.stats.cache_errors = errors
         return results  # type: ignore[return-value]
+
+    def _serve_checked(self, rows, texts, params, drafts, drafter, stop_ids, layer, results) -> None:
+        """Cached greedy responses: one checking forward for all of them, then decode on where needed."""
+        from .caching import verify_responses
+
+        check_start = time.perf_counter()
+        checked = verify_responses(
+            self, [rows[i] for i, _, _ in drafts], [h.token_ids for _, h, _ in drafts], params.max_new_tokens, stop_ids
+        )
+        check_time = time.perf_counter() - check_start
+        groups: dict[int, list[tuple[int, Any, Any]]] = {}  # tokens still to decode -> rows
+        for (i, hit, start), c in zip(drafts, checked):
+            if c.finish_reason is None:
+                groups.setdefault(params.max_new_tokens - len(c.token_ids), []).append((i, hit, c))
+                continue
+            stats = GenerationStats(
+                prompt_tokens=len(rows[i]),
+                new_tokens=len(c.token_ids),
+                target_forwards=1,
+                cache_hit=True,
+                cache_kind=c.kind,
+                cache_verified_tokens=min(c.verified_tokens, len(c.token_ids)),
+            )
+            stats.wall_time_s = time.perf_counter() - start
+            results[i] = self._result(c.token_ids, c.finish_reason, stats)
+            # Rewrite what was not exactly this request's confirmed entry (a near-duplicate, a wrong one).
+            layer.record(
+                rows[i], texts[i] if texts else None, params.for_row(i, len(rows)), c.token_ids, c.finish_reason,
+                responses=not (hit.source == "exact" and c.kind == "verified"),
+            )
+        for remaining, group in groups.items():
+            # Greedy: seeds do not matter, only the budget left after the kept tokens.
+            sub_params = dataclasses.replace(params, max_new_tokens=remaining, seed=None)
+            outputs = decode(
+                self.target_model, [rows[i] + c.token_ids for i, _, c in group], sub_params, drafter, stop_ids,
+                cache_layer=layer, **self._engine_args(),
+            )
+            for (i, _, c), out in zip(group, outputs):
+                stats = out.stats
+                stats.prompt_tokens = len(rows[i])
+                stats.new_tokens += len(c.token_ids)
+                stats.target_forwards += 1  # the checking forward
+                stats.cache_kind = c.kind
+                stats.cache_verified_tokens = c.verified_tokens
+                stats.wall_time_s += check_time
+                tokens = c.token_ids + out.token_ids
+                results[i] = self._result(tokens, out.finish_reason, stats)
+                layer.record(rows[i], texts[i] if texts else None, params.for_row(i, len(rows)), tokens, out.finish_reason)
 
     def _prepare(self, rows: list[list[int]], params: GenerationParams, cache) -> tuple[Any, Drafter, frozenset]:
         """Every check that can fail, before any compute."""

@@ -19,7 +19,15 @@ class GenerationStats:
     accepted_per_position: list[int] = field(default_factory=list)  # [K] drafts accepted at slot i
     draft_lengths: dict[int, int] = field(default_factory=dict)  # drafts offered in a step -> steps
     drafter_steps: dict[str, int] = field(default_factory=dict)  # drafter that drafted a step -> steps
+    # cache_hit: the response came from the cache without the decode loop (a trusted entry,
+    # or a cached response the target's one checking forward confirmed to the end).
     cache_hit: bool = False
+    # cache_kind: what the cache contributed. "trusted" (authenticated, served without a
+    # forward), "verified" (every cached token needed was confirmed), "partial" (a prefix
+    # was confirmed, decoding went on from the first mismatch), "rejected" (the first
+    # cached token was wrong), or None (no entry used).
+    cache_kind: str | None = None
+    cache_verified_tokens: int = 0  # cached tokens the target confirmed (kept without decoding)
     cache_errors: int = 0
     wall_time_s: float = 0.0
 

@@ -44,7 +44,7 @@ def backend_url(request, cache_namespace):
 
 @pytest.fixture
 def store(backend_url):
-    config = parse_cache_url(backend_url, deadline_ms=500)
+    config = parse_cache_url(backend_url, deadline_ms=2000)  # not a deadline test: room for a fresh TLS handshake on a loaded machine
     s = get_store(config)
     yield s
     release_store(s)
@@ -206,8 +206,30 @@ def test_invalidation(store, ns):
     store.flush(5)
     assert rc.lookup(a).tokens == [6]
     other_reader = ResponseCache(store, Namespace(store, ns.name), ttl_s=60, max_value_bytes=1 << 20)
-    assert ns.bump() >= 1
+    before = ns.fetch_epochs()
+    assert ns.bump() != before[0]
     assert other_reader.lookup(a) is None
+
+
+def test_losing_the_epoch_key_never_revives_old_entries(store, ns):
+    # Invalidate, then lose the epoch key (deleted by hand, or evicted): old entries stay dead.
+    rc = ResponseCache(store, ns, ttl_s=60, max_value_bytes=1 << 20)
+    a = request_for(prompt=(1,))
+    rc.lookup(a)
+    rc.put(a, [5], "stop")
+    store.flush(5)
+    assert rc.lookup(a).tokens == [5]
+    ns.bump()
+    assert rc.lookup(a) is None
+    store.backend.delete([f"specdec:{ns.name}:epoch"])
+    fresh = ResponseCache(store, Namespace(store, ns.name), ttl_s=60, max_value_bytes=1 << 20)
+    assert rc.lookup(a) is None and fresh.lookup(a) is None
+    # The key comes back as a new random token, different from every earlier one.
+    token = store.backend.get(f"specdec:{ns.name}:epoch")
+    assert token is not None and len(token) == 32
+    rc.put(a, [7], "stop")
+    store.flush(5)
+    assert rc.lookup(a).tokens == [7] and fresh.lookup(a).tokens == [7]
 
 
 def test_flush_deletes_one_namespace_by_scan(store, ns):

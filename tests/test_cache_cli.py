@@ -138,5 +138,27 @@ def test_admin_commands_never_flush_or_reconfigure_the_server(redis_process):
     client = redis.Redis.from_url(url)
     used = {name.removeprefix("cmdstat_") for name in client.info("commandstats")}
     client.close()
-    assert {"scan", "incrby", "unlink"} <= used  # redis-py sends INCR as INCRBY
+    assert {"scan", "set", "unlink"} <= used
     assert not used & {"flushdb", "flushall", "config"}, used
+
+
+def test_junk_from_the_server_is_escaped_never_printed_raw(filled, redis_server, cache_namespace, capsys):
+    # Anyone who can write to the server can put terminal escape sequences in what the CLI reads.
+    import redis
+
+    esc = "\x1b]0;owned\x07\x1b[2J"
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"specdec:{cache_namespace}:"
+    client.set(prefix + "epoch", esc)
+    client.hset(prefix + "models", mapping={"x" * 32 + esc: esc, "y" * 32: json.dumps([esc]), "z" * 32: b"\xff\xfe"})
+    client.hset(prefix + "stats", mapping={"hits" + esc: 3, "misses": "not a number"})
+    client.set(prefix + "resp" + esc + ":k", b"junk")
+    client.close()
+    for argv in (("stats",), ("stats", "--json"), ("invalidate", "--model", "org/none"), ("flush", "--dry-run")):
+        code = cli(argv[0], "--url", redis_server.url, "--namespace", cache_namespace, *argv[1:])
+        out = capsys.readouterr()
+        assert code in (0, 1), argv
+        for text in (out.out, out.err):
+            assert "\x1b" not in text and "\x07" not in text, (argv, text)
+    assert cli("stats", "--url", redis_server.url, "--namespace", cache_namespace) == 0
+    assert "\\x1b" in capsys.readouterr().out  # shown escaped, not dropped

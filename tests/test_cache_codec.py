@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specdec.cache.codec import (
+    FORMAT_VERSION,
     HEADER,
+    TAG_BYTES,
     KIND_DRAFT,
     KIND_RESPONSE,
     CorruptValue,
@@ -34,7 +36,7 @@ def test_roundtrip(tokens, tail):
 
 def test_layout_is_little_endian_int32():
     value = encode_value(KIND_DRAFT, [1, 256, -1], KEY, max_bytes=CAP)
-    assert value[:3] == b"SDC" and value[3] == 1 and value[4] == KIND_DRAFT
+    assert value[:3] == b"SDC" and value[3] == FORMAT_VERSION and value[4] == KIND_DRAFT
     assert value[HEADER.size :] == struct.pack("<3i", 1, 256, -1)
 
 
@@ -84,3 +86,33 @@ def test_bad_tokens_raise_clearly():
         encode_value(KIND_DRAFT, [1.5], KEY, max_bytes=CAP)
     with pytest.raises(ValueError, match="tail"):
         encode_value(KIND_RESPONSE, [1], KEY, tail="x" * 256, max_bytes=CAP)
+
+
+SECRET = b"k" * 32
+
+
+def test_signed_values_authenticate_only_under_the_same_secret_and_key():
+    value = encode_value(KIND_RESPONSE, [5, 6], KEY, tail="stop", max_bytes=CAP, secret=SECRET)
+    assert len(value) == HEADER.size + 8 + 4 + TAG_BYTES
+    assert decode_value(value, KEY, kind=KIND_RESPONSE, max_bytes=CAP, secret=SECRET).authenticated
+    # Another secret, or no secret: it still decodes (usable as a draft), but is not authenticated.
+    assert not decode_value(value, KEY, kind=KIND_RESPONSE, max_bytes=CAP, secret=b"x" * 32).authenticated
+    assert not decode_value(value, KEY, kind=KIND_RESPONSE, max_bytes=CAP).authenticated
+    # An unsigned value never authenticates, even though anyone can compute its CRC.
+    plain = encode_value(KIND_RESPONSE, [5, 6], KEY, tail="stop", max_bytes=CAP)
+    assert not decode_value(plain, KEY, kind=KIND_RESPONSE, max_bytes=CAP, secret=SECRET).authenticated
+
+
+def test_a_forged_body_with_a_recomputed_crc_does_not_authenticate():
+    import zlib
+
+    value = bytearray(encode_value(KIND_RESPONSE, [5, 6], KEY, tail="stop", max_bytes=CAP, secret=SECRET))
+    value[HEADER.size : HEADER.size + 4] = struct.pack("<i", 7)  # change a token
+    body = bytes(value[HEADER.size : HEADER.size + 12])
+    value[12:16] = struct.pack("<I", zlib.crc32(body, zlib.crc32(KEY.encode())))  # what any writer can do
+    out = decode_value(bytes(value), KEY, kind=KIND_RESPONSE, max_bytes=CAP, secret=SECRET)
+    assert out.tokens == [7, 6] and not out.authenticated
+    # A signed value copied under another key fails its checksum and its tag.
+    signed = encode_value(KIND_RESPONSE, [5, 6], KEY, tail="stop", max_bytes=CAP, secret=SECRET)
+    with pytest.raises(CorruptValue, match="checksum"):
+        decode_value(signed, KEY[:-1] + "1", kind=KIND_RESPONSE, max_bytes=CAP, secret=SECRET)

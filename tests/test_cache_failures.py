@@ -97,18 +97,26 @@ def test_killed_mid_run(gen, expected, redis_process):
         # Back up (empty: nothing persisted): after the cool-down the cache works again.
         redis_process.restart()
         time.sleep(0.4)
-        assert [r.token_ids for r in run_workload(gen, layer)] == expected
-        layer.flush()
-        again = run_workload(gen, layer)
-        assert [r.token_ids for r in again] == expected
-        assert again[0].stats.cache_hit
+        # Writes racing the breaker's single half-open probe may be skipped: allow a few rounds.
+        hit = False
+        for _ in range(3):
+            assert [r.token_ids for r in run_workload(gen, layer)] == expected
+            layer.flush()
+            again = run_workload(gen, layer)
+            assert [r.token_ids for r in again] == expected
+            hit = again[0].stats.cache_hit
+            if hit:
+                break
+        assert hit
     finally:
         decoding.close()
         layer.close()
 
 
 def test_paused(gen, expected, redis_process):
-    deadline = 0.1
+    # The deadline bounds a whole call (connect, handshake, every read): keep it well above
+    # a loopback round trip on a loaded CI machine, so only the pause makes calls miss it.
+    deadline = 0.25
     layer = CacheLayer.open(redis_process.url, gen, deadline_ms=deadline * 1000, breaker_failures=3, breaker_cooldown_s=60)
     try:
         run_workload(gen, layer)

@@ -15,6 +15,7 @@ from specdec.caching import CacheLayer
 
 PROMPT = "def add(a, b):"
 NEW = 24
+SECRET = "test-secret-0123456789abcdef"  # trusted mode in these tests
 GREEDY = dict(max_new_tokens=NEW, ignore_eos=True, drafter="none")
 
 
@@ -65,8 +66,9 @@ def test_repeated_greedy_request_is_served_from_cache(gen, layer):
     assert first.stats.target_forwards == NEW
     layer.flush()
     again = one(gen, cache=layer, **GREEDY)
-    assert again.stats.cache_hit
-    assert again.stats.target_forwards == 0
+    assert again.stats.cache_hit and again.stats.cache_kind == "verified"
+    assert again.stats.target_forwards == 1  # the one forward that checks the cached response
+    assert again.stats.cache_verified_tokens == NEW
     assert again.token_ids == base.token_ids and again.text == base.text
     assert again.finish_reason == base.finish_reason
     # Greedy output does not depend on the drafter, so other drafters hit too.
@@ -98,12 +100,37 @@ def test_changed_generation_parameter_misses(gen, layer, change):
     assert got.token_ids == one(gen, cache=None, **kwargs).token_ids
 
 
-def test_seed_is_a_key_part_for_sampling(gen, layer):
+@pytest.fixture
+def trusted(cache_url, gen):
+    layer = CacheLayer.open(cache_url, gen, secret=SECRET)
+    yield layer
+    layer.close()
+
+
+def test_trusted_greedy_hit_needs_no_forward(gen, trusted):
+    base = one(gen, cache=trusted, **GREEDY)
+    trusted.flush()
+    again = one(gen, cache=trusted, **GREEDY)
+    assert again.stats.cache_hit and again.stats.cache_kind == "trusted" and again.stats.target_forwards == 0
+    assert again.token_ids == base.token_ids and again.finish_reason == base.finish_reason
+
+
+def test_seeded_sampling_is_served_only_in_trusted_mode(gen, layer):
+    sampled = dict(max_new_tokens=NEW, ignore_eos=True, temperature=1.0, seed=11, drafter="ngram", num_draft_tokens=3)
+    one(gen, cache=layer, **sampled)
+    layer.flush()
+    again = one(gen, cache=layer, **sampled)
+    assert not again.stats.cache_hit and again.stats.cache_kind is None  # one forward cannot verify a sample
+    assert layer.counts().get("stores", 0) == 0  # nothing is written that nothing could use
+
+
+def test_seed_is_a_key_part_for_sampling(gen, trusted):
+    layer = trusted
     sampled = dict(max_new_tokens=NEW, ignore_eos=True, temperature=1.0, drafter="ngram", num_draft_tokens=3)
     a = one(gen, cache=layer, seed=11, **sampled)
     layer.flush()
     again = one(gen, cache=layer, seed=11, **sampled)
-    assert again.stats.cache_hit and again.token_ids == a.token_ids
+    assert again.stats.cache_hit and again.stats.cache_kind == "trusted" and again.token_ids == a.token_ids
     other_seed = one(gen, cache=layer, seed=12, **sampled)
     assert not other_seed.stats.cache_hit
     assert other_seed.token_ids == one(gen, cache=None, seed=12, **sampled).token_ids
@@ -131,14 +158,20 @@ def test_other_namespace_misses(gen, cache_url):
         assert one(gen, cache=a, **GREEDY).stats.cache_hit
 
 
-def test_prompts_that_normalise_equal_hit(gen, layer):
-    base = one(gen, cache=layer, **GREEDY)
-    layer.flush()
-    for variant in ("  def add(a,   b):\n", "def\tadd(a, b):", "ｄｅｆ add(a, b):"):  # whitespace, tab, fullwidth (NFKC)
-        got = one(gen, cache=layer, prompt=variant, **GREEDY)
-        assert got.stats.cache_hit and got.token_ids == base.token_ids, variant
-    for variant in ("DEF ADD(a, b):", "def add(a, c):"):  # case and content matter by default
-        assert not one(gen, cache=layer, prompt=variant, **GREEDY).stats.cache_hit, variant
+@pytest.mark.parametrize("mode", ["verified", "trusted"])
+def test_prompts_that_normalise_equal_are_drafts_never_answers(gen, cache_url, mode):
+    # A whitespace or NFKC variant is a different token sequence: its answer may differ.
+    # The normalised entry is only ever a draft, checked by the target, in both modes.
+    with CacheLayer.open(cache_url, gen, **({"secret": SECRET} if mode == "trusted" else {})) as layer:
+        one(gen, cache=layer, **GREEDY)
+        layer.flush()
+        for variant in ("  def add(a,   b):\n", "def\tadd(a, b):", "ｄｅｆ add(a, b):"):  # whitespace, tab, fullwidth
+            got = one(gen, cache=layer, prompt=variant, **GREEDY)
+            assert got.stats.cache_kind in ("verified", "partial", "rejected"), variant
+            assert got.stats.target_forwards >= 1, variant
+            assert got.token_ids == one(gen, cache=None, prompt=variant, **GREEDY).token_ids, variant
+        for variant in ("DEF ADD(a, b):", "def add(a, c):"):  # case and content matter by default
+            assert one(gen, cache=layer, prompt=variant, **GREEDY).stats.cache_kind is None, variant
 
 
 def test_case_folding_option(gen, cache_url):
@@ -146,9 +179,14 @@ def test_case_folding_option(gen, cache_url):
         base = one(gen, cache=folded, **GREEDY)
         folded.flush()
         got = one(gen, cache=folded, prompt="DEF ADD(A, B):", **GREEDY)
-        assert got.stats.cache_hit and got.token_ids == base.token_ids
+        assert got.stats.cache_kind is not None  # found through the folded key, as a draft
+        assert got.token_ids == one(gen, cache=None, prompt="DEF ADD(A, B):", **GREEDY).token_ids
+        assert base.token_ids == one(gen, cache=None, **GREEDY).token_ids
     # A layer without folding does not share entries with one that folds (options are key parts).
     with CacheLayer.open(cache_url, gen) as plain:
+        assert plain.responses.key(plain.request_for([1], "x", one_params()), ["e", "m"]) != folded.responses.key(
+            folded.request_for([1], "x", one_params()), ["e", "m"]
+        )
         assert not one(gen, cache=plain, **GREEDY).stats.cache_hit
 
 
@@ -156,10 +194,13 @@ def test_chat_prompts_normalise_through_the_template(gen, layer):
     chat = [{"role": "user", "content": "Add  two numbers "}]
     base = one(gen, prompt=chat, cache=layer, **GREEDY)
     layer.flush()
-    same = one(gen, prompt=[{"role": "user", "content": "Add two numbers"}], cache=layer, **GREEDY)
-    assert same.stats.cache_hit and same.token_ids == base.token_ids
+    prompt = [{"role": "user", "content": "Add two numbers"}]
+    same = one(gen, prompt=prompt, cache=layer, **GREEDY)
+    assert same.stats.cache_kind is not None
+    assert same.token_ids == one(gen, prompt=prompt, cache=None, **GREEDY).token_ids
+    assert base.token_ids == one(gen, prompt=chat, cache=None, **GREEDY).token_ids
     other = one(gen, prompt=[{"role": "system", "content": "Add two numbers"}], cache=layer, **GREEDY)
-    assert not other.stats.cache_hit
+    assert other.stats.cache_kind is None
 
 
 def test_token_id_requests_key_on_ids(gen, layer):
@@ -197,8 +238,9 @@ def test_unseeded_sampling_is_not_served_but_drafts_from_the_store(gen, layer):
     assert drafted > 0 and accepted > 0  # the earlier outputs came back as drafts and were accepted
 
 
-def test_seeded_sampling_with_cache_drafter_is_not_served(gen, layer):
+def test_seeded_sampling_with_cache_drafter_is_not_served(gen, trusted):
     # Its tokens depend on what the draft store held at the time, not only on the key.
+    layer = trusted
     kwargs = dict(max_new_tokens=NEW, ignore_eos=True, temperature=1.0, seed=3, drafter="cache")
     one(gen, cache=layer, **kwargs)
     layer.flush()
@@ -255,8 +297,10 @@ def test_poisoned_response_is_not_served(gen, layer):
     epochs = layer.namespace.fetch_epochs(key_request.model_ids)
     key = layer.responses.key(key_request, epochs)
     layer.store.backend.set_many([(key, b"\x80\x04not a value", 60)])  # e.g. a pickle someone wrote
+    corrupt = layer.counts().get("corrupt", 0)
     got = one(gen, cache=layer, **GREEDY)
-    assert not got.stats.cache_hit and got.token_ids == one(gen, cache=None, **GREEDY).token_ids
+    assert layer.counts()["corrupt"] == corrupt + 1  # the junk was read, refused, never decoded further
+    assert got.token_ids == one(gen, cache=None, **GREEDY).token_ids
 
 
 def one_params(**kwargs):
@@ -267,7 +311,7 @@ def one_params(**kwargs):
 
 def test_seeded_sampling_with_a_draft_model_keys_on_the_draft(gen_draft, cache_url):
     kwargs = dict(max_new_tokens=NEW, ignore_eos=True, temperature=1.0, seed=5, drafter="model")
-    with CacheLayer.open(cache_url, gen_draft) as layer:
+    with CacheLayer.open(cache_url, gen_draft, secret=SECRET) as layer:
         a = one(gen_draft, cache=layer, **kwargs)
         layer.flush()
         assert one(gen_draft, cache=layer, **kwargs).stats.cache_hit
