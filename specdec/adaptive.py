@@ -469,6 +469,10 @@ class DraftController:
         # Seeded sampling: the K choice must not depend on timing or on other rows.
         self.seeded = params.seed is not None and not params.greedy
         self.cost_ratio = cost_ratio if self.uses_model else 0.0
+        if self.policy is not None and self.uses_model:
+            # The draft model's parameters over the target's: the prior draft/target cost ratio
+            # until its forwards are timed (its prompt is fed on the first draft, not up front).
+            self.policy.draft_ratio = self.cost_ratio
         self.watch = Stopwatch(device)
         self._marks: dict[str, Any] = {}
         self._prefill: tuple | None = None
@@ -486,6 +490,8 @@ class DraftController:
         """Call after the target and drafter prefills (marks 'start', 'target', 'draft')."""
         if self.policy is not None:
             self._prefill = (tokens, self._marks["start"], self._marks["target"], self._marks["draft"])
+            if not self.watch.cuda:  # host clock: known now, so the first step's choice can use it
+                self._record_prefill()
 
     def propose(self, state, k_cap: int):
         """The step's DraftProposal (k_cap: the most drafts any row may take)."""
@@ -553,10 +559,8 @@ class DraftController:
         m, sec = self._marks, self.watch.seconds
         if not self.watch.cuda:  # on the host clock the step ends now, its bookkeeping included
             m["done"] = self.watch.mark()
-        if self._prefill is not None:
-            tokens, start, target, draft = self._prefill
-            self._prefill = None
-            policy.record_prefill(tokens, sec(start, target), sec(target, draft) if self.uses_model else None)
+        if self._prefill is not None:  # CUDA events: complete after the first step's sync
+            self._record_prefill()
         draft_s = sec(m["step"], m["drafted"])
         verify_s = sec(m["drafted"], m["verified"])
         step_s = sec(m["step"], m["done"])
@@ -575,6 +579,12 @@ class DraftController:
             for conf, d, a in zip(confidence, drafted, accepted):
                 if d:
                     policy.calibration.record(conf[:d], a)
+
+    def _record_prefill(self) -> None:
+        tokens, start, target, draft = self._prefill
+        self._prefill = None
+        sec = self.watch.seconds
+        self.policy.record_prefill(tokens, sec(start, target))
 
     def select_rows(self, keep: list[int]) -> None:
         if self.policy is not None:

@@ -26,12 +26,13 @@ import torch
 from . import kernels, noise
 from .adaptive import DraftController
 from .drafters.base import DecodeState, DraftProposal, Drafter
+from .drafters.model import MAX_PENDING
 from .kv import BUCKET, engine_path, make_kv, prefill
 from .params import GenerationParams
 from .stats import GenerationStats
 
 # Draft-model pending windows can run this far past a row's length (see drafters.model).
-_WRITE_SLACK = 18
+_WRITE_SLACK = MAX_PENDING + 2
 
 _RUNNING, _STOPPED, _LENGTH = 0, 1, 2
 

@@ -19,8 +19,9 @@ from ..kv import prefill
 from . import register_drafter
 from .base import DraftProposal, Drafter
 
-# A window that has grown this wide (steps without drafting) is fed at once.
-_MAX_PENDING = 16
+# A window that has grown this wide (steps without drafting) is fed at once. Windows write up to
+# this many positions past a row's length, which request capacities leave room for.
+MAX_PENDING = 16
 
 
 @register_drafter("model")
@@ -41,14 +42,23 @@ class ModelDrafter(Drafter):
 
     def start(self, state) -> None:
         self.kv = state.new_kv(self.generator.draft_model, self.generator.draft_vocab_size)
-        prefill(self.kv, state.sequences)
+        # The prompts are fed on the first draft, not here: a request whose adaptive policy
+        # never drafts (a useless draft model) then costs the draft model nothing at all.
+        self.unfed: list[list[int]] | None = [list(s) for s in state.sequences]
         self.pending = torch.tensor([[s[-1]] for s in state.sequences], dtype=torch.long, device=state.device)  # [B, 1]
         self.num_pending = torch.ones(state.batch_size, dtype=torch.long, device=state.device)  # [B]
         self.k = 0  # drafts proposed this step (0: the engine did not ask)
         self.replaced = False  # set by drafter "auto" when some rows verified other drafts
 
+    def _prefill(self) -> None:
+        """Feed the prompts (all but each one's last token, which opens the pending window)."""
+        if self.unfed is not None:
+            prefill(self.kv, self.unfed)
+            self.unfed = None
+
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
+        self._prefill()
         params = state.params
         logits, _ = self.kv.forward(self.pending, self.num_pending)  # [B, W, V_draft]
         # The logits after each row's last real pending token.
@@ -92,8 +102,8 @@ class ModelDrafter(Drafter):
             slots = self.num_pending.unsqueeze(1) + torch.arange(add, device=emitted.device)  # [B, add]
             self.pending.scatter_(1, slots, emitted[:, :add].clamp(min=0))
             self.num_pending = self.num_pending + n + 1
-            if width + add >= _MAX_PENDING:
-                self._absorb(state)
+            if width + add >= MAX_PENDING and self.unfed is None:  # (before the prefill it may grow:
+                self._absorb(state)  # it starts at the row's length 0 and stays within the request)
             return
         k, self.k = self.k, 0
         if self.replaced:
@@ -130,11 +140,12 @@ class ModelDrafter(Drafter):
         index = (kept.unsqueeze(1) + slots).clamp(max=emitted.shape[1] - 1)  # [B, W]
         self.pending = emitted.gather(1, index).clamp(min=0)  # [B, W] right-padded
         self.num_pending = n + 1 - kept  # [B]
-        if self.pending.shape[1] >= _MAX_PENDING:
+        if self.pending.shape[1] >= MAX_PENDING:
             self._absorb(state)
 
     def _absorb(self, state) -> None:
         """Feed all but the last pending token now, so the window stays small."""
+        self._prefill()
         self.kv.forward(self.pending, self.num_pending - 1)
         last = self.pending.gather(1, (self.num_pending - 1).unsqueeze(1))  # [B, 1]
         self.pending = last
@@ -142,6 +153,8 @@ class ModelDrafter(Drafter):
 
     def select_rows(self, keep: list[int]) -> None:
         self.kv.select_rows(keep)
+        if self.unfed is not None:
+            self.unfed = [self.unfed[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.pending.device)
         self.pending = self.pending.index_select(0, index)
         self.num_pending = self.num_pending.index_select(0, index)
