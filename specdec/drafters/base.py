@@ -82,7 +82,12 @@ class Drafter(ABC):
     finished rows leave the batch; finish(state) once at the end.
     """
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by register_drafter; a class never registered goes by its own name
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__
     # True if propose() returns draft probabilities (a model); False for one-hot drafters.
     provides_probs: ClassVar[bool] = False
     # True if it runs the generator's draft model (needs one loaded; its weights shape the output
