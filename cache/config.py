@@ -343,27 +343,3 @@ def default_url() -> str | None:
     """The cache URL from the SPECDEC_REDIS_URL environment variable, or None."""
     value = os.environ.get(ENV_URL, "").strip()
     return value or None
-
-
-# Query options whose value is a credential: never written to logs or result files.
-_SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "auth", "credential")
-
-
-def redact_url(url: str) -> str:
-    """`url` with its username, password and credential-like query values replaced by ***.
-
-    For logs and result files: the host, port, path and harmless options stay readable.
-    """
-    if not isinstance(url, str):
-        return repr(url)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    query = "&".join(
-        f"{name}={'***' if any(w in name.lower() for w in _SECRET_WORDS) else value}" for name, value in pairs
-    )
-    # Built by hand, like parse_cache_url: urlunsplit drops the "//" of unix:///path.
-    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"{netloc}{parts.path}"
-    return out + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
