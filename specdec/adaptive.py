@@ -513,7 +513,7 @@ class DraftController:
             k = max(ks)
             if k == 0:
                 return empty_proposal(state.batch_size, state.device)
-            proposal = offer if k >= offer.tokens.shape[1] else self.drafter.propose(state, k)
+            proposal = offer.truncate(k)
         else:
             ks = self._choose(k_cap, None)
             k = max(ks)

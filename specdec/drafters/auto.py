@@ -124,7 +124,7 @@ class AutoDrafter(Drafter):
             return empty_proposal(state.batch_size, state.device)
         limits = torch.tensor(ks, dtype=torch.long).to(state.device, non_blocking=True)  # [B]
         if MODEL not in sources:
-            offer = self.lookup.propose(state, k) if k < offer.tokens.shape[1] else offer
+            offer = offer.truncate(k)
             offer.num_draft = torch.minimum(offer.num_draft, limits)
             offer.sources = sources
             return offer

@@ -31,6 +31,20 @@ class DraftProposal:
     sources: list[str] | None = None  # [B] which drafter drafted each row (drafter "auto")
     draft_forwards: int = 0  # forwards of a draft model this proposal cost
 
+    def truncate(self, k: int) -> "DraftProposal":
+        """The first k drafts of every row (a lookup drafter's offer cut to the chosen length)."""
+        if k >= self.tokens.shape[1]:
+            return self
+        return DraftProposal(
+            tokens=self.tokens[:, :k],
+            num_draft=self.num_draft.clamp(max=k),
+            probs=None if self.probs is None else self.probs[:, :k],
+            confidence=None if self.confidence is None else self.confidence[:, :k],
+            host_num_draft=None if self.host_num_draft is None else [min(n, k) for n in self.host_num_draft],
+            sources=self.sources,
+            draft_forwards=self.draft_forwards,
+        )
+
 
 @dataclass
 class DecodeState:

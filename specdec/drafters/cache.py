@@ -54,7 +54,6 @@ class CacheDrafter(Drafter):
         self.misses = [0] * n  # consecutive empty lookups per row
         self.retry_at = [0] * n  # sequence length before which a missing row does not ask again
         self.limit: list[int] | None = None  # per-row draft length, set on the first propose
-        self.proposed = [0] * n
         self.rejections = [0] * n  # consecutive steps whose drafts were all rejected
         self.paused_until = [0] * n  # sequence length before which the row drafts nothing
 
@@ -105,17 +104,15 @@ class CacheDrafter(Drafter):
         rows = []
         for b, seq in enumerate(seqs):
             paused = len(seq) < self.paused_until[b]
-            row = [] if paused else self._remaining(b, seq)[: min(k, self.limit[b])]
-            self.proposed[b] = len(row)
-            rows.append(row)
+            rows.append([] if paused else self._remaining(b, seq)[: min(k, self.limit[b])])
         return pack_proposals(rows, k, state.device)
 
     def observe(self, state) -> None:
-        """Adapt each row's draft length to how much of its last proposal was kept."""
+        """Adapt each row's draft length to how much of what it verified was kept (the step's
+        drafted counts: the loop may have cut a proposal shorter than it was offered)."""
         if self.limit is None:
             return
-        for b, accepted in enumerate(state.step_accepted):
-            proposed = self.proposed[b]
+        for b, (proposed, accepted) in enumerate(zip(state.step_drafted, state.step_accepted)):
             if not proposed:
                 continue
             if accepted >= proposed:
@@ -132,7 +129,7 @@ class CacheDrafter(Drafter):
     def select_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the per-row state."""
         idx = keep
-        for name in ("buffers", "topped_at", "misses", "retry_at", "proposed", "rejections", "paused_until"):
+        for name in ("buffers", "topped_at", "misses", "retry_at", "rejections", "paused_until"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in idx])
         if self.limit is not None:
