@@ -43,9 +43,13 @@ import torch
 OBS_DISCOUNT = 0.98
 # A row parked at K = 0 is probed with one draft after PROBE_MIN idle steps, the wait doubling
 # after every probe that is rejected (up to PROBE_MAX) and reset by one that is accepted. Probes
-# are skipped when even drafts that are always accepted could not beat plain decoding.
+# are skipped unless drafts that are always accepted would beat plain decoding by PROBE_GAIN: a
+# probe of a model drafter also pays the draft model's catch-up over every token it skipped, so
+# a draft that could at best save a sliver of the step overhead (one as large as the target)
+# is never probed.
 PROBE_MIN = 4
 PROBE_MAX = 64
+PROBE_GAIN = 0.2
 PRIOR_MEAN = 0.5  # acceptance prior per position before anything is observed
 PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
 EMA = 0.2  # weight of a new cost measurement
@@ -99,6 +103,12 @@ class AcceptanceCounts:
             base = prior[i] if prior is not None else (out[-1] if out else PRIOR_MEAN)
             out.append((weight * base + s) / (weight + t))
         return out
+
+
+def _could_pay(k_max: int, cost_ratio: float) -> bool:
+    """Seeded probes: whether drafts always accepted would beat plain decoding by PROBE_GAIN
+    under the fixed cost proxy (a target forward 1, a draft forward cost_ratio)."""
+    return any((k + 1) / (1.0 + k * cost_ratio) > 1.0 + PROBE_GAIN for k in range(1, k_max + 1))
 
 
 def expected_tokens(rates: list[float], k: int) -> float:
@@ -176,6 +186,9 @@ class AdaptiveDraftPolicy:
         self.rows: list[dict[str, AcceptanceCounts]] = [{} for _ in range(batch_size)]
         self.idle = [0] * batch_size  # steps since the row last drafted
         self.probe_wait = [PROBE_MIN] * batch_size  # idle steps before the row is probed
+        # Steps a model drafter parked at K = 0 skips the full choice (nothing it would weigh
+        # changes but the slowly drifting costs); any drafted row re-opens it.
+        self._parked = 0
         self.calibration = ConfidenceCalibration()
         self.draft_ratio: float | None = None  # draft forward / target forward, from the prefills
 
@@ -211,6 +224,7 @@ class AdaptiveDraftPolicy:
             if d <= 0:
                 self.idle[b] += idle
                 continue
+            self._parked = 0
             if self.idle[b] >= self.probe_wait[b]:  # this was a probe
                 self.probe_wait[b] = PROBE_MIN if a else min(2 * self.probe_wait[b], PROBE_MAX)
             self.idle[b] = 0
@@ -281,6 +295,9 @@ class AdaptiveDraftPolicy:
         caps = available if available is not None else [k_max] * len(self.rows)
         if k_max == 0 or not any(caps):
             return 0
+        if self._parked > 0 and available is None:
+            self._parked -= 1
+            return 0
         rates = [self.row_rates(drafter, r) for r in range(len(self.rows))]
         best_k, best_rate = 0, 0.0
         for k in range(k_max + 1):
@@ -294,6 +311,8 @@ class AdaptiveDraftPolicy:
                 best_k, best_rate = k, rate
         if best_k == 0 and self._probe_due(drafter, k_max, uses_model, caps):
             return 1
+        if best_k == 0 and available is None:
+            self._parked = PROBE_MIN - 1
         return best_k
 
     def _probe_due(self, drafter: str, k_max: int, uses_model: bool, caps: list[int]) -> bool:
@@ -305,7 +324,7 @@ class AdaptiveDraftPolicy:
             return False
         for k in range(1, k_max + 1):  # perfect acceptance: k + 1 tokens a step
             cost = self.step_cost(drafter, k, uses_model)
-            if cost and (k + 1) / cost > 1.0 / base:
+            if cost and (k + 1) / cost > (1.0 + PROBE_GAIN) / base:
                 return True
         return False
 
@@ -328,7 +347,7 @@ class AdaptiveDraftPolicy:
                 rate = expected_tokens(rates, k) / (1.0 + k * cost_ratio)
                 if rate > best_rate * (1 + 1e-9):
                     best_k, best_rate = k, rate
-            if best_k == 0 and cap and self.idle[b] >= self.probe_wait[b] and 2.0 / (1.0 + cost_ratio) > 1.0:
+            if best_k == 0 and cap and self.idle[b] >= self.probe_wait[b] and _could_pay(min(k_max, cap), cost_ratio):
                 best_k = 1
             out.append(best_k)
         return out

@@ -142,6 +142,18 @@ def test_useless_draft_settles_at_k0_and_probes_rarely():
     assert chosen[-1000:].count(0) >= 980  # probes are rare
 
 
+def test_a_draft_as_large_as_the_target_is_never_probed():
+    """Drafts always accepted from a draft of the target's size would save only a sliver of the
+    step overhead; a probe would also pay the draft model's catch-up over the skipped tokens.
+    The policy must not draft at all, from the first step on."""
+    pair = SimulatedPair(0.0, 1.0, overhead=0.15)
+    _, chosen = run_policy(pair, steps=500)
+    assert chosen.count(0) == 500
+    policy = AdaptiveDraftPolicy(8, batch_size=1)  # seeded sampling: the fixed cost proxy
+    assert all(policy.choose_per_row("m", 8, cost_ratio=0.95)[0] == 0 for _ in range(200) if not policy.record_step(
+        "m", 0, 1.0, 0.0, 1.0, [0], [0]))
+
+
 def test_k0_is_left_again_when_drafts_start_paying():
     """A drafter useless for the first part of a request and good after it: the policy must
     come back from K = 0 and then draft long."""
