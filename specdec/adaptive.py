@@ -52,7 +52,9 @@ PROBE_MAX = 64
 PROBE_GAIN = 0.2
 PRIOR_MEAN = 0.5  # acceptance prior per position before anything is observed
 PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
+EXPLORE = 0.5  # standard deviations of optimism in the acceptance estimates K is chosen from
 EMA = 0.2  # weight of a new cost measurement
+FIT_WEIGHT_CAP = 8  # a cost curve weighs a width measured this often or more as fully known
 CALIBRATION_BINS = 10
 
 
@@ -126,42 +128,72 @@ def expected_tokens(rates: list[float], k: int) -> float:
 class CostCurve:
     """Measured seconds as a function of an integer size (tokens per row, drafts per step).
 
-    An exponential moving average per size; a size never measured is interpolated linearly
-    between the nearest measured sizes, or extrapolated from the two nearest on one side. With a
-    single measured size the curve is flat, or proportional to the size (`proportional=True`,
-    for costs that are one forward per unit, like drafting with a model). None before any
-    measurement.
+    An exponential moving average per measured size, and a prediction from the straight
+    line fitted through those averages (least squares, each size weighted by how often it
+    was measured, up to FIT_WEIGHT_CAP): a size seen once in a noisy moment cannot bend the
+    curve, and the marginal cost of one more token is the same at every width, so the
+    early-stop thresholds derived from it are consistent. The second measurement of a size
+    replaces the first, which is often cold (a new shape). With a single measured size the
+    curve is flat, or proportional to the size (`proportional=True`, for costs that are one
+    forward per unit, like drafting with a model). Prior points (`prior=True`: the prompt's
+    prefill, far from the decode widths) serve only until two sizes are measured. None
+    before any measurement.
     """
 
     def __init__(self, proportional: bool = False) -> None:
         self.proportional = proportional
-        self.sizes: list[int] = []  # sorted
+        self.sizes: list[int] = []  # sorted, measured sizes
         self.values: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
+        self.priors: dict[int, float] = {}
+        self._line: tuple[float, float] | None = None  # (intercept, slope), refitted lazily
 
-    def observe(self, size: int, seconds: float) -> None:
+    def observe(self, size: int, seconds: float, prior: bool = False) -> None:
         if seconds <= 0 or not math.isfinite(seconds):
+            return
+        if prior:
+            self.priors[size] = seconds
+            self._line = None
             return
         old = self.values.get(size)
         if old is None:
             bisect.insort(self.sizes, size)
             self.values[size] = seconds
+            self.counts[size] = 1
+        elif self.counts[size] == 1:  # the first call at a new shape is often cold (allocation, kernel choice)
+            self.values[size] = seconds
+            self.counts[size] = 2
         else:
             self.values[size] = old + EMA * (seconds - old)
+            self.counts[size] += 1
+        self._line = None
+
+    def _points(self) -> dict[int, float]:
+        if len(self.sizes) >= 2 or not self.priors:
+            return self.values
+        return {**self.priors, **self.values}
+
+    def _fit(self) -> tuple[float, float]:
+        points = self._points()
+        weights = {x: min(self.counts.get(x, 1), FIT_WEIGHT_CAP) for x in points}
+        total = sum(weights.values())
+        mx = sum(w * x for x, w in weights.items()) / total
+        my = sum(w * points[x] for x, w in weights.items()) / total
+        sxx = sum(w * (x - mx) ** 2 for x, w in weights.items())
+        slope = max(sum(w * (x - mx) * (points[x] - my) for x, w in weights.items()) / sxx, 0.0)
+        return my - slope * mx, slope
 
     def __call__(self, size: int) -> float | None:
-        if not self.sizes:
+        points = self._points()
+        if not points:
             return None
-        if size in self.values:
-            return self.values[size]
-        if len(self.sizes) == 1:
-            only = self.sizes[0]
-            return self.values[only] * size / only if self.proportional and only else self.values[only]
-        i = bisect.bisect_left(self.sizes, size)
-        lo, hi = (0, 1) if i == 0 else ((-2, -1) if i == len(self.sizes) else (i - 1, i))
-        x0, x1 = self.sizes[lo], self.sizes[hi]
-        y0, y1 = self.values[x0], self.values[x1]
-        value = y0 + (y1 - y0) * (size - x0) / (x1 - x0)
-        return max(value, 0.0)
+        if len(points) == 1:
+            (only, value), = points.items()
+            return value * size / only if self.proportional and only else value
+        if self._line is None:
+            self._line = self._fit()
+        intercept, slope = self._line
+        return max(intercept + slope * size, 0.0)
 
 
 # --------------------------------------------------------------------------- the policy
@@ -198,7 +230,7 @@ class AdaptiveDraftPolicy:
         """The prefills: a verify-cost point at n = tokens and the draft/target cost ratio."""
         if tokens <= 0 or target_s <= 0:
             return
-        self._verify_curve(exact=True).observe(tokens, target_s)
+        self._verify_curve(exact=True).observe(tokens, target_s, prior=True)
         if draft_s is not None and draft_s > 0:
             self.draft_ratio = draft_s / target_s
 
@@ -212,10 +244,11 @@ class AdaptiveDraftPolicy:
         drafted: list[int],  # [B] drafts offered per row
         accepted: list[int],  # [B] drafts accepted per row
         idle: bool = True,  # count rows without drafts as idle (False: they drafted from another source)
+        draft_clean: bool = True,  # False: draft_s includes a catch-up (prompt or long window), not a K cost
     ) -> None:
         """One step's measured times and outcome (discounting the observed rows' counts)."""
         self._verify_curve(exact=True).observe(k + 1, verify_s)
-        if k > 0 and draft_s > 0:
+        if k > 0 and draft_s > 0 and draft_clean:
             self.draft.setdefault(drafter, CostCurve(proportional=True)).observe(k, draft_s)
         rest = max(step_s - verify_s - draft_s, 0.0)
         self.overhead = rest if self.overhead is None else self.overhead + EMA * (rest - self.overhead)
@@ -255,12 +288,22 @@ class AdaptiveDraftPolicy:
         """Estimated seconds of a target forward over `tokens` tokens per row at this batch size."""
         return self._verify_curve()(tokens)
 
-    def row_rates(self, drafter: str, row: int) -> list[float]:
-        """a_1..a_k_max for one row: its own counts over the drafter's pooled estimate."""
+    def row_rates(self, drafter: str, row: int, optimistic: bool = False) -> list[float]:
+        """a_1..a_k_max for one row: its own counts over the drafter's pooled estimate.
+
+        optimistic: each rate plus EXPLORE standard deviations of its estimate, for choosing K.
+        Verification never judges the slots past the chosen K, so a slot whose estimate fell
+        early would never be tried again; its evidence decays (OBS_DISCOUNT), its bonus grows,
+        and the policy looks one slot further once the bonus makes it worth it.
+        """
         pooled = self.pooled.get(drafter)
         prior = pooled.rates() if pooled else AcceptanceCounts(self.k_max).rates()
         counts = self.rows[row].get(drafter)
-        return counts.rates(prior) if counts else prior
+        rates = counts.rates(prior) if counts else prior
+        if not optimistic:
+            return rates
+        trials = counts.trials if counts else [0.0] * self.k_max
+        return [min(1.0, a + EXPLORE * math.sqrt(a * (1.0 - a) / (PRIOR_WEIGHT + t))) for a, t in zip(rates, trials)]
 
     def draft_cost(self, drafter: str, k: int, uses_model: bool) -> float | None:
         """Seconds to draft k tokens: measured; else k draft forwards at the prefill's cost ratio
@@ -298,7 +341,7 @@ class AdaptiveDraftPolicy:
         if self._parked > 0 and available is None:
             self._parked -= 1
             return 0
-        rates = [self.row_rates(drafter, r) for r in range(len(self.rows))]
+        rates = [self.row_rates(drafter, r, optimistic=True) for r in range(len(self.rows))]
         best_k, best_rate = 0, 0.0
         for k in range(k_max + 1):
             cost = self.step_cost(drafter, k, uses_model)
@@ -358,18 +401,6 @@ class AdaptiveDraftPolicy:
         if cost is None or cost <= 0:
             return None
         return sum(expected_tokens(self.row_rates(drafter, r), k) for r in range(len(self.rows))) / cost
-
-    def continue_threshold(self, drafter: str, k: int, reached: float, rate: float) -> float:
-        """Least calibrated acceptance at which drafting slot k+1 still pays.
-
-        reached: probability that slots 1..k are all accepted; rate: the step's expected tokens
-        per second. One more slot costs one draft forward and the verify slope and gains
-        reached * a tokens on average: worth it while reached * a >= rate * that cost.
-        """
-        now, more = self.step_cost(drafter, k, True), self.step_cost(drafter, k + 1, True)
-        if now is None or more is None or reached <= 0:
-            return 0.0
-        return min(1.0, rate * max(more - now, 0.0) / reached)
 
 
 # --------------------------------------------------------------------------- timing
@@ -440,20 +471,20 @@ class ConfidenceCalibration:
 class EarlyStop:
     """Per-row stop of a draft model's drafting within one step (lossless: drafts only shrink).
 
-    After drafting slot i a row continues while reached_i * a_{i+1} >= thresholds[i]: reached_i
-    = prod_{j<=i} a(q_j) is the chance that the row's drafts so far are all accepted, from the
-    calibrated acceptance a(q) of each draft's confidence q, and a_{i+1} the drafter's acceptance
-    estimate at the next position, so reached_i * a_{i+1} is what drafting one more token gains. Everything is on the
-    device; only on CPU (where reading a value is no transfer) does `update` also say when
-    every row has stopped, so the draft loop can end early.
+    After drafting slot i a row continues while reached_i >= bars[i]: reached_i = prod_{j<=i}
+    a(q_j) is the chance that the row's drafts so far are all accepted, from the calibrated
+    acceptance a(q) of each draft's confidence q. A bar is the least such chance at which
+    drafting on still pays: for some j > i, reached_i * G(i, j) >= rate * (cost(j) - cost(i)),
+    with G(i, j) the tokens slots i+1..j add on average once slot i is reached (the drafter's
+    per-position estimates) and rate the step's expected tokens per second. Looking to every
+    j, not only i+1, keeps a slot that pays only with the ones after it (a myopic rule stops
+    too early). Everything is on the device; only on CPU (where reading a value is no
+    transfer) does `update` also say when every row has stopped, so the draft loop can end early.
     """
 
-    def __init__(
-        self, table: list[float], thresholds: list[float], next_rates: list[float], batch: int, device: torch.device
-    ) -> None:
+    def __init__(self, table: list[float], bars: list[float], batch: int, device: torch.device) -> None:
         self.table = torch.tensor(table, dtype=torch.float32, device=device)  # [bins]
-        # Continue past slot i while reached_i >= thresholds[i] / a_{i+1}  (host floats, [K-1]).
-        self.bars = [t / max(a, 1e-6) for t, a in zip(thresholds, next_rates)]
+        self.bars = bars  # [K-1] host floats: continue past slot i while reached_i >= bars[i]
         self.reached = torch.ones(batch, dtype=torch.float32, device=device)  # [B]
         self.active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
         self.num_draft = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
@@ -496,6 +527,7 @@ class DraftController:
         self._marks: dict[str, Any] = {}
         self._prefill: tuple | None = None
         self.limits: torch.Tensor | None = None  # [B] per-row draft caps of this step
+        self._catch_up = False  # this step's drafting included a catch-up (see DraftProposal)
 
     @property
     def adaptive(self) -> bool:
@@ -517,6 +549,7 @@ class DraftController:
         from .drafters.base import empty_proposal
 
         self.limits = None
+        self._catch_up = False
         state.early_stop = None
         if k_cap <= 0:
             return empty_proposal(state.batch_size, state.device)
@@ -524,7 +557,9 @@ class DraftController:
             return self.drafter.propose(state, k_cap)
         if self.drafter.chooses_length:  # seeded rows plan on their own counts (no policy)
             state.draft_policy = None if self.seeded else self.policy
-            return self.drafter.propose(state, k_cap)
+            proposal = self.drafter.propose(state, k_cap)
+            self._catch_up = proposal.catch_up
+            return proposal
         if not self.uses_model:
             offer = self.drafter.propose(state, k_cap)
             available = offer.host_num_draft or [k_cap] * state.batch_size
@@ -543,6 +578,7 @@ class DraftController:
             proposal = self.drafter.propose(state, k)
         if min(ks) < k:
             self.limits = torch.tensor(ks, dtype=torch.long).to(state.device, non_blocking=True)
+        self._catch_up = proposal.catch_up
         return proposal
 
     def _choose(self, k_cap: int, available: list[int] | None) -> list[int]:
@@ -558,14 +594,22 @@ class DraftController:
         rate = policy.expected_rate(self.name, k, True)
         if rate is None:
             return None
-        thresholds = []
-        for slot in range(k - 1):  # whether to draft slot+2 after slot+1
-            now, more = policy.step_cost(self.name, slot + 1, True), policy.step_cost(self.name, slot + 2, True)
-            thresholds.append(rate * max(more - now, 0.0) if now is not None and more is not None else 0.0)
         pooled = policy.pooled.get(self.name)
         rates = pooled.rates() if pooled else AcceptanceCounts(policy.k_max).rates()
+        costs = [policy.step_cost(self.name, j, True) for j in range(k + 1)]
+        if any(c is None for c in costs):
+            return None
+        bars = []
+        for i in range(1, k):  # after slot i (1-based) is drafted: whether to draft on
+            best, gain, run = float("inf"), 0.0, 1.0
+            for j in range(i + 1, k + 1):
+                run *= rates[j - 1]
+                gain += run  # G(i, j): tokens slots i+1..j add once slot i is reached
+                if gain > 0:
+                    best = min(best, rate * max(costs[j] - costs[i], 0.0) / gain)
+            bars.append(best)
         table = policy.calibration.table(prior=rates[0])
-        return EarlyStop(table, thresholds, rates[1:k], batch, self.device)
+        return EarlyStop(table, bars, batch, self.device)
 
     def record(
         self, k: int, drafted: list[int], accepted: list[int], confidence: list[list[float]] | None,
@@ -584,7 +628,7 @@ class DraftController:
         verify_s = sec(m["drafted"], m["verified"])
         step_s = sec(m["step"], m["done"])
         if sources is None:
-            policy.record_step(self.name, k, verify_s, draft_s, step_s, drafted, accepted)
+            policy.record_step(self.name, k, verify_s, draft_s, step_s, drafted, accepted, draft_clean=not self._catch_up)
         else:  # rows drafted by different drafters: each learns from its own rows
             ran_model = any(s == "model" for s in sources)
             for name in sorted(set(sources)):
@@ -592,7 +636,7 @@ class DraftController:
                 policy.record_step(
                     name, k, verify_s, draft_s if (name == "model") == ran_model else 0.0, step_s,
                     [d if m else 0 for d, m in zip(drafted, mine)], [a if m else 0 for a, m in zip(accepted, mine)],
-                    idle=False,
+                    idle=False, draft_clean=not self._catch_up,
                 )
         if confidence is not None and not self.seeded:
             for conf, d, a in zip(confidence, drafted, accepted):

@@ -187,8 +187,9 @@ class Bench:
         runs: list[Run] = []
         for setting in cfg.settings:
             sampled = setting == "sampled"
-            # The sampled setting uses the main K only; greedy sweeps every K.
-            ks = cfg.num_draft_tokens if not sampled else [cfg.main_k]
+            # Greedy sweeps every K for every method; sampled sweeps specdec's own drafters (the
+            # best fixed K is what "auto" answers to) and runs transformers' at the main K only.
+            ks = cfg.num_draft_tokens
             runs.append(self._ours("baseline", "none", None, setting))
             if "hf" in methods:
                 runs.append(self._hf("hf", setting))
@@ -205,6 +206,8 @@ class Bench:
                     runs.append(self._ours("model", "model", k, setting))
                 if "ngram" in methods:
                     runs.append(self._ours("ngram", "ngram", k, setting))
+                if sampled and k != cfg.main_k:
+                    continue
                 if "hf-assisted" in methods:
                     runs.append(self._hf("hf-assisted-k", setting, assistant=True, k=k))
                 if "hf-lookup" in methods:

@@ -88,6 +88,11 @@ class AutoDrafter(Drafter):
             if rate > best[2] * (1 + 1e-9):
                 best = (k, sources, rate)
         k, sources, _ = best
+        if k == 0:  # parked: probe a source after the policy's back-off (lookup first: it is free)
+            if any(available) and policy._probe_due(LOOKUP, k_cap, False, available):
+                return [min(k_cap, a) for a in available], [LOOKUP] * batch
+            if policy._probe_due(MODEL, k_cap, True, [k_cap] * batch):
+                return [1] * batch, [MODEL] * batch
         return [min(k, available[b]) if s == LOOKUP else k for b, s in enumerate(sources)], sources
 
     def _plan_per_row(self, state, k_cap: int, available: list[int]) -> tuple[list[int], list[str]]:
@@ -147,7 +152,8 @@ class AutoDrafter(Drafter):
             onehot = torch.nn.functional.one_hot(lookup_tokens.clamp(min=0), probs.shape[-1]).to(probs.dtype)
             probs = torch.where(rows.view(-1, 1, 1), onehot, probs)
         return DraftProposal(
-            tokens=tokens, num_draft=num_draft, probs=probs, sources=sources, draft_forwards=drafted.draft_forwards
+            tokens=tokens, num_draft=num_draft, probs=probs, sources=sources, draft_forwards=drafted.draft_forwards,
+            catch_up=drafted.catch_up,
         )
 
     def observe(self, state) -> None:

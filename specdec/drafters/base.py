@@ -30,6 +30,9 @@ class DraftProposal:
     host_num_draft: list[int] | None = None  # [B] num_draft on the host, when the drafter built it there
     sources: list[str] | None = None  # [B] which drafter drafted each row (drafter "auto")
     draft_forwards: int = 0  # forwards of a draft model this proposal cost
+    # The draft model also fed its prompt or a long pending window this step: the step's
+    # drafting time is not what drafting K tokens costs (the adaptive policy skips it).
+    catch_up: bool = False
 
     def truncate(self, k: int) -> "DraftProposal":
         """The first k drafts of every row (a lookup drafter's offer cut to the chosen length)."""
@@ -43,6 +46,7 @@ class DraftProposal:
             host_num_draft=None if self.host_num_draft is None else [min(n, k) for n in self.host_num_draft],
             sources=self.sources,
             draft_forwards=self.draft_forwards,
+            catch_up=self.catch_up,
         )
 
 

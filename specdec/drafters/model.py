@@ -58,6 +58,7 @@ class ModelDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
+        catch_up = self.unfed is not None or self.pending.shape[1] > 2
         self._prefill()
         params = state.params
         logits, _ = self.kv.forward(self.pending, self.num_pending)  # [B, W, V_draft]
@@ -90,6 +91,7 @@ class ModelDrafter(Drafter):
             probs=torch.stack(probs, dim=1) if probs else None,  # [B, k, V_draft]
             confidence=torch.stack(confidence, dim=1) if confidence else None,  # [B, k]
             draft_forwards=k,  # the pending window, then d_1..d_{k-1}
+            catch_up=catch_up,
         )
 
     def observe(self, state) -> None:
