@@ -64,8 +64,9 @@ def test_bench_json_has_every_column_and_method(quick_bench):
     for k in (2, 3):
         for method in ("model", "ngram", "hf-assisted-k", "hf-lookup"):
             assert ("greedy", method, k) in methods
-    # The sampled setting runs at the main K (the first value given).
-    assert ("sampled", "model", 3) in methods and ("sampled", "model", 2) not in methods
+    # The sampled setting sweeps specdec's drafters; transformers' run at the main K only.
+    assert ("sampled", "model", 3) in methods and ("sampled", "model", 2) in methods
+    assert ("sampled", "hf-lookup", 3) in methods and ("sampled", "hf-lookup", 2) not in methods
     assert {"cache-cold", "cache-warm"} <= {r["method"] for r in rows if r["workload"] == "cache"}
     assert doc["cost"]["c"] > 0
 

@@ -74,9 +74,11 @@ def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
         repeats=len(run.samples),
     )
     if baseline is not None and baseline.samples:
-        out["speedup"] = out["tokens_per_s"] / statistics.median(
-            [repeat_tokens_per_s(rep) for rep in baseline.samples]
-        )
+        # The median of per-repeat ratios: a repeat's runs shared the machine's moments (see
+        # the runner), so a ratio within a repeat cancels the drift that spreads tokens/s.
+        pairs = list(zip(tps, [repeat_tokens_per_s(rep) for rep in baseline.samples]))
+        out["speedup"] = statistics.median(t / b for t, b in pairs)
+        out["speedup_repeats"] = [t / b for t, b in pairs]
     forwards = [s.target_forwards for s in flat]
     if all(f is not None for f in forwards) and sum(forwards):
         tau = tokens / sum(forwards)

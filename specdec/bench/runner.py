@@ -229,6 +229,12 @@ class Bench:
                 groups.append([run])
         return groups
 
+    @staticmethod
+    def _interleaved(group: list[Run]) -> bool:
+        """Runs on the main prompts that need no state between repeats take turns per prompt."""
+        run = group[0]
+        return len(group) == 1 and not run.group and run.workload == "main" and run.before_repeat is None
+
     def _prompt_ids(self, run: Run) -> list[list[int]]:
         return self.cache_ids if run.workload == "cache" else self.ids
 
@@ -249,7 +255,22 @@ class Bench:
                         bar.update(1)
             for repeat in range(cfg.repeats):
                 order = groups if repeat % 2 == 0 else list(reversed(groups))
+                # Runs without a group take turns prompt by prompt (the order alternating), so
+                # every method sees the machine in the same moments: on a shared CPU whose
+                # speed drifts over seconds, that is what keeps their ratios steady.
+                loose = [g[0] for g in order if self._interleaved(g)]
+                if loose:
+                    by_run: dict[int, list] = {id(run): [] for run in loose}
+                    for i, ids in enumerate(self.ids):
+                        for run in (loose if (repeat + i) % 2 == 0 else loose[::-1]):
+                            bar.set_description(f"{repeat + 1}/{cfg.repeats} prompt {i + 1}")
+                            by_run[id(run)].append(run.execute(ids, cfg.seed + i))
+                            bar.update(1)
+                    for run in loose:
+                        run.samples.append(by_run[id(run)])
                 for group in order:
+                    if self._interleaved(group):
+                        continue
                     for run in group:
                         if run.before_repeat is not None:
                             run.before_repeat(repeat)
