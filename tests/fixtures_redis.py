@@ -140,6 +140,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.workdir),
+            "--logfile", str(self.workdir / "redis.log"),  # kept with pytest's temporary folders
             "--daemonize", "no",
         ]
         if self.unix_socket:
