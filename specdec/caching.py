@@ -321,7 +321,7 @@ class CacheLayer:
                 return None
             kind = "near"
         else:
-            ids = tuple(int(t) for t in prompt_ids)
+            ids = tuple(map(int, prompt_ids))
             kind = "text" if prompt_text is not None else "ids"
         return ResponseRequest(
             model=self.model_id,

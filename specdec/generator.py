@@ -8,7 +8,9 @@ import json
 import os
 import re
 import socket
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, Generator
 
 import torch
@@ -21,6 +23,8 @@ from .stats import GenerationResult, GenerationStats
 from .stopping import StopStringChecker, cut_at_stop, find_stop
 
 _UNSET: Any = object()
+_ENCODE_MEMO_SIZE = 128  # prompts whose ids are kept (a repeated prompt skips the tokenizer)
+_ENCODE_MEMO_CHARS = 16384  # longer prompts are tokenized every time (bounded memory)
 BUNDLED = "bundled"  # from_pretrained("bundled"): the pair shipped in specdec/assets/default_pair
 HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub before a download is tried
 
@@ -73,6 +77,8 @@ class SpeculativeGenerator:
                     draft_positions if self.max_positions is None else min(self.max_positions, draft_positions)
                 )
         self.eos_token_ids = _eos_ids(target_model, tokenizer)
+        self._encode_memo: OrderedDict[tuple[int, str], tuple[int, ...]] = OrderedDict()
+        self._encode_lock = threading.Lock()
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
 
@@ -526,8 +532,25 @@ class SpeculativeGenerator:
         return texts
 
     def _encode(self, text: str) -> list[int]:
-        """Token ids of one prompt text (validated by _prompt_texts)."""
-        return list(self.tokenizer(text)["input_ids"])
+        """Token ids of one prompt text (validated by _prompt_texts).
+
+        Repeated prompts (what a response cache serves) are not tokenized again: a small LRU
+        keyed on the text and the tokenizer's size (added tokens change the encoding).
+        """
+        if len(text) > _ENCODE_MEMO_CHARS:
+            return list(self.tokenizer(text)["input_ids"])
+        key = (len(self.tokenizer), text)
+        with self._encode_lock:
+            ids = self._encode_memo.get(key)
+            if ids is not None:
+                self._encode_memo.move_to_end(key)
+                return list(ids)
+        ids = tuple(self.tokenizer(text)["input_ids"])
+        with self._encode_lock:
+            self._encode_memo[key] = ids
+            while len(self._encode_memo) > _ENCODE_MEMO_SIZE:
+                self._encode_memo.popitem(last=False)
+        return list(ids)
 
     def _decode_text(self, token_ids: list[int]) -> str | None:
         if self.tokenizer is None:

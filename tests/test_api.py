@@ -32,6 +32,27 @@ def test_generate_matches_generate_ids(gen):
     assert a == b == c
 
 
+def test_a_repeated_prompt_is_tokenized_once_and_added_tokens_are_seen(llama_pair):
+    gen = SpeculativeGenerator.from_pretrained(str(llama_pair.target), dtype=torch.float64)
+    calls = []
+    tokenizer_call = type(gen.tokenizer).__call__
+
+    class Counting(type(gen.tokenizer)):
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0])
+            return tokenizer_call(self, *args, **kwargs)
+
+    gen.tokenizer.__class__ = Counting
+    text = "def add(a, b): return a + b"
+    first = gen._encode(text)
+    assert gen._encode(text) == first == list(tokenizer_call(gen.tokenizer, text)["input_ids"])
+    assert calls == [text]  # the second call came from the memo
+    gen.tokenizer.add_tokens(["return a + b"])  # the encoding changes: the memo must not answer
+    after = gen._encode(text)
+    assert after == list(tokenizer_call(gen.tokenizer, text)["input_ids"]) and after != first
+    assert calls == [text, text]
+
+
 def test_stream_yields_the_same_text(gen):
     full = gen.generate("import os\n", max_new_tokens=20, ignore_eos=True)[0].text
     deltas = list(gen.stream("import os\n", max_new_tokens=20, ignore_eos=True))
