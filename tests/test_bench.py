@@ -135,6 +135,19 @@ def test_speedup_pairs_each_repeat_with_the_baseline_of_the_same_repeat():
     assert row["speedup"] == pytest.approx(2.0)
 
 
+def test_a_stall_during_one_generation_spoils_one_pair_not_the_speedup():
+    # 3 repeats x 3 prompts, the method 2x faster on every prompt, but one of its generations
+    # stalled for 10x its time. Per prompt pair, 8 of 9 ratios are 2.0: the median is 2.0.
+    def rep(seconds_per_prompt):
+        return [Sample(list(range(16)), s, target_forwards=16) for s in seconds_per_prompt]
+
+    base = _run("baseline", [rep([1.0, 1.0, 1.0])] * 3)
+    fast = _run("ngram", [rep([0.5, 0.5, 0.5]), rep([0.5, 5.0, 0.5]), rep([0.5, 0.5, 0.5])], k=3)
+    row = metrics.rows([base, fast], c=None)[1]
+    assert row["speedup"] == pytest.approx(2.0)
+    assert row["speedup_repeats"][1] == pytest.approx((48 / 6.0) / (48 / 3.0))  # the repeat itself: 0.5x
+
+
 def test_interrupted_run_reports_what_finished():
     base, model = _baseline(), _model()
     model.samples = model.samples[:1]  # interrupted in the second repeat

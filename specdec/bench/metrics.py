@@ -45,6 +45,23 @@ def per_position_acceptance(samples: list[Sample]) -> list[float]:
     return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
 
 
+def paired_speedup(run: Run, baseline: Run) -> tuple[float, list[float]]:
+    """(median speedup, per-repeat speedups) against the baseline's samples of the same moments.
+
+    Runs on the main prompts take turns prompt by prompt (see the runner), so the median is
+    over (repeat, prompt) pairs: a stall of a shared machine spoils one pair, not a repeat,
+    and the machine's drift cancels within a pair. Runs that do not take turns with the
+    baseline's (a different prompt count) are paired per repeat.
+    """
+    per_repeat = [repeat_tokens_per_s(r) / repeat_tokens_per_s(b) for r, b in zip(run.samples, baseline.samples)]
+    pairs = [
+        (len(s.tokens) / s.seconds) / (len(b.tokens) / b.seconds)
+        for rep, base in zip(run.samples, baseline.samples) if len(rep) == len(base)
+        for s, b in zip(rep, base) if s.tokens and b.tokens and s.seconds > 0 and b.seconds > 0
+    ]
+    return statistics.median(pairs or per_repeat), per_repeat
+
+
 def greedy_mismatches(run: Run, baseline: Run) -> list[int]:
     """Indices of prompts whose tokens differ from baseline's in any repeat the two share."""
     bad = set()
@@ -74,11 +91,7 @@ def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
         repeats=len(run.samples),
     )
     if baseline is not None and baseline.samples:
-        # The median of per-repeat ratios: a repeat's runs shared the machine's moments (see
-        # the runner), so a ratio within a repeat cancels the drift that spreads tokens/s.
-        pairs = list(zip(tps, [repeat_tokens_per_s(rep) for rep in baseline.samples]))
-        out["speedup"] = statistics.median(t / b for t, b in pairs)
-        out["speedup_repeats"] = [t / b for t, b in pairs]
+        out["speedup"], out["speedup_repeats"] = paired_speedup(run, baseline)
     forwards = [s.target_forwards for s in flat]
     if all(f is not None for f in forwards) and sum(forwards):
         tau = tokens / sum(forwards)

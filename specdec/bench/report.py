@@ -30,8 +30,8 @@ COLUMNS: list[Column] = [
     Column("method", "method", None, "what ran (see the methods list)"),
     Column("k", "K", None, "draft tokens per step (- for methods without K)"),
     Column("tokens_per_s", "tokens/s", 1, "new tokens / wall time over all prompts, median of the repeats"),
-    Column("speedup", "speedup", 2, "median over repeats of tokens/s / baseline tokens/s in the same repeat (same "
-           "setting, same workload; runs take turns prompt by prompt)"),
+    Column("speedup", "speedup", 2, "median over (repeat, prompt) of tokens/s / baseline tokens/s on the same "
+           "prompt in the same repeat (same setting, same workload; runs take turns prompt by prompt)"),
     Column("acceptance_rate", "accept", 2, "accepted drafts / drafted tokens"),
     Column("mean_accepted_length", "tau", 2, "tokens emitted per target forward, bonus/correction token included"),
     Column("target_forwards_per_token", "fwd/token", 2, "target forwards per new token (1 / tau)"),
