@@ -154,6 +154,26 @@ def test_a_draft_as_large_as_the_target_is_never_probed():
         "m", 0, 1.0, 0.0, 1.0, [0], [0]))
 
 
+def test_seeded_lookup_drafts_that_are_almost_never_accepted_settle_at_k0():
+    """Prompt lookup under sampling at T=0.8: 2% of drafts accepted. Drafting is free but
+    verifying a draft is not; the fixed proxy must price that and stop drafting."""
+    policy = AdaptiveDraftPolicy(8, batch_size=1)
+    rng = random.Random(0)
+    chosen = []
+    for _ in range(300):
+        k = policy.choose_per_row("ngram", 8, cost_ratio=0.0, available=[8])[0]
+        accepted = 0
+        while accepted < k and rng.random() < 0.02:
+            accepted += 1
+        policy.record_step("ngram", k, 1.0, 0.0, 1.0, [k], [accepted])
+        chosen.append(k)
+    assert chosen[-200:].count(0) >= 190
+    good = AdaptiveDraftPolicy(8, batch_size=1)  # the same free drafter, accepted 80%: drafts long
+    for _ in range(50):
+        good.record_step("ngram", 8, 1.0, 0.0, 1.0, [8], [rng.choice([8, 8, 6, 7, 3])])
+    assert good.choose_per_row("ngram", 8, cost_ratio=0.0, available=[8])[0] >= 6
+
+
 def test_k0_is_left_again_when_drafts_start_paying():
     """A drafter useless for the first part of a request and good after it: the policy must
     come back from K = 0 and then draft long."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adaptive import OBS_DISCOUNT, AcceptanceCounts, expected_tokens
+from ..adaptive import OBS_DISCOUNT, AcceptanceCounts, expected_tokens, proxy_cost
 from . import register_drafter
 from .base import DraftProposal, Drafter, empty_proposal
 from .model import ModelDrafter
@@ -106,10 +106,11 @@ class AutoDrafter(Drafter):
             best = (0, LOOKUP, 1.0 if adaptive else 0.0)
             for k in (range(1, k_cap + 1) if adaptive else [k_cap]):
                 if available[b]:
-                    rate = expected_tokens(counts[LOOKUP].rates(), min(k, available[b]))
+                    n = min(k, available[b])
+                    rate = expected_tokens(counts[LOOKUP].rates(), n) / (proxy_cost(n, 0.0) if adaptive else 1.0)
                     if rate > best[2] * (1 + 1e-9):
-                        best = (min(k, available[b]), LOOKUP, rate)
-                rate = expected_tokens(counts[MODEL].rates(), k) / (1.0 + k * ratio)
+                        best = (n, LOOKUP, rate)
+                rate = expected_tokens(counts[MODEL].rates(), k) / (proxy_cost(k, ratio) if adaptive else 1.0)
                 if rate > best[2] * (1 + 1e-9):
                     best = (k, MODEL, rate)
             ks.append(best[0])
