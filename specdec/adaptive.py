@@ -31,6 +31,7 @@ threshold follows from the cost model instead of being a constant (transformers'
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -232,6 +233,19 @@ class AdaptiveDraftPolicy:
         self._parked = 0
         self.calibration = ConfidenceCalibration()
         self.draft_ratio: float | None = None  # draft forward / target forward, from the prefills
+
+    # What a later request of the same generator starts from: the pair's pooled acceptance,
+    # the measured costs and the confidence calibration (never a row's own counts).
+    LEARNED = ("pooled", "_verify", "draft", "overhead", "calibration", "draft_ratio")
+
+    def learned(self) -> dict[str, Any]:
+        """A copy of what this request learned about the pair and the machine."""
+        return copy.deepcopy({name: getattr(self, name) for name in self.LEARNED})
+
+    def start_from(self, learned: dict[str, Any]) -> None:
+        """Begin from an earlier request's estimates (they keep being discounted and updated)."""
+        for name, value in copy.deepcopy(learned).items():
+            setattr(self, name, value)
 
     # -------------------------------------------------------------- measurements
 
@@ -521,7 +535,9 @@ class DraftController:
     nothing) so the choice can weigh what is on offer per row.
     """
 
-    def __init__(self, params, drafter, batch: int, device: torch.device, cost_ratio: float) -> None:
+    def __init__(
+        self, params, drafter, batch: int, device: torch.device, cost_ratio: float, memory: dict | None = None
+    ) -> None:
         self.drafter = drafter
         self.name = drafter.name
         self.uses_model = drafter.uses_draft_model
@@ -534,6 +550,12 @@ class DraftController:
             # The draft model's parameters over the target's: the prior draft/target cost ratio
             # until its forwards are timed (its prompt is fed on the first draft, not up front).
             self.policy.draft_ratio = self.cost_ratio
+        # memory: the generator's store of what earlier requests learned, per drafter and K_max
+        # (unseeded requests only: seeded sampling chooses from nothing measured).
+        self.memory = memory if self.policy is not None and not self.seeded else None
+        self._memory_key = (self.name, params.draft_limit)
+        if self.memory is not None and self._memory_key in self.memory:
+            self.policy.start_from(self.memory[self._memory_key])
         self.watch = Stopwatch(device)
         self._marks: dict[str, Any] = {}
         self._prefill: tuple | None = None
@@ -663,3 +685,8 @@ class DraftController:
     def select_rows(self, keep: list[int]) -> None:
         if self.policy is not None:
             self.policy.select_rows(keep)
+
+    def finish(self) -> None:
+        """Leave what this request learned for the generator's next one."""
+        if self.memory is not None:
+            self.memory[self._memory_key] = self.policy.learned()

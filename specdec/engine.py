@@ -57,12 +57,13 @@ def decode(
     cache_layer: Any = None,
     stop_check: Callable[[list[int]], bool] | None = None,
     draft_cost_ratio: float = 0.0,
+    policy_memory: dict | None = None,
 ) -> list[RowOutput]:
     """Decode every prompt; returns one RowOutput per prompt, in order."""
     steps = iter_decode(
         target_model, prompts, params, drafter, stop_ids,
         device=device, dtype=dtype, engine=engine, cache_layer=cache_layer, stop_check=stop_check,
-        draft_cost_ratio=draft_cost_ratio,
+        draft_cost_ratio=draft_cost_ratio, policy_memory=policy_memory,
     )
     while True:
         try:
@@ -90,13 +91,15 @@ def iter_decode(
     cache_layer: Any = None,
     stop_check: Callable[[list[int]], bool] | None = None,
     draft_cost_ratio: float = 0.0,
+    policy_memory: dict | None = None,
 ) -> Generator[tuple[int, list[int]], None, list[RowOutput]]:
     """Like decode(), but yields (row index, new tokens) as each step emits them.
 
     `stop_check(row's new tokens) -> True` ends a row early (stop strings); the caller
     cuts the tokens exactly afterwards, so this only saves steps. draft_cost_ratio: the
     draft model's size over the target's, the fixed cost proxy of seeded sampling with
-    num_draft_tokens="auto" (see specdec.adaptive).
+    num_draft_tokens="auto" (see specdec.adaptive). policy_memory: a dict the caller keeps
+    across requests; unseeded adaptive requests start from what the last one learned.
     """
     start = time.perf_counter()
     batch = len(prompts)
@@ -121,7 +124,7 @@ def iter_decode(
     )
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)  # [S]
     target = make_kv(target_model, path, batch, capacity, device)
-    drafting = DraftController(params, drafter, batch, device, draft_cost_ratio)
+    drafting = DraftController(params, drafter, batch, device, draft_cost_ratio, policy_memory)
     drafting.mark("start")
     prefill(target, prompts)
     drafting.mark("target")
@@ -202,6 +205,7 @@ def iter_decode(
             last = last.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
 
     drafter.finish(state)
+    drafting.finish()
     return _finish(outputs, finish, stats, start)
 
 

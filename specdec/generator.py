@@ -79,6 +79,7 @@ class SpeculativeGenerator:
         self.eos_token_ids = _eos_ids(target_model, tokenizer)
         self._encode_memo: OrderedDict[tuple[int, str], tuple[int, ...]] = OrderedDict()
         self._encode_lock = threading.Lock()
+        self._policy_memory: dict = {}  # auto K: what the last request learned (specdec.adaptive)
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
 
@@ -442,7 +443,7 @@ class SpeculativeGenerator:
     def _engine_args(self) -> dict:
         return {
             "device": self.device, "dtype": self.target_dtype, "engine": self.engine,
-            "draft_cost_ratio": self._draft_cost_ratio(),
+            "draft_cost_ratio": self._draft_cost_ratio(), "policy_memory": self._policy_memory,
         }
 
     def _draft_cost_ratio(self) -> float:

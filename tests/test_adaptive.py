@@ -372,3 +372,24 @@ def test_auto_k_negative_control_overaccepting_verifier_fails(models, monkeypatc
     monkeypatch.setattr(kernels, "verify_sampling", overaccepting)
     samples, _ = _draw_auto(gen, "model", 1.0, 0, 1.0, seeded_policy=False, monkeypatch=monkeypatch)
     assert chi_square_pvalue(samples, exact_distribution(target, 1.0, 0, 1.0)) < 1e-6
+
+
+def test_a_request_starts_from_what_the_last_one_learned(tiny_pair):
+    """Unseeded auto K keeps the pair's pooled acceptance and measured costs between requests
+    (per drafter and K_max); seeded sampling neither reads nor writes them."""
+    gen = _load(tiny_pair, "same")
+    gen._draft_cost_ratio = lambda: 0.1  # priced as a small draft, so the policy drafts at once
+    prompt = AUTO_PROMPTS[0]
+    gen.generate_ids([prompt], max_new_tokens=16, drafter="model", temperature=0.8, seed=1)
+    assert gen._policy_memory == {}
+    first = gen.generate_ids([prompt], max_new_tokens=16, drafter="model")[0]
+    learned = gen._policy_memory[("model", 8)]
+    pooled = learned["pooled"]["model"]
+    assert sum(pooled.trials) > 0 and learned["_verify"]
+    # The next request's policy begins there: a copy, so the stored state is not mutated.
+    policy = AdaptiveDraftPolicy(8, batch_size=1)
+    policy.start_from(learned)
+    assert policy.pooled["model"].successes == pooled.successes and policy.pooled["model"] is not pooled
+    second = gen.generate_ids([prompt], max_new_tokens=16, drafter="model")[0]
+    assert second.token_ids == first.token_ids  # learning changes speed, never the output
+    assert sum(gen._policy_memory[("model", 8)]["pooled"]["model"].trials) > 0
