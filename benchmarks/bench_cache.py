@@ -544,7 +544,7 @@ def bench_failure(gen, workdir: Path, prompt: str, new_tokens: int, deadline_ms:
 
 
 def machine() -> dict:
-    from specdec.bench import machine_info
+    from specdec.bench.runner import machine_info
 
     info = machine_info(torch.device("cpu"))
     import redis

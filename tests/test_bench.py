@@ -235,3 +235,17 @@ def test_urls_are_redacted_in_the_results(cli_pair, tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["settings"]["cache_url"] == "memory://***@bench"
     assert "memory://***@bench" in doc["command"]
+
+
+def test_the_cache_benchmark_script_describes_its_machine():
+    """benchmarks/bench_cache.py runs for minutes before it writes anything: its report
+    helpers must at least import and run (a broken import once lost a whole run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cache.py"
+    spec = importlib.util.spec_from_file_location("bench_cache_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    info = module.machine()
+    assert info["torch"] and info["redis_py"] and "redis_server" in info
