@@ -375,13 +375,13 @@ class AdaptiveDraftPolicy:
             rate = sum(expected_tokens(r, min(k, c)) for r, c in zip(rates, caps)) / cost
             if rate > best_rate * (1 + 1e-9):
                 best_k, best_rate = k, rate
-        if best_k == 0 and self._probe_due(drafter, k_max, uses_model, caps):
+        if best_k == 0 and self.probe_due(drafter, k_max, uses_model, caps):
             return 1
         if best_k == 0 and available is None:
             self._parked = PROBE_MIN - 1
         return best_k
 
-    def _probe_due(self, drafter: str, k_max: int, uses_model: bool, caps: list[int]) -> bool:
+    def probe_due(self, drafter: str, k_max: int, uses_model: bool, caps: list[int]) -> bool:
         """Whether a row parked at K = 0 has waited long enough, and drafting could pay at all."""
         if not any(c and i >= w for c, i, w in zip(caps, self.idle, self.probe_wait)):
             return False

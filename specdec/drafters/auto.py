@@ -89,9 +89,9 @@ class AutoDrafter(Drafter):
                 best = (k, sources, rate)
         k, sources, _ = best
         if k == 0:  # parked: probe a source after the policy's back-off (lookup first: it is free)
-            if any(available) and policy._probe_due(LOOKUP, k_cap, False, available):
+            if any(available) and policy.probe_due(LOOKUP, k_cap, False, available):
                 return [min(k_cap, a) for a in available], [LOOKUP] * batch
-            if policy._probe_due(MODEL, k_cap, True, [k_cap] * batch):
+            if policy.probe_due(MODEL, k_cap, True, [k_cap] * batch):
                 return [1] * batch, [MODEL] * batch
         return [min(k, available[b]) if s == LOOKUP else k for b, s in enumerate(sources)], sources
 
