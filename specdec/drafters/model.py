@@ -42,24 +42,27 @@ class ModelDrafter(Drafter):
 
     def start(self, state) -> None:
         self.kv = state.new_kv(self.generator.draft_model, self.generator.draft_vocab_size)
-        # The prompts are fed on the first draft, not here: a request whose adaptive policy
-        # never drafts (a useless draft model) then costs the draft model nothing at all.
-        self.unfed: list[list[int]] | None = [list(s) for s in state.sequences]
+        # The sequences are fed on the first draft, not here: a request whose adaptive policy
+        # never drafts (a useless draft model) then costs the draft model nothing at all, and
+        # until then observe() has nothing to track.
+        self.unfed = True
         self.pending = torch.tensor([[s[-1]] for s in state.sequences], dtype=torch.long, device=state.device)  # [B, 1]
         self.num_pending = torch.ones(state.batch_size, dtype=torch.long, device=state.device)  # [B]
         self.k = 0  # drafts proposed this step (0: the engine did not ask)
         self.replaced = False  # set by drafter "auto" when some rows verified other drafts
 
-    def _prefill(self) -> None:
-        """Feed the prompts (all but each one's last token, which opens the pending window)."""
-        if self.unfed is not None:
-            prefill(self.kv, self.unfed)
-            self.unfed = None
+    def _prefill(self, state) -> None:
+        """Feed each row's sequence so far (all but its last token, which opens the pending window)."""
+        if self.unfed:
+            prefill(self.kv, state.sequences)
+            self.pending = torch.tensor([[s[-1]] for s in state.sequences], dtype=torch.long, device=state.device)
+            self.num_pending = torch.ones(state.batch_size, dtype=torch.long, device=state.device)
+            self.unfed = False
 
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
-        catch_up = self.unfed is not None or self.pending.shape[1] > 2
-        self._prefill()
+        catch_up = self.unfed or self.pending.shape[1] > 2
+        self._prefill(state)
         params = state.params
         logits, _ = self.kv.forward(self.pending, self.num_pending)  # [B, W, V_draft]
         # The logits after each row's last real pending token.
@@ -95,6 +98,8 @@ class ModelDrafter(Drafter):
         )
 
     def observe(self, state) -> None:
+        if self.unfed:  # nothing fed yet: the first draft feeds the sequences as they are then
+            return
         emitted = state.step_tokens  # [B, k+1], -1 padded
         n = state.step_num_accepted  # [B]
         if not self.k:  # this model did not draft: every emitted token joins the window
@@ -104,8 +109,8 @@ class ModelDrafter(Drafter):
             slots = self.num_pending.unsqueeze(1) + torch.arange(add, device=emitted.device)  # [B, add]
             self.pending.scatter_(1, slots, emitted[:, :add].clamp(min=0))
             self.num_pending = self.num_pending + n + 1
-            if width + add >= MAX_PENDING and self.unfed is None:  # (before the prefill it may grow:
-                self._absorb(state)  # it starts at the row's length 0 and stays within the request)
+            if width + add >= MAX_PENDING:
+                self._absorb(state)
             return
         k, self.k = self.k, 0
         if self.replaced:
@@ -147,7 +152,6 @@ class ModelDrafter(Drafter):
 
     def _absorb(self, state) -> None:
         """Feed all but the last pending token now, so the window stays small."""
-        self._prefill()
         self.kv.forward(self.pending, self.num_pending - 1)
         last = self.pending.gather(1, (self.num_pending - 1).unsqueeze(1))  # [B, 1]
         self.pending = last
@@ -155,8 +159,6 @@ class ModelDrafter(Drafter):
 
     def select_rows(self, keep: list[int]) -> None:
         self.kv.select_rows(keep)
-        if self.unfed is not None:
-            self.unfed = [self.unfed[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.pending.device)
         self.pending = self.pending.index_select(0, index)
         self.num_pending = self.num_pending.index_select(0, index)
