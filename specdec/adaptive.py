@@ -44,7 +44,8 @@ import torch
 OBS_DISCOUNT = 0.98
 # A row parked at K = 0 is probed with one draft after PROBE_MIN idle steps, the wait doubling
 # after every probe that is rejected (up to PROBE_MAX) and reset by one that is accepted. Probes
-# are skipped unless drafts that are always accepted would beat plain decoding by PROBE_GAIN: a
+# of a draft model are skipped unless drafts that are always accepted would beat plain decoding
+# by PROBE_GAIN (a lookup probe is always made: it costs one token of verify width): a
 # probe of a model drafter also pays the draft model's catch-up over every token it skipped, so
 # a draft that could at best save a sliver of the step overhead (one as large as the target)
 # is never probed.
@@ -59,6 +60,7 @@ PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
 EXPLORE = 0.5  # standard deviations of optimism in the acceptance estimates K is chosen from
 EMA = 0.2  # weight of a new cost measurement
 FIT_WEIGHT_CAP = 8  # a cost curve weighs a width measured this often or more as fully known
+OUTLIER_CAP = 1.5  # a cost measurement counts at most this multiple of its current estimate
 CALIBRATION_BINS = 10
 
 
@@ -171,10 +173,13 @@ class CostCurve:
             self.values[size] = seconds
             self.counts[size] = 1
         elif self.counts[size] == 1:  # the first call at a new shape is often cold (allocation, kernel choice)
-            self.values[size] = seconds
+            self.values[size] = min(old, seconds)
             self.counts[size] = 2
         else:
-            self.values[size] = old + EMA * (seconds - old)
+            # Interference (another process, a stolen CPU) only ever adds time: one call counts
+            # at most OUTLIER_CAP times the estimate, so a stall cannot make a width look
+            # unaffordable for good, while a real change still moves the estimate 20% a call.
+            self.values[size] = old + EMA * (min(seconds, OUTLIER_CAP * old) - old)
             self.counts[size] += 1
         self._line = None
 
@@ -266,19 +271,22 @@ class AdaptiveDraftPolicy:
         step_s: float,  # the whole step
         drafted: list[int],  # [B] drafts offered per row
         accepted: list[int],  # [B] drafts accepted per row
-        idle: bool = True,  # count rows without drafts as idle (False: they drafted from another source)
+        idle: bool | list[bool] = True,  # rows without drafts are idle (per row: False where they drafted from another source)
         draft_clean: bool = True,  # False: draft_s includes a catch-up (prompt or long window), not a K cost
+        step_costs: bool = True,  # False: this step's verify and overhead were already recorded (drafter "auto")
     ) -> None:
         """One step's measured times and outcome (discounting the observed rows' counts)."""
-        self._verify_curve(exact=True).observe(k + 1, verify_s)
+        if step_costs:
+            self._verify_curve(exact=True).observe(k + 1, verify_s)
+            rest = max(step_s - verify_s - draft_s, 0.0)
+            self.overhead = rest if self.overhead is None else self.overhead + EMA * (rest - self.overhead)
         if k > 0 and draft_s > 0 and draft_clean:
             self.draft.setdefault(drafter, CostCurve(proportional=True)).observe(k, draft_s)
-        rest = max(step_s - verify_s - draft_s, 0.0)
-        self.overhead = rest if self.overhead is None else self.overhead + EMA * (rest - self.overhead)
         pooled = self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max))
+        idle_rows = idle if isinstance(idle, list) else [idle] * len(drafted)
         for b, (d, a) in enumerate(zip(drafted, accepted)):
             if d <= 0:
-                self.idle[b] += idle
+                self.idle[b] += idle_rows[b]
                 continue
             self._parked = 0
             if self.idle[b] >= self.probe_wait[b]:  # this was a probe
@@ -385,6 +393,10 @@ class AdaptiveDraftPolicy:
         """Whether a row parked at K = 0 has waited long enough, and drafting could pay at all."""
         if not any(c and i >= w for c, i, w in zip(caps, self.idle, self.probe_wait)):
             return False
+        if not uses_model:
+            # A lookup probe drafts for free and widens one verify by a token: its cost is
+            # bounded and small, and it refreshes the width costs the promise below relies on.
+            return True
         base = self.step_cost(drafter, 0, uses_model)
         if not base:
             return False
@@ -664,12 +676,15 @@ class DraftController:
             policy.record_step(self.name, k, verify_s, draft_s, step_s, drafted, accepted, draft_clean=not self._catch_up)
         else:  # rows drafted by different drafters: each learns from its own rows
             ran_model = any(s == "model" for s in sources)
-            for name in sorted(set(sources)):
+            for i, name in enumerate(sorted(set(sources))):  # "model" first when it ran: its call sees draft_s
                 mine = [s == name for s in sources]
                 policy.record_step(
                     name, k, verify_s, draft_s if (name == "model") == ran_model else 0.0, step_s,
                     [d if m else 0 for d, m in zip(drafted, mine)], [a if m else 0 for a, m in zip(accepted, mine)],
-                    idle=False, draft_clean=not self._catch_up,
+                    # A row that drafted nothing is idle (a parked row waits for its probe);
+                    # a row of the other source is not.
+                    idle=[m and d <= 0 for d, m in zip(drafted, mine)], draft_clean=not self._catch_up,
+                    step_costs=i == 0,
                 )
         if confidence is not None and not self.seeded:
             for conf, d, a in zip(confidence, drafted, accepted):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from specdec.adaptive import (
     AcceptanceCounts,
@@ -191,6 +192,52 @@ def test_k0_is_left_again_when_drafts_start_paying():
     assert sum(chosen[-200:]) / 200 >= 4
 
 
+def test_a_stall_cannot_make_a_width_look_unaffordable_for_good():
+    """A free lookup drafter whose first drafts miss (the policy parks at K = 0) and whose
+    first probes run into stalls (30 target forwards long: another process took the CPU).
+    Later its drafts are accepted 90%: the policy must probe again, see that the widths
+    cost what they always did, and draft long. Before, one stall measured at a width kept
+    that width's cost high for good and the promise test skipped every later probe."""
+    rng = random.Random(3)
+    pair = SimulatedPair(0.9, 0.0)
+    policy = AdaptiveDraftPolicy(8, batch_size=1)
+    policy.record_prefill(32, pair.verify(32))
+    chosen, stalls = [], 0
+    for step in range(800):
+        k = policy.choose("ngram", 8, uses_model=False, available=[8])
+        verify = pair.verify(k + 1)
+        if k and step >= 50 and stalls < 3:  # the probes after parking
+            verify, stalls = 30.0, stalls + 1
+        accepted = 0 if step < 100 else pair.accepted(k, rng)
+        policy.record_step("ngram", k, verify, 0.0, pair.overhead + verify, [k], [accepted])
+        chosen.append(k)
+    assert stalls == 3
+    assert sum(chosen[-200:]) / 200 >= 4
+
+
+def test_auto_drafter_rows_that_draft_nothing_wait_for_their_probe():
+    """Drafter "auto" records each step per source; a row that drafted from no source is idle,
+    so a parked row is probed after PROBE_MIN steps (before, auto rows never counted idle
+    and a row parked once stayed parked for the rest of the request)."""
+    from specdec.adaptive import PROBE_MIN, DraftController
+    from specdec.params import make_params
+
+    class Auto:  # what the controller reads of a drafter
+        name, uses_draft_model, chooses_length = "auto", True, True
+
+    params = make_params(drafter="auto", num_draft_tokens="auto")
+    controller = DraftController(params, Auto(), batch=2, device=torch.device("cpu"), cost_ratio=0.1)
+    policy = controller.policy
+    policy.record_prefill(16, 1.0)
+    for _ in range(PROBE_MIN):
+        for mark in ("step", "drafted", "verified"):
+            controller.mark(mark)
+        # Row 0 drafted nothing; row 1 drafted 2 lookup tokens.
+        controller.record(2, [0, 2], [0, 1], None, sources=["ngram", "ngram"])
+    assert policy.idle == [PROBE_MIN, 0]
+    assert policy.probe_due("ngram", 8, False, [8, 0])
+
+
 def test_lookup_drafter_without_proposals_costs_nothing():
     policy = AdaptiveDraftPolicy(8, batch_size=2)
     policy.record_prefill(16, 1.0)
@@ -215,7 +262,6 @@ def test_rows_keep_their_own_estimates():
 # token for token, and sampled output follows the target's exact distribution, on both
 # engine paths, whatever lengths the policy chooses.
 
-import torch  # noqa: E402
 
 from specdec import SpeculativeGenerator, kernels  # noqa: E402
 from specdec.kernels import reference  # noqa: E402

@@ -54,8 +54,8 @@ class AutoDrafter(Drafter):
     # ------------------------------------------------------------------ choosing
 
     def _rates(self, policy, source: str, b: int) -> list[float]:
-        if policy is not None:
-            return policy.row_rates(source, b)
+        if policy is not None:  # optimistic, as the policy's own choice of K (see row_rates)
+            return policy.row_rates(source, b, optimistic=True)
         return self.counts[b][source].rates()
 
     def _cost(self, policy, source: str, k: int) -> float:
