@@ -46,6 +46,9 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
+_INT_ONLY = {int}
+
+
 def canonicalize(obj: Any) -> Any:
     """Turn `obj` into plain JSON data with one spelling per value.
 
@@ -59,11 +62,11 @@ def canonicalize(obj: Any) -> Any:
     if cls in _PLAIN:
         return obj
     if cls is list or cls is tuple:
-        if all(type(v) is int for v in obj):  # token ids: nothing to convert
+        if not obj or set(map(type, obj)) == _INT_ONLY:  # token ids: nothing to convert (a C-level scan)
             return list(obj)
         return [canonicalize(v) for v in obj]
     if cls is dict and all(type(k) is str for k in obj):
-        return {k: canonicalize(v) for k, v in obj.items()}
+        return {k: v if type(v) in _PLAIN else canonicalize(v) for k, v in obj.items()}
     if cls is float:
         if not math.isfinite(obj):
             raise ValueError(f"cannot put non-finite number {obj!r} into a cache key")

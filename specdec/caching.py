@@ -383,7 +383,7 @@ class CacheLayer:
         return (
             finish_reason in _FINISH_REASONS
             and len(tokens) <= params.max_new_tokens
-            and all(t >= 0 and (self.vocab_size is None or t < self.vocab_size) for t in tokens)
+            and (not tokens or (min(tokens) >= 0 and (self.vocab_size is None or max(tokens) < self.vocab_size)))
         )
 
     def record(

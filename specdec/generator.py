@@ -492,7 +492,10 @@ class SpeculativeGenerator:
         for i, row in enumerate(rows):
             if not row:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            bad = [t for t in row if t < 0 or t >= self.vocab_size]
+            if min(row) >= 0 and max(row) < self.vocab_size:  # C-level scan: this runs on every request
+                bad = None
+            else:
+                bad = [t for t in row if t < 0 or t >= self.vocab_size]
             if bad:
                 raise ValueError(
                     f"prompt {i} has token ids outside the model's vocabulary [0, {self.vocab_size}): {bad[:5]}"
