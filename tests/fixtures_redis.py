@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -277,3 +278,14 @@ def cache_models(tmp_path_factory, tiny_tokenizer) -> CacheModels:
             model.lm_head.weight.mul_(4.0)
         paths[name] = save(model, tiny_tokenizer, root / name)
     return CacheModels(**paths)
+
+
+def timer_lateness(rounds: int = 3, wait_s: float = 0.02) -> float:
+    """How late a thread's timed wait returns right now (the watchdog waits the same way):
+    about 0.1 ms on a healthy machine, tens of ms on one that loses most of its CPU to steal."""
+    worst = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        threading.Event().wait(wait_s)
+        worst = max(worst, time.perf_counter() - start - wait_s)
+    return worst

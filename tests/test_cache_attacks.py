@@ -18,6 +18,7 @@ import pytest
 import redis
 import torch
 
+from fixtures_redis import timer_lateness
 from specdec import SpeculativeGenerator
 from specdec.cache.codec import KIND_RESPONSE, encode_value
 from specdec.cache.config import parse_cache_url
@@ -219,17 +220,6 @@ def test_dripping_peer_costs_at_most_the_deadline_per_call(gen, dripping):
         assert one(gen, cache=layer, **GREEDY).token_ids == expected
     finally:
         layer.close()
-
-
-def timer_lateness(rounds: int = 3, wait_s: float = 0.02) -> float:
-    """How late a thread's timed wait returns right now (the watchdog waits the same way):
-    about 0.1 ms on a healthy machine, tens of ms on one that loses most of its CPU to steal."""
-    worst = 0.0
-    for _ in range(rounds):
-        start = time.perf_counter()
-        threading.Event().wait(wait_s)
-        worst = max(worst, time.perf_counter() - start - wait_s)
-    return worst
 
 
 def test_dripping_peer_through_generate(gen, dripping):

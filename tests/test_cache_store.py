@@ -10,6 +10,8 @@ import pytest
 from specdec.cache import CircuitBreaker, get_store, parse_cache_url, release_store
 from specdec.cache.writer import WriteBehind
 
+from fixtures_redis import timer_lateness
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -76,7 +78,9 @@ def test_never_started_server_fails_fast_and_trips_the_breaker(dead_redis_url):
         for _ in range(2):
             start = time.perf_counter()
             assert s.call("get", "k", default="fallback") == "fallback"
-            assert time.perf_counter() - start < 0.5  # connection refused: no waiting
+            took = time.perf_counter() - start
+            # Connection refused: no waiting (beyond how late this machine's timers run now).
+            assert took < 0.5 + 10 * timer_lateness(), took
         assert s.breaker.state == "open"
         start = time.perf_counter()
         for _ in range(100):
