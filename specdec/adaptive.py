@@ -30,7 +30,6 @@ threshold follows from the cost model instead of being a constant (transformers'
 
 from __future__ import annotations
 
-import bisect
 import copy
 import math
 import time
@@ -144,8 +143,8 @@ class CostCurve:
     line fitted through those averages (least squares, each size weighted by how often it
     was measured, up to FIT_WEIGHT_CAP): a size seen once in a noisy moment cannot bend the
     curve, and the marginal cost of one more token is the same at every width, so the
-    early-stop thresholds derived from it are consistent. The second measurement of a size
-    replaces the first, which is often cold (a new shape). With a single measured size the
+    early-stop thresholds derived from it are consistent. A size's first measurement is often
+    cold (a new shape): the faster of its first two stands. With a single measured size the
     curve is flat, or proportional to the size (`proportional=True`, for costs that are one
     forward per unit, like drafting with a model). Prior points (`prior=True`: the prompt's
     prefill, far from the decode widths) serve only until two sizes are measured. None
@@ -154,8 +153,7 @@ class CostCurve:
 
     def __init__(self, proportional: bool = False) -> None:
         self.proportional = proportional
-        self.sizes: list[int] = []  # sorted, measured sizes
-        self.values: dict[int, float] = {}
+        self.values: dict[int, float] = {}  # measured size -> moving average
         self.counts: dict[int, int] = {}
         self.priors: dict[int, float] = {}
         self._line: tuple[float, float] | None = None  # (intercept, slope), refitted lazily
@@ -169,7 +167,6 @@ class CostCurve:
             return
         old = self.values.get(size)
         if old is None:
-            bisect.insort(self.sizes, size)
             self.values[size] = seconds
             self.counts[size] = 1
         elif self.counts[size] == 1:  # the first call at a new shape is often cold (allocation, kernel choice)
@@ -178,13 +175,13 @@ class CostCurve:
         else:
             # Interference (another process, a stolen CPU) only ever adds time: one call counts
             # at most OUTLIER_CAP times the estimate, so a stall cannot make a width look
-            # unaffordable for good, while a real change still moves the estimate 20% a call.
+            # unaffordable for good, while a real change still moves the estimate up to 10% a call.
             self.values[size] = old + EMA * (min(seconds, OUTLIER_CAP * old) - old)
             self.counts[size] += 1
         self._line = None
 
     def _points(self) -> dict[int, float]:
-        if len(self.sizes) >= 2 or not self.priors:
+        if len(self.values) >= 2 or not self.priors:
             return self.values
         return {**self.priors, **self.values}
 
@@ -342,7 +339,7 @@ class AdaptiveDraftPolicy:
         if k == 0:
             return 0.0
         curve = self.draft.get(drafter)
-        if curve is not None and curve.sizes:
+        if curve is not None and curve.values:
             return curve(k)
         if not uses_model:
             return 0.0
