@@ -141,7 +141,7 @@ class CacheStore:
                     raise TimeoutError(f"cache call {op} exceeded its deadline of {self.config.deadline_ms:g} ms")
         except Exception as exc:
             # Final once the watch has ended: the watchdog never touches a finished call.
-            expired = watched is not None and watched.expired
+            expired = watched is not None and _missed(watched)
             if expired or isinstance(exc, _CONNECTION_ERRORS):
                 self.breaker.record_failure()
                 self.count("failures")
@@ -177,6 +177,13 @@ class CacheStore:
         self.flush(timeout=2.0)
         self.writer.close(timeout=2.0)
         self.backend.close()
+
+
+def _missed(call) -> bool:
+    """Whether a failed watched call outlived its deadline: the watchdog expired it, or the calling
+    thread itself found the deadline passed (on a starved machine it may notice before the
+    watchdog thread wakes; deadline.py refuses to start a connect or command then)."""
+    return call.expired or time.monotonic() >= call.deadline
 
 
 def get_store(config: CacheConfig) -> CacheStore:
