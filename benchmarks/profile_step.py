@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -195,16 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                     row["equals_baseline"] = samples[(setting, name)][0]["outputs"] == samples[(setting, "baseline")][0]["outputs"]
             rows.append(row)
 
-    import transformers
+    from specdec.bench.runner import machine_info
 
     doc = {
         "command": "python benchmarks/profile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {
-            "device": torch.cuda.get_device_name() if next(gen.target_model.parameters()).is_cuda else platform.processor() or "cpu",
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-        },
+        "machine": machine_info(next(gen.target_model.parameters()).device),
         "workload": {"prompts": len(prompts), "new_tokens": args.new_tokens, "repeats": args.repeats, "k": args.k,
                      "temperature": args.temperature},
         "cost": cost,
@@ -222,7 +217,7 @@ def report(doc: dict) -> str:
     lines = [
         "# Where a decode step's time goes", "",
         f"Command: `{doc['command']}`  ", f"Date: {doc['date']}  ",
-        f"Machine: {doc['machine']['device']}, torch threads {doc['machine']['torch_threads']}, Python "
+        f"Machine: {doc['machine']['device_name']}, torch threads {doc['machine']['torch_threads']}, Python "
         f"{doc['machine']['python']}, torch {doc['machine']['torch']}, transformers {doc['machine']['transformers']}  ",
         f"Workload: bundled pair, {w['prompts']} built-in prompts x {w['new_tokens']} new tokens, median of "
         f"{w['repeats']} repeats in alternating order; sampled at T={w['temperature']}.", "",
