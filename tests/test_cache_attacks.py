@@ -204,12 +204,17 @@ def test_dripping_peer_costs_at_most_the_deadline_per_call(gen, dripping):
     layer = CacheLayer.open(url, gen, deadline_ms=deadline * 1000, breaker_failures=3, breaker_cooldown_s=60)
     try:
         times = []
+        late = timer_lateness()
         for i in range(3):  # connect + handshake + command, each call under one deadline
             start = time.perf_counter()
             assert layer.store.call("mget", [f"k{i}"]) is None
             times.append(time.perf_counter() - start)
-        assert max(times) < deadline + 0.4, times  # generous margins: shared, loaded CI cores
-        assert sorted(times)[1] < deadline + 0.1, times  # (the old code held each call for seconds)
+        late = max(late, timer_lateness())
+        # Margins for shared, loaded CI cores, grown by how late the machine's timers run now
+        # (a starved machine woke the watchdog 0.5 s late); the old code held each call for
+        # as long as the peer drips, which is forever.
+        assert max(times) < deadline + 0.4 + 10 * late, (times, late)
+        assert sorted(times)[1] < deadline + 0.1 + 4 * late, (times, late)
         counts = layer.counts()
         assert counts["deadline_misses"] == 3 and counts["failures"] == 3
         assert layer.store.breaker.state == "open"  # deadline misses open the breaker like errors
