@@ -287,7 +287,7 @@ def bench_config(args):
 
 def cmd_bench(args) -> int:
     """`specdec bench`: run the comparison, print the table, write the files."""
-    from .bench import Bench, headline, markdown_table
+    from .bench import Bench, format_duration, headline, markdown_table
 
     config = bench_config(args)
     from .bench import apply_threads
@@ -310,6 +310,7 @@ def cmd_bench(args) -> int:
         print(f"note: {note}")
     for warning in doc["suspect"]:
         print(f"WARNING: {warning}")
+    print(f"\nthe run took {format_duration(doc['elapsed_seconds'])} (model loading included)")
     files = ["results.json", "results.csv", "results.md"] + doc.get("plots", [])
     if doc["partial"]:
         print(f"\ninterrupted: wrote the partial results ({', '.join(files)}) to {config.out}", file=sys.stderr)

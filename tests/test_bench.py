@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from specdec.bench import COLUMNS, PRESETS, apply_threads
+from specdec.bench import COLUMNS, PRESETS, apply_threads, format_duration
 from specdec.bench import metrics
 from specdec.bench.methods import Run, Sample
 from specdec.bench.report import column_prose, markdown_table
@@ -161,6 +161,12 @@ def test_interrupted_run_reports_what_finished():
 # --------------------------------------------------------------------------- a run, end to end
 
 
+def test_durations_read_in_minutes_and_seconds():
+    assert format_duration(0.4) == "0 s" and format_duration(48.2) == "48 s"
+    assert format_duration(59.6) == "1 min 0 s"  # rounded before splitting: never "60 s"
+    assert format_duration(229.4) == "3 min 49 s" and format_duration(3600) == "60 min 0 s"
+
+
 def test_default_is_the_headline_and_full_adds_the_sweep():
     head, full = PRESETS["headline"], PRESETS["full"]
     assert head.num_draft_tokens == (4,) and "cache" not in head.methods
@@ -219,7 +225,13 @@ def test_one_thread_per_cpu_process_by_default(cli_pair, tmp_path, capsys):
         doc = json.loads((tmp_path / "results.json").read_text())
         assert doc["settings"]["threads"] == 1 and doc["machine"]["torch_threads"] == 1
         assert any("a single repeat" in w for w in doc["suspect"])  # flagged in the files ...
-        assert "WARNING: a single repeat" in capsys.readouterr().out  # ... and on screen
+        out = capsys.readouterr().out
+        assert "WARNING: a single repeat" in out  # ... and on screen
+        # The run's own duration, model loading included, in the files and on screen.
+        assert doc["elapsed_seconds"] >= doc["models"]["load_seconds"] > 0
+        duration = format_duration(doc["elapsed_seconds"])
+        assert f"Ran {duration}, model loading included." in (tmp_path / "results.md").read_text()
+        assert f"the run took {duration}" in out
     finally:
         torch.set_num_threads(threads)
 

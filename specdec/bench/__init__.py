@@ -10,7 +10,7 @@ Every method runs in one process on the same prompts, models and machine. Split 
 """
 
 from .config import ALL_METHODS, PRESETS, SETTINGS, BenchConfig, check_device, parse_int_list
-from .report import COLUMN_KEYS, COLUMNS, headline, markdown_table
+from .report import COLUMN_KEYS, COLUMNS, format_duration, headline, markdown_table
 from .runner import Bench, apply_threads
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "BenchConfig",
     "apply_threads",
     "check_device",
+    "format_duration",
     "headline",
     "markdown_table",
     "parse_int_list",

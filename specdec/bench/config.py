@@ -2,7 +2,7 @@
 
 Two presets. The default is the headline: baseline, the draft model and n-gram at
 the main K (and "auto" where the engine offers it), against transformers' plain,
-assisted and prompt-lookup generation, greedy and sampled, on 6 prompts: a few
+assisted and prompt-lookup generation, greedy and sampled, on 4 prompts: under five
 minutes on a 2-core CPU. `--full` adds the K sweep, the cache workload and 16
 prompts. `--quick` is a smoke run. Any explicit option overrides the preset.
 """
@@ -40,7 +40,7 @@ class Preset:
 
 
 PRESETS = {
-    "headline": Preset((4,), 128, 6, 3, 4, HEADLINE_METHODS),
+    "headline": Preset((4,), 128, 4, 3, 4, HEADLINE_METHODS),
     "full": Preset((4, 2, 6, 8), 128, 16, 3, 4, ALL_METHODS),
     "quick": Preset((4,), 32, 3, 1, 1, ALL_METHODS),
 }
@@ -58,7 +58,7 @@ class BenchConfig:
     device_map: str | None = None
     num_draft_tokens: list[int] = field(default_factory=lambda: [4])  # first value = main K
     max_new_tokens: int = 128
-    num_prompts: int = 6
+    num_prompts: int = 4
     repeats: int = 3
     warmup: bool = True
     prompts_file: str | None = None

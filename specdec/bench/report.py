@@ -63,6 +63,13 @@ def fmt(value: Any, digits: int | None = 2) -> str:
     return str(value)
 
 
+def format_duration(seconds: float) -> str:
+    """A wall-clock duration in whole seconds: "48 s", "3 min 49 s" (never "60 s")."""
+    total = int(round(seconds))
+    minutes, secs = divmod(total, 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results table as markdown."""
     cols = [c for c in COLUMNS if c.key in TABLE_KEYS]
@@ -146,6 +153,10 @@ def report_markdown(doc: dict[str, Any]) -> str:
     lines += [
         f"Command: `{doc['command']}`",
         "",
+    ]
+    if doc.get("elapsed_seconds") is not None:
+        lines += [f"Ran {format_duration(doc['elapsed_seconds'])}, model loading included.", ""]
+    lines += [
         f"Machine: {m['device_name']} ({m['cpu_count']} logical CPUs, torch threads {m['torch_threads']}); "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.",
         "",
