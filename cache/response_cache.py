@@ -15,7 +15,7 @@ valid tag (`DecodedValue.authenticated`). Without one, nothing read is authentic
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .codec import (
@@ -29,8 +29,32 @@ from .codec import (
     encode_value,
 )
 from .keys import digest, response_key, response_material
+from .memo import LruMemo
 from .namespace import Namespace
 from .store import CacheStore
+
+
+_KEY_MEMO_SIZE = 256  # keys of recent requests (a few MB at most with the prompt bound below)
+_KEY_MEMO_PROMPT_TOKENS = 2048
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of key material that keeps each scalar's type: 1, 1.0 and True hash
+    alike in Python but are spelled apart in the canonical JSON, so they must not meet here."""
+    cls = type(value)
+    if cls is tuple or cls is list:
+        if set(map(type, value)) <= _INT_ONLY:  # token ids: the tuple itself (a C-level scan)
+            return (cls, tuple(value))
+        return (cls, tuple(_frozen(v) for v in value))
+    if cls is dict:
+        return (dict, tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+    if cls in _SCALARS:
+        return (cls, value)
+    raise TypeError(f"no frozen form for {cls.__name__}")
+
+
+_INT_ONLY = {int}
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,9 @@ class ResponseRequest:
         )
 
 
+_REQUEST_FIELDS = tuple(f.name for f in fields(ResponseRequest))
+
+
 class ResponseCache:
     """Get/put whole responses in one namespace of one store."""
 
@@ -93,13 +120,29 @@ class ResponseCache:
         self._secret = secret
         self._pending: dict[str, bytes] = {}  # Redis key -> value queued for writing
         self._pending_lock = threading.Lock()
+        self._keys: LruMemo[str] = LruMemo(_KEY_MEMO_SIZE)  # frozen request + epochs -> Redis key
 
     def __repr__(self) -> str:
         return f"ResponseCache(namespace={self.namespace.name!r}, signed={self._secret is not None})"
 
     def key(self, request: ResponseRequest, epochs: list[str]) -> str:
-        """The Redis key of `request` under the given epochs."""
-        return response_key(self.namespace.name, digest(request.material(self.namespace.name, epochs)))
+        """The Redis key of `request` under the given epochs.
+
+        Memoised: a repeated request (what a cache serves) skips building the material, its
+        canonical JSON and the SHA-256. The memo key is a typed, frozen copy of everything the
+        material holds, so that values Python calls equal but the JSON spells differently
+        (1, 1.0 and True) never share an entry; long prompts bypass the memo.
+        """
+        def compute() -> str:
+            return response_key(self.namespace.name, digest(request.material(self.namespace.name, epochs)))
+
+        if len(request.prompt_ids) > _KEY_MEMO_PROMPT_TOKENS:
+            return compute()
+        try:
+            frozen = (tuple(epochs), *(_frozen(getattr(request, f)) for f in _REQUEST_FIELDS))
+        except TypeError:  # something the memo cannot freeze: build the key as is
+            return compute()
+        return self._keys.get(frozen, compute)
 
     def lookup(self, request: ResponseRequest) -> DecodedValue | None:
         """The cached response, or None (miss, failure or a value that fails to decode)."""

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +46,7 @@ import torch
 from .cache.config import CacheConfig, parse_cache_url
 from .cache.draft_store import DraftStore
 from .cache.fingerprint import fingerprint_id, model_fingerprint, tokenizer_fingerprint
+from .cache.memo import LruMemo
 from .cache.namespace import Namespace
 from .cache.normalize import normalize_text, render_prompt
 from .cache.response_cache import ResponseCache, ResponseRequest
@@ -125,8 +124,7 @@ class CacheLayer:
             max_value_bytes=config.max_value_bytes,
             vocab_size=self.vocab_size,
         )
-        self._ids_memo: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # normalised text -> ids
-        self._ids_lock = threading.Lock()
+        self._ids_memo: LruMemo[tuple[int, ...]] = LruMemo(_IDS_MEMO_SIZE)  # prompt text -> normalised ids
         self._register_models()
 
     # ------------------------------------------------------------------ opening
@@ -289,21 +287,12 @@ class CacheLayer:
         tokenizer = getattr(self.generator, "tokenizer", None)
         if prompt_text is None or tokenizer is None:
             return tuple(int(t) for t in prompt_ids)
-        memo_key = prompt_text if isinstance(prompt_text, str) else None
-        if memo_key is not None:
-            with self._ids_lock:
-                found = self._ids_memo.get(memo_key)
-                if found is not None:
-                    self._ids_memo.move_to_end(memo_key)
-                    return found
-        text = render_prompt(prompt_text, tokenizer, self.normalization)
-        ids = tuple(int(t) for t in tokenizer(text)["input_ids"])
-        if memo_key is not None:
-            with self._ids_lock:
-                self._ids_memo[memo_key] = ids
-                while len(self._ids_memo) > _IDS_MEMO_SIZE:
-                    self._ids_memo.popitem(last=False)
-        return ids
+
+        def encode() -> tuple[int, ...]:
+            text = render_prompt(prompt_text, tokenizer, self.normalization)
+            return tuple(int(t) for t in tokenizer(text)["input_ids"])
+
+        return self._ids_memo.get(prompt_text, encode) if isinstance(prompt_text, str) else encode()
 
     def request_for(
         self, prompt_ids: Sequence[int], prompt_text: Any, params: Any, *, near: bool = False

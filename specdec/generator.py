@@ -8,13 +8,12 @@ import json
 import os
 import re
 import socket
-import threading
 import time
-from collections import OrderedDict
 from typing import Any, Generator
 
 import torch
 
+from .cache.memo import LruMemo
 from .drafters import Drafter, get_drafter_class, resolve_drafter_name
 from .engine import RowOutput, decode, iter_decode, request_capacity
 from .kv import ENGINE_PATHS, check_supported, static_blocker
@@ -25,6 +24,8 @@ from .stopping import StopStringChecker, cut_at_stop, find_stop
 _UNSET: Any = object()
 _ENCODE_MEMO_SIZE = 128  # prompts whose ids are kept (a repeated prompt skips the tokenizer)
 _ENCODE_MEMO_CHARS = 16384  # longer prompts are tokenized every time (bounded memory)
+_TEXT_MEMO_SIZE = 128  # texts of trusted hits kept (a repeated hit skips the detokenizer)
+_TEXT_MEMO_TOKENS = 2048  # longer responses are decoded every time
 BUNDLED = "bundled"  # from_pretrained("bundled"): the pair shipped in specdec/assets/default_pair
 HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub before a download is tried
 
@@ -77,8 +78,8 @@ class SpeculativeGenerator:
                     draft_positions if self.max_positions is None else min(self.max_positions, draft_positions)
                 )
         self.eos_token_ids = _eos_ids(target_model, tokenizer)
-        self._encode_memo: OrderedDict[tuple[int, str], tuple[int, ...]] = OrderedDict()
-        self._encode_lock = threading.Lock()
+        self._encode_memo: LruMemo[tuple[int, ...]] = LruMemo(_ENCODE_MEMO_SIZE)
+        self._text_memo: LruMemo[str | None] = LruMemo(_TEXT_MEMO_SIZE)  # texts of trusted hits
         self._policy_memory: dict = {}  # auto K: what the last request learned (specdec.adaptive)
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
@@ -333,7 +334,7 @@ class SpeculativeGenerator:
                     prompt_tokens=len(row), new_tokens=len(hit.token_ids), cache_hit=True, cache_kind="trusted"
                 )
                 stats.wall_time_s = time.perf_counter() - start
-                results[i] = self._result(hit.token_ids, hit.finish_reason, stats)
+                results[i] = self._served_result(hit.token_ids, hit.finish_reason, stats)
             else:  # a draft of its full length: the target checks it before anything is served
                 drafts.append((i, hit, start))
         if drafts:
@@ -544,17 +545,7 @@ class SpeculativeGenerator:
         if len(text) > _ENCODE_MEMO_CHARS:
             return list(self.tokenizer(text)["input_ids"])
         key = (len(self.tokenizer), text)
-        with self._encode_lock:
-            ids = self._encode_memo.get(key)
-            if ids is not None:
-                self._encode_memo.move_to_end(key)
-                return list(ids)
-        ids = tuple(self.tokenizer(text)["input_ids"])
-        with self._encode_lock:
-            self._encode_memo[key] = ids
-            while len(self._encode_memo) > _ENCODE_MEMO_SIZE:
-                self._encode_memo.popitem(last=False)
-        return list(ids)
+        return list(self._encode_memo.get(key, lambda: tuple(self.tokenizer(text)["input_ids"])))
 
     def _decode_text(self, token_ids: list[int]) -> str | None:
         if self.tokenizer is None:
@@ -563,6 +554,15 @@ class SpeculativeGenerator:
 
     def _result(self, token_ids: list[int], finish_reason: str, stats: GenerationStats) -> GenerationResult:
         return GenerationResult(self._decode_text(token_ids), list(token_ids), finish_reason, stats)
+
+    def _served_result(self, token_ids: list[int], finish_reason: str, stats: GenerationStats) -> GenerationResult:
+        """The result of a trusted hit: the same entry is served again and again, so its text
+        is memoised on the ids and the tokenizer's size (short responses only: bounded memory)."""
+        if self.tokenizer is None or len(token_ids) > _TEXT_MEMO_TOKENS:
+            return self._result(token_ids, finish_reason, stats)
+        key = (len(self.tokenizer), tuple(token_ids))
+        text = self._text_memo.get(key, lambda: self._decode_text(token_ids))
+        return GenerationResult(text, list(token_ids), finish_reason, stats)
 
     def _open_cache(self, spec: Any):
         from .caching import CacheLayer

@@ -161,3 +161,101 @@ def test_key_layout_and_namespaces():
     for bad in ("", "a:b", "a*", "a b", "x" * 65, "ns[1]"):
         with pytest.raises(ValueError, match="invalid cache namespace"):
             validate_namespace(bad)
+
+
+# --------------------------------------------------------------------------- the key memo
+
+
+def _response_cache(name: str = "keys"):
+    from specdec.cache import get_store, parse_cache_url
+    from specdec.cache.namespace import Namespace
+    from specdec.cache.response_cache import ResponseCache
+
+    store = get_store(parse_cache_url(f"memory://key-memo-{name}"))
+    return ResponseCache(store, Namespace(store, "ns"), ttl_s=0, max_value_bytes=1 << 20), store
+
+
+def _request(**overrides):
+    from specdec.cache.response_cache import ResponseRequest
+
+    base = dict(
+        model="m" * 32, tokenizer="t" * 32, normalization={"version": 1, "casefold": False},
+        prompt_ids=(1, 2, 3), sampling={"mode": "greedy", "ignore_eos": False, "extra": {}},
+        seed=None, max_new_tokens=16, stop_token_ids=(2,), prompt_kind="text",
+    )
+    base.update(overrides)
+    return ResponseRequest(**base)
+
+
+def _direct_key(cache, request, epochs):
+    """The key without any memo: the digest of the canonical material."""
+    return response_key("ns", digest(request.material("ns", epochs)))
+
+
+def test_the_key_memo_tells_equal_looking_values_apart_and_follows_the_epochs():
+    from specdec.cache import release_store
+
+    cache, store = _response_cache("apart")
+    try:
+        epochs = ["e0", "m0"]
+        # Equal in Python (same hash, ==), spelled apart in the canonical JSON: 1, 1.0, True.
+        variants = [
+            _request(sampling={"mode": "sample", "temperature": 1, "extra": {}}),
+            _request(sampling={"mode": "sample", "temperature": 1.0, "extra": {}}),
+            _request(sampling={"mode": "sample", "temperature": True, "extra": {}}),
+            _request(max_new_tokens=1), _request(max_new_tokens=True), _request(seed=0), _request(seed=False),
+        ]
+        for _ in range(2):  # the second pass is answered from the memo
+            keys = [cache.key(r, epochs) for r in variants]
+            assert keys == [_direct_key(cache, r, epochs) for r in variants]
+        assert len(set(keys)) == len(keys)
+        assert len(cache._keys) == len(variants)
+        # New epochs (an invalidation) give new keys, never the memoised old ones.
+        request = variants[0]
+        assert cache.key(request, ["e1", "m0"]) == _direct_key(cache, request, ["e1", "m0"]) != keys[0]
+        assert cache.key(request, ["e0", "m1"]) != keys[0]
+        # A list and a tuple are the same JSON: separate memo entries, the same key.
+        assert cache.key(_request(stop_token_ids=[2]), epochs) == cache.key(_request(stop_token_ids=(2,)), epochs)
+    finally:
+        release_store(store)
+
+
+def test_the_key_memo_is_bounded_and_long_prompts_bypass_it():
+    from specdec.cache import release_store
+    from specdec.cache.response_cache import _KEY_MEMO_PROMPT_TOKENS, _KEY_MEMO_SIZE
+
+    cache, store = _response_cache("bounded")
+    try:
+        for i in range(_KEY_MEMO_SIZE + 50):
+            cache.key(_request(prompt_ids=(i,)), ["e", "m"])
+        assert len(cache._keys) == _KEY_MEMO_SIZE
+        cache._keys.clear()
+        long = _request(prompt_ids=tuple(range(_KEY_MEMO_PROMPT_TOKENS + 1)))
+        assert cache.key(long, ["e", "m"]) == _direct_key(cache, long, ["e", "m"])
+        assert len(cache._keys) == 0
+    finally:
+        release_store(store)
+
+
+_memo_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.0, -0.0, 1.0, 0.5]), st.text(max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(
+    st.lists(st.integers(0, 5), max_size=4),
+    st.dictionaries(st.sampled_from(["temperature", "top_k", "x"]), _memo_values, max_size=3),
+    _memo_values,
+    st.sampled_from([["e0", "m0"], ["e1", "m0"]]),
+    st.booleans(),
+), min_size=1, max_size=12))
+def test_a_memoised_key_always_equals_the_digest_of_its_material(asks):
+    """Whatever was asked before, in any order, the memo answers what the material hashes to."""
+    from specdec.cache import release_store
+
+    cache, store = _response_cache("property")
+    try:
+        for ids, sampling, seed, epochs, as_list in asks:
+            request = _request(prompt_ids=list(ids) if as_list else tuple(ids), sampling=sampling, seed=seed)
+            assert cache.key(request, epochs) == _direct_key(cache, request, epochs)
+    finally:
+        release_store(store)

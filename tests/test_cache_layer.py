@@ -114,6 +114,11 @@ def test_trusted_greedy_hit_needs_no_forward(gen, trusted):
     again = one(gen, cache=trusted, **GREEDY)
     assert again.stats.cache_hit and again.stats.cache_kind == "trusted" and again.stats.target_forwards == 0
     assert again.token_ids == base.token_ids and again.finish_reason == base.finish_reason
+    # Served again, its text comes from the generator's memo of served texts: still the
+    # decoded text of exactly these tokens.
+    third = one(gen, cache=trusted, **GREEDY)
+    assert third.stats.cache_kind == "trusted" and (len(gen.tokenizer), tuple(third.token_ids)) in gen._text_memo
+    assert third.text == again.text == base.text == gen.tokenizer.decode(base.token_ids, skip_special_tokens=True)
 
 
 def test_seeded_sampling_is_served_only_in_trusted_mode(gen, layer):
