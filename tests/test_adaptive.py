@@ -439,3 +439,21 @@ def test_a_request_starts_from_what_the_last_one_learned(tiny_pair):
     second = gen.generate_ids([prompt], max_new_tokens=16, drafter="model")[0]
     assert second.token_ids == first.token_ids  # learning changes speed, never the output
     assert sum(gen._policy_memory[("model", 8)]["pooled"]["model"].trials) > 0
+
+
+def test_the_seeded_cost_proxy_weighs_parameters_and_depth():
+    """Seeded sampling prices a draft forward by size alone: the mean of the parameter and the
+    depth ratios. A draft as wide as the target but 1 of its 8 layers deep is far cheaper
+    than its parameter share says (per-layer overhead dominates small-batch forwards)."""
+    from fixtures_models import make_model
+
+    from specdec.generator import size_cost_ratio
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    deep, shallow = make_model("llama", 64, seed=0, layers=8), make_model("llama", 64, seed=1, layers=1)
+    params = count(shallow) / count(deep)
+    assert size_cost_ratio(shallow, deep) == pytest.approx(0.5 * (params + 1 / 8))
+    assert size_cost_ratio(shallow, deep) < params  # shallower than its parameter share
+    assert size_cost_ratio(deep, deep) == pytest.approx(1.0)  # a same-shape draft costs a target forward
+    gpt2 = make_model("gpt2", 64, seed=2, layers=2)  # n_layer, not num_hidden_layers
+    assert size_cost_ratio(gpt2, deep) == pytest.approx(0.5 * (count(gpt2) / count(deep) + 2 / 8))
