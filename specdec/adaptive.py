@@ -409,9 +409,9 @@ class AdaptiveDraftPolicy:
         A seeded row's tokens must be a function of its prompt and seed alone, not of timing or
         of the other rows in its batch. So each row chooses from its own counts only, and the
         costs are a fixed proxy (proxy_cost): a one-token target forward costs 1, each verified
-        draft VERIFY_WIDTH_PROXY more, a draft forward `cost_ratio` (the draft model's parameter
-        count over the target's; 0 for lookup drafters). A drafter whose drafts are almost never
-        accepted (prompt lookup at a high temperature) then settles at K = 0.
+        draft VERIFY_WIDTH_PROXY more, a draft forward `cost_ratio` (the draft/target size ratio,
+        specdec.generator.size_cost_ratio; 0 for lookup drafters). A drafter whose drafts are
+        almost never accepted (prompt lookup at a high temperature) then settles at K = 0.
         """
         k_max = max(0, min(k_max, self.k_max))
         caps = available if available is not None else [k_max] * len(self.rows)
@@ -556,7 +556,7 @@ class DraftController:
         self.seeded = params.seed is not None and not params.greedy
         self.cost_ratio = cost_ratio if self.uses_model else 0.0
         if self.policy is not None and self.uses_model:
-            # The draft model's parameters over the target's: the prior draft/target cost ratio
+            # The size-based draft/target cost ratio (size_cost_ratio): the prior cost ratio
             # until its forwards are timed (its prompt is fed on the first draft, not up front).
             self.policy.draft_ratio = self.cost_ratio
         # memory: the generator's store of what earlier requests learned, per drafter and K_max

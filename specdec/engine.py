@@ -97,7 +97,7 @@ def iter_decode(
 
     `stop_check(row's new tokens) -> True` ends a row early (stop strings); the caller
     cuts the tokens exactly afterwards, so this only saves steps. draft_cost_ratio: the
-    draft model's size over the target's, the fixed cost proxy of seeded sampling with
+    draft model's size over the target's (generator.size_cost_ratio), the fixed cost proxy of seeded sampling with
     num_draft_tokens="auto" (see specdec.adaptive). policy_memory: a dict the caller keeps
     across requests; unseeded adaptive requests start from what the last one learned.
     """
