@@ -124,6 +124,24 @@ def _could_pay(k_max: int, cost_ratio: float) -> bool:
     return any((k + 1) / proxy_cost(k, cost_ratio) > 1.0 + PROBE_GAIN for k in range(1, k_max + 1))
 
 
+def shadow_outcome(offer: list[int], emitted: list[int]) -> tuple[int, int]:
+    """(drafted, accepted) that one-hot drafts `offer` would have scored in a step that emitted
+    `emitted` (the target's tokens: accepted drafts of another source, then its own token).
+
+    A slot is judged while the offer matches everything emitted before it, up to the tokens
+    emitted. Under greedy decoding this is exactly what verifying the offer would have
+    accepted. Under sampling a one-hot draft x is accepted with probability p(x), and the
+    emitted token equals x with the same probability p(x) (the output follows the target's
+    distribution token by token), so the estimate is unbiased. Slots past the emitted tokens
+    are not judged, as slots past a rejection are not.
+    """
+    judged = min(len(offer), len(emitted))
+    match = 0
+    while match < judged and offer[match] == emitted[match]:
+        match += 1
+    return (judged, match) if match == judged else (match + 1, match)
+
+
 def expected_tokens(rates: list[float], k: int) -> float:
     """E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j: tokens a step with k drafts emits on average."""
     total, run = 1.0, 1.0
@@ -294,6 +312,16 @@ class AdaptiveDraftPolicy:
             counts.record(d, a)
             pooled.discount(OBS_DISCOUNT)
             pooled.record(d, a)
+
+    def record_shadow(self, drafter: str, row: int, drafted: int, accepted: int) -> None:
+        """An outcome a source would have had this step without being verified (shadow_outcome):
+        acceptance evidence only, no costs, and the row's probe schedule is left alone."""
+        if drafted <= 0:
+            return
+        for counts in (self.rows[row].setdefault(drafter, AcceptanceCounts(self.k_max)),
+                       self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max))):
+            counts.discount(OBS_DISCOUNT)
+            counts.record(drafted, accepted)
 
     def select_rows(self, keep: list[int]) -> None:
         """Rows `keep` stay in the batch, in this order."""

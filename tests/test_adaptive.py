@@ -8,6 +8,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specdec.adaptive import (
     AcceptanceCounts,
@@ -36,6 +38,48 @@ def test_counts_judge_slots_up_to_the_first_rejection_only():
     assert rates == pytest.approx([(1 + 2) / 4, (1 + 1) / 4, 0.5, 0.5])
     c.discount(0.5)
     assert c.successes == [1, 0.5, 0, 0] and c.trials == [1, 1, 0, 0]
+
+
+def test_shadow_outcome_scores_an_unverified_offer_as_verification_would():
+    from specdec.adaptive import shadow_outcome
+
+    assert shadow_outcome([1, 2, 3], [1, 2, 9]) == (3, 2)  # slot 3 rejected
+    assert shadow_outcome([1, 2, 3], [1, 2, 3, 4]) == (3, 3)  # all three accepted
+    assert shadow_outcome([1, 2, 3, 4, 5], [1, 2]) == (2, 2)  # slots 3-5 not judged
+    assert shadow_outcome([7], [1, 2]) == (1, 0)
+    assert shadow_outcome([], [1]) == (0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.lists(st.integers(0, 3), max_size=8), st.data())
+def test_shadow_counts_equal_verifying_the_offer_under_greedy(chain, offer, data):
+    """Greedy: the target's tokens are one chain; a step emits a prefix of it (another source's
+    accepted drafts and the target's own token). The shadow counts of an offer then equal those
+    of verifying it, on every slot they judge."""
+    from specdec.adaptive import shadow_outcome
+
+    emitted = chain[: data.draw(st.integers(1, len(chain)))]
+    verified = 0  # what verifying the offer against the chain accepts
+    while verified < min(len(offer), len(chain)) and offer[verified] == chain[verified]:
+        verified += 1
+    shadow, truth = AcceptanceCounts(8), AcceptanceCounts(8)
+    shadow.record(*shadow_outcome(offer, emitted))
+    truth.record(len(offer), verified)
+    judged = int(sum(shadow.trials))
+    assert shadow.trials == truth.trials[:judged] + [0.0] * (8 - judged)
+    assert shadow.successes == truth.successes[:judged] + [0.0] * (8 - judged)
+
+
+def test_shadow_evidence_updates_acceptance_only():
+    policy = AdaptiveDraftPolicy(4, batch_size=2)
+    policy.idle[1] = 3
+    for _ in range(20):
+        policy.record_shadow("ngram", 1, 4, 4)
+    assert policy.row_rates("ngram", 1)[0] > 0.9 and policy.pooled["ngram"].trials[0] > 0
+    assert "ngram" not in policy.rows[0]  # only the row it was scored for
+    assert policy.idle == [0, 3] and policy.overhead is None  # no probe schedule, no costs
+    policy.record_shadow("ngram", 0, 0, 0)  # nothing judged: nothing recorded
+    assert "ngram" not in policy.rows[0]
 
 
 def test_cost_curve_interpolates_and_extrapolates_measured_sizes():
@@ -313,6 +357,32 @@ def test_num_draft_tokens_is_an_int_or_auto(llama_pair, bad):
     with pytest.raises((TypeError, ValueError), match="num_draft_tokens"):
         gen.generate_ids([[1, 2]], num_draft_tokens=bad)
 
+
+
+def test_auto_scores_the_lookup_offers_it_did_not_verify(tiny_pair, monkeypatch):
+    """While the draft model drafts a row, drafter "auto" scores that row's lookup offer against
+    the tokens the target emitted, so the lookup estimate stays current (without it, a lookup
+    that fell behind once was never chosen again while the model drafted)."""
+    from specdec.drafters import auto
+
+    scored = []
+    real = auto.shadow_outcome
+
+    def spy(offer, emitted):
+        scored.append((list(offer), list(emitted)))
+        return real(offer, emitted)
+
+    monkeypatch.setattr(auto, "shadow_outcome", spy)
+    gen = _load(tiny_pair, "same")
+    expected = [gen.generate_ids([p], max_new_tokens=AUTO_NEW, drafter="none", ignore_eos=True)[0].token_ids
+                for p in AUTO_PROMPTS]
+    # A fixed K: the choice of source is deterministic (auto K takes the same path in observe,
+    # but a same-size draft never pays there, so the model would not run).
+    batch = gen.generate_ids(AUTO_PROMPTS, max_new_tokens=AUTO_NEW, drafter="auto", num_draft_tokens=3, ignore_eos=True)
+    assert [r.token_ids for r in batch] == expected
+    assert scored  # rows drafted by the model while a lookup offer existed
+    for offer, emitted in scored:  # each judged against a piece of some row's output
+        assert offer and emitted and any(emitted == out[i : i + len(emitted)] for out in expected for i in range(len(out)))
 
 @pytest.mark.parametrize("drafter", ["model", "auto"])
 def test_seeded_auto_is_reproducible_and_batch_invariant(tiny_pair, drafter):

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from ..adaptive import OBS_DISCOUNT, AcceptanceCounts, expected_tokens, proxy_cost
+from ..adaptive import OBS_DISCOUNT, AcceptanceCounts, expected_tokens, proxy_cost, shadow_outcome
 from . import register_drafter
-from .base import DraftProposal, Drafter, empty_proposal
+from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
 from .model import ModelDrafter
 from .ngram import NgramDrafter
 
@@ -50,6 +50,7 @@ class AutoDrafter(Drafter):
         self.counts = [{LOOKUP: AcceptanceCounts(self.k_max), MODEL: AcceptanceCounts(self.k_max)}
                        for _ in range(state.batch_size)]
         self.sources = [LOOKUP] * state.batch_size
+        self.offers: list[list[int]] | None = None  # [B] this step's lookup offers (host)
 
     # ------------------------------------------------------------------ choosing
 
@@ -121,7 +122,8 @@ class AutoDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
-        offer = self.lookup.propose(state, k)
+        self.offers = self.lookup.offers(state, k)
+        offer = pack_proposals(self.offers, k, state.device)
         available = offer.host_num_draft
         ks, sources = self.plan(state, k, available, state.draft_policy)
         self.sources = sources
@@ -159,10 +161,20 @@ class AutoDrafter(Drafter):
 
     def observe(self, state) -> None:
         self.model.observe(state)
+        offers, self.offers = self.offers, None  # this step's only (None: propose did not run)
         for b, (source, d, a) in enumerate(zip(self.sources, state.step_drafted, state.step_accepted)):
             if d:  # per-row counts of the source the row used (the plan without a policy)
                 self.counts[b][source].discount(OBS_DISCOUNT)
                 self.counts[b][source].record(d, a)
+            if offers is not None and source == MODEL and offers[b]:
+                # The lookup offer this row did not verify, scored against what the target
+                # emitted: its estimate stays current while the draft model drafts, so a
+                # lookup that would be accepted as well takes over without a draft forward.
+                shadow = shadow_outcome(offers[b], state.step_emitted[b])
+                self.counts[b][LOOKUP].discount(OBS_DISCOUNT)
+                self.counts[b][LOOKUP].record(*shadow)
+                if state.draft_policy is not None:
+                    state.draft_policy.record_shadow(LOOKUP, b, *shadow)
 
     def select_rows(self, keep: list[int]) -> None:
         self.model.select_rows(keep)

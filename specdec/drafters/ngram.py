@@ -66,9 +66,12 @@ class NgramDrafter(Drafter):
     def start(self, state) -> None:
         self.indexes = [NgramIndex(self.min_ngram, self.max_ngram) for _ in state.sequences]
 
+    def offers(self, state, k: int) -> list[list[int]]:
+        """Per row, what prompt lookup proposes (host lists of at most k tokens)."""
+        return [index.propose(seq, k) for index, seq in zip(self.indexes, state.sequences)]
+
     def propose(self, state, k: int) -> DraftProposal:
-        rows = [index.propose(seq, k) for index, seq in zip(self.indexes, state.sequences)]
-        return pack_proposals(rows, k, state.device)
+        return pack_proposals(self.offers(state, k), k, state.device)
 
     def select_rows(self, keep: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in keep]
