@@ -300,7 +300,7 @@ def test_uncached_hub_id_offline_fails_fast(monkeypatch):
     with pytest.raises(OSError, match=r"target 'specdec-tests/no-such-model' is not in the local Hugging Face "
                                       r"cache and HF_HUB_OFFLINE is set"):
         SpeculativeGenerator.from_pretrained("specdec-tests/no-such-model")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 15  # retries took about 46 s; a starved CI machine is slow, not that slow
 
 
 def test_uncached_hub_id_without_a_route_fails_fast(monkeypatch):
@@ -316,4 +316,4 @@ def test_uncached_hub_id_without_a_route_fails_fast(monkeypatch):
     with pytest.raises(OSError, match=r"is not in the local Hugging Face cache and the hub cannot be reached "
                                       r"\(127.0.0.1:9: "):
         SpeculativeGenerator.from_pretrained("specdec-tests/no-such-model")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 15  # retries took about 46 s; a starved CI machine is slow, not that slow
