@@ -70,6 +70,28 @@ def test_shadow_counts_equal_verifying_the_offer_under_greedy(chain, offer, data
     assert shadow.successes == truth.successes[:judged] + [0.0] * (8 - judged)
 
 
+def test_a_row_tries_the_model_before_a_lookup_it_knows_nothing_about():
+    """Seeded rows (and a fixed K) plan on their own counts: an unscored lookup offer waits
+    while the model drafts (that step scores the offer too), but is drafted when the model
+    would not draft at all, and wins once its own evidence says it is accepted."""
+    from specdec.drafters.auto import LOOKUP, MODEL, plan_row
+
+    blank = AcceptanceCounts(8)
+    assert plan_row(blank, AcceptanceCounts(8), 8, 8, ratio=0.125)[1] == MODEL
+    assert plan_row(blank, AcceptanceCounts(8), 8, 4, ratio=None) == (4, MODEL)
+    useless = AcceptanceCounts(8)
+    for _ in range(10):
+        useless.record(4, 0)
+    k, source = plan_row(blank, useless, 3, 8, ratio=1.0)  # the model never pays: the offer is tried
+    assert source == LOOKUP and k >= 1
+    assert plan_row(blank, useless, 0, 8, ratio=1.0)[0] == 0  # nothing on offer: plain decoding
+    good = AcceptanceCounts(8)
+    for _ in range(10):
+        good.record(8, 8)
+    assert plan_row(good, AcceptanceCounts(8), 8, 8, ratio=0.125) == (8, LOOKUP)  # known good and free
+    assert plan_row(good, AcceptanceCounts(8), 8, 4, ratio=None) == (4, LOOKUP)
+
+
 def test_shadow_evidence_updates_acceptance_only():
     policy = AdaptiveDraftPolicy(4, batch_size=2)
     policy.idle[1] = 3

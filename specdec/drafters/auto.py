@@ -29,6 +29,36 @@ from .ngram import NgramDrafter
 LOOKUP, MODEL = "ngram", "model"
 
 
+def plan_row(
+    lookup: AcceptanceCounts, model: AcceptanceCounts, available: int, k_cap: int, ratio: float | None
+) -> tuple[int, str]:
+    """(drafts, source) of one row from its own counts alone (seeded sampling, or a fixed K).
+
+    ratio: the draft/target cost proxy under K "auto" (the best K by expected tokens per unit
+    of proxy_cost, drafting only where it beats plain decoding); None for a fixed K = k_cap
+    (the source with the longer expected accepted run).
+
+    A lookup offer with no evidence of its own waits while the model drafts: a model step also
+    scores the offer (AutoDrafter.observe), a lookup step says nothing about the model, and
+    the prior alone would prefer the free lookup, which at sampling temperatures is rarely
+    accepted (each such step costs a target forward for about one token).
+    """
+    adaptive = ratio is not None
+    widths = range(1, k_cap + 1) if adaptive else [k_cap]
+    best = (0, LOOKUP, 1.0 if adaptive else 0.0)
+    for k in widths:
+        rate = expected_tokens(model.rates(), k) / (proxy_cost(k, ratio) if adaptive else 1.0)
+        if rate > best[2] * (1 + 1e-9):
+            best = (k, MODEL, rate)
+    if available and (best[0] == 0 or any(lookup.trials)):
+        for k in widths:
+            n = min(k, available)
+            rate = expected_tokens(lookup.rates(), n) / (proxy_cost(n, 0.0) if adaptive else 1.0)
+            if rate > best[2] * (1 + 1e-9):
+                best = (n, LOOKUP, rate)
+    return best[0], best[1]
+
+
 @register_drafter("auto")
 class AutoDrafter(Drafter):
     """Combines the n-gram and draft-model drafters per row (see the module docstring)."""
@@ -100,23 +130,10 @@ class AutoDrafter(Drafter):
         """Each row on its own counts: a fixed K, or (seeded sampling with K "auto") the best K
         under the fixed cost proxy, so a row's tokens never depend on the rest of its batch."""
         adaptive = state.params.adaptive_draft
-        ratio = self.generator._draft_cost_ratio() if adaptive else 0.0
-        ks, sources = [], []
-        for b in range(state.batch_size):
-            counts = self.counts[b]
-            best = (0, LOOKUP, 1.0 if adaptive else 0.0)
-            for k in (range(1, k_cap + 1) if adaptive else [k_cap]):
-                if available[b]:
-                    n = min(k, available[b])
-                    rate = expected_tokens(counts[LOOKUP].rates(), n) / (proxy_cost(n, 0.0) if adaptive else 1.0)
-                    if rate > best[2] * (1 + 1e-9):
-                        best = (n, LOOKUP, rate)
-                rate = expected_tokens(counts[MODEL].rates(), k) / (proxy_cost(k, ratio) if adaptive else 1.0)
-                if rate > best[2] * (1 + 1e-9):
-                    best = (k, MODEL, rate)
-            ks.append(best[0])
-            sources.append(best[1])
-        return ks, sources
+        ratio = self.generator._draft_cost_ratio() if adaptive else None
+        plans = [plan_row(self.counts[b][LOOKUP], self.counts[b][MODEL], available[b], k_cap, ratio)
+                 for b in range(state.batch_size)]
+        return [k for k, _ in plans], [source for _, source in plans]
 
     # ------------------------------------------------------------------ the step
 
