@@ -28,7 +28,7 @@ from .codec import (
     decode_value,
     encode_value,
 )
-from .keys import digest, response_key, response_material
+from .keys import _INT_ONLY, digest, response_key, response_material
 from .memo import LruMemo
 from .namespace import Namespace
 from .store import CacheStore
@@ -53,7 +53,6 @@ def _frozen(value: Any) -> Any:
     raise TypeError(f"no frozen form for {cls.__name__}")
 
 
-_INT_ONLY = {int}
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 

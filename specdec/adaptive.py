@@ -93,6 +93,11 @@ class AcceptanceCounts:
                 self.trials[i] += 1.0
                 break
 
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One more row-step: older evidence is discounted (OBS_DISCOUNT), then this one recorded."""
+        self.discount(OBS_DISCOUNT)
+        self.record(drafted, accepted)
+
     def discount(self, factor: float) -> None:
         for i in range(self.max_k):
             self.successes[i] *= factor
@@ -297,7 +302,7 @@ class AdaptiveDraftPolicy:
             self.overhead = rest if self.overhead is None else self.overhead + EMA * (rest - self.overhead)
         if k > 0 and draft_s > 0 and draft_clean:
             self.draft.setdefault(drafter, CostCurve(proportional=True)).observe(k, draft_s)
-        pooled = self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max))
+        self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max))  # known even when no row drafted
         idle_rows = idle if isinstance(idle, list) else [idle] * len(drafted)
         for b, (d, a) in enumerate(zip(drafted, accepted)):
             if d <= 0:
@@ -307,21 +312,18 @@ class AdaptiveDraftPolicy:
             if self.idle[b] >= self.probe_wait[b]:  # this was a probe
                 self.probe_wait[b] = PROBE_MIN if a else min(2 * self.probe_wait[b], PROBE_MAX)
             self.idle[b] = 0
-            counts = self.rows[b].setdefault(drafter, AcceptanceCounts(self.k_max))
-            counts.discount(OBS_DISCOUNT)
-            counts.record(d, a)
-            pooled.discount(OBS_DISCOUNT)
-            pooled.record(d, a)
+            self._learn(drafter, b, d, a)
 
     def record_shadow(self, drafter: str, row: int, drafted: int, accepted: int) -> None:
         """An outcome a source would have had this step without being verified (shadow_outcome):
         acceptance evidence only, no costs, and the row's probe schedule is left alone."""
-        if drafted <= 0:
-            return
-        for counts in (self.rows[row].setdefault(drafter, AcceptanceCounts(self.k_max)),
-                       self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max))):
-            counts.discount(OBS_DISCOUNT)
-            counts.record(drafted, accepted)
+        if drafted > 0:
+            self._learn(drafter, row, drafted, accepted)
+
+    def _learn(self, drafter: str, row: int, drafted: int, accepted: int) -> None:
+        """Acceptance evidence for one row and the drafter's pooled estimate."""
+        self.rows[row].setdefault(drafter, AcceptanceCounts(self.k_max)).observe(drafted, accepted)
+        self.pooled.setdefault(drafter, AcceptanceCounts(self.k_max)).observe(drafted, accepted)
 
     def select_rows(self, keep: list[int]) -> None:
         """Rows `keep` stay in the batch, in this order."""

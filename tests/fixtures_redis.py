@@ -292,20 +292,19 @@ def timer_lateness(rounds: int = 3, wait_s: float = 0.02) -> float:
 
 
 class BackendCalls:
-    """Counts the backend operations a store runs (each one is network for Redis), and on
-    which thread: `with BackendCalls(store) as calls: ...` then `calls.ops`, `calls.inline`.
+    """Counts the backend operations a store runs (each one is network for Redis):
+    `with BackendCalls(store) as calls: ...` then `calls.ops`.
 
-    Timing-free evidence that a path skipped the server (an open breaker) or left the work
-    to the writer thread: a wall-clock bound on "no network" fails on a starved machine."""
+    Timing-free evidence that a path skipped the server (an open breaker): a wall-clock
+    bound on "no network" fails on a starved machine."""
 
     def __init__(self, store) -> None:
         self.store = store
         self.ops: list[str] = []
-        self.inline: list[str] = []  # those run on the thread that entered the block
         self._lock = threading.Lock()
 
     def __enter__(self) -> "BackendCalls":
-        real, owner, calls = self.store.backend, threading.get_ident(), self
+        real, calls = self.store.backend, self
 
         class Counting:
             def __getattr__(self, name):
@@ -316,8 +315,6 @@ class BackendCalls:
                 def counted(*args, **kwargs):
                     with calls._lock:
                         calls.ops.append(name)
-                        if threading.get_ident() == owner:
-                            calls.inline.append(name)
                     return attr(*args, **kwargs)
 
                 return counted

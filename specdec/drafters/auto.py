@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adaptive import OBS_DISCOUNT, AcceptanceCounts, expected_tokens, proxy_cost, shadow_outcome
+from ..adaptive import AcceptanceCounts, expected_tokens, proxy_cost, shadow_outcome
 from . import register_drafter
 from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
 from .model import ModelDrafter
@@ -181,15 +181,13 @@ class AutoDrafter(Drafter):
         offers, self.offers = self.offers, None  # this step's only (None: propose did not run)
         for b, (source, d, a) in enumerate(zip(self.sources, state.step_drafted, state.step_accepted)):
             if d:  # per-row counts of the source the row used (the plan without a policy)
-                self.counts[b][source].discount(OBS_DISCOUNT)
-                self.counts[b][source].record(d, a)
+                self.counts[b][source].observe(d, a)
             if offers is not None and source == MODEL and offers[b]:
                 # The lookup offer this row did not verify, scored against what the target
                 # emitted: its estimate stays current while the draft model drafts, so a
                 # lookup that would be accepted as well takes over without a draft forward.
                 shadow = shadow_outcome(offers[b], state.step_emitted[b])
-                self.counts[b][LOOKUP].discount(OBS_DISCOUNT)
-                self.counts[b][LOOKUP].record(*shadow)
+                self.counts[b][LOOKUP].observe(*shadow)
                 if state.draft_policy is not None:
                     state.draft_policy.record_shadow(LOOKUP, b, *shadow)
 
