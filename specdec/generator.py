@@ -703,6 +703,11 @@ def _check_model(name: str, model) -> None:
     check_supported(name, model)
 
 
+def parameter_count(model) -> int:
+    """Number of parameters of a torch module."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def size_cost_ratio(draft_model, target_model) -> float:
     """A draft forward's cost over a target forward's, from the models' sizes alone: the mean
     of the parameter ratio and the depth ratio.
@@ -714,10 +719,7 @@ def size_cost_ratio(draft_model, target_model) -> float:
     the parameter ratio alone is 0.19, the measured cost 0.12-0.14, and this proxy 0.125.
     Without a layer count on both configs it is the parameter ratio.
     """
-    def count(model) -> int:
-        return sum(p.numel() for p in model.parameters())
-
-    params = count(draft_model) / max(count(target_model), 1)
+    params = parameter_count(draft_model) / max(parameter_count(target_model), 1)
     depths = [_num_layers(m) for m in (draft_model, target_model)]
     if None in depths or not depths[1]:
         return params

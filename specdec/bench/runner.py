@@ -302,6 +302,7 @@ class Bench:
         timed runs it ends them, and what finished is written with "partial": true.
         """
         from ..cache.config import redact_url
+        from ..generator import parameter_count
 
         cfg = self.config
         started = time.perf_counter()
@@ -322,8 +323,8 @@ class Bench:
             "models": {
                 "target": display_model(cfg.target),
                 "draft": display_model(cfg.draft),
-                "target_parameters": sum(p.numel() for p in self.gen.target_model.parameters()),
-                "draft_parameters": (sum(p.numel() for p in self.gen.draft_model.parameters())
+                "target_parameters": parameter_count(self.gen.target_model),
+                "draft_parameters": (parameter_count(self.gen.draft_model)
                                      if self.gen.draft_model is not None else None),
                 "dtype": str(self.gen.target_dtype).replace("torch.", ""),
                 "device": str(self.gen.device),
