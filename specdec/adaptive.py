@@ -259,13 +259,16 @@ class AdaptiveDraftPolicy:
         self.calibration = ConfidenceCalibration()
         self.draft_ratio: float | None = None  # draft forward / target forward, from the prefills
 
-    # What a later request of the same generator starts from: the pair's pooled acceptance,
-    # the measured costs and the confidence calibration (never a row's own counts).
-    LEARNED = ("pooled", "_verify", "draft", "overhead", "calibration", "draft_ratio")
+    # What a later request of the same generator starts from (never a row's own counts): the
+    # measured costs, which any request may reuse, and the pair's pooled acceptance and
+    # confidence calibration, which hold only for the same sampling settings (a lookup draft
+    # accepted half the time under greedy decoding is accepted a few percent at T = 0.8).
+    COSTS = ("_verify", "draft", "overhead", "draft_ratio")
+    ACCEPTANCE = ("pooled", "calibration")
 
-    def learned(self) -> dict[str, Any]:
+    def learned(self, names: tuple[str, ...] = COSTS + ACCEPTANCE) -> dict[str, Any]:
         """A copy of what this request learned about the pair and the machine."""
-        return copy.deepcopy({name: getattr(self, name) for name in self.LEARNED})
+        return copy.deepcopy({name: getattr(self, name) for name in names})
 
     def start_from(self, learned: dict[str, Any]) -> None:
         """Begin from an earlier request's estimates (they keep being discounted and updated)."""
@@ -589,12 +592,18 @@ class DraftController:
             # The size-based draft/target cost ratio (size_cost_ratio): the prior cost ratio
             # until its forwards are timed (its prompt is fed on the first draft, not up front).
             self.policy.draft_ratio = self.cost_ratio
-        # memory: the generator's store of what earlier requests learned, per drafter and K_max
-        # (unseeded requests only: seeded sampling chooses from nothing measured).
+        # memory: the generator's store of what earlier requests learned (unseeded requests
+        # only: seeded sampling chooses from nothing measured). Costs are kept per drafter and
+        # K_max, acceptance also per sampling settings (AdaptiveDraftPolicy.COSTS, ACCEPTANCE).
         self.memory = memory if self.policy is not None and not self.seeded else None
-        self._memory_key = (self.name, params.draft_limit)
-        if self.memory is not None and self._memory_key in self.memory:
-            self.policy.start_from(self.memory[self._memory_key])
+        regime = "greedy" if params.greedy else ("sampled", params.temperature, params.top_k, params.top_p)
+        self._memory_keys = {
+            AdaptiveDraftPolicy.COSTS: (self.name, params.draft_limit),
+            AdaptiveDraftPolicy.ACCEPTANCE: (self.name, params.draft_limit, regime),
+        }
+        for key in self._memory_keys.values() if self.memory is not None else ():
+            if key in self.memory:
+                self.policy.start_from(self.memory[key])
         self.watch = Stopwatch(device)
         self._marks: dict[str, Any] = {}
         self._prefill: tuple | None = None
@@ -731,4 +740,5 @@ class DraftController:
     def finish(self) -> None:
         """Leave what this request learned for the generator's next one."""
         if self.memory is not None:
-            self.memory[self._memory_key] = self.policy.learned()
+            for names, key in self._memory_keys.items():
+                self.memory[key] = self.policy.learned(names)

@@ -513,24 +513,47 @@ def test_auto_k_negative_control_overaccepting_verifier_fails(models, monkeypatc
 
 
 def test_a_request_starts_from_what_the_last_one_learned(tiny_pair):
-    """Unseeded auto K keeps the pair's pooled acceptance and measured costs between requests
-    (per drafter and K_max); seeded sampling neither reads nor writes them."""
+    """Unseeded auto K keeps the measured costs between requests (per drafter and K_max) and
+    the pair's pooled acceptance per sampling settings too; seeded sampling neither reads nor
+    writes them."""
     gen = _load(tiny_pair, "same")
     gen._draft_cost_ratio = lambda: 0.1  # priced as a small draft, so the policy drafts at once
     prompt = AUTO_PROMPTS[0]
     gen.generate_ids([prompt], max_new_tokens=16, drafter="model", temperature=0.8, seed=1)
     assert gen._policy_memory == {}
     first = gen.generate_ids([prompt], max_new_tokens=16, drafter="model")[0]
-    learned = gen._policy_memory[("model", 8)]
-    pooled = learned["pooled"]["model"]
-    assert sum(pooled.trials) > 0 and learned["_verify"]
+    costs, greedy = gen._policy_memory[("model", 8)], gen._policy_memory[("model", 8, "greedy")]
+    pooled = greedy["pooled"]["model"]
+    assert sum(pooled.trials) > 0 and costs["_verify"] and "pooled" not in costs
     # The next request's policy begins there: a copy, so the stored state is not mutated.
     policy = AdaptiveDraftPolicy(8, batch_size=1)
-    policy.start_from(learned)
+    policy.start_from(costs)
+    policy.start_from(greedy)
     assert policy.pooled["model"].successes == pooled.successes and policy.pooled["model"] is not pooled
+    assert policy._verify.keys() == costs["_verify"].keys()
     second = gen.generate_ids([prompt], max_new_tokens=16, drafter="model")[0]
     assert second.token_ids == first.token_ids  # learning changes speed, never the output
-    assert sum(gen._policy_memory[("model", 8)]["pooled"]["model"].trials) > 0
+    assert sum(gen._policy_memory[("model", 8, "greedy")]["pooled"]["model"].trials) > 0
+
+
+def test_sampled_requests_learn_acceptance_apart_from_greedy_ones(tiny_pair, monkeypatch):
+    """Acceptance under greedy decoding says little about acceptance at T = 0.8: an unseeded
+    sampled request starts from the costs the greedy ones measured, but from the prior
+    acceptance, and leaves the greedy estimate as it was."""
+    gen = _load(tiny_pair, "same")
+    gen._draft_cost_ratio = lambda: 0.1
+    prompt = AUTO_PROMPTS[0]
+    gen.generate_ids([prompt], max_new_tokens=16, drafter="model")
+    greedy_before = gen._policy_memory[("model", 8, "greedy")]["pooled"]["model"].trials
+    started = []
+    real = AdaptiveDraftPolicy.start_from
+    monkeypatch.setattr(AdaptiveDraftPolicy, "start_from", lambda self, learned: (started.append(set(learned)),
+                                                                                     real(self, learned))[1])
+    gen.generate_ids([prompt], max_new_tokens=16, drafter="model", temperature=0.8, top_k=20)
+    assert started == [set(AdaptiveDraftPolicy.COSTS)]  # no acceptance from the greedy requests
+    sampled = gen._policy_memory[("model", 8, ("sampled", 0.8, 20, 1.0))]["pooled"]["model"]
+    assert sum(sampled.trials) > 0
+    assert gen._policy_memory[("model", 8, "greedy")]["pooled"]["model"].trials == greedy_before
 
 
 def test_the_seeded_cost_proxy_weighs_parameters_and_depth():

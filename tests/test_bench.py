@@ -13,10 +13,11 @@ import json
 import pytest
 import torch
 
-from specdec.bench import COLUMNS, PRESETS, apply_threads, format_duration
+from specdec.bench import COLUMNS, PRESETS, BenchConfig, apply_threads, format_duration
 from specdec.bench import metrics
 from specdec.bench.methods import Run, Sample
-from specdec.bench.report import column_prose, markdown_table
+from specdec.bench.report import auto_lines, column_prose, markdown_table
+from specdec.bench.runner import Bench
 from specdec.cli import main
 
 
@@ -146,6 +147,68 @@ def test_a_stall_during_one_generation_spoils_one_pair_not_the_speedup():
     row = metrics.rows([base, fast], c=None)[1]
     assert row["speedup"] == pytest.approx(2.0)
     assert row["speedup_repeats"][1] == pytest.approx((48 / 6.0) / (48 / 3.0))  # the repeat itself: 0.5x
+
+
+def _per_prompt(tokens_per_s_by_repeat, method="ngram", k=3, setting="greedy"):
+    """A run whose repeat r decodes prompt i at tokens_per_s_by_repeat[r][i] (16 tokens each)."""
+    return _run(method, [[Sample(list(range(16)), 16 / v, target_forwards=16) for v in rep]
+                         for rep in tokens_per_s_by_repeat], k=k, setting=setting)
+
+
+def test_speedup_weighs_every_prompt_alike():
+    # 5 prompts, 3 repeats, baseline 10 tokens/s throughout. The method runs two prompts at 1x
+    # and three at 3x (with a little noise). A median over all 15 pairs would say 3x, and
+    # would fall to 1x if one 3x prompt were 1x instead: it jumps between prompts. Per prompt
+    # the median over repeats (1, 1, 3, 3, 3), then the geometric mean: 3 ** (3 / 5).
+    base = _per_prompt([[10] * 5] * 3, method="baseline", k=None)
+    fast = _per_prompt([[10, 10.2, 30, 30.3, 29.7], [9.9, 10, 30.3, 29.7, 30], [10, 9.8, 30, 30, 30]])
+    row = metrics.rows([base, fast], c=None)[1]
+    assert row["speedup"] == pytest.approx(3 ** (3 / 5))
+
+
+def test_auto_rows_are_held_against_the_best_fixed_k_side_by_side():
+    # greedy: model K=2 at 2x, model K=4 at 2.5x, ngram K=4 at 1.5x; model-auto and auto at 2.4x,
+    # ngram-auto at 1.2x. A sampled model row at 5x must not count for the greedy rows.
+    # model-auto chooses among the model rows (best: K=4), auto among model and ngram (K=4 too);
+    # auto's better single drafter is model-auto. Each ratio is of the two runs' own
+    # generations: 2.4 / 2.5 = 0.96 and 2.4 / 2.4 = 1.
+    def at(speed, method, k=None, setting="greedy"):
+        return _per_prompt([[10 * speed] * 2] * 3, method=method, k=k, setting=setting)
+
+    runs = [at(1, "baseline"), at(2.4, "auto"), at(2.4, "model-auto"), at(1.2, "ngram-auto"),
+            at(2, "model", 2), at(2.5, "model", 4), at(1.5, "ngram", 4),
+            at(1, "baseline", setting="sampled"), at(5, "model", 4, setting="sampled")]
+    rows = metrics.rows(runs, c=None)
+    auto, model_auto, ngram_auto = rows[1], rows[2], rows[3]
+    assert (auto["vs_best_fixed"]["method"], auto["vs_best_fixed"]["k"]) == ("model", 4)
+    assert auto["vs_best_fixed"]["ratio"] == pytest.approx(0.96)
+    assert auto["vs_better_single"]["method"] == "model-auto"
+    assert auto["vs_better_single"]["ratio"] == pytest.approx(1.0)
+    assert model_auto["vs_best_fixed"]["ratio"] == pytest.approx(0.96) and "vs_better_single" not in model_auto
+    assert (ngram_auto["vs_best_fixed"]["method"], ngram_auto["vs_best_fixed"]["ratio"]) == ("ngram", pytest.approx(0.8))
+    lines = auto_lines(rows)
+    assert "greedy, auto: 2.40x baseline, 0.96x the best fixed K (model K=4, 2.50x baseline), " \
+           "1.00x the better single drafter (model-auto)" in lines
+    assert not any(line.startswith("sampled") for line in lines)  # no sampled auto row ran
+
+
+def test_every_method_gets_the_same_seeds_and_each_repeat_new_ones(tmp_path):
+    # Two methods take turns on 3 prompts for 2 repeats: for a (repeat, prompt) both decode with
+    # one seed, and no seed is used in two repeats (a seed fixes a sampled run's luck).
+    bench = Bench(BenchConfig(target="unused", draft=None, out=tmp_path, num_prompts=3, repeats=2, warmup=False, progress=False, seed=7))
+    bench.ids = [[1, 2], [3, 4], [5, 6]]
+    seen = {"a": [], "b": []}
+
+    def method(name):
+        def execute(ids, seed):
+            seen[name].append((ids[0], seed))
+            return Sample([1], 0.1, target_forwards=1)
+        return Run("sampled", "main", name, None, execute)
+
+    bench.execute([method("a"), method("b")])
+    assert sorted(seen["a"]) == sorted(seen["b"])
+    seeds = [seed for _, seed in seen["a"]]
+    assert len(seeds) == 6 and len(set(seeds)) == 6 and min(seeds) == 7
 
 
 def test_interrupted_run_reports_what_finished():

@@ -1,7 +1,8 @@
 """The numbers of one results row, from the samples of a run and of its baseline.
 
   tokens/s    new tokens / wall time over all prompts of a repeat; median over repeats
-  speedup     tokens/s / baseline tokens/s (same setting and workload, same run)
+  speedup     tokens/s / baseline tokens/s on the same prompt in the same repeat (same setting
+              and workload): median over repeats, geometric mean over prompts (paired_ratio)
   tau         tokens emitted per target forward (bonus/correction token included)
   bound       tau / (k c + 1) (Leviathan et al. 2023), k = draft forwards per target
               forward, c = draft forward time / target forward time; drafters without a
@@ -14,6 +15,7 @@ Every function here is plain arithmetic on counts, so tests can check it by hand
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -45,21 +47,39 @@ def per_position_acceptance(samples: list[Sample]) -> list[float]:
     return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
 
 
-def paired_speedup(run: Run, baseline: Run) -> tuple[float, list[float]]:
-    """(median speedup, per-repeat speedups) against the baseline's samples of the same moments.
+def paired_ratio(run: Run, other: Run) -> float | None:
+    """How many times faster `run` is than `other`, from the generations they ran side by side.
 
-    Runs on the main prompts take turns prompt by prompt (see the runner), so the median is
-    over (repeat, prompt) pairs: a stall of a shared machine spoils one pair, not a repeat,
-    and the machine's drift cancels within a pair. Runs that do not take turns with the
-    baseline's (a different prompt count) are paired per repeat.
+    Runs on the main prompts take turns prompt by prompt (see the runner), so each (repeat,
+    prompt) gives one ratio of tokens/s measured in the same moments. Per prompt, the median
+    over the repeats (a stall of a shared machine spoils one pair, not the prompt); over the
+    prompts, the geometric mean. Prompts differ by far more than the noise (a repetitive one
+    runs 3x, a free-form one 1.5x), so a median over all pairs would jump between prompts
+    with the noise; the mean of the logs weighs every prompt alike and moves smoothly.
+    None when the two share no complete pair (a different prompt count).
+    """
+    per_prompt: dict[int, list[float]] = {}
+    for rep, ref in zip(run.samples, other.samples):
+        if len(rep) != len(ref):
+            return None
+        for i, (s, b) in enumerate(zip(rep, ref)):
+            if s.tokens and b.tokens and s.seconds > 0 and b.seconds > 0:
+                per_prompt.setdefault(i, []).append((len(s.tokens) / s.seconds) / (len(b.tokens) / b.seconds))
+    if not per_prompt:
+        return None
+    logs = [math.log(statistics.median(ratios)) for ratios in per_prompt.values()]
+    return math.exp(sum(logs) / len(logs))
+
+
+def paired_speedup(run: Run, baseline: Run) -> tuple[float, list[float]]:
+    """(speedup, per-repeat speedups) against the baseline's samples of the same moments.
+
+    The speedup is paired_ratio; runs that do not take turns with the baseline's (a
+    different prompt count) fall back to the median of the per-repeat ratios.
     """
     per_repeat = [repeat_tokens_per_s(r) / repeat_tokens_per_s(b) for r, b in zip(run.samples, baseline.samples)]
-    pairs = [
-        (len(s.tokens) / s.seconds) / (len(b.tokens) / b.seconds)
-        for rep, base in zip(run.samples, baseline.samples) if len(rep) == len(base)
-        for s, b in zip(rep, base) if s.tokens and b.tokens and s.seconds > 0 and b.seconds > 0
-    ]
-    return statistics.median(pairs or per_repeat), per_repeat
+    paired = paired_ratio(run, baseline)
+    return (paired if paired is not None else statistics.median(per_repeat)), per_repeat
 
 
 def greedy_mismatches(run: Run, baseline: Run) -> list[int]:
@@ -119,10 +139,37 @@ def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
     return out
 
 
+# The auto rows and the rows each is held against: the fixed-K rows of the drafters it
+# chooses from, and (drafter "auto") the single-drafter auto rows.
+AUTO_POOLS = {"model-auto": ("model",), "ngram-auto": ("ngram",), "auto": ("model", "ngram")}
+SINGLE_AUTOS = ("model-auto", "ngram-auto")
+
+
 def rows(runs: list[Run], c: float | None) -> list[dict[str, Any]]:
     """One row per run, each against the baseline of its setting and workload."""
     baselines = {(r.setting, r.workload): r for r in runs if r.method == "baseline"}
-    return [row(run, baselines.get((run.setting, run.workload)), c) for run in runs]
+    out = [row(run, baselines.get((run.setting, run.workload)), c) for run in runs]
+    compare_auto_rows(runs, out)
+    return out
+
+
+def compare_auto_rows(runs: list[Run], rows_: list[dict[str, Any]]) -> None:
+    """Each auto row gains vs_best_fixed (and drafter "auto" vs_better_single): the row with the
+    highest speedup among those it is held against, and paired_ratio of the two runs' own
+    generations, which took turns prompt by prompt (no baseline noise in between)."""
+    measured = [(run, r) for run, r in zip(runs, rows_) if r.get("speedup") is not None and r["workload"] == "main"]
+    for run, r in measured:
+        if run.method not in AUTO_POOLS:
+            continue
+        same = [(o, orow) for o, orow in measured if orow["setting"] == r["setting"]]
+        fixed = [(o, orow) for o, orow in same if o.method in AUTO_POOLS[run.method] and o.k]
+        singles = [(o, orow) for o, orow in same if o.method in SINGLE_AUTOS] if run.method == "auto" else []
+        for key, pool in (("vs_best_fixed", fixed), ("vs_better_single", singles)):
+            if pool:
+                best, best_row = max(pool, key=lambda pair: pair[1]["speedup"])
+                ratio = paired_ratio(run, best)
+                r[key] = {"method": best.method, "k": best.k, "speedup": best_row["speedup"],
+                          "ratio": ratio if ratio is not None else r["speedup"] / best_row["speedup"]}
 
 
 def suspect(rows_: list[dict[str, Any]], cost: dict[str, float], repeats: int) -> list[str]:

@@ -30,8 +30,9 @@ COLUMNS: list[Column] = [
     Column("method", "method", None, "what ran (see the methods list)"),
     Column("k", "K", None, "draft tokens per step (- for methods without K)"),
     Column("tokens_per_s", "tokens/s", 1, "new tokens / wall time over all prompts, median of the repeats"),
-    Column("speedup", "speedup", 2, "median over (repeat, prompt) of tokens/s / baseline tokens/s on the same "
-           "prompt in the same repeat (same setting, same workload; runs take turns prompt by prompt)"),
+    Column("speedup", "speedup", 2, "tokens/s / baseline tokens/s on the same prompt in the same repeat (same "
+           "setting, same workload; runs take turns prompt by prompt): median over the repeats, geometric mean "
+           "over the prompts"),
     Column("acceptance_rate", "accept", 2, "accepted drafts / drafted tokens"),
     Column("mean_accepted_length", "tau", 2, "tokens emitted per target forward, bonus/correction token included"),
     Column("target_forwards_per_token", "fwd/token", 2, "target forwards per new token (1 / tau)"),
@@ -112,24 +113,19 @@ def headline(rows: list[dict[str, Any]], main_k: int) -> list[str]:
 
 
 def auto_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Each auto row against the best fixed K of the drafters it chooses from (same setting)."""
+    """Each auto row against the best fixed K of the drafters it chooses from (same setting) and,
+    for drafter "auto", the better single-drafter auto row (metrics.compare_auto_rows)."""
     lines = []
-    pools = {"model-auto": ("model",), "ngram-auto": ("ngram",), "auto": ("model", "ngram")}
     for setting in ("greedy", "sampled"):
-        main = [r for r in rows if r["setting"] == setting and r["workload"] == "main" and r.get("speedup")]
-        for method, drafters in pools.items():
-            auto = next((r for r in main if r["method"] == method), None)
-            fixed = [r for r in main if r["method"] in drafters and r["k"]]
-            if auto is None or not fixed:
+        for r in rows:
+            best = r.get("vs_best_fixed")
+            if r["setting"] != setting or r["workload"] != "main" or best is None:
                 continue
-            best = max(fixed, key=lambda r: r["speedup"])
-            line = (f"{setting}, {method}: {auto['speedup']:.2f}x baseline, {auto['speedup'] / best['speedup']:.2f}x "
-                    f"the best fixed K ({best['method']} K={best['k']}, {best['speedup']:.2f}x)")
-            if method == "auto":
-                singles = [r for r in main if r["method"] in ("model-auto", "ngram-auto")]
-                if singles:
-                    better = max(singles, key=lambda r: r["speedup"])
-                    line += f", {auto['speedup'] / better['speedup']:.2f}x the better single drafter ({better['method']})"
+            line = (f"{setting}, {r['method']}: {r['speedup']:.2f}x baseline, {best['ratio']:.2f}x the best fixed K "
+                    f"({best['method']} K={best['k']}, {best['speedup']:.2f}x baseline)")
+            better = r.get("vs_better_single")
+            if better is not None:
+                line += f", {better['ratio']:.2f}x the better single drafter ({better['method']})"
             lines.append(line)
     return lines
 

@@ -238,6 +238,13 @@ class Bench:
     def _prompt_ids(self, run: Run) -> list[list[int]]:
         return self.cache_ids if run.workload == "cache" else self.ids
 
+    def _seed(self, repeat: int, prompt: int, prompts: int) -> int:
+        """The sampling seed of one generation: every method gets the same one for a (repeat,
+        prompt), and each repeat new ones. A seed fixes which draws a sampled run gets; with the
+        same seeds in every repeat a method would keep its one lucky or unlucky draw, which
+        repeats cannot average away (a few percent of tau on a short workload)."""
+        return self.config.seed + repeat * prompts + prompt
+
     def execute(self, runs: list[Run]) -> None:
         """Warm-up, then the timed repeats in alternating order; Ctrl-C ends it early (self.partial)."""
         cfg = self.config
@@ -264,7 +271,7 @@ class Bench:
                     for i, ids in enumerate(self.ids):
                         for run in (loose if (repeat + i) % 2 == 0 else loose[::-1]):
                             bar.set_description(f"{repeat + 1}/{cfg.repeats} prompt {i + 1}")
-                            by_run[id(run)].append(run.execute(ids, cfg.seed + i))
+                            by_run[id(run)].append(run.execute(ids, self._seed(repeat, i, len(self.ids))))
                             bar.update(1)
                     for run in loose:
                         run.samples.append(by_run[id(run)])
@@ -277,8 +284,9 @@ class Bench:
                         label = run.method + (f" k={run.k}" if run.k else "")
                         bar.set_description(f"{repeat + 1}/{cfg.repeats} {run.setting} {label}")
                         samples = []
-                        for i, ids in enumerate(self._prompt_ids(run)):
-                            samples.append(run.execute(ids, cfg.seed + i))
+                        prompts = self._prompt_ids(run)
+                        for i, ids in enumerate(prompts):
+                            samples.append(run.execute(ids, self._seed(repeat, i, len(prompts))))
                             bar.update(1)
                         run.samples.append(samples)
         except KeyboardInterrupt:
