@@ -117,6 +117,17 @@ class AcceptanceCounts:
         return out
 
 
+def optimistic_rates(rates: list[float], trials: list[float]) -> list[float]:
+    """Each rate plus EXPLORE standard deviations of its Beta estimate (PRIOR_WEIGHT + trials
+    observations), capped at 1: what K is chosen from.
+
+    Verification never judges the slots past the chosen K, so a slot whose estimate fell
+    early would never be tried again; its evidence decays (OBS_DISCOUNT), its bonus grows,
+    and the choice looks one slot further once the bonus makes it worth it.
+    """
+    return [min(1.0, a + EXPLORE * math.sqrt(a * (1.0 - a) / (PRIOR_WEIGHT + t))) for a, t in zip(rates, trials)]
+
+
 def proxy_cost(k: int, cost_ratio: float) -> float:
     """Seeded sampling's fixed cost of a step with k drafts: a one-token target forward costs 1,
     each verified draft VERIFY_WIDTH_PROXY more, each draft forward cost_ratio."""
@@ -352,10 +363,7 @@ class AdaptiveDraftPolicy:
     def row_rates(self, drafter: str, row: int, optimistic: bool = False) -> list[float]:
         """a_1..a_k_max for one row: its own counts over the drafter's pooled estimate.
 
-        optimistic: each rate plus EXPLORE standard deviations of its estimate, for choosing K.
-        Verification never judges the slots past the chosen K, so a slot whose estimate fell
-        early would never be tried again; its evidence decays (OBS_DISCOUNT), its bonus grows,
-        and the policy looks one slot further once the bonus makes it worth it.
+        optimistic: with the bonus K is chosen from (optimistic_rates).
         """
         pooled = self.pooled.get(drafter)
         prior = pooled.rates() if pooled else AcceptanceCounts(self.k_max).rates()
@@ -363,8 +371,7 @@ class AdaptiveDraftPolicy:
         rates = counts.rates(prior) if counts else prior
         if not optimistic:
             return rates
-        trials = counts.trials if counts else [0.0] * self.k_max
-        return [min(1.0, a + EXPLORE * math.sqrt(a * (1.0 - a) / (PRIOR_WEIGHT + t))) for a, t in zip(rates, trials)]
+        return optimistic_rates(rates, counts.trials if counts else [0.0] * self.k_max)
 
     def draft_cost(self, drafter: str, k: int, uses_model: bool) -> float | None:
         """Seconds to draft k tokens: measured; else k draft forwards at the prefill's cost ratio
@@ -450,8 +457,8 @@ class AdaptiveDraftPolicy:
         caps = available if available is not None else [k_max] * len(self.rows)
         out = []
         for b, cap in enumerate(caps):
-            counts = self.rows[b].get(drafter)
-            rates = counts.rates() if counts else AcceptanceCounts(self.k_max).rates()
+            counts = self.rows[b].get(drafter) or AcceptanceCounts(self.k_max)
+            rates = optimistic_rates(counts.rates(), counts.trials)
             best_k, best_rate = 0, 1.0
             for k in range(1, min(k_max, cap) + 1):
                 rate = expected_tokens(rates, k) / proxy_cost(k, cost_ratio)

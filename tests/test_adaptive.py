@@ -17,6 +17,8 @@ from specdec.adaptive import (
     ConfidenceCalibration,
     CostCurve,
     expected_tokens,
+    optimistic_rates,
+    proxy_cost,
 )
 
 
@@ -239,6 +241,32 @@ def test_seeded_lookup_drafts_that_are_almost_never_accepted_settle_at_k0():
     for _ in range(50):
         good.record_step("ngram", 8, 1.0, 0.0, 1.0, [8], [rng.choice([8, 8, 6, 7, 3])])
     assert good.choose_per_row("ngram", 8, cost_ratio=0.0, available=[8])[0] >= 6
+
+
+def test_seeded_rows_choose_k_with_the_exploration_bonus():
+    """Seeded rows choose K from the same optimistic estimates as the measured policy: the
+    posterior means plus half a standard deviation. Without the bonus a fresh row starts at
+    K=2 on the bundled pair's proxy (a 0.5 prior), takes several steps to reach the 4-6
+    that pay, and a slot whose estimate fell early is tried again only as its evidence decays.
+    Both seeded planners (choose_per_row and drafter "auto"'s plan_row) agree with the
+    brute-force best K, which is larger than the one from the plain means."""
+    from specdec.drafters.auto import MODEL, plan_row
+
+    def best_k(rates, ratio):
+        return max(range(9), key=lambda k: (expected_tokens(rates, k) / proxy_cost(k, ratio), -k))
+
+    policy = AdaptiveDraftPolicy(8, batch_size=1)
+    blank = AcceptanceCounts(8)
+    fresh = best_k(optimistic_rates(blank.rates(), blank.trials), 0.125)
+    assert fresh > best_k(blank.rates(), 0.125)
+    assert policy.choose_per_row("m", 8, cost_ratio=0.125) == [fresh]
+    assert plan_row(AcceptanceCounts(8), blank, 0, 8, ratio=0.125) == (fresh, MODEL)
+    for drafted, accepted in [(3, 3), (3, 1), (4, 4), (4, 2)]:  # some evidence: still the bonus
+        policy.record_step("m", drafted, 1.0, 0.1, 1.2, [drafted], [accepted])
+        blank.observe(drafted, accepted)
+        want = best_k(optimistic_rates(blank.rates(), blank.trials), 0.125)
+        assert policy.choose_per_row("m", 8, cost_ratio=0.125) == [want]
+        assert plan_row(AcceptanceCounts(8), blank, 0, 8, ratio=0.125) == (want, MODEL)
 
 
 def test_k0_is_left_again_when_drafts_start_paying():

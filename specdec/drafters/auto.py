@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adaptive import AcceptanceCounts, expected_tokens, proxy_cost, shadow_outcome
+from ..adaptive import AcceptanceCounts, expected_tokens, optimistic_rates, proxy_cost, shadow_outcome
 from . import register_drafter
 from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
 from .model import ModelDrafter
@@ -45,15 +45,19 @@ def plan_row(
     """
     adaptive = ratio is not None
     widths = range(1, k_cap + 1) if adaptive else [k_cap]
+    # K "auto" chooses from optimistic rates, as the measured-cost policy does; a fixed K only
+    # compares the two sources' expected runs.
+    model_rates = optimistic_rates(model.rates(), model.trials) if adaptive else model.rates()
+    lookup_rates = optimistic_rates(lookup.rates(), lookup.trials) if adaptive else lookup.rates()
     best = (0, LOOKUP, 1.0 if adaptive else 0.0)
     for k in widths:
-        rate = expected_tokens(model.rates(), k) / (proxy_cost(k, ratio) if adaptive else 1.0)
+        rate = expected_tokens(model_rates, k) / (proxy_cost(k, ratio) if adaptive else 1.0)
         if rate > best[2] * (1 + 1e-9):
             best = (k, MODEL, rate)
     if available and (best[0] == 0 or any(lookup.trials)):
         for k in widths:
             n = min(k, available)
-            rate = expected_tokens(lookup.rates(), n) / (proxy_cost(n, 0.0) if adaptive else 1.0)
+            rate = expected_tokens(lookup_rates, n) / (proxy_cost(n, 0.0) if adaptive else 1.0)
             if rate > best[2] * (1 + 1e-9):
                 best = (n, LOOKUP, rate)
     return best[0], best[1]
