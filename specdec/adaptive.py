@@ -134,10 +134,11 @@ def proxy_cost(k: int, cost_ratio: float) -> float:
     return 1.0 + k * (VERIFY_WIDTH_PROXY + cost_ratio)
 
 
-def _could_pay(k_max: int, cost_ratio: float) -> bool:
-    """Seeded probes: whether drafts always accepted would beat plain decoding by PROBE_GAIN
-    under the fixed cost proxy."""
-    return any((k + 1) / proxy_cost(k, cost_ratio) > 1.0 + PROBE_GAIN for k in range(1, k_max + 1))
+def _could_pay(k_max: int, cost_ratio: float, gain: float = PROBE_GAIN) -> bool:
+    """Seeded sampling: whether drafts always accepted would beat plain decoding by `gain`
+    under the fixed cost proxy (PROBE_GAIN: whether a parked row is probed; 0: whether any
+    K can ever be chosen)."""
+    return any((k + 1) / proxy_cost(k, cost_ratio) > 1.0 + gain for k in range(1, k_max + 1))
 
 
 def shadow_outcome(offer: list[int], emitted: list[int]) -> tuple[int, int]:
@@ -591,10 +592,17 @@ class DraftController:
         self.name = drafter.name
         self.uses_model = drafter.uses_draft_model
         self.device = device
-        self.policy = AdaptiveDraftPolicy(params.draft_limit, batch) if params.adaptive_draft else None
         # Seeded sampling: the K choice must not depend on timing or on other rows.
         self.seeded = params.seed is not None and not params.greedy
         self.cost_ratio = cost_ratio if self.uses_model else 0.0
+        # Plain decoding, without the policy's bookkeeping on every step: a drafter that never
+        # proposes, or a seeded model drafter whose drafts could not pay under the fixed proxy
+        # even if all were accepted (a draft as large as the target).
+        self.plain = not getattr(drafter, "drafts", True) or (
+            params.adaptive_draft and self.seeded and self.uses_model and not drafter.chooses_length
+            and not _could_pay(params.draft_limit, self.cost_ratio, gain=0.0))
+        adaptive = params.adaptive_draft and not self.plain
+        self.policy = AdaptiveDraftPolicy(params.draft_limit, batch) if adaptive else None
         if self.policy is not None and self.uses_model:
             # The size-based draft/target cost ratio (size_cost_ratio): the prior cost ratio
             # until its forwards are timed (its prompt is fed on the first draft, not up front).
@@ -639,7 +647,7 @@ class DraftController:
         self.limits = None
         self._catch_up = False
         state.early_stop = None
-        if k_cap <= 0:
+        if k_cap <= 0 or self.plain:
             return empty_proposal(state.batch_size, state.device)
         if self.policy is None:
             return self.drafter.propose(state, k_cap)

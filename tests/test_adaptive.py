@@ -393,6 +393,27 @@ def test_greedy_auto_k_equals_baseline(tiny_pair, engine_path, draft):
             assert set(s.drafter_steps) <= ({"model", "ngram"} if drafter == "auto" else {drafter})
 
 
+def test_a_seeded_draft_that_can_never_pay_runs_plain_decoding(tiny_pair, monkeypatch):
+    """Seeded sampling prices a draft as large as the target at about one target forward:
+    no K could pay even if every draft were accepted, so the request is plain decoding
+    (the same tokens as drafter "none" with that seed) and the policy is not consulted on
+    any step; nor is it for drafter "none". Priced as a small draft, the same request does
+    consult it."""
+    gen = _load(tiny_pair, "same")
+    calls = []
+    real = AdaptiveDraftPolicy.choose_per_row
+    monkeypatch.setattr(AdaptiveDraftPolicy, "choose_per_row",
+                        lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    kwargs = dict(max_new_tokens=AUTO_NEW, temperature=0.9, seed=5, ignore_eos=True)
+    plain = gen.generate_ids(AUTO_PROMPTS, drafter="none", **kwargs)  # K "auto" too: nothing to choose
+    auto = gen.generate_ids(AUTO_PROMPTS, drafter="model", num_draft_tokens="auto", **kwargs)
+    assert [r.token_ids for r in auto] == [r.token_ids for r in plain]
+    assert calls == [] and all(r.stats.draft_forwards == 0 for r in auto)
+    gen._draft_cost_ratio = lambda: 0.1
+    gen.generate_ids(AUTO_PROMPTS[:1], drafter="model", num_draft_tokens="auto", **kwargs)
+    assert calls
+
+
 def test_auto_is_the_default_and_an_int_still_fixes_k(llama_pair):
     gen = _load(llama_pair, "same")
     fixed = gen.generate_ids([AUTO_PROMPTS[0]], max_new_tokens=20, drafter="model", num_draft_tokens=3, ignore_eos=True)

@@ -117,6 +117,8 @@ class Drafter(ABC):
     # True if it chooses each step's draft length itself (from state.draft_policy when K is
     # adaptive; k is then only a cap).
     chooses_length: ClassVar[bool] = False
+    # False if it never proposes anything (drafter "none"): the loop skips the K policy.
+    drafts: ClassVar[bool] = True
     # True if it reads the target's last hidden states (state.target_hidden); the target
     # forward returns them only when asked, so other drafters pay nothing.
     wants_hidden_states: ClassVar[bool] = False

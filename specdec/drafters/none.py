@@ -10,5 +10,7 @@ from .base import DraftProposal, Drafter, empty_proposal
 class NoDrafter(Drafter):
     """Proposes nothing; every step is one target forward emitting one token."""
 
+    drafts = False
+
     def propose(self, state, k: int) -> DraftProposal:
         return empty_proposal(state.batch_size, state.device)
