@@ -134,6 +134,18 @@ def proxy_cost(k: int, cost_ratio: float) -> float:
     return 1.0 + k * (VERIFY_WIDTH_PROXY + cost_ratio)
 
 
+def best_proxy_k(rates: list[float], cap: int, cost_ratio: float, floor: float = 1.0) -> tuple[int, float]:
+    """Seeded sampling's choice: (k, rate) for the k in 1..cap with the most expected tokens per
+    unit of proxy_cost, when that beats `floor` (plain decoding's 1, or another source's
+    rate); else (0, floor)."""
+    best = (0, floor)
+    for k in range(1, cap + 1):
+        rate = expected_tokens(rates, k) / proxy_cost(k, cost_ratio)
+        if rate > best[1] * (1 + 1e-9):
+            best = (k, rate)
+    return best
+
+
 def _could_pay(k_max: int, cost_ratio: float, gain: float = PROBE_GAIN) -> bool:
     """Seeded sampling: whether drafts always accepted would beat plain decoding by `gain`
     under the fixed cost proxy (PROBE_GAIN: whether a parked row is probed; 0: whether any
@@ -459,12 +471,7 @@ class AdaptiveDraftPolicy:
         out = []
         for b, cap in enumerate(caps):
             counts = self.rows[b].get(drafter) or AcceptanceCounts(self.k_max)
-            rates = optimistic_rates(counts.rates(), counts.trials)
-            best_k, best_rate = 0, 1.0
-            for k in range(1, min(k_max, cap) + 1):
-                rate = expected_tokens(rates, k) / proxy_cost(k, cost_ratio)
-                if rate > best_rate * (1 + 1e-9):
-                    best_k, best_rate = k, rate
+            best_k, _ = best_proxy_k(optimistic_rates(counts.rates(), counts.trials), min(k_max, cap), cost_ratio)
             if best_k == 0 and cap and self.idle[b] >= self.probe_wait[b] and _could_pay(min(k_max, cap), cost_ratio):
                 best_k = 1
             out.append(best_k)

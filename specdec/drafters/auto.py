@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adaptive import AcceptanceCounts, expected_tokens, optimistic_rates, proxy_cost, shadow_outcome
+from ..adaptive import AcceptanceCounts, best_proxy_k, expected_tokens, optimistic_rates, shadow_outcome
 from . import register_drafter
 from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
 from .model import ModelDrafter
@@ -43,24 +43,19 @@ def plan_row(
     the prior alone would prefer the free lookup, which at sampling temperatures is rarely
     accepted (each such step costs a target forward for about one token).
     """
-    adaptive = ratio is not None
-    widths = range(1, k_cap + 1) if adaptive else [k_cap]
-    # K "auto" chooses from optimistic rates, as the measured-cost policy does; a fixed K only
-    # compares the two sources' expected runs.
-    model_rates = optimistic_rates(model.rates(), model.trials) if adaptive else model.rates()
-    lookup_rates = optimistic_rates(lookup.rates(), lookup.trials) if adaptive else lookup.rates()
-    best = (0, LOOKUP, 1.0 if adaptive else 0.0)
-    for k in widths:
-        rate = expected_tokens(model_rates, k) / (proxy_cost(k, ratio) if adaptive else 1.0)
-        if rate > best[2] * (1 + 1e-9):
-            best = (k, MODEL, rate)
-    if available and (best[0] == 0 or any(lookup.trials)):
-        for k in widths:
-            n = min(k, available)
-            rate = expected_tokens(lookup_rates, n) / (proxy_cost(n, 0.0) if adaptive else 1.0)
-            if rate > best[2] * (1 + 1e-9):
-                best = (n, LOOKUP, rate)
-    return best[0], best[1]
+    if ratio is None:  # a fixed K: the source with the longer expected run
+        n = min(k_cap, available)
+        if n and any(lookup.trials) and (
+                expected_tokens(lookup.rates(), n) > expected_tokens(model.rates(), k_cap) * (1 + 1e-9)):
+            return n, LOOKUP
+        return k_cap, MODEL
+    # K "auto" chooses from optimistic rates, as the measured-cost policy does.
+    k, rate = best_proxy_k(optimistic_rates(model.rates(), model.trials), k_cap, ratio)
+    if available and (k == 0 or any(lookup.trials)):
+        n, _ = best_proxy_k(optimistic_rates(lookup.rates(), lookup.trials), min(k_cap, available), 0.0, floor=rate)
+        if n:
+            return n, LOOKUP
+    return k, MODEL if k else LOOKUP
 
 
 @register_drafter("auto")
