@@ -15,6 +15,16 @@ import Triton.
 
 from __future__ import annotations
 
+if __name__ == "kernels":
+    # This folder installs as specdec.kernels. Imported as the top-level `kernels` it shadows
+    # Hugging Face's `kernels` package, which transformers >= 5.25 imports by that name.
+    raise ImportError(
+        "imported specdec's kernels/ folder as the top-level module `kernels`, because the "
+        "specdec repository root is on sys.path (python -m / python -c run from it); transformers "
+        "imports Hugging Face's `kernels` package by that name. Run from another directory, or "
+        "with `python -P` / PYTHONSAFEPATH=1 (Python 3.11+), as scripts/test.sh and bench.sh do."
+    )
+
 import functools
 import os
 

@@ -1,8 +1,18 @@
 """Shared fixtures. Fixture modules live beside this file and are star-imported here."""
 
 import os
+import sys
+from pathlib import Path
 
-import torch
+# The repository root must not be on sys.path (python -m pytest puts the working directory
+# there): its kernels/ folder would shadow Hugging Face's `kernels` package, which transformers
+# imports. specdec itself is found through its install. PYTHONSAFEPATH keeps it off for the
+# Python subprocesses the tests start from the root (Python 3.11+).
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
+import torch  # noqa: E402
 
 # Triton kernels run on CPU under the interpreter; it must be set before triton is imported.
 # Only where there is no CUDA device: on a GPU the interpreter would replace the compiled

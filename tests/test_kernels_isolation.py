@@ -105,3 +105,18 @@ def test_interpreter_tests_in_their_own_process():
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_kernels_folder_is_never_imported_as_the_top_level_kernels_package():
+    """Run from the repository root, python puts the root on sys.path, where kernels/ would
+    shadow Hugging Face's `kernels` package (transformers >= 5.25 imports it): the folder
+    refuses with what to do, and specdec, imported from there with a safe path, still works."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    shadowed = subprocess.run([sys.executable, "-c", "import kernels"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert shadowed.returncode != 0
+    assert "top-level module `kernels`" in shadowed.stderr and "PYTHONSAFEPATH" in shadowed.stderr
+    safe = subprocess.run([sys.executable, "-c", "import specdec.kernels as k, transformers.activations; print(k.__name__)"],
+                          cwd=ROOT, env={**env, "PYTHONSAFEPATH": "1"}, capture_output=True, text=True, timeout=300)
+    assert safe.returncode == 0, safe.stderr[-2000:]
+    assert safe.stdout.strip() == "specdec.kernels"
