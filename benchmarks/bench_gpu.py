@@ -160,12 +160,14 @@ def forward_ms(model, batch: int, context: int, n_tokens: int, reps: int, device
     with the attention mask and position ids the engine passes."""
     from transformers import DynamicCache
 
+    from specdec.kv import cache_keyword
+
     vocab = model.config.vocab_size
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(3, vocab, (batch, context), generator=g).to(device)
     cache = DynamicCache()
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
+    kw = cache_keyword(model)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **{kw: cache})
     new = torch.randint(3, vocab, (batch, n_tokens), generator=g).to(device)
     mask = torch.ones(batch, context + n_tokens, dtype=torch.long, device=device)
     positions = torch.arange(context, context + n_tokens, device=device).expand(batch, -1)
@@ -173,7 +175,7 @@ def forward_ms(model, batch: int, context: int, n_tokens: int, reps: int, device
     for _ in range(reps + 3):
         synchronize(device)
         t0 = time.perf_counter()
-        model(input_ids=new, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        model(input_ids=new, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache})
         synchronize(device)
         times.append(time.perf_counter() - t0)
         cache.crop(-n_tokens)  # drop the new tokens again

@@ -27,6 +27,7 @@ back to an earlier position.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from abc import ABC, abstractmethod
@@ -48,6 +49,27 @@ _RECURRENT_TYPES = frozenset({
 _RECURRENT_WORDS = ("mamba", "linear", "conv", "recurrent", "rnn", "ssm", "rwkv")
 # Attention implementations that take a ready additive [B, 1, T, W] mask.
 _MASKED_ATTENTION = ("sdpa", "eager", None)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword `model.forward` takes its KV cache by: "cache" from transformers 5.25 on
+    (where "past_key_values" is deprecated, to be removed in 5.40: a warning and a wrapper
+    call per forward until then), "past_key_values" before it and for models not converted."""
+    return _cache_keyword(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:
+    try:  # the class's forward: accelerate's hooks replace the instance's, keeping no signature
+        parameters = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (`cache` from transformers 5.25 on, else `past_key_values`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def check_supported(name: str, model: torch.nn.Module) -> None:
@@ -298,8 +320,8 @@ class StaticKV(KVState):
             input_ids=ids,
             attention_mask=mask.unsqueeze(1),  # [B, 1, T, W] additive, passed through as-is
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
+            **{cache_keyword(self.model): self.cache},
             **kwargs,
         )
         self.bound = self.bound + width
@@ -343,11 +365,11 @@ class DynamicKV(KVState):
             input_ids=ids,
             attention_mask=attention,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
+            **{cache_keyword(self.model): self.cache},
             **kwargs,
         )
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         self.mask = mask
         self.bound = self.bound + width
         return out

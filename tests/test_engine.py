@@ -160,3 +160,29 @@ def test_constructor_with_loaded_models(llama_pair, tiny_tokenizer):
     res = gen.generate_ids(PROMPTS[:2], max_new_tokens=8, ignore_eos=True)
     assert res[0].text is None
     assert ids(res) == ids(loaded.generate_ids(PROMPTS[:2], max_new_tokens=8, ignore_eos=True))
+
+
+def test_the_kv_cache_goes_by_the_keyword_the_model_takes(tiny_pair, baselines):
+    """transformers 5.25 renamed forward's `past_key_values` to `cache` (the old name warns on
+    every call and goes in 5.40): every forward of target and draft uses the name the model's
+    forward declares, and the output is unchanged."""
+    import inspect
+
+    from specdec.kv import cache_keyword
+
+    gen = load(tiny_pair, "same")
+    seen = []
+    for model in (gen.target_model, gen.draft_model):
+        declared = inspect.signature(type(model).forward).parameters
+        assert cache_keyword(model) == ("cache" if "cache" in declared else "past_key_values")
+        forward = model.forward
+
+        def spy(*args, _forward=forward, **kwargs):
+            seen.append({"cache", "past_key_values"} & kwargs.keys())
+            return _forward(*args, **kwargs)
+
+        model.forward = spy
+    out = gen.generate_ids([PROMPTS[0]], max_new_tokens=NEW, drafter="model", num_draft_tokens=3, ignore_eos=True)
+    assert out[0].token_ids == baselines[tiny_pair.family][0]
+    keyword = cache_keyword(gen.target_model)
+    assert seen and all(names == {keyword} for names in seen)

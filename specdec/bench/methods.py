@@ -203,10 +203,13 @@ def forward_ms(model, context: list[int], n_tokens: int, reps: int) -> list[floa
     (three untimed forwards first)."""
     from transformers import DynamicCache
 
+    from ..kv import cache_keyword
+
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([context], device=device)
     cache = DynamicCache()
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+    kw = cache_keyword(model)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{kw: cache})
     new = torch.tensor([context[:n_tokens]], device=device)
     mask = torch.ones(1, len(context) + n_tokens, dtype=torch.long, device=device)
     positions = torch.arange(len(context), len(context) + n_tokens, device=device).unsqueeze(0)
