@@ -287,7 +287,7 @@ def bench_config(args):
 
 def cmd_bench(args) -> int:
     """`specdec bench`: run the comparison, print the table, write the files."""
-    from .bench import Bench, format_duration, headline, markdown_table
+    from .bench import Bench, format_duration, headline, markdown_table, step_table
 
     config = bench_config(args)
     from .bench import apply_threads
@@ -299,6 +299,8 @@ def cmd_bench(args) -> int:
         print("torch threads: 1 per process on CPU (pass --threads N to change)", file=sys.stderr)
     doc = bench.run()
     print(markdown_table(doc["rows"]))
+    for line in step_table(doc["rows"]):
+        print(line)
     print()
     for line in headline(doc["rows"], config.main_k):
         print(line)

@@ -324,3 +324,42 @@ def test_the_cache_benchmark_script_describes_its_machine():
     spec.loader.exec_module(module)
     info = module.machine()
     assert info["torch"] and info["redis_py"] and "redis_server" in info
+
+
+def test_rows_report_which_k_and_which_drafter_each_step_used():
+    """Steps per draft length and per drafter, summed over every generation of the row, worked
+    out by hand: 20 steps, 2 of them without drafts (drafter none)."""
+    def rep():
+        return [
+            Sample(list(range(10)), 0.5, target_forwards=8, draft_lengths={0: 2, 3: 2, 8: 4},
+                   drafter_steps={"model": 4, "ngram": 2}),
+            Sample(list(range(6)), 0.5, target_forwards=2, draft_lengths={8: 2}, drafter_steps={"ngram": 2}),
+        ]
+
+    auto = _run("auto", [rep()])
+    row = metrics.rows([_baseline(), auto], c=0.1)[1]
+    assert row["draft_length_steps"] == {0: 2, 3: 2, 8: 6}
+    assert row["drafter_steps"] == {"model": 4, "ngram": 4, "none": 2}
+    assert row["k_used"] == "0:20% 3:20% 8:60%"
+    assert row["drafters_used"] == "model:40% ngram:40% none:20%"
+    assert metrics.rows([_baseline()], c=0.1)[0]["k_used"] is None  # nothing drafted: no histogram
+    from specdec.bench.report import step_table
+
+    lines = step_table([row])
+    assert "| greedy | main | auto | 0:20% 3:20% 8:60% | model:40% ngram:40% none:20% |" in lines
+
+
+def test_the_bench_reports_the_step_histograms_of_auto_rows(cli_pair, tmp_path, capsys):
+    """A real run: the auto row's histogram counts every verification step of its generations,
+    and the report (file and screen) shows it."""
+    rc = main(_bench_argv(cli_pair, tmp_path, "--methods", "baseline,auto", "--settings", "greedy",
+                          "--repeats", "1", "--max-new-tokens", "12", "--threads", "1"))
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    auto = next(r for r in doc["rows"] if r["method"] == "auto")
+    steps = sum(auto["draft_length_steps"].values())
+    assert steps == round(auto["new_tokens"] / auto["mean_accepted_length"])  # one per target forward
+    assert sum(auto["drafter_steps"].values()) == steps
+    assert auto["k_used"] and auto["drafters_used"]
+    for text in ((tmp_path / "results.md").read_text(), capsys.readouterr().out):
+        assert "Draft length and drafter per step" in text and auto["k_used"] in text

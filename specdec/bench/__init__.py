@@ -10,7 +10,7 @@ Every method runs in one process on the same prompts, models and machine. Split 
 """
 
 from .config import ALL_METHODS, PRESETS, SETTINGS, BenchConfig, check_device, parse_int_list
-from .report import COLUMN_KEYS, COLUMNS, format_duration, headline, markdown_table
+from .report import COLUMN_KEYS, COLUMNS, format_duration, headline, markdown_table, step_table
 from .runner import Bench, apply_threads
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "headline",
     "markdown_table",
     "parse_int_list",
+    "step_table",
 ]

@@ -41,6 +41,8 @@ class Sample:
     accepted: int | None = None
     drafted_per_position: list[int] = field(default_factory=list)  # [K] drafts offered at slot i
     accepted_per_position: list[int] = field(default_factory=list)  # [K] drafts accepted at slot i
+    draft_lengths: dict[int, int] = field(default_factory=dict)  # drafts offered in a step -> steps
+    drafter_steps: dict[str, int] = field(default_factory=dict)  # drafter that drafted a step -> steps
     cache_hit: bool = False
 
 
@@ -116,6 +118,8 @@ def specdec_method(gen, drafter: str, k: int | str, *, max_new_tokens: int, temp
             accepted=s.accepted_tokens,
             drafted_per_position=list(s.drafted_per_position),
             accepted_per_position=list(s.accepted_per_position),
+            draft_lengths=dict(s.draft_lengths),
+            drafter_steps=dict(s.drafter_steps),
             cache_hit=bool(s.cache_hit),
         )
 
@@ -217,7 +221,7 @@ def forward_ms(model, context: list[int], n_tokens: int, reps: int) -> list[floa
     for _ in range(reps + 3):
         synchronize(device)
         t0 = time.perf_counter()
-        model(input_ids=new, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        model(input_ids=new, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache})
         synchronize(device)
         times.append(time.perf_counter() - t0)
         cache.crop(-n_tokens)

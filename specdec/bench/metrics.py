@@ -47,6 +47,29 @@ def per_position_acceptance(samples: list[Sample]) -> list[float]:
     return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
 
 
+def step_histograms(samples: list[Sample]) -> tuple[dict[int, int], dict[str, int]]:
+    """Steps per draft length and per drafter, summed over samples; a step that drafted nothing
+    counts as drafter "none" (plain decoding)."""
+    lengths: dict[int, int] = {}
+    drafters: dict[str, int] = {}
+    for s in samples:
+        for k, n in s.draft_lengths.items():
+            lengths[k] = lengths.get(k, 0) + n
+        for name, n in s.drafter_steps.items():
+            drafters[name] = drafters.get(name, 0) + n
+    if lengths.get(0):
+        drafters["none"] = drafters.get("none", 0) + lengths[0]
+    return dict(sorted(lengths.items())), dict(sorted(drafters.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def shares(counts: dict, total: int | None = None) -> str | None:
+    """'key:share%' for each entry ("4:20% 6:75% 8:5%"); None when nothing was counted."""
+    total = total if total is not None else sum(counts.values())
+    if not total:
+        return None
+    return " ".join(f"{key}:{100 * n / total:.0f}%" for key, n in counts.items())
+
+
 def paired_ratio(run: Run, other: Run) -> float | None:
     """How many times faster `run` is than `other`, from the generations they ran side by side.
 
@@ -131,6 +154,11 @@ def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
     if all(d is not None for d in drafted) and sum(drafted):
         out["acceptance_rate"] = sum(s.accepted for s in flat) / sum(drafted)
     out["per_position_acceptance"] = per_position_acceptance(flat)
+    lengths, drafters = step_histograms(flat)
+    if any(k for k in lengths):  # a method that drafts: which K and which drafter each step used
+        out["draft_length_steps"], out["drafter_steps"] = lengths, drafters
+        out["k_used"] = shares(lengths)
+        out["drafters_used"] = shares(drafters, sum(lengths.values()))
     out["cache_hit_rate"] = sum(s.cache_hit for s in flat) / len(flat)
     if run.setting == "greedy" and baseline is not None and baseline.samples:
         bad = greedy_mismatches(run, baseline)

@@ -42,6 +42,10 @@ COLUMNS: list[Column] = [
     Column("spread", "spread", 2, "(max - min) / median of the per-repeat tokens/s; over 0.10 is flagged"),
     Column("greedy_equals_baseline", "= baseline", None,
            "greedy: output identical to baseline's for every prompt (NO names a method that differs)"),
+    Column("k_used", "K used", None, "share of steps by the number of drafts they verified (K: share), all "
+           "generations; an auto row chooses it per row and step"),
+    Column("drafters_used", "drafters", None, "share of steps by the drafter that drafted them (none: plain "
+           "decoding steps)"),
     Column("cache_hit_rate", "cache hits", 2, "share of generations answered by the response cache"),
     Column("new_tokens", "new tokens", None, "new tokens per repeat, all prompts"),
     Column("prompts", "prompts", None, "prompts per repeat"),
@@ -78,6 +82,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c.key), c.digits) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def step_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: the K and drafter histograms of the rows that choose them per step (no fixed K)."""
+    keys = ("setting", "workload", "method", "k_used", "drafters_used")
+    chosen = [r for r in rows if r.get("k") is None and r.get("k_used")]
+    if not chosen:
+        return []
+    cols = [c for c in COLUMNS if c.key in keys]
+    lines = ["", "Draft length and drafter per step (rows that choose them):", "",
+             "| " + " | ".join(c.header for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c.key), c.digits) for c in cols) + " |" for r in chosen]
+    lines += ["", "; ".join(f"{c.header} = {c.meaning}" for c in cols if c.key in ("k_used", "drafters_used")) + "."]
+    return lines
 
 
 def column_prose() -> str:
@@ -180,6 +198,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
         lines += ["Suspect measurements:"] + [f"- WARNING: {w}" for w in doc["suspect"]] + [""]
     lines += [*[f"- {line}" for line in headline(doc["rows"], main_k)], "", markdown_table(doc["rows"]), "",
               column_prose()]
+    lines += step_table(doc["rows"])
     if doc["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
