@@ -161,6 +161,7 @@ class KVState(ABC):
 
     def __init__(self, model, batch: int, capacity: int, device: torch.device, vocab_size: int | None) -> None:
         self.model = model
+        self.cache_keyword = cache_keyword(model)  # forward's name for the KV cache, resolved once
         self.device = device
         self.capacity = capacity
         # Ids at or past the model's vocabulary (a draft whose table is a prefix of the
@@ -321,7 +322,7 @@ class StaticKV(KVState):
             attention_mask=mask.unsqueeze(1),  # [B, 1, T, W] additive, passed through as-is
             position_ids=position_ids,
             use_cache=True,
-            **{cache_keyword(self.model): self.cache},
+            **{self.cache_keyword: self.cache},
             **kwargs,
         )
         self.bound = self.bound + width
@@ -366,7 +367,7 @@ class DynamicKV(KVState):
             attention_mask=attention,
             position_ids=position_ids,
             use_cache=True,
-            **{cache_keyword(self.model): self.cache},
+            **{self.cache_keyword: self.cache},
             **kwargs,
         )
         self.cache = returned_cache(out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from typing import Any
 
 from .methods import Run, Sample
@@ -50,21 +51,19 @@ def per_position_acceptance(samples: list[Sample]) -> list[float]:
 def step_histograms(samples: list[Sample]) -> tuple[dict[int, int], dict[str, int]]:
     """Steps per draft length and per drafter, summed over samples; a step that drafted nothing
     counts as drafter "none" (plain decoding)."""
-    lengths: dict[int, int] = {}
-    drafters: dict[str, int] = {}
+    lengths: Counter = Counter()
+    drafters: Counter = Counter()
     for s in samples:
-        for k, n in s.draft_lengths.items():
-            lengths[k] = lengths.get(k, 0) + n
-        for name, n in s.drafter_steps.items():
-            drafters[name] = drafters.get(name, 0) + n
-    if lengths.get(0):
-        drafters["none"] = drafters.get("none", 0) + lengths[0]
-    return dict(sorted(lengths.items())), dict(sorted(drafters.items(), key=lambda kv: (-kv[1], kv[0])))
+        lengths.update(s.draft_lengths)
+        drafters.update(s.drafter_steps)
+    drafters["none"] += lengths[0]
+    return ({k: n for k, n in sorted(lengths.items()) if n},
+            {name: n for name, n in sorted(drafters.items(), key=lambda kv: (-kv[1], kv[0])) if n})
 
 
-def shares(counts: dict, total: int | None = None) -> str | None:
+def shares(counts: dict) -> str | None:
     """'key:share%' for each entry ("4:20% 6:75% 8:5%"); None when nothing was counted."""
-    total = total if total is not None else sum(counts.values())
+    total = sum(counts.values())
     if not total:
         return None
     return " ".join(f"{key}:{100 * n / total:.0f}%" for key, n in counts.items())
@@ -158,7 +157,7 @@ def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
     if any(k for k in lengths):  # a method that drafts: which K and which drafter each step used
         out["draft_length_steps"], out["drafter_steps"] = lengths, drafters
         out["k_used"] = shares(lengths)
-        out["drafters_used"] = shares(drafters, sum(lengths.values()))
+        out["drafters_used"] = shares(drafters)  # every step has one drafter ("none" included)
     out["cache_hit_rate"] = sum(s.cache_hit for s in flat) / len(flat)
     if run.setting == "greedy" and baseline is not None and baseline.samples:
         bad = greedy_mismatches(run, baseline)

@@ -75,9 +75,9 @@ def format_duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The results table as markdown."""
-    cols = [c for c in COLUMNS if c.key in TABLE_KEYS]
+def markdown_table(rows: list[dict[str, Any]], keys: tuple[str, ...] = TABLE_KEYS) -> str:
+    """The results table as markdown (the columns named in `keys`)."""
+    cols = [c for c in COLUMNS if c.key in keys]
     lines = ["| " + " | ".join(c.header for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c.key), c.digits) for c in cols) + " |")
@@ -86,16 +86,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def step_table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: the K and drafter histograms of the rows that choose them per step (no fixed K)."""
-    keys = ("setting", "workload", "method", "k_used", "drafters_used")
     chosen = [r for r in rows if r.get("k") is None and r.get("k_used")]
     if not chosen:
         return []
-    cols = [c for c in COLUMNS if c.key in keys]
-    lines = ["", "Draft length and drafter per step (rows that choose them):", "",
-             "| " + " | ".join(c.header for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c.key), c.digits) for c in cols) + " |" for r in chosen]
-    lines += ["", "; ".join(f"{c.header} = {c.meaning}" for c in cols if c.key in ("k_used", "drafters_used")) + "."]
-    return lines
+    table = markdown_table(chosen, ("setting", "workload", "method", "k_used", "drafters_used"))
+    meanings = "; ".join(f"{c.header} = {c.meaning}" for c in COLUMNS if c.key in ("k_used", "drafters_used"))
+    return ["", "Draft length and drafter per step (rows that choose them):", "", *table.splitlines(), "",
+            meanings + "."]
 
 
 def column_prose() -> str:
