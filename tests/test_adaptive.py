@@ -119,6 +119,27 @@ def test_cost_curve_interpolates_and_extrapolates_measured_sizes():
     assert proportional(4) == pytest.approx(2.0)
 
 
+def test_a_verify_curve_keeps_the_decode_forward_apart_from_the_line():
+    """Target forwards: 1 token 6.4, then 7.6 + 0.2 per token. Size 1 is its own average; the
+    line goes through the wider sizes once two are known (before, through the prefill)."""
+    curve = CostCurve(decode_step=True)
+    curve.observe(100, 30.0, prior=True)  # the prefill
+    curve.observe(1, 6.4)
+    assert curve(1) == 6.4
+    assert curve(2) == pytest.approx(6.4 + 23.6 / 99)  # the prefill and the decode: all there is
+    curve.observe(3, 7.8)
+    assert curve(1) == 6.4 and curve(3) == pytest.approx(7.8)  # size 3 and the prefill
+    for _ in range(3):
+        curve.observe(2, 7.6)
+        curve.observe(5, 8.2)
+    assert curve(1) == 6.4
+    assert curve(2) == pytest.approx(7.6) and curve(4) == pytest.approx(8.0) and curve(9) == pytest.approx(9.0)
+    line = CostCurve()  # without decode_step the decode forward bends the line
+    for n, v in [(1, 6.4), (2, 7.6), (3, 7.8), (5, 8.2)]:
+        line.observe(n, v)
+    assert line(2) - line(1) < 0.5
+
+
 def test_calibration_starts_at_the_draft_probability_and_learns():
     cal = ConfidenceCalibration(bins=10)
     assert cal(0.95) == pytest.approx(0.95)
@@ -133,13 +154,15 @@ def test_calibration_starts_at_the_draft_probability_and_learns():
 
 class SimulatedPair:
     """A drafter with i.i.d. acceptance `alpha` per slot, a draft forward costing `draft`
-    seconds, and a target forward over n tokens costing verify1 + slope * (n - 1)."""
+    seconds, and a target forward over n tokens costing verify1 + slope * (n - 1), plus `jump`
+    for any n > 1 (a decode forward against a wider one)."""
 
-    def __init__(self, alpha, draft, verify1=1.0, slope=0.05, overhead=0.02):
+    def __init__(self, alpha, draft, verify1=1.0, slope=0.05, overhead=0.02, jump=0.0):
         self.alpha, self.draft_s, self.verify1, self.slope, self.overhead = alpha, draft, verify1, slope, overhead
+        self.jump = jump
 
     def verify(self, n):
-        return self.verify1 + self.slope * (n - 1)
+        return self.verify1 + self.slope * (n - 1) + (self.jump if n > 1 else 0.0)
 
     def prefill_draft(self, n):
         """The draft's prefill over n tokens: the same shape of cost, scaled by the cost ratio."""
@@ -160,13 +183,14 @@ class SimulatedPair:
 
 
 def run_policy(pair, steps=3000, k_max=8, uses_model=True, seed=0, prompt=32):
+    """(tokens per second, K of each step); a lookup drafter (uses_model=False) offers k_max."""
     rng = random.Random(seed)
     policy = AdaptiveDraftPolicy(k_max, batch_size=1)
     policy.record_prefill(prompt, pair.verify(prompt), pair.prefill_draft(prompt) if uses_model else None)
     tokens = seconds = 0.0
     chosen = []
     for _ in range(steps):
-        k = policy.choose("sim", k_max, uses_model)
+        k = policy.choose("sim", k_max, uses_model, None if uses_model else [k_max])
         a = pair.accepted(k, rng)
         t = pair.step_time(k)
         policy.record_step("sim", k, pair.verify(k + 1), k * pair.draft_s, t, [k], [a])
@@ -193,6 +217,20 @@ def test_policy_reaches_the_best_fixed_k(case):
     best_k = max(range(9), key=pair.rate)
     got, chosen = run_policy(pair)
     assert got >= 0.97 * pair.rate(best_k), (case, got, pair.rate(best_k), best_k, chosen[-20:])
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.3, 0.7])
+def test_the_first_draft_pays_for_the_jump_from_a_decode_forward(alpha):
+    """A free lookup drafter, and a target whose forward over two tokens costs 18% more than
+    a one-token decode, each further token 3% (the bundled target on CPU). At 10% acceptance
+    every K loses to plain decoding, although a line through the widths would price the
+    first draft at about 3%; at 30% and 70% drafting pays. The policy must reach the best
+    fixed K within 3% in each case."""
+    pair = SimulatedPair(alpha, 0.0, slope=0.03, jump=0.15)
+    best_k = max(range(9), key=pair.rate)
+    assert (best_k == 0) == (alpha == 0.1)
+    got, chosen = run_policy(pair, uses_model=False)
+    assert got >= 0.97 * pair.rate(best_k), (got, pair.rate(best_k), best_k, chosen[-20:])
 
 
 def test_a_draft_at_break_even_costs_nothing_against_plain_decoding():
@@ -223,16 +261,20 @@ def test_a_draft_as_large_as_the_target_is_never_probed():
         "m", 0, 1.0, 0.0, 1.0, [0], [0]))
 
 
-def test_seeded_lookup_drafts_that_are_almost_never_accepted_settle_at_k0():
-    """Prompt lookup under sampling at T=0.8: 2% of drafts accepted. Drafting is free but
-    verifying a draft is not; the fixed proxy must price that and stop drafting."""
+@pytest.mark.parametrize("alpha", [0.02, 0.12])
+def test_seeded_lookup_drafts_that_are_almost_never_accepted_settle_at_k0(alpha):
+    """Prompt lookup under sampling at T=0.8: 2-12% of drafts accepted (7% on the bundled
+    target, more in bursts). Drafting is free but verifying a draft is not: the first draft
+    turns a decode forward into a wider one (FIRST_DRAFT_PROXY). The fixed proxy must price
+    that and stop drafting (priced by width alone, one draft at 12% looked like a gain and
+    was drafted on every step)."""
     policy = AdaptiveDraftPolicy(8, batch_size=1)
     rng = random.Random(0)
     chosen = []
     for _ in range(300):
         k = policy.choose_per_row("ngram", 8, cost_ratio=0.0, available=[8])[0]
         accepted = 0
-        while accepted < k and rng.random() < 0.02:
+        while accepted < k and rng.random() < alpha:
             accepted += 1
         policy.record_step("ngram", k, 1.0, 0.0, 1.0, [k], [accepted])
         chosen.append(k)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adaptive import AcceptanceCounts, best_proxy_k, expected_tokens, optimistic_rates, shadow_outcome
+from ..adaptive import AcceptanceCounts, best_proxy_k, could_pay, expected_tokens, optimistic_rates, shadow_outcome
 from . import register_drafter
 from .base import DraftProposal, Drafter, empty_proposal, pack_proposals
 from .model import ModelDrafter
@@ -49,8 +49,12 @@ def plan_row(
                 expected_tokens(lookup.rates(), n) > expected_tokens(model.rates(), k_cap) * (1 + 1e-9)):
             return n, LOOKUP
         return k_cap, MODEL
-    # K "auto" chooses from optimistic rates, as the measured-cost policy does.
-    k, rate = best_proxy_k(optimistic_rates(model.rates(), model.trials), k_cap, ratio)
+    # K "auto" chooses from optimistic rates, as the measured-cost policy does. A draft model
+    # that could not pay even with every draft accepted is not weighed (a draft as large as
+    # the target).
+    k, rate = 0, 1.0
+    if could_pay(k_cap, ratio, gain=0.0):
+        k, rate = best_proxy_k(optimistic_rates(model.rates(), model.trials), k_cap, ratio)
     if available and (k == 0 or any(lookup.trials)):
         n, _ = best_proxy_k(optimistic_rates(lookup.rates(), lookup.trials), min(k_cap, available), 0.0, floor=rate)
         if n:
@@ -138,20 +142,18 @@ class AutoDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, state, k: int) -> DraftProposal:
-        self.offers = self.lookup.offers(state, k)
-        offer = pack_proposals(self.offers, k, state.device)
-        available = offer.host_num_draft
-        ks, sources = self.plan(state, k, available, state.draft_policy)
+        self.offers = offers = self.lookup.offers(state, k)  # [B] host lists of at most k tokens
+        ks, sources = self.plan(state, k, [len(o) for o in offers], state.draft_policy)
         self.sources = sources
         k = max(ks)
         if k == 0:
             return empty_proposal(state.batch_size, state.device)
-        limits = torch.tensor(ks, dtype=torch.long).to(state.device, non_blocking=True)  # [B]
         if MODEL not in sources:
-            offer = offer.truncate(k)
-            offer.num_draft = torch.minimum(offer.num_draft, limits)
+            offer = pack_proposals([o[:n] for o, n in zip(offers, ks)], k, state.device)
             offer.sources = sources
             return offer
+        limits = torch.tensor(ks, dtype=torch.long).to(state.device, non_blocking=True)  # [B]
+        offer = pack_proposals(offers, k, state.device)
         drafted = self.model.propose(state, k)
         k = drafted.tokens.shape[1]
         use_lookup = [s == LOOKUP for s in sources]

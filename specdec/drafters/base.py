@@ -135,6 +135,12 @@ class Drafter(ABC):
     def propose(self, state: DecodeState, k: int) -> DraftProposal:
         """Up to k draft tokens for every active row (k >= 1)."""
 
+    def offers(self, state: DecodeState, k: int) -> list[list[int]] | None:
+        """A one-hot drafter's proposals as host lists (at most k tokens per row), or None for
+        a drafter that proposes on the device. The adaptive K policy reads them before
+        anything is packed into tensors, so a step that drafts nothing builds none."""
+        return None
+
     def observe(self, state: DecodeState) -> None:
         """Hook after verification: roll back internal state past the kept tokens."""
 

@@ -68,6 +68,9 @@ class CacheDrafter(Drafter):
         return tokens[offset:]
 
     def propose(self, state, k: int) -> DraftProposal:
+        return pack_proposals(self.offers(state, k), k, state.device)
+
+    def offers(self, state, k: int) -> list[list[int]]:
         """Up to k buffered tokens per row; rows whose buffer ran out or diverged ask the store."""
         seqs = state.sequences
         if self.limit is None:
@@ -105,7 +108,7 @@ class CacheDrafter(Drafter):
         for b, seq in enumerate(seqs):
             paused = len(seq) < self.paused_until[b]
             rows.append([] if paused else self._remaining(b, seq)[: min(k, self.limit[b])])
-        return pack_proposals(rows, k, state.device)
+        return rows
 
     def observe(self, state) -> None:
         """Adapt each row's draft length to how much of what it verified was kept (the step's
