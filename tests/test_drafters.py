@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.drafters import available_drafters, get_drafter_class
+from specdec.drafters import available_drafters, get_drafter_class, pack_proposals
 from specdec.drafters.ngram import NgramIndex
 
 
@@ -77,3 +77,12 @@ def test_drafter_can_ask_for_the_targets_hidden_states(monkeypatch):
         assert [r.token_ids for r in res] == [r.token_ids for r in base]
     assert seen["probe"] == [(2, 1, 32)] * 4
     assert seen["plain"] == [None] * 4
+
+
+def test_pack_proposals_cuts_rows_longer_than_k():
+    """Drafter "auto" packs its lookup offers at the length the draft model reached, which an
+    early stop can make shorter than the offers: every row is cut to k."""
+    proposal = pack_proposals([[5, 6, 7, 8, 9], [], [1, 2]], 3)
+    assert proposal.tokens.tolist() == [[5, 6, 7], [-1, -1, -1], [1, 2, -1]]
+    assert proposal.num_draft.tolist() == [3, 0, 2] and proposal.host_num_draft == [3, 0, 2]
+    assert pack_proposals([[], []], 3).tokens.shape == (2, 0)

@@ -161,7 +161,7 @@ def empty_proposal(batch: int, device: torch.device | str = "cpu") -> DraftPropo
 
 def pack_proposals(rows: list[list[int]], k: int, device: torch.device | str = "cpu") -> DraftProposal:
     """Pack per-row token lists (each at most k long) into a one-hot DraftProposal."""
-    width = max((len(r) for r in rows), default=0)
+    width = max((min(len(r), k) for r in rows), default=0)
     tokens = torch.full((len(rows), width), -1, dtype=torch.int64)
     for i, row in enumerate(rows):
         if row:
