@@ -400,6 +400,8 @@ def test_rows_keep_their_own_estimates():
 
 
 from specdec import SpeculativeGenerator, kernels  # noqa: E402
+from specdec.drafters import Drafter, register_drafter  # noqa: E402
+from specdec.drafters.ngram import NgramDrafter  # noqa: E402
 from specdec.kernels import reference  # noqa: E402
 
 AUTO_PROMPTS = [
@@ -433,6 +435,34 @@ def test_greedy_auto_k_equals_baseline(tiny_pair, engine_path, draft):
             assert sum(s.draft_lengths.values()) == s.target_forwards
             assert sum(k * n for k, n in s.draft_lengths.items()) == s.drafted_tokens
             assert set(s.drafter_steps) <= ({"model", "ngram"} if drafter == "auto" else {drafter})
+
+
+class _LookupWithoutOffers(Drafter):
+    """A one-hot drafter that only packs proposals (no host `offers`): the adaptive loop
+    chooses from the packed proposal and cuts it."""
+
+    def start(self, state):
+        self.inner = NgramDrafter(self.generator)
+        self.inner.start(state)
+
+    def propose(self, state, k):
+        return self.inner.propose(state, k)
+
+    def select_rows(self, keep):
+        self.inner.select_rows(keep)
+
+
+def test_auto_k_takes_one_hot_drafters_with_or_without_host_offers(tiny_pair, engine_path):
+    gen = _load(tiny_pair, None)
+    register_drafter("test-lookup-without-offers")(_LookupWithoutOffers)
+    expected = [r.token_ids for r in gen.generate_ids(AUTO_PROMPTS, max_new_tokens=AUTO_NEW, drafter="none", ignore_eos=True)]
+    runs = {
+        name: gen.generate_ids(AUTO_PROMPTS, max_new_tokens=AUTO_NEW, drafter=name, num_draft_tokens="auto", ignore_eos=True)
+        for name in ("ngram", "test-lookup-without-offers")
+    }
+    for name, batch in runs.items():
+        assert [r.token_ids for r in batch] == expected, name
+        assert sum(r.stats.drafted_tokens for r in batch) > 0, name
 
 
 def test_a_seeded_draft_that_can_never_pay_runs_plain_decoding(tiny_pair, monkeypatch):
