@@ -254,7 +254,11 @@ class CostCurve:
         return {**self.priors, **self.values}
 
     def _fit(self) -> tuple[float, float]:
+        """(intercept, slope): through one point flat (or proportional), else least squares."""
         points = self._points()
+        if len(points) == 1:
+            (only, value), = points.items()
+            return (0.0, value / only) if self.proportional and only else (value, 0.0)
         weights = {x: min(self.counts.get(x, 1), FIT_WEIGHT_CAP) for x in points}
         total = sum(weights.values())
         mx = sum(w * x for x, w in weights.items()) / total
@@ -266,13 +270,9 @@ class CostCurve:
     def __call__(self, size: int) -> float | None:
         if self.decode_step and size == 1 and 1 in self.values:
             return self.values[1]
-        points = self._points()
-        if not points:
+        if not self.values and not self.priors:
             return None
-        if len(points) == 1:
-            (only, value), = points.items()
-            return value * size / only if self.proportional and only else value
-        if self._line is None:
+        if self._line is None:  # refitted after each measurement, not at each prediction
             self._line = self._fit()
         intercept, slope = self._line
         return max(intercept + slope * size, 0.0)
