@@ -45,7 +45,9 @@ __all__ = [
     "verify_sampling",
 ]
 
-# Exponential noise of exactly 0 would turn r / E into inf or nan; clamp it away.
+# Exponential noise of exactly 0 would turn r / E into inf or nan and let that token win at
+# any weight. The engine's noise (specdec.noise) is never below 1.1e-16; this clamp only
+# keeps noise passed in by a caller finite.
 _MIN_EXPONENTIAL = 1e-30
 
 

@@ -35,7 +35,8 @@ __all__ = ["verify_sampling_triton"]
 
 # Per-position statistics passed from launch 1 to launch 2 (see _row_distribution).
 _NUM_STATS = 8  # m, 1/sum, top-k logit, top-p threshold, 1/kept mass, 3 spare
-# Exp(1) noise is clamped away from 0 like the reference, so r / E stays finite.
+# Exp(1) noise is clamped away from 0 like the reference, so r / E stays finite (the
+# engine's noise never reaches the clamp, see specdec.noise).
 _MIN_EXPONENTIAL = tl.constexpr(1e-30)
 
 

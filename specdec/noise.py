@@ -14,6 +14,7 @@ so they take the same code path and still differ from call to call.
 
 from __future__ import annotations
 
+import math
 import secrets
 
 import torch
@@ -36,14 +37,14 @@ def _wrap(value: int) -> int:
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 values (torch's >> is arithmetic on negatives)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+    return torch.bitwise_right_shift(x, bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finaliser; int64 multiplication wraps modulo 2**64 like uint64."""
-    x = (x ^ _shr(x, 30)) * _MUL1
-    x = (x ^ _shr(x, 27)) * _MUL2
-    return x ^ _shr(x, 31)
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser, in place; int64 multiplication wraps modulo 2**64 like uint64."""
+    x.bitwise_xor_(_shr(x, 30)).mul_(_MUL1)
+    x.bitwise_xor_(_shr(x, 27)).mul_(_MUL2)
+    return x.bitwise_xor_(_shr(x, 31))
 
 
 def hash_bits(
@@ -52,11 +53,21 @@ def hash_bits(
     stream: int,
     width: int,
 ) -> torch.Tensor:  # [B, width] int64, 64 well-mixed bits each
-    """The raw 64-bit hash of (seed, counter, stream, index) for index in [0, width)."""
-    state = _mix(seeds + _GOLDEN)
-    state = _mix(state + counters * _GOLDEN + _wrap(stream * _MUL1))  # [B]
-    index = torch.arange(width, device=seeds.device, dtype=torch.int64)  # [width]
-    return _mix(state.unsqueeze(1) + (index + 1) * _GOLDEN)
+    """The raw 64-bit hash of (seed, counter, stream, index) for index in [0, width).
+
+    In-place ops: at a 262k vocabulary a row of noise is a few million int64 operations,
+    and each fresh temporary would be another pass over memory.
+    """
+    state = _mix_(seeds + _GOLDEN)
+    state = _mix_(state + counters * _GOLDEN + _wrap(stream * _MUL1))  # [B]
+    index = torch.arange(1, width + 1, device=seeds.device, dtype=torch.int64).mul_(_GOLDEN)  # [width]
+    return _mix_(index.unsqueeze(0) + state.unsqueeze(1))
+
+
+def _open_unit64(bits: torch.Tensor) -> torch.Tensor:  # int64 hashes -> float64 in (0, 1)
+    """(m + 1/2) * 2**-52 from the top 52 bits m: exact in float64 (53 significant bits),
+    strictly inside (0, 1), on a grid of 2**-52 at both ends."""
+    return _shr(bits, 12).to(torch.float64).add_(0.5).mul_(2.0 ** -52)
 
 
 def uniform(
@@ -65,11 +76,17 @@ def uniform(
     stream: int,
     width: int,
     dtype: torch.dtype,
-) -> torch.Tensor:  # [B, width] in [0, 1)
-    """Uniforms on a grid fine enough for `dtype` and never rounded up to 1."""
-    bits = 53 if dtype == torch.float64 else 24
+) -> torch.Tensor:  # [B, width] in (0, 1)
+    """Uniforms strictly inside (0, 1) on a grid the dtype represents exactly.
+
+    (m + 1/2) * 2**-b with m the top b hash bits and b the dtype's stored mantissa bits
+    (52 for float64, 23 for float32): b + 1 significant bits, so the cast rounds nothing,
+    and u is never 0 (an accept test u * q < p would then accept any token with p > 0)
+    nor 1.
+    """
+    bits = -math.frexp(torch.finfo(dtype).eps)[1] + 1  # eps = 2**-b
     mantissa = _shr(hash_bits(seeds, counters, stream, width), 64 - bits)
-    return mantissa.to(dtype) * (2.0 ** -bits)
+    return mantissa.to(torch.float64).add_(0.5).mul_(2.0 ** -bits).to(dtype)
 
 
 def exponential(
@@ -78,10 +95,22 @@ def exponential(
     stream: int,
     width: int,
     dtype: torch.dtype,
-) -> torch.Tensor:  # [B, width] Exp(1), > 0
-    """Exp(1) noise by inversion: -log(1 - u) with u in [0, 1), so 1 - u is in (0, 1]."""
-    u = uniform(seeds, counters, stream, width, dtype)
-    return -torch.log1p(-u)
+) -> torch.Tensor:  # [B, width] Exp(1), finite and > 0
+    """Exp(1) noise by inversion, E = -log1p(-u), computed in float64 and then cast.
+
+    The race argmax(r / E) lets a token win whatever its weight when its E is 0, so E
+    must never be 0, and its grid near 0 must be fine: P(E < x) = x for true Exp(1)
+    noise, and a grid of step h near 0 gives about V * h per row to tokens whose weight
+    should not win. A float32 uniform has h = 2**-24: about V / 2**24 of the rows (1.6%
+    at V = 262k) were decided by the grid, not by the weights. Here u = (m + 1/2) * 2**-52
+    in float64, so E lies in [1.1e-16, 36.7] with h = 2**-52 (V * h < 1e-10), and the
+    cast keeps it positive in float32 and bfloat16; float16, whose smallest normal is
+    6e-5, is clamped there.
+    """
+    e = _open_unit64(hash_bits(seeds, counters, stream, width)).neg_().log1p_().neg_()
+    if dtype == torch.float64:
+        return e
+    return e.to(dtype).clamp_(min=torch.finfo(dtype).tiny)
 
 
 def request_seeds(seeds: list[int] | None, batch: int, device: torch.device) -> torch.Tensor:  # [B] int64
