@@ -74,12 +74,19 @@ class GenerationParams:
         return replace(self, seed=tuple(seeds[i] for i in indices))
 
 
-def _check_int(name: str, value, *, minimum: int, hint: str) -> int:
+def _check_int(name: str, value, *, minimum: int, hint: str, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}; {hint}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}; {hint}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}; {hint}")
     return value
+
+
+# Seeds key the counter-based noise as int64 (specdec.noise): a larger seed would be
+# reduced modulo 2**63 and sample exactly what a smaller one samples.
+MAX_SEED = (1 << 63) - 1
 
 
 def _check_float(name: str, value) -> float:
@@ -262,10 +269,11 @@ def _make_params(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}; use 1.0 to disable nucleus filtering")
     if isinstance(seed, (list, tuple)):
         for s in seed:
-            _check_int("seed", s, minimum=0, hint="pass non-negative ints, one per prompt")
+            _check_int("seed", s, minimum=0, maximum=MAX_SEED, hint="pass ints in [0, 2**63), one per prompt")
         seed = tuple(seed)
     elif seed is not None:
-        _check_int("seed", seed, minimum=0, hint="pass a non-negative int, a list of them (one per prompt), or None")
+        _check_int("seed", seed, minimum=0, maximum=MAX_SEED,
+                   hint="pass an int in [0, 2**63), a list of them (one per prompt), or None")
     if not isinstance(drafter, str):
         raise TypeError(f"drafter must be a str, got {type(drafter).__name__} {drafter!r}")
     if isinstance(num_draft_tokens, str):

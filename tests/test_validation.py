@@ -50,6 +50,8 @@ CASES = [
      rf"num_draft_tokens=10000 is larger than the supported maximum of {MAX_DRAFT_TOKENS}"),
     (dict(drafter="medusa"), ValueError, r"unknown drafter 'medusa'; choose one of .*model.*ngram.*none"),
     (dict(seed=-3), ValueError, r"seed must be >= 0, got -3"),
+    (dict(seed=2**63), ValueError, r"seed must be <= 9223372036854775807, got 9223372036854775808"),
+    (dict(seed=[0, 2**64 + 5]), ValueError, r"seed must be <= 9223372036854775807"),
     (dict(seed=[1, 2, 3]), ValueError, r"seed has 3 entries but there are 1 prompts"),
     (dict(stop_token_ids=[-1]), ValueError, r"stop_token_ids must be non-negative ints"),
 ]
