@@ -21,9 +21,9 @@ it still takes part in the reduction over keys. torch's CPU attention kernel sum
 vector-wide chunks with a separate remainder, so padding L keys to W changes the order of
 the float32 sums whenever L is not a multiple of 16 (the float32 vector width of AVX-512;
 measured with torch 2.13: never a difference when it is, about one call in three when it
-is not). With one query token and a mask, transformers' SDPA integration also packs the
-query heads of a key/value group into the query axis, where its unmasked decoding step
-(a row alone) passes `enable_gqa` instead. Each changes the last bits of the attention
+is not). With grouped-query attention, one query token and a mask, transformers' SDPA
+integration also packs the query heads of a key/value group into the query axis, where
+its unmasked decoding step (a row alone) passes `enable_gqa` instead. Each changes the last bits of the attention
 output, so a decoding step of the static path is not bit-identical to transformers' one;
 in bfloat16, where the two best logits of a step are often exactly tied, greedy output
 can then take the other token. Bit-identical steps need attention over exactly the cached
