@@ -19,7 +19,7 @@ transformers' own logits for both (a margin of 0 is an exact bf16 tie).
 
     python -P benchmarks/bf16_parity.py                  # 164 prompts x 64 tokens, about 40 minutes on 1 CPU thread
     python -P benchmarks/bf16_parity.py --diagnose       # + the static path at exact attention width
-    python -P benchmarks/bf16_parity.py --limit 8 --out /tmp/parity   # a smoke run
+    python -P benchmarks/bf16_parity.py --limit 8 --out parity-smoke  # a smoke run
 
 --diagnose adds two rows that take away, one at a time, what keeps the static path's
 decoding steps from transformers' numerics (see specdec/kv.py): the bucketed attention
