@@ -745,9 +745,11 @@ class DraftController:
 
     def record(
         self, k: int, drafted: list[int], accepted: list[int], confidence: list[list[float]] | None,
-        sources: list[str] | None = None,
+        sources: list[str] | None = None, timed: bool = True,
     ) -> None:
-        """After the step's host copy: costs (marks 'step', 'drafted', 'verified', 'done') and outcome."""
+        """After the step's host copy: costs (marks 'step', 'drafted', 'verified', 'done') and outcome.
+        timed=False: the step's verify was not a forward over its K+1 tokens (the first step
+        reuses the prefill's logits), so only its drafting cost and its outcome count."""
         policy = self.policy
         if policy is None:
             return
@@ -760,7 +762,8 @@ class DraftController:
         verify_s = sec(m["drafted"], m["verified"])
         step_s = sec(m["step"], m["done"])
         if sources is None:
-            policy.record_step(self.name, k, verify_s, draft_s, step_s, drafted, accepted, draft_clean=not self._catch_up)
+            policy.record_step(self.name, k, verify_s, draft_s, step_s, drafted, accepted, draft_clean=not self._catch_up,
+                               step_costs=timed)
         else:  # rows drafted by different drafters: each learns from its own rows
             ran_model = any(s == "model" for s in sources)
             for i, name in enumerate(sorted(set(sources))):  # "model" first when it ran: its call sees draft_s
@@ -771,7 +774,7 @@ class DraftController:
                     # A row that drafted nothing is idle (a parked row waits for its probe);
                     # a row of the other source is not.
                     idle=[m and d <= 0 for d, m in zip(drafted, mine)], draft_clean=not self._catch_up,
-                    step_costs=i == 0,
+                    step_costs=i == 0 and timed,
                 )
         if confidence is not None and not self.seeded:
             for conf, d, a in zip(confidence, drafted, accepted):

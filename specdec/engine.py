@@ -9,6 +9,11 @@ One step for a batch of B active rows:
   5. ONE device-to-host copy of the step's outcome, which the stream, the stats and the
      drafters share; rows that finished leave the batch (KV and drafter state compacted).
 
+The prefill feeds each whole prompt, and its logits after the last prompt token stand in
+for the first step's forward over that token: the first step feeds only its drafts (none:
+no forward at all). transformers' `generate` computes the first token the same way, and
+in bfloat16 the order of operations decides ties (see specdec.kv).
+
 Plain autoregressive decoding is the same loop with drafter "none" (K = 0). KV state
 (static per-row or generic, chosen per model) lives in specdec.kv, the counter-based
 noise in specdec.noise, the drafter-facing DecodeState in specdec.drafters.base.
@@ -27,7 +32,7 @@ from . import kernels, noise
 from .adaptive import DraftController
 from .drafters.base import DecodeState, DraftProposal, Drafter
 from .drafters.model import MAX_PENDING
-from .kv import BUCKET, engine_path, make_kv, prefill
+from .kv import BUCKET, engine_path, make_kv, prefill_logits
 from .params import GenerationParams
 from .stats import GenerationStats
 
@@ -126,11 +131,13 @@ def iter_decode(
     target = make_kv(target_model, path, batch, capacity, device)
     drafting = DraftController(params, drafter, batch, device, draft_cost_ratio, policy_memory)
     drafting.mark("start")
-    prefill(target, prompts)
+    # The whole prompt in one forward, as transformers computes it: its logits after the last
+    # prompt token serve the first step, which then feeds only its drafts (see _verify_forward).
+    opening = prefill_logits(target, prompts, hidden=drafter.wants_hidden_states)  # [B, 1, V], [B, 1, H]
     drafting.mark("target")
     drafter.start(state)
     drafting.mark("draft")
-    drafting.prefilled(max(len(p) for p in prompts) - 1)
+    drafting.prefilled(max(len(p) for p in prompts))
     last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # [B]
 
     while state.rows:
@@ -148,9 +155,11 @@ def iter_decode(
         k = proposal.tokens.shape[1]
 
         # 2. one target forward over [last, d1..dk]; each row's real slots are a prefix.
-        inputs = torch.cat([last.unsqueeze(1), proposal.tokens], dim=1)  # [B, k+1]
-        before = target.lengths  # [B]
-        logits, hidden = target.forward(inputs, num_draft + 1, hidden=drafter.wants_hidden_states)  # [B, k+1, V]
+        timed = opening is None  # the first step's forward is the prefill's, timed with it
+        logits, hidden, before = _verify_forward(
+            target, last, proposal.tokens, num_draft, opening, drafter.wants_hidden_states
+        )  # [B, k+1, V], [B, k+1, H] or None, [B]
+        opening = None
         tokens, num_accepted = _verify(state, proposal, logits, num_draft)  # [B, k+1], [B]
         drafting.mark("verified")
 
@@ -192,7 +201,7 @@ def iter_decode(
         drafting.record(
             k, state.step_drafted, state.step_accepted,
             [[c / 1e6 for c in row[k + 5 :]] for row in host] if confident else None,
-            proposal.sources,
+            proposal.sources, timed=timed,
         )
 
         if finished_now:
@@ -216,6 +225,36 @@ def _draft_kv(engine: str, batch: int, capacity: int, device: torch.device, mode
     """KV state for a drafter's model: the target's path where that model allows it."""
     path = engine_path(model, "auto" if engine == "auto" else engine, capacity, role="draft")
     return make_kv(model, path, batch, capacity, device, vocab_size)
+
+
+def _verify_forward(
+    target,
+    last: torch.Tensor,  # [B] each row's last emitted token (the prompt's last on the first step)
+    drafts: torch.Tensor,  # [B, k]
+    num_draft: torch.Tensor,  # [B] real drafts per row (a prefix)
+    opening: tuple[torch.Tensor, torch.Tensor | None] | None,  # the prefill's [B, 1, V], [B, 1, H]
+    hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # logits [B, k+1, V], hidden, lengths before `last` [B]
+    """The target's logits over [last, d1..dk] per row, and the KV lengths a rollback counts from.
+
+    On the first step `last` is the prompt's last token, which the prefill has already fed
+    (`opening` holds its logits): only the drafts go through the model, so the first token
+    comes from the forward over the whole prompt, as in transformers, and a step without
+    drafts runs no forward at all.
+    """
+    if opening is None:
+        before = target.lengths  # [B]
+        inputs = torch.cat([last.unsqueeze(1), drafts], dim=1)  # [B, k+1]
+        logits, states = target.forward(inputs, num_draft + 1, hidden=hidden)
+        return logits, states, before
+    first_logits, first_states = opening
+    before = target.lengths - 1  # the prompt's last token counts as this step's first input
+    if drafts.shape[1] == 0:
+        return first_logits, first_states, before
+    logits, states = target.forward(drafts, num_draft, hidden=hidden)  # [B, k, V]
+    logits = torch.cat([first_logits, logits], dim=1)
+    states = torch.cat([first_states, states], dim=1) if hidden else None
+    return logits, states, before
 
 
 def _rollback_lengths(

@@ -13,6 +13,22 @@ Attention gets a prefix view of the buffer, [B, H, W, D] with W the longest row 
 up to a bucket of 64, and a ready 4-D additive mask [B, 1, T, W] built on the device,
 which transformers passes through without inspecting it. Nothing in a step reads a
 value back to the host, and shapes depend only on (B, T, W), so a step is capturable.
+The prefill, whose width is the request's own anyway, attends over exactly the longest
+prompt instead.
+
+Numerics (bfloat16): the masked tail of a bucket gets exactly zero attention weight, but
+it still takes part in the reduction over keys. torch's CPU attention kernel sums keys in
+vector-wide chunks with a separate remainder, so padding L keys to W changes the order of
+the float32 sums whenever L is not a multiple of 16 (the float32 vector width of AVX-512;
+measured with torch 2.13: never a difference when it is, about one call in three when it
+is not). With grouped-query attention, one query token and a mask, transformers' SDPA
+integration also packs the query heads of a key/value group into the query axis, where
+its unmasked decoding step (a row alone) passes `enable_gqa` instead. Each changes the last bits of the attention
+output, so a decoding step of the static path is not bit-identical to transformers' one;
+in bfloat16, where the two best logits of a step are often exactly tied, greedy output
+can then take the other token. Bit-identical steps need attention over exactly the cached
+length, a width that changes every step: that is the generic path (its cache is exactly
+as long as the row), whose greedy output for a row alone equals transformers' `generate`.
 
 Generic path (`DynamicKV`): transformers' DynamicCache plus a 2-D validity mask
 [B, S] with explicit position ids; rejected slots become holes and dead tail columns
@@ -179,9 +195,10 @@ class KVState(ABC):
         input_ids: torch.Tensor,  # [B, T]; slots past num_valid are ignored
         num_valid: torch.Tensor | None = None,  # [B] real tokens per row (a prefix); None = all T
         *,
-        last_only: bool = False,  # logits of the last slot only (prefill)
+        keep: int = 0,  # logits of the last `keep` slots only (a prefill); 0 = every slot
         hidden: bool = False,  # also return the last layer's hidden states
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, T or 1, V], hidden [B, T, H] or None
+        exact_width: bool = False,  # static path: attend over exactly the cached prefix, not its bucket
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, T or keep, V], hidden [B, T, H] or None
         batch, width = input_ids.shape
         slots = torch.arange(width, device=self.device)  # [T]
         positions = self.lengths.unsqueeze(1) + slots  # [B, T]: row b's slot t goes to lengths[b] + t
@@ -193,19 +210,19 @@ class KVState(ABC):
         else:
             position_ids = positions
         kwargs = {}
-        if last_only and self._keep_arg:
-            kwargs["logits_to_keep"] = 1
+        if keep and self._keep_arg:
+            kwargs["logits_to_keep"] = keep
         if hidden:
             kwargs["output_hidden_states"] = True
         ids = input_ids.clamp(min=0, max=self.max_id)
-        out = self._call(ids, positions, position_ids, num_valid, width, kwargs)
+        out = self._call(ids, positions, position_ids, num_valid, width, kwargs, exact_width)
         self.lengths = self.lengths + (num_valid if num_valid is not None else width)
         self.forwards += 1
         states = out.hidden_states[-1] if hidden else None
         return out.logits, states
 
     @abstractmethod
-    def _call(self, ids, positions, position_ids, num_valid, width: int, kwargs: dict):
+    def _call(self, ids, positions, position_ids, num_valid, width: int, kwargs: dict, exact_width: bool):
         """One model forward; `positions` [B, T] are where slots are written, `position_ids`
         [B, T] what the model is told."""
 
@@ -219,18 +236,50 @@ class KVState(ABC):
 
 
 def prefill(kv: KVState, prompts: list[list[int]]) -> None:
-    """Feed every prompt token but the last (the last one opens the first step); rows are
-    right-padded, so each row's tokens sit at positions 0.. on the static path."""
+    """Feed every prompt token but the last, which opens a drafter's first window."""
     rows = [p[:-1] for p in prompts]
+    if max(len(r) for r in rows) > 0:
+        _feed(kv, rows, keep=1)
+
+
+def prefill_logits(
+    kv: KVState, prompts: list[list[int]], *, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, 1, V], hidden [B, 1, H] or None
+    """Feed every prompt token; return the logits (and last-layer hidden states) after each
+    row's last one, which stand in for the first step's forward over that token.
+
+    This is how transformers' `generate` computes the first new token: one forward over the
+    whole prompt. Feeding the last prompt token as a one-token step instead computes the same
+    values in another order (a one-query attention against the prompt's keys, not a row of the
+    prompt's causal attention); in bfloat16 that changes the last bits of its keys, values and
+    logits, and with them which of two tied logits wins a later greedy step.
+    """
+    logits, states, valid = _feed(kv, prompts, keep=None, hidden=hidden)
+    last = valid - 1  # [B] each row's last prompt slot
+    offset = max(len(p) for p in prompts) - logits.shape[1]  # the first slot whose logits were kept
+    vocab = logits.shape[-1]
+    logits = logits.gather(1, (last - offset).view(-1, 1, 1).expand(-1, 1, vocab))  # [B, 1, V]
+    if states is not None:
+        states = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))  # [B, 1, H]
+    return logits, states
+
+
+def _feed(kv: KVState, rows: list[list[int]], keep: int | None, hidden: bool = False):
+    """One forward over right-padded rows (row b's tokens sit at positions 0.. on the static
+    path), attending over exactly the longest row: a prefill's width is the request's own, so
+    the bucket saves nothing, and its masked tail would change the attention's rounding.
+    keep=None keeps the logits from the shortest row's last slot on."""
     width = max(len(r) for r in rows)
-    if width == 0:
-        return
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    num_valid = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    kv.forward(ids.to(kv.device), num_valid.to(kv.device), last_only=True)
+    lengths = [len(r) for r in rows]
+    if keep is None:
+        keep = width - min(lengths) + 1
+    valid = torch.tensor(lengths, dtype=torch.long).to(kv.device)  # [B]
+    logits, states = kv.forward(ids.to(kv.device), valid, keep=keep, hidden=hidden, exact_width=True)
     kv.bound = width
+    return logits, states, valid
 
 
 # --------------------------------------------------------------------------- static path
@@ -308,8 +357,8 @@ class StaticKV(KVState):
         self.cache = RowCache(capacity)
         self._min = torch.finfo(self.dtype).min if self.dtype.is_floating_point else float("-inf")
 
-    def _call(self, ids, positions, position_ids, num_valid, width, kwargs):
-        view = bucket_width(self.bound + width, self.capacity)
+    def _call(self, ids, positions, position_ids, num_valid, width, kwargs, exact_width):
+        view = min(self.bound + width, self.capacity) if exact_width else bucket_width(self.bound + width, self.capacity)
         self.cache.write_positions = positions
         self.cache.view_width = view
         self.cache.seen_hint = self.bound
@@ -353,7 +402,7 @@ class DynamicKV(KVState):
         self.cache = DynamicCache()
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, S] 1 = a real token
 
-    def _call(self, ids, positions, position_ids, num_valid, width, kwargs):
+    def _call(self, ids, positions, position_ids, num_valid, width, kwargs, exact_width):
         slots = torch.arange(width, device=self.device).unsqueeze(0)  # [1, T]
         valid = (slots < num_valid.unsqueeze(1)) if num_valid is not None else torch.ones_like(ids, dtype=torch.bool)
         mask = torch.cat([self.mask, valid.to(torch.long)], dim=1)  # [B, S + T]

@@ -11,7 +11,7 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0
-    target_forwards: int = 0  # verification forwards (prefill not counted)
+    target_forwards: int = 0  # verification steps (the prefill's last logits serve the first one)
     draft_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0

@@ -186,3 +186,42 @@ def test_the_kv_cache_goes_by_the_keyword_the_model_takes(tiny_pair, baselines):
     assert out[0].token_ids == baselines[tiny_pair.family][0]
     keyword = cache_keyword(gen.target_model)
     assert seen and all(names == {keyword} for names in seen)
+
+
+BF16_PROMPTS = 12
+
+
+def _bf16_prompts(vocab: int) -> list[list[int]]:
+    """Prompts of 5-99 tokens: attention over lengths that are mostly not multiples of 16."""
+    rng = torch.Generator().manual_seed(21)
+    lengths = torch.randint(5, 100, (BF16_PROMPTS,), generator=rng).tolist()
+    return [torch.randint(3, vocab, (n,), generator=rng).tolist() for n in lengths]
+
+
+def test_bf16_logits_equal_transformers_generate(llama_pair, engine_path, monkeypatch):
+    """bfloat16, greedy, each prompt alone: the logits every step verifies are transformers'
+    `generate` logits bit for bit on the generic path, and on the first step (computed by the
+    forward over the whole prompt) on the static path too. In bf16 two top logits are often
+    exactly tied, so any other order of operations can flip a greedy token."""
+    import specdec.engine
+
+    gen = SpeculativeGenerator.from_pretrained(str(llama_pair.target), dtype=torch.bfloat16, device="cpu")
+    seen = []
+
+    def verify(state, proposal, logits, num_draft):
+        seen.append(logits[0, 0].float())  # [V]: drafter "none" verifies one position a step
+        return verify_(state, proposal, logits, num_draft)
+
+    verify_ = specdec.engine._verify
+    monkeypatch.setattr(specdec.engine, "_verify", verify)
+    for prompt in _bf16_prompts(gen.vocab_size):
+        hf = gen.target_model.generate(
+            torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        seen.clear()
+        ours = gen.generate_ids([prompt], max_new_tokens=16, drafter="none")[0].token_ids
+        assert torch.equal(seen[0], hf.logits[0][0]), f"first step, prompt of {len(prompt)} tokens"
+        if engine_path == "generic":
+            assert ours == hf.sequences[0, len(prompt):].tolist()
+            assert all(torch.equal(a, b[0]) for a, b in zip(seen, hf.logits))
