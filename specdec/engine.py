@@ -170,39 +170,33 @@ def iter_decode(
         state.step_tokens, state.step_num_accepted, state.target_hidden = tokens, num_accepted, hidden
 
         # 5. the step's one device-to-host transfer.
-        packed = [tokens, torch.stack([num_accepted, num_draft, kept, reason], dim=1)]
         confident = drafting.adaptive and proposal.confidence is not None and k > 0
-        if confident:  # draft confidences for the calibration, in millionths
-            packed.append((proposal.confidence[:, :k].float() * 1e6).round().long())
         drafting.mark("done")
-        host = _to_host(torch.cat(packed, dim=1))
-        state.step_accepted = [row[k + 1] for row in host]
-        state.step_emitted = [row[: row[k + 1] + 1] for row in host]
+        out = StepOutcome.read(tokens, num_accepted, num_draft, kept, reason, proposal.confidence if confident else None)
+        state.step_accepted = out.accepted
+        state.step_emitted = [row[: n + 1] for row, n in zip(out.tokens, out.accepted)]
         if k:  # with no drafts the one fed token is always kept
-            bound = max(len(s) + row[k + 3] for s, row in zip(state.sequences, host)) - 1
+            bound = max(len(s) + n for s, n in zip(state.sequences, out.kept)) - 1
             target.set_lengths(_rollback_lengths(before, num_accepted, num_draft), bound)
         finished_now = []
         for b, (row, seq) in enumerate(zip(state.rows, state.sequences)):
-            accepted, drafted, n_kept, why = host[b][k + 1 : k + 5]
-            new = host[b][:n_kept]
+            new = out.tokens[b][: out.kept[b]]
             outputs[row].extend(new)
             seq.extend(new)
-            stats[row].record_step(drafted, accepted, n_kept, proposal.sources[b] if proposal.sources else drafter.name)
+            stats[row].record_step(out.drafted[b], out.accepted[b], out.kept[b],
+                                   proposal.sources[b] if proposal.sources else drafter.name)
             stats[row].draft_forwards += proposal.draft_forwards
             if new:
                 yield row, new
+            why = out.reason[b]
             if why == _RUNNING and stop_check is not None and stop_check(outputs[row]):
                 why = _STOPPED  # a stop string: the row's KV needs no rollback, it leaves the batch
             if why != _RUNNING:
                 finish[row] = "stop" if why == _STOPPED else "length"
                 finished_now.append(b)
-        state.step_drafted = [row[k + 2] for row in host]
+        state.step_drafted = out.drafted
         drafter.observe(state)
-        drafting.record(
-            k, state.step_drafted, state.step_accepted,
-            [[c / 1e6 for c in row[k + 5 :]] for row in host] if confident else None,
-            proposal.sources, timed=timed,
-        )
+        drafting.record(k, out.drafted, out.accepted, out.confidence, proposal.sources, timed=timed)
 
         if finished_now:
             done = set(finished_now)
@@ -310,6 +304,43 @@ def _limits(
     kept = torch.where(stopped, first_stop, allowed)
     reason = torch.where(stopped, _STOPPED, torch.where(kept >= remaining, _LENGTH, _RUNNING))
     return kept, reason
+
+
+@dataclass
+class StepOutcome:
+    """What one step produced for each row, from the step's one device-to-host copy."""
+
+    tokens: list[list[int]]  # [B][k+1] emitted tokens: accepted drafts, the target's token, -1 after
+    accepted: list[int]  # [B] drafts accepted
+    drafted: list[int]  # [B] drafts verified (num_draft after the step's limits)
+    kept: list[int]  # [B] emitted tokens kept after stop tokens and max_new_tokens
+    reason: list[int]  # [B] _RUNNING, _STOPPED or _LENGTH
+    confidence: list[list[float]] | None  # [B][k] the drafter's confidences, when the controller calibrates
+
+    @classmethod
+    def read(
+        cls,
+        tokens: torch.Tensor,  # [B, k+1] int64
+        num_accepted: torch.Tensor,  # [B]
+        num_draft: torch.Tensor,  # [B]
+        kept: torch.Tensor,  # [B]
+        reason: torch.Tensor,  # [B]
+        confidence: torch.Tensor | None,  # [B, >= k] in [0, 1], or None
+    ) -> "StepOutcome":
+        """Pack every field into one int64 tensor and copy it to the host once."""
+        k = tokens.shape[1] - 1
+        packed = [tokens, torch.stack([num_accepted, num_draft, kept, reason], dim=1)]
+        if confidence is not None:  # in millionths, to travel in the same int64 copy
+            packed.append((confidence[:, :k].float() * 1e6).round().long())
+        host = _to_host(torch.cat(packed, dim=1))
+        return cls(
+            tokens=[row[: k + 1] for row in host],
+            accepted=[row[k + 1] for row in host],
+            drafted=[row[k + 2] for row in host],
+            kept=[row[k + 3] for row in host],
+            reason=[row[k + 4] for row in host],
+            confidence=[[c / 1e6 for c in row[k + 5:]] for row in host] if confidence is not None else None,
+        )
 
 
 def _to_host(packed: torch.Tensor) -> list[list[int]]:

@@ -225,3 +225,22 @@ def test_bf16_logits_equal_transformers_generate(llama_pair, engine_path, monkey
         if engine_path == "generic":
             assert ours == hf.sequences[0, len(prompt):].tolist()
             assert all(torch.equal(a, b[0]) for a, b in zip(seen, hf.logits))
+
+
+def test_step_outcome_reads_every_field_in_one_copy(monkeypatch):
+    import specdec.engine as eng
+
+    copies = []
+    real = eng._to_host
+    monkeypatch.setattr(eng, "_to_host", lambda packed: copies.append(packed.shape) or real(packed))
+    tokens = torch.tensor([[5, 6, -1], [7, -1, -1]])  # [B=2, k+1=3]
+    out = eng.StepOutcome.read(
+        tokens, num_accepted=torch.tensor([1, 0]), num_draft=torch.tensor([2, 1]), kept=torch.tensor([2, 1]),
+        reason=torch.tensor([eng._RUNNING, eng._LENGTH]), confidence=torch.tensor([[0.5, 0.25, 0.9], [1.0, 0.0, 0.0]]),
+    )
+    assert copies == [(2, 3 + 4 + 2)]
+    assert out.tokens == [[5, 6, -1], [7, -1, -1]]
+    assert (out.accepted, out.drafted, out.kept, out.reason) == ([1, 0], [2, 1], [2, 1], [eng._RUNNING, eng._LENGTH])
+    assert out.confidence == [[0.5, 0.25], [1.0, 0.0]]
+    assert eng.StepOutcome.read(tokens, torch.tensor([1, 0]), torch.tensor([2, 1]), torch.tensor([2, 1]),
+                                torch.tensor([0, 2]), None).confidence is None
