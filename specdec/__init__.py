@@ -5,7 +5,8 @@
     result = gen.generate("def fibonacci(n):", max_new_tokens=64, stop=["\\n\\n"])[0]
 """
 
-from .generator import SpeculativeGenerator, bundled_pair, check_vocab_compatible
+from .generator import SpeculativeGenerator, check_vocab_compatible
+from .loading import bundled_pair
 from .params import MAX_DRAFT_TOKENS, GenerationParams
 from .stats import GenerationResult, GenerationStats
 

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_paths(args) -> tuple[str, str | None]:
-    from .generator import bundled_pair
+    from .loading import bundled_pair
 
     draft = args.draft
     if draft is not None and draft.lower() == "none":

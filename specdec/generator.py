@@ -1,4 +1,4 @@
-"""SpeculativeGenerator: loading, validation and the public generate API."""
+"""SpeculativeGenerator: validation and the public generate API (loading: specdec.loading)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
-import socket
 import time
 from typing import Any, Generator
 
@@ -17,6 +15,7 @@ from .cache.memo import LruMemo
 from .drafters import Drafter, get_drafter_class, resolve_drafter_name
 from .engine import RowOutput, decode, iter_decode, request_capacity
 from .kv import ENGINE_PATHS, check_supported, static_blocker
+from .loading import input_device, load_models
 from .params import GenerationParams, check_text, make_params
 from .stats import GenerationResult, GenerationStats
 from .stopping import StopStringChecker, cut_at_stop, find_stop
@@ -26,8 +25,6 @@ _ENCODE_MEMO_SIZE = 128  # prompts whose ids are kept (a repeated prompt skips t
 _ENCODE_MEMO_CHARS = 16384  # longer prompts are tokenized every time (bounded memory)
 _TEXT_MEMO_SIZE = 128  # texts of trusted hits kept (a repeated hit skips the detokenizer)
 _TEXT_MEMO_TOKENS = 2048  # longer responses are decoded every time
-BUNDLED = "bundled"  # from_pretrained("bundled"): the pair shipped in specdec/assets/default_pair
-HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt to the hub before a download is tried
 
 # The engine path of generators constructed without engine=; tests switch it to run a
 # whole module on one path.
@@ -62,9 +59,9 @@ class SpeculativeGenerator:
         self.vocab_size = _vocab_size(target_model)
         self.draft_vocab_size = _vocab_size(draft_model) if draft_model is not None else None
         self.max_positions = _max_positions(target_model)
-        self.device = _input_device(target_model)
+        self.device = input_device(target_model)
         if draft_model is not None:
-            draft_device = _input_device(draft_model)
+            draft_device = input_device(draft_model)
             if draft_device != self.device:
                 raise ValueError(
                     f"target and draft models are on different devices (target inputs on {self.device}, "
@@ -111,48 +108,10 @@ class SpeculativeGenerator:
         local Hugging Face cache nor reachable (offline, HF_HUB_OFFLINE=1) fails within
         a few seconds instead of retrying.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if target is None:
-            raise TypeError(
-                "from_pretrained needs a target model: a hub id, a local path, or \"bundled\" for the bundled "
-                "pair, e.g. SpeculativeGenerator.from_pretrained(\"bundled\")"
-            )
-        if isinstance(target, str) and target == BUNDLED:
-            bundled_target, bundled_draft = bundled_pair()
-            target, draft = bundled_target, (bundled_draft if draft is None else draft)
-        if device is not None and device_map is not None:
-            raise ValueError("pass either device= or device_map=, not both")
-        torch_dtype = _resolve_dtype(dtype)
-        target, target_local = _locate("target", target, revision)
-        draft, draft_local = _locate("draft", draft, None) if draft is not None else (None, False)
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if revision is not None:
-            kwargs["revision"] = revision
-        if torch_dtype is not None:
-            kwargs["dtype"] = torch_dtype
-        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
-        target_only = {"local_files_only": True} if target_local else {}
-        draft_only = {"local_files_only": True} if draft_local else {}
-        tokenizer = AutoTokenizer.from_pretrained(target, **tok_kwargs, **target_only)
-        draft_tokenizer = None
-        if draft is not None:
-            try:
-                draft_tokenizer = AutoTokenizer.from_pretrained(draft, **draft_only)
-            except (OSError, ValueError):  # a draft checkpoint may ship without a tokenizer
-                draft_tokenizer = None
-        target_model = AutoModelForCausalLM.from_pretrained(
-            target, **kwargs, **target_only, **({"device_map": device_map} if device_map is not None else {})
+        target_model, tokenizer, draft_model, draft_tokenizer = load_models(
+            target, draft, device=device, dtype=dtype, device_map=device_map, revision=revision,
+            trust_remote_code=trust_remote_code,
         )
-        draft_model = None
-        if draft is not None:
-            draft_kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
-            draft_model = AutoModelForCausalLM.from_pretrained(draft, **draft_kwargs, **draft_only)
-        if device is not None:
-            target_model = target_model.to(device)
-        target_device = _input_device(target_model)
-        if draft_model is not None:
-            draft_model = draft_model.to(target_device)
         return cls(target_model, tokenizer, draft_model, cache=cache, draft_tokenizer=draft_tokenizer)
 
     # ------------------------------------------------------------------ properties
@@ -601,99 +560,6 @@ def check_vocab_compatible(target_size: int, draft_size: int, tokenizer=None, dr
             )
 
 
-def bundled_pair() -> tuple[str, str]:
-    """Local paths of the bundled target and draft (`from_pretrained("bundled")` loads both)."""
-    from importlib import resources
-
-    root = resources.files("specdec.assets").joinpath("default_pair")
-    return str(root.joinpath("target")), str(root.joinpath("draft"))
-
-
-def _locate(name: str, value: Any, revision: str | None) -> tuple[str, bool]:
-    """(what to pass to transformers, local_files_only) for a target/draft argument.
-
-    Fails at once, with the fix, on a missing local path and on a hub id that can be
-    neither found in the local cache nor downloaded, so nobody waits on retries.
-    """
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-        is_path = True
-    elif isinstance(value, str):
-        is_path = False
-    else:
-        raise TypeError(
-            f"{name} must be a hub id or a local path (str or os.PathLike), got {type(value).__name__}; "
-            "e.g. \"Qwen/Qwen2.5-0.5B\", \"./my-checkpoint\" or \"bundled\" for the bundled pair"
-        )
-    if not value:
-        raise ValueError(f"{name} is an empty string; pass a hub id or a local path")
-    local = os.path.expanduser(value)
-    if os.path.isdir(local):
-        return local, False
-    if os.path.exists(local):
-        raise ValueError(
-            f"{name} {value!r} is a file; pass the folder that holds config.json and the weights"
-        )
-    if is_path or not _HUB_ID.fullmatch(value):
-        raise FileNotFoundError(
-            f"{name} {value!r}: no such local folder ({os.path.abspath(local)} does not exist); "
-            "pass the folder that holds config.json and the weights, or a hub id like \"org/name\""
-        )
-    cached = _in_hub_cache(value, revision)
-    if _hub_offline():
-        if cached:
-            return value, True
-        raise OSError(
-            f"{name} {value!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it "
-            f"cannot be downloaded (nor is there a local folder {os.path.abspath(local)}); download it first "
-            "(unset HF_HUB_OFFLINE) or pass a local path"
-        )
-    unreachable = _hub_unreachable()
-    if unreachable is None:
-        return value, False
-    if cached:
-        return value, True  # offline, but a copy is cached: load it without asking the hub
-    raise OSError(
-        f"{name} {value!r} is not in the local Hugging Face cache and the hub cannot be reached "
-        f"({unreachable}), nor is there a local folder {os.path.abspath(local)}; connect to the network, "
-        "set HF_ENDPOINT to a mirror, or pass a local path"
-    )
-
-
-# Hub repository ids: "name" or "org/name".
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
-    except Exception:  # an unreadable cache is a cache miss
-        return False
-
-
-def _hub_unreachable() -> str | None:
-    """None when one TCP connection to the hub (or the proxy) opens in a few seconds, else why not."""
-    from urllib.parse import urlsplit
-
-    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-                  if os.environ.get(v)), None)
-    url = urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme in ("https", "") else 80)
-    try:
-        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-        return None
-    except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or exc}"
-
-
 def _check_model(name: str, model) -> None:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(
@@ -753,13 +619,6 @@ def _max_positions(model) -> int | None:
     return None
 
 
-def _input_device(model) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
-
-
 def _eos_ids(model, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     gen_config = getattr(model, "generation_config", None)
@@ -781,18 +640,6 @@ def _model_fingerprint(model) -> dict:
         "revision": getattr(config, "_commit_hash", None),
         "config_sha256": digest,
     }
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        if dtype == "auto":
-            return None
-        value = getattr(torch, dtype, None)
-        if isinstance(value, torch.dtype):
-            return value
-    raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or a name like 'float32', 'bfloat16', 'float16'")
 
 
 def _looks_like_chat(p) -> bool:

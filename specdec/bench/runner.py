@@ -425,7 +425,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def display_model(path: str | None) -> str | None:
     """How a model is named in results: the bundled pair by its package path, anything else as given."""
-    from ..generator import bundled_pair
+    from ..loading import bundled_pair
 
     if path is None:
         return None
