@@ -195,10 +195,10 @@ class KVState(ABC):
         input_ids: torch.Tensor,  # [B, T]; slots past num_valid are ignored
         num_valid: torch.Tensor | None = None,  # [B] real tokens per row (a prefix); None = all T
         *,
-        keep: int = 0,  # logits of the last `keep` slots only (a prefill); 0 = every slot
+        keep: int | torch.Tensor | None = None,  # logits of the last `keep` slots, or of the slots a 1-D tensor lists; None = every slot
         hidden: bool = False,  # also return the last layer's hidden states
         exact_width: bool = False,  # static path: attend over exactly the cached prefix, not its bucket
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, T or keep, V], hidden [B, T, H] or None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, T or the kept slots, V], hidden [B, T, H] or None
         batch, width = input_ids.shape
         slots = torch.arange(width, device=self.device)  # [T]
         positions = self.lengths.unsqueeze(1) + slots  # [B, T]: row b's slot t goes to lengths[b] + t
@@ -210,7 +210,7 @@ class KVState(ABC):
         else:
             position_ids = positions
         kwargs = {}
-        if keep and self._keep_arg:
+        if keep is not None and self._keep_arg:  # transformers' logits_to_keep: an int or 1-D indices
             kwargs["logits_to_keep"] = keep
         if hidden:
             kwargs["output_hidden_states"] = True
@@ -254,29 +254,29 @@ def prefill_logits(
     prompt's causal attention); in bfloat16 that changes the last bits of its keys, values and
     logits, and with them which of two tied logits wins a later greedy step.
     """
-    logits, states, valid = _feed(kv, prompts, keep=None, hidden=hidden)
+    ends = sorted({len(p) - 1 for p in prompts})  # the rows' last slots, each once
+    keep = torch.tensor(ends, dtype=torch.long, device=kv.device) if kv._keep_arg else None
+    logits, states, valid = _feed(kv, prompts, keep=keep, hidden=hidden)  # [B, len(ends) or W, V]
     last = valid - 1  # [B] each row's last prompt slot
-    offset = max(len(p) for p in prompts) - logits.shape[1]  # the first slot whose logits were kept
+    column = torch.tensor([ends.index(len(p) - 1) for p in prompts], device=kv.device) if kv._keep_arg else last
     vocab = logits.shape[-1]
-    logits = logits.gather(1, (last - offset).view(-1, 1, 1).expand(-1, 1, vocab))  # [B, 1, V]
+    logits = logits.gather(1, column.view(-1, 1, 1).expand(-1, 1, vocab))  # [B, 1, V]
     if states is not None:
         states = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))  # [B, 1, H]
     return logits, states
 
 
-def _feed(kv: KVState, rows: list[list[int]], keep: int | None, hidden: bool = False):
+def _feed(kv: KVState, rows: list[list[int]], keep: int | torch.Tensor | None, hidden: bool = False):
     """One forward over right-padded rows (row b's tokens sit at positions 0.. on the static
     path), attending over exactly the longest row: a prefill's width is the request's own, so
     the bucket saves nothing, and its masked tail would change the attention's rounding.
-    keep=None keeps the logits from the shortest row's last slot on."""
+    `keep`: logits of the last `keep` slots, or of the slots a 1-D tensor lists (the rows'
+    last slots of a ragged batch: [B, distinct lengths, V], never [B, W, V]); None = all."""
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    lengths = [len(r) for r in rows]
-    if keep is None:
-        keep = width - min(lengths) + 1
-    valid = torch.tensor(lengths, dtype=torch.long).to(kv.device)  # [B]
+    valid = torch.tensor([len(r) for r in rows], dtype=torch.long).to(kv.device)  # [B]
     logits, states = kv.forward(ids.to(kv.device), valid, keep=keep, hidden=hidden, exact_width=True)
     kv.bound = width
     return logits, states, valid

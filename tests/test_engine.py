@@ -244,3 +244,19 @@ def test_step_outcome_reads_every_field_in_one_copy(monkeypatch):
     assert out.confidence == [[0.5, 0.25], [1.0, 0.0]]
     assert eng.StepOutcome.read(tokens, torch.tensor([1, 0]), torch.tensor([2, 1]), torch.tensor([2, 1]),
                                 torch.tensor([0, 2]), None).confidence is None
+
+
+def test_ragged_prefill_keeps_logits_only_at_each_rows_last_slot(llama_pair, engine_path):
+    """The prefill computes logits at the rows' last prompt slots only ([B, distinct lengths,
+    V]), never at every slot between the shortest and the longest prompt."""
+    gen = SpeculativeGenerator.from_pretrained(str(llama_pair.target), device="cpu")
+    prompts = [[5, 6, 7], list(range(3, 90)), [9, 8, 7], list(range(4, 40))]  # lengths 3, 87, 3, 36
+    shapes = []
+    handle = gen.target_model.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        batched = gen.generate_ids(prompts, max_new_tokens=6, drafter="none", ignore_eos=True)
+    finally:
+        handle.remove()
+    assert shapes[0] == (4, 3, gen.vocab_size)  # three distinct prompt lengths
+    for prompt, res in zip(prompts, batched):
+        assert res.token_ids == gen.generate_ids([prompt], max_new_tokens=6, drafter="none", ignore_eos=True)[0].token_ids
