@@ -194,10 +194,7 @@ class SpeculativeGenerator:
         hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
         if hit is not None and hit.trusted:  # authenticated under the operator's secret: served as is
             yield self._stopped_text(hit.token_ids, params)
-            stats = GenerationStats(
-                prompt_tokens=len(ids[0]), new_tokens=len(hit.token_ids), cache_hit=True, cache_kind="trusted"
-            )
-            stats.wall_time_s = time.perf_counter() - start
+            stats = _trusted_stats(ids[0], hit, start)
             return self._cut_at_stops([self._result(hit.token_ids, hit.finish_reason, stats)], params)[0]
         prefix: list[int] = []  # tokens confirmed from a cached response
         decode_params, decode_ids, checked = params, ids, None
@@ -208,15 +205,8 @@ class SpeculativeGenerator:
             prefix = checked.token_ids
             if checked.finish_reason is not None:
                 yield self._stopped_text(prefix, params)
-                layer.record(
-                    ids[0], texts[0], params, prefix, checked.finish_reason,
-                    responses=not (hit.source == "exact" and checked.kind == "verified"),
-                )
-                stats = GenerationStats(
-                    prompt_tokens=len(ids[0]), new_tokens=len(prefix), target_forwards=1, cache_hit=True,
-                    cache_kind=checked.kind, cache_verified_tokens=min(checked.verified_tokens, len(prefix)),
-                )
-                stats.wall_time_s = time.perf_counter() - start
+                _record_checked(layer, ids[0], texts[0], params, hit, checked)
+                stats = _checked_stats(ids[0], checked, start)
                 return self._cut_at_stops([self._result(prefix, checked.finish_reason, stats)], params)[0]
             # Greedy: seeds do not matter, only the budget left after the kept tokens.
             decode_params = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(prefix), seed=None)
@@ -265,11 +255,7 @@ class SpeculativeGenerator:
             layer.record(ids[0], texts[0], params, final_tokens, outputs[0].finish_reason)
         stats = outputs[0].stats
         if checked is not None:
-            stats.prompt_tokens = len(ids[0])
-            stats.new_tokens += len(prefix)
-            stats.target_forwards += 1  # the checking forward
-            stats.cache_kind = checked.kind
-            stats.cache_verified_tokens = checked.verified_tokens
+            _add_check(stats, ids[0], checked)
         stats.wall_time_s = time.perf_counter() - start
         result = self._result(final_tokens, outputs[0].finish_reason, stats)
         return self._cut_at_stops([result], params)[0]
@@ -289,10 +275,7 @@ class SpeculativeGenerator:
             if hit is None:
                 misses.append(i)
             elif hit.trusted:  # authenticated under the operator's secret: served as is
-                stats = GenerationStats(
-                    prompt_tokens=len(row), new_tokens=len(hit.token_ids), cache_hit=True, cache_kind="trusted"
-                )
-                stats.wall_time_s = time.perf_counter() - start
+                stats = _trusted_stats(row, hit, start)
                 results[i] = self._served_result(hit.token_ids, hit.finish_reason, stats)
             else:  # a draft of its full length: the target checks it before anything is served
                 drafts.append((i, hit, start))
@@ -329,21 +312,8 @@ class SpeculativeGenerator:
             if c.finish_reason is None:
                 groups.setdefault(params.max_new_tokens - len(c.token_ids), []).append((i, hit, c))
                 continue
-            stats = GenerationStats(
-                prompt_tokens=len(rows[i]),
-                new_tokens=len(c.token_ids),
-                target_forwards=1,
-                cache_hit=True,
-                cache_kind=c.kind,
-                cache_verified_tokens=min(c.verified_tokens, len(c.token_ids)),
-            )
-            stats.wall_time_s = time.perf_counter() - start
-            results[i] = self._result(c.token_ids, c.finish_reason, stats)
-            # Rewrite what was not exactly this request's confirmed entry (a near-duplicate, a wrong one).
-            layer.record(
-                rows[i], texts[i] if texts else None, params.for_row(i, len(rows)), c.token_ids, c.finish_reason,
-                responses=not (hit.source == "exact" and c.kind == "verified"),
-            )
+            results[i] = self._result(c.token_ids, c.finish_reason, _checked_stats(rows[i], c, start))
+            _record_checked(layer, rows[i], texts[i] if texts else None, params.for_row(i, len(rows)), hit, c)
         for remaining, group in groups.items():
             # Greedy: seeds do not matter, only the budget left after the kept tokens.
             sub_params = dataclasses.replace(params, max_new_tokens=remaining, seed=None)
@@ -352,12 +322,7 @@ class SpeculativeGenerator:
                 cache_layer=layer, **self._engine_args(),
             )
             for (i, _, c), out in zip(group, outputs):
-                stats = out.stats
-                stats.prompt_tokens = len(rows[i])
-                stats.new_tokens += len(c.token_ids)
-                stats.target_forwards += 1  # the checking forward
-                stats.cache_kind = c.kind
-                stats.cache_verified_tokens = c.verified_tokens
+                stats = _add_check(out.stats, rows[i], c)
                 stats.wall_time_s += check_time
                 tokens = c.token_ids + out.token_ids
                 results[i] = self._result(tokens, out.finish_reason, stats)
@@ -533,6 +498,44 @@ class SpeculativeGenerator:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# --------------------------------------------------------------------------- cache hits
+# generate() serves a batch's hits together and stream() one; both build their results here.
+
+
+def _trusted_stats(prompt: list[int], hit, start: float) -> GenerationStats:
+    """Stats of a trusted hit (authenticated under the operator's secret, served without a forward)."""
+    stats = GenerationStats(prompt_tokens=len(prompt), new_tokens=len(hit.token_ids), cache_hit=True, cache_kind="trusted")
+    stats.wall_time_s = time.perf_counter() - start
+    return stats
+
+
+def _checked_stats(prompt: list[int], checked, start: float) -> GenerationStats:
+    """Stats of a hit whose checking forward confirmed a whole response (no decoding after it)."""
+    stats = GenerationStats(
+        prompt_tokens=len(prompt), new_tokens=len(checked.token_ids), target_forwards=1, cache_hit=True,
+        cache_kind=checked.kind, cache_verified_tokens=min(checked.verified_tokens, len(checked.token_ids)),
+    )
+    stats.wall_time_s = time.perf_counter() - start
+    return stats
+
+
+def _add_check(stats: GenerationStats, prompt: list[int], checked) -> GenerationStats:
+    """Stats of decoding on after a checked prefix, with the check and its tokens counted in."""
+    stats.prompt_tokens = len(prompt)
+    stats.new_tokens += len(checked.token_ids)
+    stats.target_forwards += 1  # the checking forward
+    stats.cache_kind = checked.kind
+    stats.cache_verified_tokens = checked.verified_tokens
+    return stats
+
+
+def _record_checked(layer, prompt: list[int], text, params: GenerationParams, hit, checked) -> None:
+    """Write a checked response back, rewriting what was not exactly this request's confirmed
+    entry (a near-duplicate, a wrong one)."""
+    layer.record(prompt, text, params, checked.token_ids, checked.finish_reason,
+                 responses=not (hit.source == "exact" and checked.kind == "verified"))
 
 
 def check_vocab_compatible(target_size: int, draft_size: int, tokenizer=None, draft_tokenizer=None) -> None:

@@ -346,6 +346,25 @@ def test_stream_serves_hits(gen, layer):
     assert "".join(gen.stream(PROMPT, cache=layer, **GREEDY)) == base.text
 
 
+def _streamed_result(gen, **kwargs):
+    steps = gen.stream(PROMPT, **kwargs)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def test_stream_and_generate_report_a_hit_alike(gen, layer):
+    one(gen, cache=layer, **GREEDY)
+    layer.flush()
+    streamed, generated = _streamed_result(gen, cache=layer, **GREEDY), one(gen, cache=layer, **GREEDY)
+    assert streamed.token_ids == generated.token_ids and streamed.finish_reason == generated.finish_reason
+    fields = ("prompt_tokens", "new_tokens", "target_forwards", "cache_hit", "cache_kind", "cache_verified_tokens")
+    assert {f: getattr(streamed.stats, f) for f in fields} == {f: getattr(generated.stats, f) for f in fields}
+    assert streamed.stats.cache_hit
+
+
 def test_from_pretrained_wires_the_cache(cache_models, cache_url):
     g = load(cache_models.target, cache=cache_url)
     assert isinstance(g.cache_layer, CacheLayer)
