@@ -56,10 +56,10 @@ class OracleDrafter(ModelDrafter):
         super().start(state)
 
     @torch.inference_mode()
-    def propose(self, state, k: int) -> DraftProposal:
-        proposal = super().propose(state, k)  # the draft model's forwards: the cost being modelled
-        k = proposal.tokens.shape[1]  # the draft model may have stopped early (adaptive K)
-        vocab = self.generator.vocab_size
+    def propose(self, state, k: int, early_stop=None) -> DraftProposal:
+        proposal = super().propose(state, k, early_stop)  # the draft model's forwards: the cost being modelled
+        k = proposal.tokens.shape[1]  # the draft model may have stopped early (K "auto")
+        vocab = self.context.vocab_size
         tokens = torch.full((state.batch_size, k), -1, dtype=torch.int64)  # [B, k]
         counts = torch.zeros(state.batch_size, dtype=torch.int64)  # [B]
         for b, (seq, n, cont) in enumerate(zip(state.sequences, self.prompt_lengths, self.rows)):
@@ -69,10 +69,12 @@ class OracleDrafter(ModelDrafter):
                     token = (token + self._rng.randrange(1, vocab)) % vocab  # any other token
                 tokens[b, i] = token
             counts[b] = len(ahead)
-        self.replaced = True  # the draft cache must keep only what the target emitted
         return DraftProposal(
             tokens=tokens.to(state.device), num_draft=counts.to(state.device), draft_forwards=proposal.draft_forwards
         )
+
+    def _verified_own_drafts(self, state) -> bool:
+        return False  # the target verified these tokens, not the draft model's: keep only what it emitted
 
     def select_rows(self, keep: list[int]) -> None:  # indices of the rows that stay
         super().select_rows(keep)

@@ -6,7 +6,7 @@ one-token forward and the step's own work at zero. This script times the parts o
 step of the real loop (host clock; CUDA synchronised around each part) and splits the
 gap between the bound and the measured speedup into what causes it:
 
-  draft    DraftController.propose: the draft model's forwards (catch-up included)
+  draft    Planner.propose: the draft model's forwards (catch-up included)
   verify   the target's forward (KVState.forward on the target's KV state)
   accept   engine._verify: greedy check or rejection sampling
   rest     everything else in the step: bookkeeping, the one host copy, stats, drafter updates
@@ -69,11 +69,11 @@ class StepTimer:
 
     def __enter__(self) -> "StepTimer":
         from specdec import engine
-        from specdec.adaptive import DraftController
+        from specdec.planning import Planner
         from specdec.kv import KVState
 
-        self._wrap(engine, "prefill", "prefill")  # the prompt, before the first step
-        self._wrap(DraftController, "propose", "draft")
+        self._wrap(engine, "prefill_logits", "prefill")  # the prompt, before the first step
+        self._wrap(Planner, "propose", "draft")
         self._wrap(KVState, "forward", "verify", only_target=True)
         self._wrap(engine, "_verify", "accept")
         return self
@@ -252,7 +252,7 @@ def report(doc: dict) -> str:
                 f"measured at the mean context.")
     lines += ["",
               "Columns: ms/token and the parts: wall time of the decode steps (prefill excluded) per new token; "
-              "draft = DraftController.propose, verify = the target's forward, accept = verification and "
+              "draft = Planner.propose, verify = the target's forward, accept = verification and "
               "sampling, rest = the remainder of the step (bookkeeping, the host copy, stats, drafter updates). "
               "Per-step table: each part's mean time per step over the baseline's mean forward time per step. "
               "Leviathan bound = tau / (K c + 1) with c from the isolated forwards; cost-aware bound = tau / "

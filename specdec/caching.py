@@ -51,7 +51,7 @@ from .cache.namespace import Namespace
 from .cache.normalize import normalize_text, render_prompt
 from .cache.response_cache import ResponseCache, ResponseRequest
 from .cache.store import get_store, release_store
-from .drafters import get_drafter_class, resolve_drafter_name
+from .drafters import reads_draft_model, reads_shared_state, resolve_drafter_name
 
 log = logging.getLogger("specdec.cache")
 
@@ -225,10 +225,13 @@ class CacheLayer:
             return True
         if not self.trusted or params.seed is None or not isinstance(params.seed, int):
             return False
-        return not get_drafter_class(self._drafter_name(params)).reads_shared_state
+        return not reads_shared_state(params.drafter, self._has_draft_model())
+
+    def _has_draft_model(self) -> bool:
+        return getattr(self.generator, "draft_model", None) is not None
 
     def _drafter_name(self, params: Any) -> str:
-        return resolve_drafter_name(params.drafter, getattr(self.generator, "draft_model", None) is not None)
+        return resolve_drafter_name(params.drafter, self._has_draft_model())
 
     def _effective_sampling(self, params: Any) -> tuple[dict[str, Any], int | None, tuple[str, ...]]:
         # Any parameter this module does not know about (a field added to GenerationParams
@@ -255,7 +258,7 @@ class CacheLayer:
             "ignore_eos": bool(params.ignore_eos),
             "extra": extra,
         }
-        uses_draft = get_drafter_class(drafter).uses_draft_model
+        uses_draft = reads_draft_model(params.drafter, self._has_draft_model())
         models = (self.draft_id,) if uses_draft and self.draft_id is not None else ()
         return sampling, int(params.seed), models
 

@@ -1,7 +1,8 @@
 """The speculative decoding loop.
 
 One step for a batch of B active rows:
-  1. the drafter proposes up to K tokens per row (with draft probs q if it is a model);
+  1. the planner (specdec.planning) chooses per row which source drafts and how many
+     tokens, and its sources propose them (with draft probs q from a model);
   2. one target forward over [last emitted token, d1..dK] per row -> logits [B, K+1, V];
   3. verify -> emitted tokens [B, K+1] (-1 padded) and num_accepted [B];
   4. on the device: roll the target KV back to the kept tokens (a length change), apply
@@ -14,7 +15,7 @@ for the first step's forward over that token: the first step feeds only its draf
 no forward at all). transformers' `generate` computes the first token the same way, and
 in bfloat16 the order of operations decides ties (see specdec.kv).
 
-Plain autoregressive decoding is the same loop with drafter "none" (K = 0). KV state
+Plain autoregressive decoding is the same loop with drafter "none" (no sources). KV state
 (static per-row or generic, chosen per model) lives in specdec.kv, the counter-based
 noise in specdec.noise, the drafter-facing DecodeState in specdec.drafters.base.
 """
@@ -24,16 +25,16 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator
+from typing import Callable, Generator
 
 import torch
 
 from . import kernels, noise
-from .adaptive import DraftController
 from .drafters.base import DecodeState, DraftProposal, Drafter
 from .drafters.model import MAX_PENDING
 from .kv import BUCKET, engine_path, make_kv, prefill_logits
 from .params import GenerationParams
+from .planning import Planner
 from .stats import GenerationStats
 
 # Draft-model pending windows can run this far past a row's length (see drafters.model).
@@ -53,22 +54,19 @@ def decode(
     target_model: torch.nn.Module,
     prompts: list[list[int]],
     params: GenerationParams,
-    drafter: Drafter,
+    drafters: list[Drafter],
     stop_ids: frozenset[int],
     *,
     device: torch.device,
     dtype: torch.dtype,
     engine: str = "auto",
-    cache_layer: Any = None,
     stop_check: Callable[[list[int]], bool] | None = None,
-    draft_cost_ratio: float = 0.0,
-    policy_memory: dict | None = None,
+    plan_memory: dict | None = None,
 ) -> list[RowOutput]:
     """Decode every prompt; returns one RowOutput per prompt, in order."""
     steps = iter_decode(
-        target_model, prompts, params, drafter, stop_ids,
-        device=device, dtype=dtype, engine=engine, cache_layer=cache_layer, stop_check=stop_check,
-        draft_cost_ratio=draft_cost_ratio, policy_memory=policy_memory,
+        target_model, prompts, params, drafters, stop_ids,
+        device=device, dtype=dtype, engine=engine, stop_check=stop_check, plan_memory=plan_memory,
     )
     while True:
         try:
@@ -87,24 +85,22 @@ def iter_decode(
     target_model: torch.nn.Module,
     prompts: list[list[int]],
     params: GenerationParams,
-    drafter: Drafter,
+    drafters: list[Drafter],
     stop_ids: frozenset[int],
     *,
     device: torch.device,
     dtype: torch.dtype,
     engine: str = "auto",
-    cache_layer: Any = None,
     stop_check: Callable[[list[int]], bool] | None = None,
-    draft_cost_ratio: float = 0.0,
-    policy_memory: dict | None = None,
+    plan_memory: dict | None = None,
 ) -> Generator[tuple[int, list[int]], None, list[RowOutput]]:
     """Like decode(), but yields (row index, new tokens) as each step emits them.
 
+    drafters: the request's sources (none: plain decoding); the planner (specdec.planning)
+    decides every step which of them drafts for each row, and how many tokens.
     `stop_check(row's new tokens) -> True` ends a row early (stop strings); the caller
-    cuts the tokens exactly afterwards, so this only saves steps. draft_cost_ratio: the
-    draft model's size over the target's (generator.size_cost_ratio), the fixed cost proxy of seeded sampling with
-    num_draft_tokens="auto" (see specdec.adaptive). policy_memory: a dict the caller keeps
-    across requests; unseeded adaptive requests start from what the last one learned.
+    cuts the tokens exactly afterwards, so this only saves steps. plan_memory: a dict the
+    caller keeps across requests; unseeded K "auto" starts from what the last one learned.
     """
     start = time.perf_counter()
     batch = len(prompts)
@@ -124,44 +120,36 @@ def iter_decode(
         seeds=noise.request_seeds(params.row_seeds(batch), batch, device),
         seq_lens=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
         new_kv=functools.partial(_draft_kv, engine if path == "static" else "generic", batch, capacity, device),
-        cache_layer=cache_layer,
         rows=list(range(batch)),
     )
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)  # [S]
     target = make_kv(target_model, path, batch, capacity, device)
-    drafting = DraftController(params, drafter, batch, device, draft_cost_ratio, policy_memory)
-    drafting.mark("start")
+    planner = Planner(params, drafters, batch, device, plan_memory)
+    hidden_states = planner.reads_hidden_states
+    planner.mark("start")
     # The whole prompt in one forward, as transformers computes it: its logits after the last
     # prompt token serve the first step, which then feeds only its drafts (see _verify_forward).
-    opening = prefill_logits(target, prompts, hidden=drafter.wants_hidden_states)  # [B, 1, V], [B, 1, H]
-    drafting.mark("target")
-    drafter.start(state)
-    drafting.mark("draft")
-    drafting.prefilled(max(len(p) for p in prompts))
+    opening = prefill_logits(target, prompts, hidden=hidden_states)  # [B, 1, V], [B, 1, H]
+    planner.mark("target")
+    planner.start(state, max(len(p) for p in prompts))
     last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # [B]
 
     while state.rows:
         remaining = [params.max_new_tokens - len(outputs[r]) for r in state.rows]
         # Never draft past max_new_tokens: a row emits at most num_accepted + 1 tokens.
-        drafting.mark("step")
-        proposal = drafting.propose(state, max(0, min(params.draft_limit, max(remaining) - 1)))
-        drafting.mark("drafted")
+        proposal = planner.propose(state, max(0, min(params.draft_limit, max(remaining) - 1)))
         remaining_t = torch.tensor(remaining, dtype=torch.long, device=device)  # [B]
         num_draft = torch.minimum(proposal.num_draft, remaining_t - 1).clamp(min=0)  # [B]
-        if drafting.limits is not None:  # per-row draft lengths chosen below the step's width
-            num_draft = torch.minimum(num_draft, drafting.limits)
-        if state.early_stop is not None:  # the draft model stopped some rows early
-            num_draft = torch.minimum(num_draft, state.early_stop.num_draft)
         k = proposal.tokens.shape[1]
 
         # 2. one target forward over [last, d1..dk]; each row's real slots are a prefix.
         timed = opening is None  # the first step's forward is the prefill's, timed with it
         logits, hidden, before = _verify_forward(
-            target, last, proposal.tokens, num_draft, opening, drafter.wants_hidden_states
+            target, last, proposal.tokens, num_draft, opening, hidden_states
         )  # [B, k+1, V], [B, k+1, H] or None, [B]
         opening = None
         tokens, num_accepted = _verify(state, proposal, logits, num_draft)  # [B, k+1], [B]
-        drafting.mark("verified")
+        planner.mark("verified")
 
         # 4. device-side bookkeeping: nothing here reads a value back to the host.
         kept, reason = _limits(tokens, num_accepted, remaining_t, stop_tensor)  # [B], [B]
@@ -170,8 +158,8 @@ def iter_decode(
         state.step_tokens, state.step_num_accepted, state.target_hidden = tokens, num_accepted, hidden
 
         # 5. the step's one device-to-host transfer.
-        confident = drafting.adaptive and proposal.confidence is not None and k > 0
-        drafting.mark("done")
+        confident = planner.wants_confidence and proposal.confidence is not None and k > 0
+        planner.mark("done")
         out = StepOutcome.read(tokens, num_accepted, num_draft, kept, reason, proposal.confidence if confident else None)
         state.step_accepted = out.accepted
         state.step_emitted = [row[: n + 1] for row, n in zip(out.tokens, out.accepted)]
@@ -183,8 +171,7 @@ def iter_decode(
             new = out.tokens[b][: out.kept[b]]
             outputs[row].extend(new)
             seq.extend(new)
-            stats[row].record_step(out.drafted[b], out.accepted[b], out.kept[b],
-                                   proposal.sources[b] if proposal.sources else drafter.name)
+            stats[row].record_step(out.drafted[b], out.accepted[b], out.kept[b], proposal.sources[b])
             stats[row].draft_forwards += proposal.draft_forwards
             if new:
                 yield row, new
@@ -194,21 +181,18 @@ def iter_decode(
             if why != _RUNNING:
                 finish[row] = "stop" if why == _STOPPED else "length"
                 finished_now.append(b)
-        state.step_drafted = out.drafted
-        drafter.observe(state)
-        drafting.record(k, out.drafted, out.accepted, out.confidence, proposal.sources, timed=timed)
+        state.step_drafted, state.step_sources = out.drafted, proposal.sources
+        planner.observe(state, out.confidence, timed=timed)
 
         if finished_now:
             done = set(finished_now)
             keep = [b for b in range(state.batch_size) if b not in done]
             if not keep:
                 break
-            _select_rows(state, target, drafter, keep)
-            drafting.select_rows(keep)
+            _select_rows(state, target, planner, keep)
             last = last.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
 
-    drafter.finish(state)
-    drafting.finish()
+    planner.finish(state)
     return _finish(outputs, finish, stats, start)
 
 
@@ -315,7 +299,7 @@ class StepOutcome:
     drafted: list[int]  # [B] drafts verified (num_draft after the step's limits)
     kept: list[int]  # [B] emitted tokens kept after stop tokens and max_new_tokens
     reason: list[int]  # [B] _RUNNING, _STOPPED or _LENGTH
-    confidence: list[list[float]] | None  # [B][k] the drafter's confidences, when the controller calibrates
+    confidence: list[list[float]] | None  # [B][k] the drafts' confidences, when the planner calibrates
 
     @classmethod
     def read(
@@ -353,11 +337,11 @@ def _to_host(packed: torch.Tensor) -> list[list[int]]:
     return packed.tolist()
 
 
-def _select_rows(state: DecodeState, target, drafter: Drafter, keep: list[int]) -> None:
+def _select_rows(state: DecodeState, target, planner: Planner, keep: list[int]) -> None:
     """Compact the batch to the rows in `keep` (finished rows stop costing compute)."""
     index = torch.tensor(keep, dtype=torch.long, device=state.device)
     target.select_rows(keep)
-    drafter.select_rows(keep)
+    planner.select_rows(keep)
     state.sequences = [state.sequences[b] for b in keep]
     state.rows = [state.rows[b] for b in keep]
     state.seeds = state.seeds.index_select(0, index)
@@ -367,6 +351,7 @@ def _select_rows(state: DecodeState, target, drafter: Drafter, keep: list[int]) 
     state.step_accepted = [state.step_accepted[b] for b in keep]
     state.step_emitted = [state.step_emitted[b] for b in keep]
     state.step_drafted = [state.step_drafted[b] for b in keep]
+    state.step_sources = [state.step_sources[b] for b in keep]
     target.bound = max(len(s) for s in state.sequences) - 1
 
 

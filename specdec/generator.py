@@ -12,7 +12,7 @@ from typing import Any, Generator
 import torch
 
 from .cache.memo import LruMemo
-from .drafters import Drafter, get_drafter_class, resolve_drafter_name
+from .drafters import DraftContext, Drafter, get_drafter_class, source_names
 from .engine import RowOutput, decode, iter_decode, request_capacity
 from .kv import ENGINE_PATHS, check_supported, static_blocker
 from .loading import input_device, load_models
@@ -77,7 +77,7 @@ class SpeculativeGenerator:
         self.eos_token_ids = _eos_ids(target_model, tokenizer)
         self._encode_memo: LruMemo[tuple[int, ...]] = LruMemo(_ENCODE_MEMO_SIZE)
         self._text_memo: LruMemo[str | None] = LruMemo(_TEXT_MEMO_SIZE)  # texts of trusted hits
-        self._policy_memory: dict = {}  # auto K: what the last request learned (specdec.adaptive)
+        self._plan_memory: dict = {}  # K "auto": what the last request learned (specdec.planning)
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
 
@@ -188,7 +188,7 @@ class SpeculativeGenerator:
             raise ValueError(f"stream() takes one prompt, got {len(texts)}")
         params = make_params(**kwargs)
         ids = [self._encode(texts[0])]
-        layer, drafter, stop_ids = self._prepare(ids, params, cache)
+        layer, drafters, stop_ids = self._prepare(ids, params, cache)
         params = params.for_row(0, 1)
         start = time.perf_counter()
         hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
@@ -219,7 +219,7 @@ class SpeculativeGenerator:
         stopped = False
         checker = self._stop_checker(params)
         steps = iter_decode(
-            self.target_model, decode_ids, decode_params, drafter, stop_ids, cache_layer=layer,
+            self.target_model, decode_ids, decode_params, drafters, stop_ids,
             stop_check=(lambda new: checker(prefix + new)) if checker is not None else None,
             **self._engine_args(),
         )
@@ -263,7 +263,7 @@ class SpeculativeGenerator:
     # ------------------------------------------------------------------ internals
 
     def _run(self, rows: list[list[int]], texts, params: GenerationParams, cache) -> list[GenerationResult]:
-        layer, drafter, stop_ids = self._prepare(rows, params, cache)
+        layer, drafters, stop_ids = self._prepare(rows, params, cache)
         errors_before = layer.error_count() if layer is not None else 0
         results: list[GenerationResult | None] = [None] * len(rows)
         misses: list[int] = []
@@ -280,12 +280,12 @@ class SpeculativeGenerator:
             else:  # a draft of its full length: the target checks it before anything is served
                 drafts.append((i, hit, start))
         if drafts:
-            self._serve_checked(rows, texts, params, drafts, drafter, stop_ids, layer, results)
+            self._serve_checked(rows, texts, params, drafts, drafters, stop_ids, layer, results)
         if misses:
             sub_params = params.for_rows(misses, len(rows))
             outputs = decode(
-                self.target_model, [rows[i] for i in misses], sub_params, drafter, stop_ids,
-                cache_layer=layer, stop_check=self._stop_checker(params), **self._engine_args(),
+                self.target_model, [rows[i] for i in misses], sub_params, drafters, stop_ids,
+                stop_check=self._stop_checker(params), **self._engine_args(),
             )
             for i, out in zip(misses, outputs):
                 results[i] = self._result(out.token_ids, out.finish_reason, out.stats)
@@ -298,7 +298,7 @@ class SpeculativeGenerator:
                 r.stats.cache_errors = errors
         return results  # type: ignore[return-value]
 
-    def _serve_checked(self, rows, texts, params, drafts, drafter, stop_ids, layer, results) -> None:
+    def _serve_checked(self, rows, texts, params, drafts, drafters, stop_ids, layer, results) -> None:
         """Cached greedy responses: one checking forward for all of them, then decode on where needed."""
         from .caching import verify_responses
 
@@ -318,8 +318,8 @@ class SpeculativeGenerator:
             # Greedy: seeds do not matter, only the budget left after the kept tokens.
             sub_params = dataclasses.replace(params, max_new_tokens=remaining, seed=None)
             outputs = decode(
-                self.target_model, [rows[i] + c.token_ids for i, _, c in group], sub_params, drafter, stop_ids,
-                cache_layer=layer, **self._engine_args(),
+                self.target_model, [rows[i] + c.token_ids for i, _, c in group], sub_params,
+                self._make_drafters(sub_params, layer), stop_ids, **self._engine_args(),
             )
             for (i, _, c), out in zip(group, outputs):
                 stats = _add_check(out.stats, rows[i], c)
@@ -328,17 +328,17 @@ class SpeculativeGenerator:
                 results[i] = self._result(tokens, out.finish_reason, stats)
                 layer.record(rows[i], texts[i] if texts else None, params.for_row(i, len(rows)), tokens, out.finish_reason)
 
-    def _prepare(self, rows: list[list[int]], params: GenerationParams, cache) -> tuple[Any, Drafter, frozenset]:
+    def _prepare(self, rows: list[list[int]], params: GenerationParams, cache) -> tuple[Any, list[Drafter], frozenset]:
         """Every check that can fail, before any compute."""
         self._check_rows(rows, params)
         params.row_seeds(len(rows))  # a per-row seed list must match the prompts
         layer = self.cache_layer if cache is _UNSET else (self._open_cache(cache) if cache else None)
-        drafter = self._make_drafter(params, layer)
-        self._check_engine(rows, params, drafter)
+        drafters = self._make_drafters(params, layer)
+        self._check_engine(rows, params, drafters)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
-        return layer, drafter, frozenset(stop_ids)
+        return layer, drafters, frozenset(stop_ids)
 
     def _stop_checker(self, params: GenerationParams) -> StopStringChecker | None:
         """The decode loop's early exit for stop strings (None without them)."""
@@ -366,26 +366,26 @@ class SpeculativeGenerator:
         return results
 
     def _engine_args(self) -> dict:
-        return {
-            "device": self.device, "dtype": self.target_dtype, "engine": self.engine,
-            "draft_cost_ratio": self._draft_cost_ratio(), "policy_memory": self._policy_memory,
-        }
+        return {"device": self.device, "dtype": self.target_dtype, "engine": self.engine,
+                "plan_memory": self._plan_memory}
 
-    def _draft_cost_ratio(self) -> float:
-        """The fixed draft/target cost proxy of seeded adaptive K (size_cost_ratio)."""
-        if self.draft_model is None:
-            return 0.0
-        if not hasattr(self, "_cost_ratio"):
+    def _draft_context(self, layer) -> DraftContext:
+        """What this generator gives its drafters (see specdec.drafters.base.DraftContext)."""
+        store = layer.draft_store if layer is not None and layer.config.draft_store else None
+        if self.draft_model is not None and not hasattr(self, "_cost_ratio"):
             self._cost_ratio = size_cost_ratio(self.draft_model, self.target_model)
-        return self._cost_ratio
+        return DraftContext(
+            device=self.device, vocab_size=self.vocab_size, model=self.draft_model,
+            model_vocab_size=self.draft_vocab_size, cost_ratio=getattr(self, "_cost_ratio", 0.0), store=store,
+        )
 
-    def _check_engine(self, rows: list[list[int]], params: GenerationParams, drafter: Drafter) -> None:
+    def _check_engine(self, rows: list[list[int]], params: GenerationParams, drafters: list[Drafter]) -> None:
         """engine="static" on a model that cannot take that path fails here, before compute."""
         if self.engine != "static":
             return
         capacity = request_capacity(rows, params)
         models = [("target", self.target_model)]
-        if drafter.uses_draft_model:
+        if any("model" in d.needs for d in drafters):
             models.append(("draft", self.draft_model))
         for role, model in models:
             blocker = static_blocker(model, capacity)
@@ -395,9 +395,10 @@ class SpeculativeGenerator:
                     '(which falls back to the generic path) or engine="generic"'
                 )
 
-    def _make_drafter(self, params: GenerationParams, layer) -> Drafter:
-        name = resolve_drafter_name(params.drafter, self.draft_model is not None)
-        return get_drafter_class(name)(self, layer)
+    def _make_drafters(self, params: GenerationParams, layer) -> list[Drafter]:
+        """The request's sources: one drafter per name that `drafter=` stands for."""
+        context = self._draft_context(layer)
+        return [get_drafter_class(name)(context) for name in source_names(params.drafter, self.draft_model is not None)]
 
     def _check_rows(self, rows: list[list[int]], params: GenerationParams) -> None:
         if not rows:

@@ -56,9 +56,9 @@ def test_drafter_can_ask_for_the_targets_hidden_states(monkeypatch):
 
     def make(name: str, wants: bool):
         class Probe(Drafter):
-            wants_hidden_states = wants
+            reads_hidden_states = wants
 
-            def propose(self, state, k):
+            def propose(self, state, k, early_stop=None):
                 return empty_proposal(state.batch_size, state.device)
 
             def observe(self, state):
@@ -80,9 +80,10 @@ def test_drafter_can_ask_for_the_targets_hidden_states(monkeypatch):
 
 
 def test_pack_proposals_cuts_rows_longer_than_k():
-    """Drafter "auto" packs its lookup offers at the length the draft model reached, which an
-    early stop can make shorter than the offers: every row is cut to k."""
+    """The planner packs free offers at the length the draft model reached, which an early
+    stop can make shorter than the offers: every row is cut to k."""
     proposal = pack_proposals([[5, 6, 7, 8, 9], [], [1, 2]], 3)
     assert proposal.tokens.tolist() == [[5, 6, 7], [-1, -1, -1], [1, 2, -1]]
     assert proposal.num_draft.tolist() == [3, 0, 2] and proposal.host_num_draft == [3, 0, 2]
+    assert proposal.host_rows == [[5, 6, 7], [], [1, 2]]
     assert pack_proposals([[], []], 3).tokens.shape == (2, 0)

@@ -44,7 +44,7 @@ class _OracleWrongAtOneSlot(Drafter):
 
     full: list[int] = []  # prompt + greedy continuation, set by the test
 
-    def propose(self, state, k: int):
+    def propose(self, state, k: int, early_stop=None):
         rows = []
         for seq in state.sequences:
             n = len(seq)
@@ -52,7 +52,7 @@ class _OracleWrongAtOneSlot(Drafter):
             if len(draft) > WRONG_SLOT:
                 draft[WRONG_SLOT] = (draft[WRONG_SLOT] + 1) % VOCAB  # never the argmax
             rows.append(draft)
-        return pack_proposals(rows, k, self.generator.device)
+        return pack_proposals(rows, k, self.context.device)
 
 
 def test_per_position_acceptance_with_a_draft_right_at_some_slots_only(target):

@@ -1,24 +1,44 @@
-"""The drafter interface and the per-request state drafters read.
+"""The drafter interface, the context a drafter is built from, and the per-request state it reads.
 
-A drafter proposes up to K tokens per row, then hears what the target kept. The state
-it reads (`DecodeState`) lives here, next to the interface, so that drafters, the loop
-and the generator import it without going through each other.
+A drafter only drafts: it proposes up to k tokens per row when the planner
+(specdec.planning) asks, and hears what the target kept. Which rows draft, from which
+source and how many tokens is the planner's decision, never the drafter's. A drafter
+sees a narrow, typed `DraftContext` (its model, the vocabulary, its cost ratio, the
+shared draft store) and the request's `DecodeState`, never the generator.
+
+Adding a drafter is one module with a `Drafter` subclass under `@register_drafter(name)`
+(see specdec.drafters for how modules outside this package are found).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
 from .. import noise
 
 if TYPE_CHECKING:
-    from ..generator import SpeculativeGenerator
+    from ..cache.draft_store import DraftStore
     from ..kv import KVState
     from ..params import GenerationParams
+    from ..planning.early_stop import EarlyStop
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """Everything a drafter may use besides the request's DecodeState."""
+
+    device: torch.device
+    vocab_size: int  # the target's vocabulary
+    model: torch.nn.Module | None = None  # the draft model, when one is loaded
+    model_vocab_size: int | None = None  # its vocabulary (a prefix of the target's)
+    # One forward of `model` over one target forward, from the models' sizes (the cost
+    # proxy seeded sampling plans with; unseeded requests measure the real one).
+    cost_ratio: float = 0.0
+    store: "DraftStore | None" = None  # the shared draft-token store, when the cache has one
 
 
 @dataclass
@@ -28,10 +48,11 @@ class DraftProposal:
     probs: torch.Tensor | None = None  # [B, K, V] processed draft probs q; None = one-hot drafter
     confidence: torch.Tensor | None = None  # [B, K] the draft's probability of each of its tokens
     host_num_draft: list[int] | None = None  # [B] num_draft on the host, when the drafter built it there
-    sources: list[str] | None = None  # [B] which drafter drafted each row (drafter "auto")
+    host_rows: list[list[int]] | None = None  # [B][num_draft] the drafts on the host, when built there
+    sources: list[str] | None = None  # [B] which drafter drafted each row (set by the planner)
     draft_forwards: int = 0  # forwards of a draft model this proposal cost
     # The draft model also fed its prompt or a long pending window this step: the step's
-    # drafting time is not what drafting K tokens costs (the adaptive policy skips it).
+    # drafting time is not what drafting K tokens costs (the planner does not time it).
     catch_up: bool = False
 
     def truncate(self, k: int) -> "DraftProposal":
@@ -44,6 +65,7 @@ class DraftProposal:
             probs=None if self.probs is None else self.probs[:, :k],
             confidence=None if self.confidence is None else self.confidence[:, :k],
             host_num_draft=None if self.host_num_draft is None else [min(n, k) for n in self.host_num_draft],
+            host_rows=None if self.host_rows is None else [r[:k] for r in self.host_rows],
             sources=self.sources,
             draft_forwards=self.draft_forwards,
             catch_up=self.catch_up,
@@ -67,16 +89,14 @@ class DecodeState:
     seeds: torch.Tensor  # [B] int64 noise seed per row (random when unseeded)
     seq_lens: torch.Tensor  # [B] int64 len(sequences[b]) on the device: the noise counter
     new_kv: Callable[[torch.nn.Module, int | None], "KVState"]  # KV state for a draft model, same path
-    cache_layer: Any = None
     rows: list[int] = field(default_factory=list)  # original batch index of each active row
     step_tokens: torch.Tensor | None = None  # [B, K+1] emitted this step, -1 padded (device)
     step_num_accepted: torch.Tensor | None = None  # [B] drafts accepted this step (device)
     step_accepted: list[int] = field(default_factory=list)  # [B] drafts accepted per row (host)
     step_emitted: list[list[int]] = field(default_factory=list)  # [B][<= K+1] tokens emitted (host)
     target_hidden: torch.Tensor | None = None  # [B, K+1, H] last target layer, if a drafter asks
-    early_stop: Any = None  # specdec.adaptive.EarlyStop for this step's draft, when K is adaptive
-    draft_policy: Any = None  # specdec.adaptive.AdaptiveDraftPolicy, for drafters that choose K themselves
     step_drafted: list[int] = field(default_factory=list)  # [B] drafts verified per row last step (host)
+    step_sources: list[str] = field(default_factory=list)  # [B] the drafter each row verified last step
 
     @property
     def batch_size(self) -> int:
@@ -92,57 +112,57 @@ class DecodeState:
 
 
 class Drafter(ABC):
-    """One drafter per request. The engine calls, in order:
+    """One drafter per request and source. The planner calls, in order:
 
-    start(state) once after the prompts are known; then per step propose(state, k),
-    the target verifies, and observe(state) with the outcome in the state
-    (state.sequences already include the emitted tokens); select_rows(keep) whenever
+    start(state) once after the prompts are known; then per step propose(state, k) when
+    it wants this source's drafts, the target verifies, and observe(state) with the
+    outcome in the state (state.sequences already include the emitted tokens, and
+    state.step_sources says which source each row verified); select_rows(keep) whenever
     finished rows leave the batch; finish(state) once at the end.
+
+    What a drafter declares, and nothing else, shapes how it is used:
+      gives_probs          propose() returns draft probabilities q (a model), else its
+                           drafts are one-hot;
+      reads_hidden_states  it reads state.target_hidden (the target returns them only then);
+      needs                what it reads from its DraftContext: "model" (the draft model:
+                           its weights shape seeded samples, so they enter cache keys) and
+                           "store" (the shared draft store: its drafts depend on other
+                           requests, so seeded samples are never cached).
+    A drafter that needs no model drafts for free (cost ratio 0): the planner asks it for
+    everything it has and cuts each row to the length it chooses.
     """
 
     name: ClassVar[str]  # set by register_drafter; a class never registered goes by its own name
+    gives_probs: ClassVar[bool] = False
+    reads_hidden_states: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__:
             cls.name = cls.__name__
-    # True if propose() returns draft probabilities (a model); False for one-hot drafters.
-    provides_probs: ClassVar[bool] = False
-    # True if it runs the generator's draft model (needs one loaded; its weights shape the output
-    # of seeded sampling, so they belong in response-cache keys).
-    uses_draft_model: ClassVar[bool] = False
-    # True if its drafts depend on state shared across requests (the Redis draft store), so
-    # seeded sampled output is not a function of the request alone and is never cached.
-    reads_shared_state: ClassVar[bool] = False
-    # True if it chooses each step's draft length itself (from state.draft_policy when K is
-    # adaptive; k is then only a cap).
-    chooses_length: ClassVar[bool] = False
-    # False if it never proposes anything (drafter "none"): the loop skips the K policy.
-    drafts: ClassVar[bool] = True
-    # True if it reads the target's last hidden states (state.target_hidden); the target
-    # forward returns them only when asked, so other drafters pay nothing.
-    wants_hidden_states: ClassVar[bool] = False
 
-    def __init__(self, generator: "SpeculativeGenerator", cache_layer=None) -> None:
+    def __init__(self, context: DraftContext) -> None:
         # Raise ValueError here when the drafter cannot serve this request (checked before compute).
-        self.generator = generator
-        self.cache_layer = cache_layer  # the request's specdec.caching.CacheLayer, or None
+        self.context = context
+        # Draft forwards per draft token, in target forwards: the planner's prior cost of drafting.
+        self.cost_ratio = context.cost_ratio if "model" in self.needs else 0.0
+
+    @property
+    def free(self) -> bool:
+        """Drafting costs no forward: the planner may ask for every row's whole offer."""
+        return self.cost_ratio == 0.0
 
     def start(self, state: DecodeState) -> None:
         """Index or prefill the prompts (state.sequences holds them)."""
 
     @abstractmethod
-    def propose(self, state: DecodeState, k: int) -> DraftProposal:
-        """Up to k draft tokens for every active row (k >= 1)."""
-
-    def offers(self, state: DecodeState, k: int) -> list[list[int]] | None:
-        """A one-hot drafter's proposals as host lists (at most k tokens per row), or None for
-        a drafter that proposes on the device. The adaptive K policy reads them before
-        anything is packed into tensors, so a step that drafts nothing builds none."""
-        return None
+    def propose(self, state: DecodeState, k: int, early_stop: "EarlyStop | None" = None) -> DraftProposal:
+        """Up to k draft tokens for every active row (k >= 1). early_stop (drafters that give
+        probabilities): the planner's per-row rule for stopping a row's drafting early."""
 
     def observe(self, state: DecodeState) -> None:
-        """Hook after verification: roll back internal state past the kept tokens."""
+        """After verification: roll internal state back past the kept tokens."""
 
     def select_rows(self, keep: list[int]) -> None:
         """Drop finished rows from any per-row state (keep: indices of the rows that stay)."""
@@ -168,4 +188,5 @@ def pack_proposals(rows: list[list[int]], k: int, device: torch.device | str = "
             tokens[i, : len(row)] = torch.tensor(row[:k], dtype=torch.int64)
     counts = [min(len(r), k) for r in rows]
     num_draft = torch.tensor(counts, dtype=torch.int64)
-    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device), host_num_draft=counts)
+    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device), host_num_draft=counts,
+                         host_rows=[list(r[:k]) for r in rows])

@@ -8,43 +8,36 @@ accepted drafts keeps full K-token steps; when the row diverges (a draft rejecte
 sampling went elsewhere) it asks afresh. All rows that need the store share one round
 trip per step, and a row that keeps missing backs off for a few tokens.
 
-Draft length adapts per row: it doubles (up to K) after a step that accepted every
-draft and drops to accepted + 1 after one that did not; a step that accepted nothing
-also pauses the row's drafting (and lookups) for 1, 2, 4, ... up to 16 tokens, reset by
-the next acceptance. So a stale entry, or sampling that rarely agrees with the earlier
-output, costs a few short verify forwards instead of a K-token one every step. Drafts are one-hot: the target verifies them, so an entry that is
-stale, from another model, or poisoned only costs acceptance, never output.
+How many of a row's buffered tokens are verified is the planner's choice (specdec.planning):
+under K "auto" a stale entry, or sampling that rarely agrees with the earlier output, is
+cut short or parked like any other source. Drafts are one-hot: the target verifies them,
+so an entry that is stale, from another model, or poisoned only costs acceptance, never
+output.
 """
 
 from __future__ import annotations
 
-from ..params import MAX_DRAFT_TOKENS
 from . import register_drafter
 from .base import DraftProposal, Drafter, pack_proposals
 
 _MAX_BACKOFF = 4  # tokens a row waits, at most, after consecutive misses
-_MAX_PAUSE = 16  # tokens a row drafts nothing, at most, after consecutive fully rejected steps
 
 
 @register_drafter("cache")
 class CacheDrafter(Drafter):
     """Drafts from specdec.cache.DraftStore (continuation of the longest matching context)."""
 
-    reads_shared_state = True
+    needs = frozenset({"store"})
 
-    def __init__(self, generator, cache_layer=None) -> None:
-        super().__init__(generator, cache_layer)
-        if cache_layer is None:
+    def __init__(self, context) -> None:
+        super().__init__(context)
+        if context.store is None:
             raise ValueError(
-                'drafter="cache" needs a cache: pass cache="redis://host:6379/0" (or "memory://") to '
-                "generate() or SpeculativeGenerator.from_pretrained(), or choose another drafter"
+                'drafter="cache" needs a cache with its draft store: pass cache="redis://host:6379/0" (or '
+                '"memory://") to generate() or SpeculativeGenerator.from_pretrained(), without draft_store=false, '
+                "or choose another drafter"
             )
-        if not cache_layer.config.draft_store:
-            raise ValueError(
-                'drafter="cache" needs the draft store, but this cache has draft_store=false; '
-                "remove that option or choose another drafter"
-            )
-        self.store = cache_layer.draft_store
+        self.store = context.store
 
     def start(self, state) -> None:
         """Reset the per-row buffers and counters for a new request."""
@@ -53,9 +46,6 @@ class CacheDrafter(Drafter):
         self.topped_at = [-1] * n  # buffer end for which a top-up found nothing
         self.misses = [0] * n  # consecutive empty lookups per row
         self.retry_at = [0] * n  # sequence length before which a missing row does not ask again
-        self.limit: list[int] | None = None  # per-row draft length, set on the first propose
-        self.rejections = [0] * n  # consecutive steps whose drafts were all rejected
-        self.paused_until = [0] * n  # sequence length before which the row drafts nothing
 
     def _remaining(self, b: int, seq: list[int]) -> list[int]:
         """What the buffer predicts after `seq`, or [] if it is used up or contradicted."""
@@ -67,18 +57,11 @@ class CacheDrafter(Drafter):
             return []
         return tokens[offset:]
 
-    def propose(self, state, k: int) -> DraftProposal:
-        return pack_proposals(self.offers(state, k), k, state.device)
-
-    def offers(self, state, k: int) -> list[list[int]]:
+    def propose(self, state, k: int, early_stop=None) -> DraftProposal:
         """Up to k buffered tokens per row; rows whose buffer ran out or diverged ask the store."""
         seqs = state.sequences
-        if self.limit is None:
-            self.limit = [k] * len(seqs)
         fresh, topup, queries = [], [], []
         for b, seq in enumerate(seqs):
-            if len(seq) < self.paused_until[b]:
-                continue
             rem = self._remaining(b, seq)
             if rem:
                 end = len(seq) + len(rem)
@@ -104,36 +87,10 @@ class CacheDrafter(Drafter):
                     self.buffers[b] = (n, rem + tokens)
                 else:
                     self.topped_at[b] = n + len(rem)
-        rows = []
-        for b, seq in enumerate(seqs):
-            paused = len(seq) < self.paused_until[b]
-            rows.append([] if paused else self._remaining(b, seq)[: min(k, self.limit[b])])
-        return rows
-
-    def observe(self, state) -> None:
-        """Adapt each row's draft length to how much of what it verified was kept (the step's
-        drafted counts: the loop may have cut a proposal shorter than it was offered)."""
-        if self.limit is None:
-            return
-        for b, (proposed, accepted) in enumerate(zip(state.step_drafted, state.step_accepted)):
-            if not proposed:
-                continue
-            if accepted >= proposed:
-                self.limit[b] = min(2 * self.limit[b], MAX_DRAFT_TOKENS)
-            else:
-                self.limit[b] = accepted + 1
-            if accepted == 0:
-                self.rejections[b] += 1
-                pause = min(2 ** (self.rejections[b] - 1), _MAX_PAUSE)
-                self.paused_until[b] = len(state.sequences[b]) + pause
-            else:
-                self.rejections[b] = 0
+        return pack_proposals([self._remaining(b, seq)[:k] for b, seq in enumerate(seqs)], k, state.device)
 
     def select_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the per-row state."""
-        idx = keep
-        for name in ("buffers", "topped_at", "misses", "retry_at", "rejections", "paused_until"):
+        for name in ("buffers", "topped_at", "misses", "retry_at"):
             values = getattr(self, name)
-            setattr(self, name, [values[i] for i in idx])
-        if self.limit is not None:
-            self.limit = [self.limit[i] for i in idx]
+            setattr(self, name, [values[i] for i in keep])

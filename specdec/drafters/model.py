@@ -24,16 +24,16 @@ from .base import DraftProposal, Drafter
 MAX_PENDING = 16
 
 
-@register_drafter("model")
+@register_drafter("model", auto=True)
 class ModelDrafter(Drafter):
     """Autoregressive drafting with a draft model; returns q for lossless verification."""
 
-    provides_probs = True
-    uses_draft_model = True
+    gives_probs = True
+    needs = frozenset({"model"})
 
-    def __init__(self, generator, cache_layer=None) -> None:
-        super().__init__(generator, cache_layer)
-        if generator.draft_model is None:
+    def __init__(self, context) -> None:
+        super().__init__(context)
+        if context.model is None:
             raise ValueError(
                 'drafter="model" needs a draft model, but none is loaded; pass draft=... to '
                 'SpeculativeGenerator.from_pretrained (or draft_model=... to the constructor), '
@@ -41,15 +41,14 @@ class ModelDrafter(Drafter):
             )
 
     def start(self, state) -> None:
-        self.kv = state.new_kv(self.generator.draft_model, self.generator.draft_vocab_size)
-        # The sequences are fed on the first draft, not here: a request whose adaptive policy
-        # never drafts (a useless draft model) then costs the draft model nothing at all, and
+        self.kv = state.new_kv(self.context.model, self.context.model_vocab_size)
+        # The sequences are fed on the first draft, not here: a request whose planner never
+        # drafts with this model (a useless draft) then costs the draft model nothing at all, and
         # until then observe() has nothing to track.
         self.unfed = True
         self.pending = torch.tensor([[s[-1]] for s in state.sequences], dtype=torch.long, device=state.device)  # [B, 1]
         self.num_pending = torch.ones(state.batch_size, dtype=torch.long, device=state.device)  # [B]
-        self.k = 0  # drafts proposed this step (0: the engine did not ask)
-        self.replaced = False  # set by drafter "auto" when some rows verified other drafts
+        self.k = 0  # drafts proposed this step (0: the planner did not ask)
 
     def _prefill(self, state) -> None:
         """Feed each row's sequence so far (all but its last token, which opens the pending window)."""
@@ -60,7 +59,7 @@ class ModelDrafter(Drafter):
             self.unfed = False
 
     @torch.inference_mode()
-    def propose(self, state, k: int) -> DraftProposal:
+    def propose(self, state, k: int, early_stop=None) -> DraftProposal:
         catch_up = self.unfed or self.pending.shape[1] > 2
         self._prefill(state)
         params = state.params
@@ -68,7 +67,7 @@ class ModelDrafter(Drafter):
         # The logits after each row's last real pending token.
         last = (self.num_pending - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
         logits = logits.gather(1, last).squeeze(1)  # [B, V_draft]
-        stop = state.early_stop  # adaptive K: rows may stop drafting early (specdec.adaptive)
+        stop = early_stop  # K "auto": rows may stop drafting early (specdec.planning.early_stop)
         tokens, probs, confidence = [], [], []
         for i in range(k):
             if params.greedy:
@@ -87,7 +86,7 @@ class ModelDrafter(Drafter):
             if i < k - 1:
                 logits = self.kv.forward(token.unsqueeze(1))[0][:, -1]
         self.k = k = len(tokens)
-        self.drafts = torch.stack(tokens, dim=1)  # [B, k] kept for observe() when rows are replaced
+        self.proposed = torch.stack(tokens, dim=1)  # [B, k] kept for observe() when rows verified other drafts
         return DraftProposal(
             tokens=torch.stack(tokens, dim=1),  # [B, k]
             num_draft=torch.full((state.batch_size,), k, dtype=torch.long, device=state.device),
@@ -113,8 +112,7 @@ class ModelDrafter(Drafter):
                 self._absorb(state)
             return
         k, self.k = self.k, 0
-        if self.replaced:
-            self.replaced = False
+        if not self._verified_own_drafts(state):
             return self._observe_replaced(state, k)
         fed = k - 1  # drafts d_1..d_{k-1} went through the draft model
         # The draft cache keeps the pending window and the accepted drafts it has seen.
@@ -129,6 +127,10 @@ class ModelDrafter(Drafter):
             self.pending = bonus
         self.num_pending = 1 + both.to(torch.long)
 
+    def _verified_own_drafts(self, state) -> bool:
+        """Whether every row that verified drafts this step verified this model's."""
+        return all(s == self.name or not d for s, d in zip(state.step_sources, state.step_drafted))
+
     def _observe_replaced(self, state, k: int) -> None:
         """observe() when some rows verified other drafts than this model's (drafter "auto").
 
@@ -138,7 +140,7 @@ class ModelDrafter(Drafter):
         emitted = state.step_tokens  # [B, k+1], -1 padded
         n = state.step_num_accepted  # [B]
         fed = k - 1
-        same = (self.drafts[:, :fed] == emitted[:, :fed]).long().cumprod(dim=1).sum(dim=1)  # [B]
+        same = (self.proposed[:, :fed] == emitted[:, :fed]).long().cumprod(dim=1).sum(dim=1)  # [B]
         kept = torch.minimum(same, n)  # [B] fed drafts that stay in the draft cache
         bound = max(len(s) for s in state.sequences) - 1
         self.kv.set_lengths(self.kv.lengths - fed + kept, bound)

@@ -56,7 +56,7 @@ def _copy_forward(seq: list[int], start: int, k: int) -> list[int]:
     return out
 
 
-@register_drafter("ngram")
+@register_drafter("ngram", auto=True)
 class NgramDrafter(Drafter):
     """Prompt-lookup drafter (one-hot drafts)."""
 
@@ -66,12 +66,10 @@ class NgramDrafter(Drafter):
     def start(self, state) -> None:
         self.indexes = [NgramIndex(self.min_ngram, self.max_ngram) for _ in state.sequences]
 
-    def offers(self, state, k: int) -> list[list[int]]:
-        """Per row, what prompt lookup proposes (host lists of at most k tokens)."""
-        return [index.propose(seq, k) for index, seq in zip(self.indexes, state.sequences)]
-
-    def propose(self, state, k: int) -> DraftProposal:
-        return pack_proposals(self.offers(state, k), k, state.device)
+    def propose(self, state, k: int, early_stop=None) -> DraftProposal:
+        """Per row, what prompt lookup finds (at most k tokens), built on the host."""
+        rows = [index.propose(seq, k) for index, seq in zip(self.indexes, state.sequences)]
+        return pack_proposals(rows, k, state.device)
 
     def select_rows(self, keep: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in keep]
