@@ -13,6 +13,7 @@ before any model loads. Ctrl-C exits with status 130 without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -54,6 +55,37 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.replace(" ", "").split(",") if v)
 
 
+def _drafter_names() -> list[str]:
+    """Every name --drafter accepts (specdec.drafters.available_drafters: the registered drafters,
+    plug-ins included, "auto" and "none"); ValueError saying where plug-ins come from when one
+    fails to import."""
+    from .drafters import ENTRY_POINT_GROUP, PLUGIN_ENV, available_drafters
+
+    try:
+        return available_drafters()
+    except Exception as exc:  # a plug-in's import raised: whatever its code raises
+        named = os.environ.get(PLUGIN_ENV)
+        where = f"{PLUGIN_ENV}={named!r} or " if named else ""
+        raise ValueError(f"a drafter plug-in did not load ({where}the {ENTRY_POINT_GROUP!r} entry points): "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _registry_help() -> tuple[str, str]:
+    """The help of --drafter (generate) and --methods (bench), from the drafter registry."""
+    from .bench.config import PRESETS, all_methods
+    from .drafters import AUTO, NONE
+
+    try:
+        names = _drafter_names()
+    except ValueError as exc:  # the command itself reports it (exit 2); help still prints
+        return f"default: auto (the list of drafters is unavailable: {exc})", f"(unavailable: {exc})"
+    drafters = [n for n in names if n not in (AUTO, NONE)]
+    drafter = f"{', '.join(drafters)}, {NONE} (plain decoding) or {AUTO} (default: the drafter chosen per step)"
+    methods = (f"subset of {','.join(all_methods())}; X-auto is drafter X with K chosen per step (default: "
+               f"{','.join(PRESETS['headline'].methods)}; --full and --quick: all)")
+    return drafter.replace("%", "%%"), methods.replace("%", "%%")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", help="target model: hub id or local path (default: the bundled pair's target)")
@@ -76,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from . import __version__
 
+    drafter_help, methods_help = _registry_help()
     parser.add_argument("--version", action="version", version=f"specdec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{generate,bench,cache}")
     sub.required = True
@@ -90,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--seed", type=_non_negative_int)
-    g.add_argument("--drafter", default="auto", help="model, ngram, cache, none or auto (default)")
+    g.add_argument("--drafter", default="auto", help=drafter_help)
     g.add_argument("--num-draft-tokens", type=_non_negative_int, default=4, help="K drafts per step")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -124,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampled setting")
     b.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled setting")
     b.add_argument("--settings", type=_name_list, default=("greedy", "sampled"), help="greedy,sampled")
-    b.add_argument("--methods", type=_name_list, default=None,
-                   help="subset of baseline,model,ngram,auto,cache,hf,hf-assisted,hf-lookup (default: all but "
-                        "cache; --full and --quick: all)")
+    b.add_argument("--methods", type=_name_list, default=None, help=methods_help)
     b.add_argument("--cache", default="memory://specdec-bench",
                    help="cache URL for the cache rows (default: in-process memory://)")
     b.add_argument("--cache-prompts", type=_positive_int, default=None,
@@ -174,7 +205,7 @@ def _apply_threads(args) -> None:
 
 def _check_generate_options(args) -> dict:
     """Every check on `specdec generate`'s options that needs no model; returns generate()'s kwargs."""
-    from .drafters import available_drafters
+    from .drafters import AUTO, NONE, get_drafter_class
     from .params import make_params
 
     kwargs = dict(
@@ -183,10 +214,18 @@ def _check_generate_options(args) -> dict:
         stop=args.stop,
     )
     make_params(**kwargs)
-    if args.drafter not in available_drafters():
-        raise ValueError(f"--drafter {args.drafter!r} is unknown; choose one of {', '.join(available_drafters())}")
-    if args.drafter == "model" and (args.draft or "").lower() == "none":
-        raise ValueError("--drafter model needs a draft model; drop --draft none or pick --drafter ngram")
+    names = _drafter_names()
+    if args.drafter not in names:
+        raise ValueError(f"--drafter {args.drafter!r} is unknown; choose one of {', '.join(names)}")
+
+    def needs_model(name: str) -> bool:
+        return name not in (AUTO, NONE) and "model" in get_drafter_class(name).needs
+
+    no_draft = (args.draft or "").lower() == "none" or (args.target is not None and args.draft is None)
+    if no_draft and needs_model(args.drafter):
+        fix = "drop --draft none" if args.target is None else "pass --draft with a draft model"
+        others = [n for n in names if not needs_model(n)]
+        raise ValueError(f"--drafter {args.drafter} needs a draft model; {fix} or pick one of {', '.join(others)}")
     if args.cache:
         from .cache.config import parse_cache_url
 
@@ -289,6 +328,7 @@ def cmd_bench(args) -> int:
     """`specdec bench`: run the comparison, print the table, write the files."""
     from .bench import Bench, format_duration, headline, markdown_table, step_table
 
+    _drafter_names()  # a plug-in that does not load is an error here, not in the middle of the run
     config = bench_config(args)
     from .bench import apply_threads
 

@@ -363,3 +363,22 @@ def test_the_bench_reports_the_step_histograms_of_auto_rows(cli_pair, tmp_path, 
     assert auto["k_used"] and auto["drafters_used"]
     for text in ((tmp_path / "results.md").read_text(), capsys.readouterr().out):
         assert "Draft length and drafter per step" in text and auto["k_used"] in text
+
+
+def test_methods_come_from_the_drafter_registry():
+    """The built-in drafters give the method names and presets the bench always had."""
+    from specdec.bench import ALL_METHODS, specdec_methods
+
+    assert ALL_METHODS == ("baseline", "model", "ngram", "auto", "model-auto", "ngram-auto", "cache",
+                           "hf", "hf-assisted", "hf-lookup")
+    assert PRESETS["full"].methods == PRESETS["quick"].methods == ALL_METHODS
+    assert PRESETS["headline"].methods == ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
+    specs = specdec_methods()
+    assert [(m.drafter, m.k) for m in specs.values()] == [
+        ("none", "none"), ("model", "fixed"), ("ngram", "fixed"), ("auto", "auto"), ("model", "auto"),
+        ("ngram", "auto"), ("cache", "fixed"),
+    ]
+    assert [name for name, m in specs.items() if m.needs_model] == ["model", "model-auto"]
+    assert [name for name, m in specs.items() if m.workload == "cache"] == ["cache"]
+    assert metrics.AUTO_POOLS == {"model-auto": ("model",), "ngram-auto": ("ngram",), "auto": ("model", "ngram")}
+    assert metrics.SINGLE_AUTOS == ("model-auto", "ngram-auto")

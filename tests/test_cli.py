@@ -187,6 +187,7 @@ def test_version(capsys):
         (["--cache", "http://localhost"], "unsupported cache URL 'http://localhost'"),
         (["--cache", "redis://h:1/0?bogus=1"], "unknown cache URL option 'bogus'"),
         (["--drafter", "model", "--draft", "none"], "--drafter model needs a draft model"),
+        (["--drafter", "model"], "--drafter model needs a draft model; pass --draft with a draft model"),
         (["--stop", ""], "stop holds an empty string"),
     ],
 )
@@ -196,6 +197,25 @@ def test_generate_checks_options_before_loading_models(tmp_path, capsys, extra, 
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "never-loaded" not in err
+
+
+def test_help_lists_the_registered_drafters_and_methods(capsys):
+    """--drafter's and --methods' help come from the drafter registry, not a list of their own."""
+    from specdec.bench import all_methods
+    from specdec.drafters import available_drafters
+
+    for command in ("generate", "bench"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        if command == "generate":
+            entry = " ".join(text[text.rindex("--drafter DRAFTER"):].split("--num-draft-tokens")[0].split())
+            for name in available_drafters():
+                assert name in entry, name
+        else:
+            entry = "".join(text[text.rindex("--methods METHODS"):].split("--cache")[0].split())
+            assert ",".join(all_methods()) in entry
 
 
 # --------------------------------------------------------------------------- bad arguments

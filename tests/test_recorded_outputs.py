@@ -7,6 +7,11 @@ decoding anyway; seeded sampled outputs depend on each step's draft length, so t
 pin the planner's decisions for seeded rows (which depend on counts and a fixed cost
 proxy only, never on timing).
 
+One case was re-recorded on purpose after the move, with its reason: sampled-ngram-kauto,
+when seeded rows stopped exploring a free source (its offers are scored every step, so it
+needs no optimism) and began asking a free plan to beat plain decoding by FREE_MARGIN
+(specdec.planning.planner). Every other case is as recorded before the planner.
+
 Regenerate (only when a change of the outputs is intended and explained):
     python -P tests/test_recorded_outputs.py
 """

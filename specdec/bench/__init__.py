@@ -9,7 +9,7 @@ Every method runs in one process on the same prompts, models and machine. Split 
   report   one column definition for the CSV, the markdown table and its prose; plots
 """
 
-from .config import ALL_METHODS, PRESETS, SETTINGS, BenchConfig, check_device, parse_int_list
+from .config import PRESETS, SETTINGS, BenchConfig, all_methods, check_device, parse_int_list, specdec_methods
 from .report import COLUMN_KEYS, COLUMNS, format_duration, headline, markdown_table, step_table
 from .runner import Bench, apply_threads
 
@@ -21,11 +21,20 @@ __all__ = [
     "SETTINGS",
     "Bench",
     "BenchConfig",
+    "all_methods",
     "apply_threads",
     "check_device",
     "format_duration",
     "headline",
     "markdown_table",
     "parse_int_list",
+    "specdec_methods",
     "step_table",
 ]
+
+
+def __getattr__(name: str):
+    # ALL_METHODS follows the drafter registry (plug-ins included): read at each access.
+    if name == "ALL_METHODS":
+        return all_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

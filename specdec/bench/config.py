@@ -5,6 +5,12 @@ the main K (and "auto" where the engine offers it), against transformers' plain,
 assisted and prompt-lookup generation, greedy and sampled, on 4 prompts: under five
 minutes on a 2-core CPU. `--full` adds the K sweep, the cache workload and 16
 prompts. `--quick` is a smoke run. Any explicit option overrides the preset.
+
+specdec's own methods come from the drafter registry (specdec.drafters), read when they
+are asked for, so that drafters registered by plug-ins are methods too: "baseline"
+(drafter "none"), every registered drafter X at each --k, "X-auto" (drafter X with K
+chosen per step), "auto" (drafter "auto", K auto) and, for drafters that read the shared
+draft store (like "cache"), the cache workload.
 """
 
 from __future__ import annotations
@@ -16,15 +22,77 @@ from pathlib import Path
 import torch
 
 SETTINGS = ("greedy", "sampled")
-# Names accepted by --methods. "cache" runs cache-cold and cache-warm on the cache
-# workload; "hf-assisted" runs transformers' defaults and, per K, hf-assisted-k.
+# "cache" runs cache-cold and cache-warm on the cache workload; "hf-assisted" runs
+# transformers' defaults and, per K, hf-assisted-k.
 # --draft random: a draft of the target's own shape with random weights (the useless-draft
 # workload: every draft is rejected and each costs a full target forward).
 RANDOM_DRAFT = "random"
-OURS = ("baseline", "model", "ngram", "auto", "model-auto", "ngram-auto", "cache")
+BASELINE = "baseline"
+AUTO_SUFFIX = "-auto"
+CACHE = "cache"
 PEERS = ("hf", "hf-assisted", "hf-lookup")
-ALL_METHODS = OURS + PEERS
+# Row names the bench uses itself: a drafter registered under one of them is not a method.
+RESERVED = (BASELINE, *PEERS, "hf-assisted-k", "cache-cold", "cache-warm")
 HEADLINE_METHODS = ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One of specdec's own methods: the drafter it runs, how K is set, on which workload."""
+
+    name: str
+    drafter: str
+    k: str  # "none" (baseline), "fixed" (one row per --k) or "auto" (num_draft_tokens="auto")
+    workload: str = "main"  # "cache": the cache workload, cold and warm rows at the main K
+    needs_model: bool = False  # skipped, with a note, when no draft model is loaded
+
+
+def specdec_methods() -> dict[str, Method]:
+    """specdec's methods by name, in the order they are listed, from the drafter registry as it
+    is now (plug-ins included)."""
+    from ..drafters import AUTO, NONE, available_drafters, get_drafter_class
+
+    main: list[str] = []
+    store: list[str] = []
+    needs: dict[str, frozenset] = {}
+    for name in available_drafters():
+        if name in (AUTO, NONE) or name in RESERVED:
+            continue
+        needs[name] = frozenset(get_drafter_class(name).needs)
+        (store if "store" in needs[name] else main).append(name)
+    if CACHE not in store:  # the cache rows stay a method; the runner notes a missing cache drafter
+        store.append(CACHE)
+    out = {BASELINE: Method(BASELINE, NONE, "none")}
+    for name in main:
+        out[name] = Method(name, name, "fixed", needs_model="model" in needs[name])
+    out[AUTO] = Method(AUTO, AUTO, "auto")
+    for name in main:
+        # A registered drafter of that name keeps it.
+        out.setdefault(name + AUTO_SUFFIX,
+                       Method(name + AUTO_SUFFIX, name, "auto", needs_model="model" in needs[name]))
+    for name in store:
+        out[name] = Method(name, name, "fixed", workload="cache",
+                           needs_model="model" in needs.get(name, frozenset()))
+    return out
+
+
+def ours_methods() -> tuple[str, ...]:
+    """The names of specdec's own methods (see specdec_methods)."""
+    return tuple(specdec_methods())
+
+
+def all_methods() -> tuple[str, ...]:
+    """Every name --methods accepts: specdec's own, then transformers' (PEERS)."""
+    return ours_methods() + PEERS
+
+
+def __getattr__(name: str):
+    # OURS and ALL_METHODS are read from the registry at each access (plug-ins register late).
+    if name == "OURS":
+        return ours_methods()
+    if name == "ALL_METHODS":
+        return all_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -36,13 +104,17 @@ class Preset:
     num_prompts: int
     repeats: int
     cache_prompts: int
-    methods: tuple[str, ...]
+    method_names: tuple[str, ...] | None  # None: every method (all_methods(), plug-ins included)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return all_methods() if self.method_names is None else self.method_names
 
 
 PRESETS = {
     "headline": Preset((4,), 128, 4, 3, 4, HEADLINE_METHODS),
-    "full": Preset((4, 2, 6, 8), 128, 16, 3, 4, ALL_METHODS),
-    "quick": Preset((4,), 32, 3, 1, 1, ALL_METHODS),
+    "full": Preset((4, 2, 6, 8), 128, 16, 3, 4, None),
+    "quick": Preset((4,), 32, 3, 1, 1, None),
 }
 
 
@@ -101,9 +173,11 @@ class BenchConfig:
         for s in self.settings:
             if s not in SETTINGS:
                 raise ValueError(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
+        specs = specdec_methods()  # read now: plug-in drafters are registered by the time a run is checked
+        known = (*specs, *PEERS)
         for m in self.methods:
-            if m not in ALL_METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+            if m not in known:
+                raise ValueError(f"unknown method {m!r}; choose from {', '.join(known)}")
         if "baseline" not in self.methods:
             raise ValueError("--methods must include baseline: every speedup is measured against it")
         if self.device is not None and self.device_map is not None:
@@ -114,7 +188,7 @@ class BenchConfig:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {str(self.out)!r} exists and is not a folder")
-        if self.cache_url and "cache" in self.methods:
+        if self.cache_url and any(specs[m].workload == "cache" for m in self.methods if m in specs):
             from ..cache.config import parse_cache_url
 
             parse_cache_url(self.cache_url)  # a bad URL fails now, not after the models load

@@ -3,6 +3,8 @@
   baseline       specdec, drafter "none" (plain autoregressive decoding, same loop)
   model          specdec, draft model, K drafts per step
   ngram          specdec, prompt-lookup drafter
+  X              specdec, any other registered drafter X (a plug-in), K drafts per step
+  X-auto         specdec, drafter X with num_draft_tokens="auto" (model-auto, ngram-auto, ...)
   auto           specdec, drafter "auto" with num_draft_tokens="auto" (where the engine has it)
   cache-cold     specdec, draft-token store drafter, store empty at the start
   cache-warm     specdec, draft-token store drafter, store filled by the cold pass
@@ -24,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..drafters import get_drafter_class, resolve_drafter_name
+from ..drafters import reads_draft_model
 
 Execute = Callable[[list[int], int], "Sample"]  # (prompt ids, seed) -> Sample
 
@@ -62,8 +64,8 @@ class Run:
 
 
 def specdec_uses_draft_model(drafter: str, has_draft_model: bool) -> bool:
-    """Whether specdec's `drafter` (a name, "auto" included) runs the draft model."""
-    return get_drafter_class(resolve_drafter_name(drafter, has_draft_model)).uses_draft_model
+    """Whether specdec's `drafter` (a name, "auto" and "none" included) runs the draft model."""
+    return reads_draft_model(drafter, has_draft_model)
 
 
 def auto_k_supported() -> bool:

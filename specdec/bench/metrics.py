@@ -20,6 +20,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
+from .config import specdec_methods
 from .methods import Run, Sample
 from .report import COLUMN_KEYS
 
@@ -166,10 +167,34 @@ def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
     return out
 
 
-# The auto rows and the rows each is held against: the fixed-K rows of the drafters it
-# chooses from, and (drafter "auto") the single-drafter auto rows.
-AUTO_POOLS = {"model-auto": ("model",), "ngram-auto": ("ngram",), "auto": ("model", "ngram")}
-SINGLE_AUTOS = ("model-auto", "ngram-auto")
+def auto_pools() -> dict[str, tuple[str, ...]]:
+    """The auto rows and the fixed-K rows each is held against, from the drafter registry:
+    "X-auto" against drafter X's, "auto" against those of the sources drafter "auto" chooses
+    from ({"model-auto": ("model",), "ngram-auto": ("ngram",), "auto": ("model", "ngram")}
+    for the built-in drafters)."""
+    from ..drafters import AUTO, source_names
+
+    specs = specdec_methods()
+    pools = {name: (m.drafter,) for name, m in specs.items() if m.k == "auto" and m.drafter != AUTO}
+    pools[AUTO] = tuple(source_names(AUTO, True))
+    return pools
+
+
+def single_autos(pools: dict[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:
+    """The single-drafter auto rows drafter "auto" is held against: those of its sources."""
+    from ..drafters import AUTO
+
+    pools = auto_pools() if pools is None else pools
+    return tuple(name for name, pool in pools.items() if name != AUTO and pool[0] in pools[AUTO])
+
+
+def __getattr__(name: str):
+    # AUTO_POOLS and SINGLE_AUTOS follow the drafter registry (plug-ins included): read at each access.
+    if name == "AUTO_POOLS":
+        return auto_pools()
+    if name == "SINGLE_AUTOS":
+        return single_autos()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rows(runs: list[Run], c: float | None) -> list[dict[str, Any]]:
@@ -185,12 +210,14 @@ def compare_auto_rows(runs: list[Run], rows_: list[dict[str, Any]]) -> None:
     highest speedup among those it is held against, and paired_ratio of the two runs' own
     generations, which took turns prompt by prompt (no baseline noise in between)."""
     measured = [(run, r) for run, r in zip(runs, rows_) if r.get("speedup") is not None and r["workload"] == "main"]
+    pools = auto_pools()
+    singles_of_auto = single_autos(pools)
     for run, r in measured:
-        if run.method not in AUTO_POOLS:
+        if run.method not in pools:
             continue
         same = [(o, orow) for o, orow in measured if orow["setting"] == r["setting"]]
-        fixed = [(o, orow) for o, orow in same if o.method in AUTO_POOLS[run.method] and o.k]
-        singles = [(o, orow) for o, orow in same if o.method in SINGLE_AUTOS] if run.method == "auto" else []
+        fixed = [(o, orow) for o, orow in same if o.method in pools[run.method] and o.k]
+        singles = [(o, orow) for o, orow in same if o.method in singles_of_auto] if run.method == "auto" else []
         for key, pool in (("vs_best_fixed", fixed), ("vs_better_single", singles)):
             if pool:
                 best, best_row = max(pool, key=lambda pair: pair[1]["speedup"])

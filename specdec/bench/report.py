@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,10 +219,27 @@ STYLES = {
     "cache-warm": ("#bcbd22", "H", "-"),
 }
 ORDER = list(STYLES)
+# Drafters registered by plug-ins: a colour and marker each, from their name (stable across figures).
+_EXTRA_COLORS = ("#e377c2", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d")
+_EXTRA_MARKERS = ("p", "<", ">", "d", "8", "X")
 
 
 def _style(method: str) -> tuple[str, str, str]:
-    return STYLES.get(method, ("#333333", "o", "-"))
+    if method in STYLES:
+        return STYLES[method]
+    h = zlib.crc32(method.encode())
+    return _EXTRA_COLORS[h % len(_EXTRA_COLORS)], _EXTRA_MARKERS[h % len(_EXTRA_MARKERS)], "-"
+
+
+def _order(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods a figure shows, in order: the built-in ones (ORDER), then the other fixed-K
+    drafters (plug-ins) in the order their rows ran. Single-drafter auto rows are not plotted."""
+    from .config import specdec_methods
+
+    specs = specdec_methods()
+    extra = [m for m in dict.fromkeys(r["method"] for r in rows)
+             if m not in STYLES and m in specs and specs[m].k == "fixed" and specs[m].workload == "main"]
+    return ORDER + extra
 
 
 def write_plots(out: Path, rows: list[dict[str, Any]], main_k: int) -> list[str]:
@@ -249,7 +267,7 @@ def write_plots(out: Path, rows: list[dict[str, Any]], main_k: int) -> list[str]
 def _speedup_bars(plt, out: Path, rows: list[dict[str, Any]], main_k: int) -> str:
     """Bars: every method at the main K (or without K), one group per setting, values printed."""
     settings = [s for s in ("greedy", "sampled") if any(r["setting"] == s for r in rows)]
-    methods = [m for m in ORDER if any(r["method"] == m and r["k"] in (None, main_k) for r in rows)]
+    methods = [m for m in _order(rows) if any(r["method"] == m and r["k"] in (None, main_k) for r in rows)]
     fig, ax = plt.subplots(figsize=(min(11.0, max(6.0, 0.8 * len(methods) * len(settings))), 4.2))
     width = 0.8 / len(methods)
     labelled: set[str] = set()
@@ -283,7 +301,8 @@ def _speedup_vs_k(plt, out: Path, rows: list[dict[str, Any]], ks: list[int]) -> 
     """Greedy speedup against K, one line per K method; methods without K as labelled levels."""
     greedy = [r for r in rows if r["setting"] == "greedy"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in ORDER:
+    order = _order(greedy)
+    for method in order:
         pts = sorted((r["k"], r["speedup"]) for r in greedy if r["method"] == method and r["k"] is not None)
         if pts:
             color, marker, line = _style(method)
@@ -291,7 +310,7 @@ def _speedup_vs_k(plt, out: Path, rows: list[dict[str, Any]], ks: list[int]) -> 
                     label=method)
     # Methods without K are levels; each gets its own colour and style and its value in the label,
     # so two levels that nearly coincide (hf and baseline) stay distinguishable.
-    for method in ORDER:
+    for method in order:
         r = next((r for r in greedy if r["method"] == method and r["k"] is None), None)
         if r is not None:
             color, _, line = _style(method)
@@ -311,14 +330,16 @@ def _speedup_vs_k(plt, out: Path, rows: list[dict[str, Any]], ks: list[int]) -> 
 
 def _acceptance(plt, out: Path, rows: list[dict[str, Any]], main_k: int, ks: list[int]) -> str | None:
     """P(slot i accepted | drafted): grouped bars per slot for one K, one line per (method, K) in a sweep."""
+    # specdec's drafters at fixed K (plug-ins included) and drafter "auto".
+    order = [m for m in _order(rows) if m in ("model", "ngram", "auto") or m not in STYLES]
     greedy = [r for r in rows if r["setting"] == "greedy" and r.get("per_position_acceptance")
-              and r["method"] in ("model", "ngram", "auto")]
+              and r["method"] in order]
     if not greedy:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if len(ks) > 1:  # a sweep: one line per (method, K), colour by method, line style by K
         dashes = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
-        for r in sorted(greedy, key=lambda r: (ORDER.index(r["method"]), r["k"] or 0)):
+        for r in sorted(greedy, key=lambda r: (order.index(r["method"]), r["k"] or 0)):
             acc = r["per_position_acceptance"]
             color, marker, _ = _style(r["method"])
             line = dashes[ks.index(r["k"]) % len(dashes)] if r["k"] in ks else "-"

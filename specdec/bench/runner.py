@@ -20,7 +20,7 @@ import torch
 
 from ..workload import cache_workload, load_builtin, load_jsonl, render
 from . import metrics
-from .config import RANDOM_DRAFT, BenchConfig
+from .config import BASELINE, CACHE, RANDOM_DRAFT, BenchConfig, Method, specdec_methods
 from .methods import (
     Run,
     auto_k_supported,
@@ -118,8 +118,9 @@ class Bench:
         )
         return Run(setting, "main", method, k, execute, uses_draft_model=assistant)
 
-    def _cache_runs(self, setting: str) -> list[Run]:
-        """cache-cold and cache-warm on the cache workload, in a fresh namespace each repeat."""
+    def _cache_runs(self, setting: str, method: Method) -> list[Run]:
+        """<name>-cold and <name>-warm (cache-cold and cache-warm for drafter "cache") on the cache
+        workload, in a fresh namespace each repeat."""
         from ..caching import CacheLayer
 
         k = self.config.main_k
@@ -131,7 +132,8 @@ class Bench:
                 holder["layer"].close()
             # response_cache=false: measure the drafter, not whole responses served from the cache.
             holder["layer"] = CacheLayer.open(
-                self.config.cache_url, self.gen, namespace=f"bench-{run_id}-{setting}-{repeat}", response_cache=False
+                self.config.cache_url, self.gen, namespace=f"bench-{run_id}-{method.name}-{setting}-{repeat}",
+                response_cache=False,
             )
             self._cache_layers.append(holder["layer"])
 
@@ -142,79 +144,85 @@ class Bench:
         temperature = self.config.temperature if setting == "sampled" else None
 
         def through_layer(ids: list[int], seed: int):
-            return specdec_method(self.gen, "cache", k, max_new_tokens=self.config.max_new_tokens,
+            return specdec_method(self.gen, method.drafter, k, max_new_tokens=self.config.max_new_tokens,
                                   temperature=temperature, cache_layer=holder["layer"])(ids, seed)
 
-        uses = specdec_uses_draft_model("cache", self.gen.draft_model is not None)
+        uses = specdec_uses_draft_model(method.drafter, self.gen.draft_model is not None)
+        group = f"{method.name}-{setting}"
         return [
-            Run(setting, "cache", "cache-cold", k, through_layer, uses_draft_model=uses, group=f"cache-{setting}",
+            Run(setting, "cache", f"{method.name}-cold", k, through_layer, uses_draft_model=uses, group=group,
                 before_repeat=fresh_namespace),
-            Run(setting, "cache", "cache-warm", k, through_layer, uses_draft_model=uses, group=f"cache-{setting}",
+            Run(setting, "cache", f"{method.name}-warm", k, through_layer, uses_draft_model=uses, group=group,
                 before_repeat=flush_writes),
         ]
 
-    def cache_available(self) -> bool:
-        """True when the cache drafter is registered and a cache layer opens on --cache."""
+    def cache_available(self, drafter: str = CACHE) -> bool:
+        """True when `drafter` (a drafter of the shared draft store) is registered and a cache layer
+        opens on --cache."""
         from ..cache.config import redact_url
 
         try:
             from ..drafters import available_drafters
 
-            if "cache" not in available_drafters():
-                self.notes.append("cache rows skipped: the cache drafter is not registered")
+            if drafter not in available_drafters():
+                self.notes.append(f"{drafter} rows skipped: the {drafter} drafter is not registered")
                 return False
             from ..caching import CacheLayer
 
             CacheLayer.open(self.config.cache_url, self.gen, namespace="bench-probe").close()
             return True
         except ImportError as exc:
-            self.notes.append(f"cache rows skipped: the cache package is not available ({exc})")
+            self.notes.append(f"{drafter} rows skipped: the cache package is not available ({exc})")
             return False
         except (OSError, ValueError) as exc:
-            self.notes.append(f"cache rows skipped: {redact_url(self.config.cache_url)} did not open ({exc})")
+            self.notes.append(f"{drafter} rows skipped: {redact_url(self.config.cache_url)} did not open ({exc})")
             return False
 
     def plan(self) -> list[Run]:
         """Every (setting, workload, method, K) row, in execution order."""
         cfg = self.config
+        specs = specdec_methods()  # the registry as it is now, plug-in drafters included
         methods = set(cfg.methods)
-        if self.gen.draft_model is None and methods & {"model", "model-auto", "hf-assisted"}:
-            self.notes.append("model and hf-assisted rows skipped: no draft model (pass --draft)")
-            methods -= {"model", "model-auto", "hf-assisted"}
-        if methods & {"auto", "model-auto", "ngram-auto"} and not auto_k_supported():
-            self.notes.append('auto rows skipped: this engine has no num_draft_tokens="auto"')
-            methods -= {"auto", "model-auto", "ngram-auto"}
+        if self.gen.draft_model is None:
+            skipped = [m for m in cfg.methods if m == "hf-assisted" or (m in specs and specs[m].needs_model)]
+            if skipped:
+                self.notes.append(f"{_names(skipped)} rows skipped: no draft model (pass --draft)")
+                methods -= set(skipped)
+        auto_k = [m for m in cfg.methods if m in methods and m in specs and specs[m].k == "auto"]
+        if auto_k and not auto_k_supported():
+            self.notes.append(f'{_names(auto_k)} rows skipped: this engine has no num_draft_tokens="auto"')
+            methods -= set(auto_k)
+        ours = [spec for name, spec in specs.items() if name in methods and name != BASELINE]
+        chosen_k = [spec for spec in ours if spec.workload == "main" and spec.k == "auto"]
+        fixed_k = [spec for spec in ours if spec.workload == "main" and spec.k == "fixed"]
         runs: list[Run] = []
         for setting in cfg.settings:
             sampled = setting == "sampled"
             # Greedy sweeps every K for every method; sampled sweeps specdec's own drafters (the
             # best fixed K is what "auto" answers to) and runs transformers' at the main K only.
             ks = cfg.num_draft_tokens
-            runs.append(self._ours("baseline", "none", None, setting))
+            runs.append(self._ours(BASELINE, "none", None, setting))
             if "hf" in methods:
                 runs.append(self._hf("hf", setting))
             if "hf-assisted" in methods and not sampled:
                 runs.append(self._hf("hf-assisted", setting, assistant=True))
-            if "auto" in methods:
-                runs.append(self._ours("auto", "auto", "auto", setting))
-            if "model-auto" in methods:  # the draft model alone, K chosen every step
-                runs.append(self._ours("model-auto", "model", "auto", setting))
-            if "ngram-auto" in methods:
-                runs.append(self._ours("ngram-auto", "ngram", "auto", setting))
+            for spec in chosen_k:  # "auto", then each drafter alone with K chosen every step
+                runs.append(self._ours(spec.name, spec.drafter, "auto", setting))
             for k in ks:
-                if "model" in methods:
-                    runs.append(self._ours("model", "model", k, setting))
-                if "ngram" in methods:
-                    runs.append(self._ours("ngram", "ngram", k, setting))
+                for spec in fixed_k:
+                    runs.append(self._ours(spec.name, spec.drafter, k, setting))
                 if sampled and k != cfg.main_k:
                     continue
                 if "hf-assisted" in methods:
                     runs.append(self._hf("hf-assisted-k", setting, assistant=True, k=k))
                 if "hf-lookup" in methods:
                     runs.append(self._hf("hf-lookup", setting, k=k, lookup=True))
-        if "cache" in methods and "greedy" in cfg.settings and self.cache_available():
-            runs.append(self._ours("baseline", "none", None, "greedy", workload="cache"))
-            runs.extend(self._cache_runs("greedy"))
+        if "greedy" in cfg.settings:
+            stores = [spec for spec in ours if spec.workload == "cache" and self.cache_available(spec.drafter)]
+            if stores:
+                runs.append(self._ours(BASELINE, "none", None, "greedy", workload="cache"))
+                for spec in stores:
+                    runs.extend(self._cache_runs("greedy", spec))
         return runs
 
     # ------------------------------------------------------------------ execution
@@ -364,6 +372,11 @@ class Bench:
         }
         write_results(cfg.out, doc)
         return doc
+
+
+def _names(names: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def apply_threads(threads: int | None, device: str | None, device_map: str | None) -> int:

@@ -45,6 +45,10 @@ FREE = "free sources"  # the key free sources' drafting time is measured under
 # after every probe that is rejected (up to PROBE_MAX) and reset by one that is accepted.
 PROBE_MIN = 4
 PROBE_MAX = 64
+# Seeded sampling drafts from a free source only when the plan beats plain decoding by this
+# share: its estimate is a noisy mean, and taking every plan that looks a little better
+# drafts exactly when the noise is high (bench_useless_draft_cpu: lookup at T = 0.8).
+FREE_MARGIN = 0.1
 
 
 @dataclass
@@ -312,7 +316,9 @@ class Planner:
                 cap = min(k_cap, available[name][b])
                 counts = self._counts(b, name)
                 if cap and (k == 0 or any(counts.trials)):
-                    n, r = best_proxy_k(optimistic_rates(counts.rates(), counts.trials), cap, 0.0, floor=rate)
+                    # No optimism: a free source's offers are scored every step, verified or not,
+                    # so every slot of them keeps being judged without exploring.
+                    n, r = best_proxy_k(counts.rates(), cap, 0.0, floor=rate if k else 1.0 + FREE_MARGIN)
                     if n:
                         k, source, rate = n, name, r
             if k == 0 and len(self.active) == 1 and self.costly and row.idle >= row.probe_wait:
@@ -344,7 +350,8 @@ class Planner:
     def _plan_measured(self, k_cap: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
         """Measured costs: the plan with the most expected tokens per second for the batch."""
         batch = len(self.rows)
-        free_rates = {name: [self._rates(b, name) for b in range(batch)] for name in self.free}
+        # A free source's offers are scored every step: its estimates need no optimism.
+        free_rates = {name: [self._rates(b, name, optimistic=False) for b in range(batch)] for name in self.free}
 
         def best_free(b: int, k: int) -> tuple[float, str]:
             """Row b's best free offer at k: (expected tokens, source)."""
