@@ -45,10 +45,10 @@ FREE = "free sources"  # the key free sources' drafting time is measured under
 # after every probe that is rejected (up to PROBE_MAX) and reset by one that is accepted.
 PROBE_MIN = 4
 PROBE_MAX = 64
-# Seeded sampling drafts from a free source only when the plan beats plain decoding by this
-# share: its estimate is a noisy mean, and taking every plan that looks a little better
-# drafts exactly when the noise is high (bench_useless_draft_cpu: lookup at T = 0.8).
-FREE_MARGIN = 0.1
+# A free source drafts only when its plan beats plain decoding by this share: its estimate is
+# a noisy mean, and taking every plan that looks a little better drafts exactly when the
+# noise is high (bench_useless_draft_cpu: lookup at T = 0.8).
+FREE_MARGIN = 0.05
 
 
 @dataclass
@@ -341,10 +341,9 @@ class Planner:
         return optimistic_rates(rates, counts.trials if counts else [0.0] * self.k_max)
 
     def _cost(self, source: str | None, k: int) -> float:
-        if source == FREE or source is None:
-            cost = self.costs.step(FREE if k else None, k, 0.0)
-        else:
-            cost = self.costs.step(source, k, self.sources[source].cost_ratio)
+        """Seconds of a step with k drafts from `source` (FREE: free sources; None: plain)."""
+        ratio = 0.0 if source in (FREE, None) else self.sources[source].cost_ratio
+        cost = self.costs.step(source if k else None, k, ratio)
         return cost if cost is not None and cost > 0 else float("inf")
 
     def _plan_measured(self, k_cap: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
@@ -371,7 +370,7 @@ class Planner:
             offers = [best_free(b, k) for b in range(batch)]
             if any(s != NONE for _, s in offers):  # free sources only: no model runs
                 rate = sum(e for e, _ in offers) / self._cost(FREE, k)
-                if rate > best[2] * (1 + 1e-9):
+                if rate > best[2] * (1 + (FREE_MARGIN if best[0] == 0 else 1e-9)):
                     best = (k, [s for _, s in offers], rate)
             for name in self.costly:  # `name` runs; each row takes its better offer
                 picks, tokens = [], 0.0
