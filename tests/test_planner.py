@@ -87,6 +87,22 @@ def test_cost_curve_interpolates_and_extrapolates_measured_sizes():
     assert proportional(4) == pytest.approx(2.0)
 
 
+def test_a_stall_on_a_new_size_counts_at_most_the_outlier_cap_of_the_line():
+    """A width's first measurement, once a line through two others is known, counts at most
+    OUTLIER_CAP times the line's prediction (a stall cannot price an unmeasured width out)."""
+    from specdec.planning.costs import OUTLIER_CAP
+
+    curve = CostCurve(decode_step=True)
+    curve.observe(1, 1.0)
+    curve.observe(2, 1.2)
+    curve.observe(3, 1.25)
+    predicted = curve(6)
+    curve.observe(6, 30.0)  # another process took the CPU for the whole forward
+    assert curve.values[6] == pytest.approx(OUTLIER_CAP * predicted)
+    curve.observe(7, 1.45)  # an honest first measurement is kept as it is
+    assert curve.values[7] == 1.45
+
+
 def test_a_verify_curve_keeps_the_decode_forward_apart_from_the_line():
     """Target forwards: 1 token 6.4, then 7.6 + 0.2 per token. Size 1 is its own average; the
     line goes through the wider sizes once two are known (before, through the prefill)."""

@@ -98,7 +98,13 @@ class CostCurve:
             return
         old = self.values.get(size)
         if old is None:
-            self.values[size] = seconds
+            # Once a line is known (two sizes besides a decode step), a size's first call counts
+            # at most OUTLIER_CAP times what the line predicts for it: a stall on the first
+            # draft after a long plain stretch would otherwise price that width out, and it
+            # would never be measured again.
+            known = [x for x in self.values if not (self.decode_step and x == 1)]
+            predicted = self(size) if len(known) >= 2 else None
+            self.values[size] = min(seconds, OUTLIER_CAP * predicted) if predicted else seconds
             self.counts[size] = 1
         elif self.counts[size] == 1:  # the first call at a new shape is often cold (allocation, kernel choice)
             self.values[size] = min(old, seconds)

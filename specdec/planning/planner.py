@@ -349,8 +349,7 @@ class Planner:
     def _plan_measured(self, k_cap: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
         """Measured costs: the plan with the most expected tokens per second for the batch."""
         batch = len(self.rows)
-        # A free source's offers are scored every step: its estimates need no optimism.
-        free_rates = {name: [self._rates(b, name, optimistic=False) for b in range(batch)] for name in self.free}
+        free_rates = {name: [self._rates(b, name) for b in range(batch)] for name in self.free}
 
         def best_free(b: int, k: int) -> tuple[float, str]:
             """Row b's best free offer at k: (expected tokens, source)."""
