@@ -3,6 +3,8 @@
     specdec bench                        # bundled pair: the headline comparison, a few minutes
     specdec bench --full                 # adds the K sweep and the cache workload
     specdec bench --quick                # a smoke run in under a minute
+    specdec bench --preset smollm2       # SmolLM2-135M on HumanEval, under 10 minutes on a CPU
+    specdec bench --workload grounded    # a named prompt set (stdlib, humaneval, grounded, chat)
     specdec generate "def fib(n):" --stream --stop "\n\n"
     specdec cache ...                    # cache administration (specdec.cache.cli)
 
@@ -82,16 +84,17 @@ def _registry_help() -> tuple[str, str]:
     drafters = [n for n in names if n not in (AUTO, NONE)]
     drafter = f"{', '.join(drafters)}, {NONE} (plain decoding) or {AUTO} (default: the drafter chosen per step)"
     methods = (f"subset of {','.join(all_methods())}; X-auto is drafter X with K chosen per step (default: "
-               f"{','.join(PRESETS['headline'].methods)}; --full and --quick: all)")
+               f"the preset's: {','.join(PRESETS['headline'].methods)}; --full and --quick: all)")
     return drafter.replace("%", "%%"), methods.replace("%", "%%")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--target", help="target model: hub id or local path (default: the bundled pair's target)")
+    g.add_argument("--target", help="target model: hub id, local path or a named real model such as smollm2-135m "
+                                    "(default: the bundled pair's target; bench: the preset's, if it names one)")
     g.add_argument("--draft", help="draft model: hub id or local path; 'none' for no draft; 'random' (bench) a "
                                    "random-weight draft of the target's shape, the useless-draft workload "
-                                   "(default: the bundled draft when --target is not given)")
+                                   "(default: the bundled draft when neither --target nor a real-model preset is given)")
     g.add_argument("--device", help="torch device for both models (cpu, cuda, cuda:1, mps)")
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
     g.add_argument("--device-map", choices=("auto",), help="let accelerate place the target (multi-GPU / offload)")
@@ -107,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speculative decoding for Hugging Face causal LMs: generate, benchmark, manage the cache.",
     )
     from . import __version__
+    from .bench.config import PRESETS
+    from .workload import DEFAULT_WORKLOAD, WORKLOADS
 
     drafter_help, methods_help = _registry_help()
     parser.add_argument("--version", action="version", version=f"specdec {__version__}")
@@ -137,23 +142,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark baseline, draft-model and n-gram drafting against transformers' "
                     "generate (plain, assisted, prompt lookup) on the same models and prompts. The default is "
                     "the headline at one K (a few minutes on a 2-core CPU); --full adds the K sweep and the "
-                    "cache workload.",
+                    "cache workload; --preset smollm2 / gemma3 run a real pretrained model on a real workload "
+                    "(HumanEval, grounded tasks).",
     )
     _add_model_options(bench)
     b = bench.add_argument_group("benchmark")
     b.add_argument("--num-draft-tokens", "--k", type=_k_list, default=None, metavar="K[,K...]",
                    help="K, or a sweep like 4,2,8 (the first value is the main K used for the sampled "
-                        "setting and the cache rows; default 4, --full: 4,2,6,8)")
-    b.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128 (--quick: 32)")
-    b.add_argument("--num-prompts", type=_positive_int, default=None, help="default 6 (--full: 16, --quick: 3)")
-    b.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats; default 3 (--quick: 1)")
+                        "setting and the cache rows; default: " + _preset_values("num_draft_tokens") + ")")
+    b.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: " + _preset_values("max_new_tokens"))
+    b.add_argument("--num-prompts", type=_positive_int, default=None,
+                   help="the first N prompts of the workload; default: " + _preset_values("num_prompts"))
+    b.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed repeats; default: " + _preset_values("repeats"))
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass")
     preset = b.add_mutually_exclusive_group()
+    preset.add_argument("--preset", choices=tuple(PRESETS), default=None, metavar="NAME",
+                        help="defaults for every option below and the target (explicit options override "
+                             "them): " + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items()))
     preset.add_argument("--full", action="store_true",
-                        help="the K sweep, the cache workload and 16 prompts (about 4x the default's time)")
-    preset.add_argument("--quick", action="store_true", help="a smoke run, under a minute on a laptop CPU")
-    b.add_argument("--prompts", metavar="FILE.jsonl",
-                   help='prompts, one JSON object per line: {"prompt": ...} or {"turns": [...]}')
+                        help="--preset full: the K sweep, the cache workload and 16 prompts (about 4x the "
+                             "default's time)")
+    preset.add_argument("--quick", action="store_true",
+                        help="--preset quick: a smoke run, under a minute on a laptop CPU")
+    prompts = b.add_mutually_exclusive_group()
+    prompts.add_argument("--workload", metavar="NAME",
+                         help="a named prompt set: " + "; ".join(
+                             f"{w.name}: {w.description} [{w.count} prompts; {w.licence}]" for w in WORKLOADS.values())
+                         + f" (default: the preset's, else {DEFAULT_WORKLOAD})")
+    prompts.add_argument("--prompts", metavar="FILE.jsonl",
+                         help='your own prompts, one JSON object per line: {"prompt": ...} or {"turns": [...]}, '
+                              'optionally "chat": true (render with the chat template) and "id"')
     b.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampled setting")
     b.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled setting")
     b.add_argument("--settings", type=_name_list, default=("greedy", "sampled"), help="greedy,sampled")
@@ -161,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache", default="memory://specdec-bench",
                    help="cache URL for the cache rows (default: in-process memory://)")
     b.add_argument("--cache-prompts", type=_positive_int, default=None,
-                   help="prompts in the cache workload before repeats/near-duplicates; default 4 (--quick: 1)")
+                   help="prompts in the cache workload before repeats/near-duplicates; default: "
+                        + _preset_values("cache_prompts"))
     b.add_argument("--out", type=Path, default=Path("specdec-bench"), help="folder for results.* and plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -291,34 +312,55 @@ def stats_line(result) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+def _preset_values(field: str) -> str:
+    """'4 (full: 4,2,6,8)': a setting's default in the headline preset, then where others differ."""
+    from .bench.config import PRESETS
+
+    def show(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    base = getattr(PRESETS["headline"], field)
+    others = [f"{name}: {show(getattr(p, field))}" for name, p in PRESETS.items()
+              if name != "headline" and getattr(p, field) != base]
+    return show(base) + (f" ({', '.join(others)})" if others else "")
+
+
+def _bench_models(args, preset) -> tuple[str, str | None]:
+    """Target and draft of `specdec bench`: --target, else the preset's model, else the bundled pair."""
+    if args.target is None and preset.target is not None:
+        draft = args.draft
+        return preset.target, (None if draft is None or draft.lower() == "none" else draft)
+    return _model_paths(args)
+
+
 def bench_config(args):
     """The BenchConfig of `specdec bench`'s arguments: the preset's values where none was given."""
     from .bench import PRESETS, BenchConfig
 
-    name = "full" if args.full else "quick" if args.quick else "headline"
-    preset = PRESETS[name]
-    target, draft = _model_paths(args)
-    return BenchConfig(
+    name = args.preset or ("full" if args.full else "quick" if args.quick else "headline")
+    target, draft = _bench_models(args, PRESETS[name])
+    return BenchConfig.from_preset(
+        name,
         target=target,
         draft=draft,
         out=args.out,
         device=args.device,
         dtype=None if args.dtype in (None, "auto") else args.dtype,
         device_map=args.device_map,
-        num_draft_tokens=args.num_draft_tokens or list(preset.num_draft_tokens),
-        max_new_tokens=args.max_new_tokens or preset.max_new_tokens,
-        num_prompts=args.num_prompts or preset.num_prompts,
-        repeats=args.repeats or preset.repeats,
+        num_draft_tokens=args.num_draft_tokens,
+        max_new_tokens=args.max_new_tokens,
+        num_prompts=args.num_prompts,
+        repeats=args.repeats,
         warmup=not args.no_warmup,
         prompts_file=args.prompts,
+        workload=args.workload,
         seed=args.seed,
         temperature=args.temperature,
         settings=args.settings,
-        methods=args.methods or preset.methods,
+        methods=args.methods,
         cache_url=args.cache,
-        cache_prompts=args.cache_prompts or preset.cache_prompts,
+        cache_prompts=args.cache_prompts,
         threads=args.threads,
-        preset=name,
         progress=not args.no_progress,
         command=_command_line(),
     )

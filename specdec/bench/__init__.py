@@ -2,7 +2,7 @@
 
 Every method runs in one process on the same prompts, models and machine. Split by concern:
 
-  config   the presets (headline default, --full, --quick) and option validation
+  config   the presets (headline default, --full, --quick, the real-model ones) and option validation
   methods  what runs: specdec drafters and transformers' generate, one prompt per call
   runner   load, measure forward costs, plan, execute (alternating order, Ctrl-C safe)
   metrics  the numbers of a row: speedup, tau, bound tau / (k c + 1), efficiency, spread

@@ -1,10 +1,12 @@
-"""`specdec bench` settings: the methods it knows, the two presets, and validation.
+"""`specdec bench` settings: the methods it knows, the presets, and validation.
 
-Two presets. The default is the headline: baseline, the draft model and n-gram at
-the main K (and "auto" where the engine offers it), against transformers' plain,
-assisted and prompt-lookup generation, greedy and sampled, on 4 prompts: under five
-minutes on a 2-core CPU. `--full` adds the K sweep, the cache workload and 16
-prompts. `--quick` is a smoke run. Any explicit option overrides the preset.
+The default preset is the headline: baseline, the draft model and n-gram at the main K
+(and "auto" where the engine offers it), against transformers' plain, assisted and
+prompt-lookup generation, greedy and sampled, on 4 prompts: under five minutes on a
+2-core CPU. `--full` adds the K sweep, the cache workload and 16 prompts. `--quick` is a
+smoke run. `--preset smollm2` and `--preset gemma3` run the same comparison on a real
+pretrained model and a real workload (see PRESETS). Any explicit option overrides the
+preset: --target, --workload / --prompts, --num-prompts and the rest.
 
 specdec's own methods come from the drafter registry (specdec.drafters), read when they
 are asked for, so that drafters registered by plug-ins are methods too: "baseline"
@@ -97,7 +99,8 @@ def __getattr__(name: str):
 
 @dataclass(frozen=True)
 class Preset:
-    """Defaults that --full / --quick / the plain command choose between."""
+    """Defaults that --preset NAME (--full, --quick: --preset full, quick) or the plain command
+    choose between."""
 
     num_draft_tokens: tuple[int, ...]
     max_new_tokens: int
@@ -105,16 +108,41 @@ class Preset:
     repeats: int
     cache_prompts: int
     method_names: tuple[str, ...] | None  # None: every method (all_methods(), plug-ins included)
+    target: str | None = None  # None: the bundled pair (specdec.loading names the real models)
+    workload: str | None = None  # a name in specdec.workload.WORKLOADS; None: the default (stdlib)
+    description: str = ""  # one line for --help
 
     @property
     def methods(self) -> tuple[str, ...]:
         return all_methods() if self.method_names is None else self.method_names
 
 
+# The real-model presets. Without --draft the "model" and "hf-assisted" rows are dropped with a
+# note; with one they run too (about 1.5x the time). Duration on a 2-core CPU, one torch thread,
+# from decoding speed alone: every method is counted at the slowest plain-decoding speed, which
+# overestimates the drafting rows.
+#   smollm2: SmolLM2-135M decodes 20-40 tokens/s there. Without a draft, 10 rows (greedy:
+#     baseline, hf, auto, ngram, hf-lookup; the same sampled) x (4 prompts x 3 repeats + 1
+#     warm-up) = 130 generations x at most 64 new tokens = 8,320 tokens: 210-420 s, plus
+#     prefills of about 130 HumanEval tokens (under 0.2 s each, 25 s) and about 30 s of loading
+#     and forward-cost measurement: 4.5 to 8 minutes, under the 10-minute bound.
+#   gemma3: Gemma 3 270M reads twice SmolLM2's weights per token (its output layer over a
+#     262k-token vocabulary alone has 168M), about 10-20 tokens/s; grounded prompts run to
+#     150-400 tokens. 10 rows x (4 prompts x 2 repeats + 1) = 90 generations x at most 64 new
+#     tokens = 5,760 tokens: 290-580 s, plus 90 prefills of up to a second (logits at the last
+#     position only) and about a minute of loading: 7 to 12 minutes.
 PRESETS = {
-    "headline": Preset((4,), 128, 4, 3, 4, HEADLINE_METHODS),
-    "full": Preset((4, 2, 6, 8), 128, 16, 3, 4, None),
-    "quick": Preset((4,), 32, 3, 1, 1, None),
+    "headline": Preset((4,), 128, 4, 3, 4, HEADLINE_METHODS,
+                       description="bundled pair on stdlib, 4 prompts x 128 tokens x 3 repeats (the default)"),
+    "full": Preset((4, 2, 6, 8), 128, 16, 3, 4, None,
+                   description="adds the K sweep (4,2,6,8), the cache workload and 16 prompts"),
+    "quick": Preset((4,), 32, 3, 1, 1, None, description="a smoke run, 3 prompts x 32 tokens, one repeat"),
+    "smollm2": Preset((4,), 64, 4, 3, 4, HEADLINE_METHODS, target="smollm2-135m", workload="humaneval",
+                      description="SmolLM2-135M on HumanEval, 4 prompts x 64 tokens x 3 repeats "
+                                  "(under 10 min on a 2-core CPU)"),
+    "gemma3": Preset((4,), 64, 4, 2, 4, HEADLINE_METHODS, target="gemma3-270m", workload="grounded",
+                     description="Gemma 3 270M on the grounded tasks, 4 prompts x 64 tokens x 2 repeats "
+                                 "(about 7-12 min on a 2-core CPU)"),
 }
 
 
@@ -134,6 +162,7 @@ class BenchConfig:
     repeats: int = 3
     warmup: bool = True
     prompts_file: str | None = None
+    workload: str | None = None  # a named workload (specdec.workload.WORKLOADS); None: stdlib or prompts_file
     seed: int = 0
     temperature: float = 0.8  # the sampled setting
     settings: tuple[str, ...] = SETTINGS
@@ -144,6 +173,33 @@ class BenchConfig:
     preset: str = "headline"
     progress: bool = True
     command: str = ""
+
+    @classmethod
+    def from_preset(cls, name: str = "headline", *, out: Path, target: str | None = None, draft: str | None = None,
+                    **options) -> BenchConfig:
+        """The settings of preset `name`, with every option given here (not None) in place of the
+        preset's value: the way `specdec bench --preset NAME [options]` builds its config.
+
+        `target` defaults to the preset's model (the real-model presets name one); `prompts_file`
+        replaces the preset's workload rather than clashing with it (an explicit `workload` and
+        `prompts_file` together still do: validate() refuses them).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        preset = PRESETS[name]
+        target = target or preset.target
+        if target is None:
+            raise ValueError(f"preset {name!r} names no target model; pass one")
+        given = {key: value for key, value in options.items() if value is not None}
+        values = dict(
+            num_draft_tokens=list(preset.num_draft_tokens), max_new_tokens=preset.max_new_tokens,
+            num_prompts=preset.num_prompts, repeats=preset.repeats, cache_prompts=preset.cache_prompts,
+            methods=preset.methods,
+        )
+        if "prompts_file" not in given:
+            values["workload"] = preset.workload
+        values.update(given)
+        return cls(target=target, draft=draft, out=Path(out), preset=name, **values)
 
     @property
     def main_k(self) -> int:
@@ -161,6 +217,13 @@ class BenchConfig:
                 raise ValueError(f"--num-draft-tokens values must be in 1..{MAX_DRAFT_TOKENS}, got {k}")
         if len(set(ks)) != len(ks):
             raise ValueError(f"--num-draft-tokens has repeated values: {ks}")
+        if self.workload is not None and self.prompts_file is not None:
+            raise ValueError(f"pass either --workload ({self.workload}) or --prompts ({self.prompts_file}), not "
+                             "both: --workload names a built-in prompt set, --prompts reads your own file")
+        if self.workload is not None:
+            from ..workload import get_workload
+
+            get_workload(self.workload)  # an unknown name fails now, listing the names
         for name in ("max_new_tokens", "num_prompts", "repeats", "cache_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

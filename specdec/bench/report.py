@@ -181,7 +181,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
         + (f" ({doc['models']['draft_parameters']:,} parameters)" if doc["models"]["draft_parameters"] else "")
         + f"; dtype {doc['models']['dtype']} on {doc['models']['device']}.",
         "",
-        f"Workload: {doc['workload']['source']}, {doc['workload']['prompts']} prompts "
+        f"Workload: {_workload_name(doc['workload'])}{doc['workload']['prompts']} prompts "
         f"(mean {doc['workload']['mean_prompt_tokens']:.0f} tokens), up to {doc['workload']['max_new_tokens']} new "
         f"tokens each, batch 1; cache workload {doc['workload']['cache_workload_prompts']} prompts. "
         f"Median of {settings['repeats']} repeats, alternating order"
@@ -363,3 +363,11 @@ def _acceptance(plt, out: Path, rows: list[dict[str, Any]], main_k: int, ks: lis
     fig.savefig(out / "acceptance_by_position.png", dpi=120)
     plt.close(fig)
     return "acceptance_by_position.png"
+
+
+def _workload_name(workload: dict) -> str:
+    """'humaneval (source; licence), ' for a named workload, 'FILE, ' for a --prompts file."""
+    if workload.get("name"):
+        licence = f"; {workload['licence']}" if workload.get("licence") else ""
+        return f"{workload['name']} ({workload['source']}{licence}), "
+    return f"{workload['source']}, "

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..workload import cache_workload, load_builtin, load_jsonl, render
+from ..workload import DEFAULT_WORKLOAD, cache_workload, get_workload, load_jsonl, render
 from . import metrics
 from .config import BASELINE, CACHE, RANDOM_DRAFT, BenchConfig, Method, specdec_methods
 from .methods import (
@@ -46,8 +46,11 @@ class Bench:
         # The workload is read before the models, so that a bad prompt file fails at once.
         if config.prompts_file:
             self.prompts = load_jsonl(config.prompts_file)[: config.num_prompts]
+            self.workload_info = {"name": None, "source": config.prompts_file, "licence": None}
         else:
-            self.prompts = load_builtin(config.num_prompts)
+            workload = get_workload(config.workload or DEFAULT_WORKLOAD)
+            self.prompts = workload.load(config.num_prompts)
+            self.workload_info = {"name": workload.name, "source": workload.source, "licence": workload.licence}
 
     # ------------------------------------------------------------------ setup
 
@@ -347,7 +350,7 @@ class Bench:
                 "load_seconds": self.load_seconds,
             },
             "workload": {
-                "source": cfg.prompts_file or "built-in held-out standard-library prompts",
+                **self.workload_info,  # name (None for a --prompts file), source, licence
                 "prompts": len(self.prompts),
                 "mean_prompt_tokens": sum(len(i) for i in self.ids) / len(self.ids),
                 "cache_workload_prompts": len(self.cache_prompts),
