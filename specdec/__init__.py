@@ -8,6 +8,7 @@
 from .generator import SpeculativeGenerator, check_vocab_compatible
 from .loading import bundled_pair
 from .params import MAX_DRAFT_TOKENS, GenerationParams
+from .real_models import list_real_models
 from .stats import GenerationResult, GenerationStats
 
 # The package version: pyproject.toml reads it from here, `specdec --version` prints it.
@@ -21,4 +22,5 @@ __all__ = [
     "SpeculativeGenerator",
     "bundled_pair",
     "check_vocab_compatible",
+    "list_real_models",
 ]

