@@ -45,7 +45,7 @@ def test_ngram_repeating_pattern_gives_full_drafts():
 
 
 def test_drafter_can_ask_for_the_targets_hidden_states(monkeypatch):
-    """A drafter that sets wants_hidden_states reads the target's last hidden states after
+    """A drafter that sets reads_hidden_states reads the target's last hidden states after
     each step; other drafters get None (the target forward does not produce them)."""
     from fixtures_models import make_model
     from specdec import SpeculativeGenerator
