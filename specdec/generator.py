@@ -324,8 +324,8 @@ class SpeculativeGenerator:
             # Greedy: seeds do not matter, only the budget left after the kept tokens.
             sub_params = dataclasses.replace(params, max_new_tokens=remaining, seed=None)
             outputs = decode(
-                self.target_model, [rows[i] + c.token_ids for i, _, c in group], sub_params,
-                self._make_drafters(sub_params, layer), stop_ids, **self._engine_args(),
+                self.target_model, [rows[i] + c.token_ids for i, _, c in group], sub_params, drafters, stop_ids,
+                **self._engine_args(),
             )
             for (i, _, c), out in zip(group, outputs):
                 stats = _add_check(out.stats, rows[i], c)

@@ -47,7 +47,6 @@ class DraftProposal:
     num_draft: torch.Tensor  # [B] int64, drafts proposed per row (0..K)
     probs: torch.Tensor | None = None  # [B, K, V] processed draft probs q; None = one-hot drafter
     confidence: torch.Tensor | None = None  # [B, K] the draft's probability of each of its tokens
-    host_num_draft: list[int] | None = None  # [B] num_draft on the host, when the drafter built it there
     host_rows: list[list[int]] | None = None  # [B][num_draft] the drafts on the host, when built there
     sources: list[str] | None = None  # [B] which drafter drafted each row (set by the planner)
     draft_forwards: int = 0  # forwards of a draft model this proposal cost
@@ -55,21 +54,10 @@ class DraftProposal:
     # drafting time is not what drafting K tokens costs (the planner does not time it).
     catch_up: bool = False
 
-    def truncate(self, k: int) -> "DraftProposal":
-        """The first k drafts of every row (a lookup drafter's offer cut to the chosen length)."""
-        if k >= self.tokens.shape[1]:
-            return self
-        return DraftProposal(
-            tokens=self.tokens[:, :k],
-            num_draft=self.num_draft.clamp(max=k),
-            probs=None if self.probs is None else self.probs[:, :k],
-            confidence=None if self.confidence is None else self.confidence[:, :k],
-            host_num_draft=None if self.host_num_draft is None else [min(n, k) for n in self.host_num_draft],
-            host_rows=None if self.host_rows is None else [r[:k] for r in self.host_rows],
-            sources=self.sources,
-            draft_forwards=self.draft_forwards,
-            catch_up=self.catch_up,
-        )
+    @property
+    def host_num_draft(self) -> list[int] | None:
+        """[B] num_draft on the host, when the drafter built the proposal there."""
+        return None if self.host_rows is None else [len(r) for r in self.host_rows]
 
 
 @dataclass
@@ -180,13 +168,11 @@ def empty_proposal(batch: int, device: torch.device | str = "cpu") -> DraftPropo
 
 
 def pack_proposals(rows: list[list[int]], k: int, device: torch.device | str = "cpu") -> DraftProposal:
-    """Pack per-row token lists (each at most k long) into a one-hot DraftProposal."""
-    width = max((min(len(r), k) for r in rows), default=0)
-    tokens = torch.full((len(rows), width), -1, dtype=torch.int64)
-    for i, row in enumerate(rows):
+    """Pack per-row token lists (each cut to k) into a one-hot DraftProposal."""
+    cut = [list(r[:k]) for r in rows]
+    tokens = torch.full((len(cut), max(map(len, cut), default=0)), -1, dtype=torch.int64)
+    for i, row in enumerate(cut):
         if row:
-            tokens[i, : len(row)] = torch.tensor(row[:k], dtype=torch.int64)
-    counts = [min(len(r), k) for r in rows]
-    num_draft = torch.tensor(counts, dtype=torch.int64)
-    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device), host_num_draft=counts,
-                         host_rows=[list(r[:k]) for r in rows])
+            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    num_draft = torch.tensor([len(r) for r in cut], dtype=torch.int64)
+    return DraftProposal(tokens=tokens.to(device), num_draft=num_draft.to(device), host_rows=cut)

@@ -185,7 +185,8 @@ class Planner:
             self._ran = FREE
             return proposal
         name = costly[0]  # one costly source runs a step (the plan weighs them one at a time)
-        stop = self._early_stop(name, k, batch) if self.measured and all(s in (name, NONE) for s in sources) else None
+        only_name = all(s in (name, NONE) for s in sources)
+        stop = self._early_stop(name, k, batch) if self.measured and only_name else None
         drafted = self.sources[name].propose(state, k, early_stop=stop)
         self._ran, self._catch_up = name, drafted.catch_up
         k = drafted.tokens.shape[1]  # an early stop may have ended the draft sooner
@@ -193,7 +194,7 @@ class Planner:
         num_draft = torch.minimum(drafted.num_draft, limits)
         if stop is not None:
             num_draft = torch.minimum(num_draft, stop.num_draft)
-        if all(s in (name, NONE) for s in sources):
+        if only_name:
             drafted.num_draft, drafted.sources = num_draft, sources
             return drafted
         # Some rows verify a free source's drafts: their tokens replace the model's, with a
@@ -278,18 +279,23 @@ class Planner:
         costly source drafts k_cap; a free one what it has, once it has evidence of its own)."""
         ks, chosen = [], []
         for b in range(len(self.rows)):
-            best = (k_cap, self.costly[0], -1.0) if self.costly else (0, NONE, -1.0)
             if self.costly:
-                best = (k_cap, self.costly[0], expected_tokens(self._counts(b, self.costly[0]).rates(), k_cap))
+                name = self.costly[0]
+                best = (k_cap, name, expected_tokens(self._counts(b, name).rates(), k_cap))
+            else:
+                best = (0, NONE, 0.0)
             for name in self.free:
                 n = min(k_cap, available[name][b])
-                counts = self._counts(b, name)
-                if not self.costly and n:  # free sources only: the longest offer
-                    if best[1] == NONE or n > best[0]:
+                if not n:
+                    continue
+                if not self.costly:  # free sources only: the longest offer
+                    if n > best[0]:
                         best = (n, name, 0.0)
                     continue
-                if n and any(counts.trials) and expected_tokens(counts.rates(), n) > best[2] * (1 + 1e-9):
-                    best = (n, name, expected_tokens(counts.rates(), n))
+                counts = self._counts(b, name)
+                expected = expected_tokens(counts.rates(), n)
+                if any(counts.trials) and expected > best[2] * (1 + 1e-9):
+                    best = (n, name, expected)
             ks.append(best[0])
             chosen.append(best[1])
         return ks, chosen
