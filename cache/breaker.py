@@ -37,6 +37,12 @@ class CircuitBreaker:
         self._probe_out = False
         self.times_opened = 0
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (another thread may have held the old one at the fork),
+        and no probe outstanding (the thread running it does not exist here)."""
+        self._lock = threading.Lock()
+        self._probe_out = False
+
     @property
     def state(self) -> str:
         """'closed', 'open' or 'half-open' (an open breaker past its cool-down reads half-open)."""

@@ -8,7 +8,9 @@ The URL defaults to $SPECDEC_REDIS_URL. `invalidate --all` replaces the namespac
 epoch token with a new random one (O(1)); `--model` does the same for one model's
 epoch (by fingerprint id, or by the name/path it was loaded from); `--key` deletes one
 response key; `flush` deletes every key of the namespace with SCAN + UNLINK. Nothing
-here runs FLUSHDB or CONFIG SET.
+here runs FLUSHDB or CONFIG SET. With $SPECDEC_CACHE_SECRET set (trusted mode) new
+epochs are authenticated records, and `--model NAME` resolves only through model
+records authenticated under the secret.
 
 Everything read from the server (key names, hash fields, model descriptions, server
 info) was written by whoever can write to it: text output escapes every character
@@ -75,13 +77,57 @@ def _namespace(args: argparse.Namespace) -> tuple[Any, Namespace]:
         options["namespace"] = args.namespace
     config = parse_cache_url(url, **options)
     store = get_store(config)
-    return store, Namespace(store, config.namespace)
+    return store, Namespace(store, config.namespace, secret=config.secret)  # $SPECDEC_CACHE_SECRET: trusted mode
+
+
+class _SkipWrongType:
+    """A store whose admin reads skip a key holding the wrong Redis type (a list where a hash
+    belongs: anyone who can write to the server can put one there) and name it in `skipped`,
+    so that `stats` reports everything else instead of failing whole."""
+
+    _EMPTY = {"get": lambda: None, "hgetall": dict}  # what a skipped key reads as
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.skipped: list[str] = []
+
+    def admin(self, op: str, *args: Any) -> Any:
+        try:
+            return self._store.admin(op, *args)
+        except Exception as exc:
+            if not _is_wrong_type(exc):
+                raise
+            if op == "mget":  # several keys: read them one by one, skipping the bad ones
+                return [self.admin("get", key) for key in args[0]]
+            if op not in self._EMPTY:
+                raise
+            self.skipped.append(str(args[0]))
+            return self._EMPTY[op]()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def _is_wrong_type(exc: BaseException) -> bool:
+    """Redis's WRONGTYPE reply: the key exists but holds another kind of value."""
+    from redis.exceptions import ResponseError
+
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def _stats(ns: Namespace, as_json: bool) -> None:
-    report = ns.stats()
+    store, ns.store = ns.store, _SkipWrongType(ns.store)
+    try:
+        report = ns.stats()
+        skipped = sorted(set(ns.store.skipped))
+    finally:
+        ns.store = store
     report["server"] = ns.store.admin("server_info")
+    for key in skipped:
+        print(f"warning: key {safe(key)} holds the wrong type of Redis value; skipped it, reporting the rest",
+              file=sys.stderr)
     if as_json:  # ensure_ascii: control characters come out as \u escapes
+        report["skipped_keys"] = skipped
         print(json.dumps(report, indent=2, sort_keys=True, default=safe, ensure_ascii=True))
         return
     epoch = report["epoch"]
@@ -96,7 +142,8 @@ def _stats(ns: Namespace, as_json: bool) -> None:
     print("counters    " + (", ".join(f"{safe(k)}={v}" for k, v in sorted(counters.items())) or "none") + rate)
     for model_id, desc in sorted(report["models"].items()):
         role, name = safe(desc.get("role", "?")), safe(desc.get("name_or_path", desc.get("description", "?")))
-        print(f"model       {safe(model_id)}  {role:6}  {name}")
+        flag = "" if desc.get("authenticated") or not ns.signed else "  (not authenticated: ignored by --model NAME)"
+        print(f"model       {safe(model_id)}  {role:6}  {name}{flag}")
 
 
 def _invalidate(ns: Namespace, args: argparse.Namespace) -> int:
@@ -104,17 +151,7 @@ def _invalidate(ns: Namespace, args: argparse.Namespace) -> int:
         print(f"namespace {ns.name}: new epoch {ns.bump()}; every earlier entry is unreachable")
         return 0
     if args.model:
-        models = ns.models()
-        ids = [m for m, d in models.items() if args.model in (m, d.get("name_or_path"))]
-        if not ids and len(args.model) == 32 and all(c in "0123456789abcdef" for c in args.model):
-            ids = [args.model]  # a fingerprint id that this namespace has not registered (yet)
-        if not ids:
-            known = ", ".join(f"{safe(m)} ({safe(d.get('name_or_path'))})" for m, d in models.items()) or "none"
-            print(f"error: no model {safe(args.model)!r} in namespace {ns.name}; known: {known}", file=sys.stderr)
-            return 1
-        for model_id in ids:
-            print(f"model {safe(model_id)}: new epoch {ns.bump_model(model_id)}")
-        return 0
+        return _invalidate_model(ns, args.model)
     key = args.key
     if ":" not in key:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
@@ -126,10 +163,54 @@ def _invalidate(ns: Namespace, args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_fingerprint_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+def _invalidate_model(ns: Namespace, wanted: str) -> int:
+    """Bump one model's epoch, naming the model by name/path or by id; print the id bumped.
+
+    With a secret the name resolves only through registry records authenticated under
+    it (anyone who can write to the server can add or rewrite the others); without one
+    every record counts, and the output says so (harmless there: verified mode checks
+    every cached answer). An ambiguous or unknown name is refused, never guessed.
+    """
+    records = ns.models()
+    usable = {m: d for m, d in records.items() if d.get("authenticated") or not ns.signed}
+    named = sorted(m for m, d in usable.items() if d.get("name_or_path") == wanted)
+    if len(named) > 1:
+        ids = ", ".join(safe(m) for m in named)
+        print(
+            f"error: model name {safe(wanted)!r} is ambiguous in namespace {ns.name} (ids {ids}); "
+            "pass one id with --model ID",
+            file=sys.stderr,
+        )
+        return 1
+    if named:
+        model_id = named[0]
+    elif wanted in usable or _is_fingerprint_id(wanted):
+        model_id = wanted  # an exact id names itself (registered or not yet)
+    else:
+        known = ", ".join(f"{safe(m)} ({safe(d.get('name_or_path'))})" for m, d in sorted(usable.items())) or "none"
+        ignored = len(records) - len(usable)
+        extra = f"; {ignored} unauthenticated record(s) ignored" if ignored else ""
+        which = "authenticated models" if ns.signed else "known"
+        print(f"error: no model {safe(wanted)!r} in namespace {ns.name}; {which}: {known}{extra}", file=sys.stderr)
+        return 1
+    desc = usable.get(model_id)
+    name = f" ({safe(desc.get('name_or_path'))})" if desc and desc.get("name_or_path") is not None else ""
+    note = "" if ns.signed else (
+        "; the model registry is unauthenticated without a secret (harmless: verified mode checks every cached answer)"
+    )
+    print(f"model {safe(model_id)}{name}: new epoch {ns.bump_model(model_id)}{note}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one `specdec cache` subcommand; return the exit status."""
     store = None
     try:
+        _check_args(args)
         store, ns = _namespace(args)
         command = args.cache_command
         if command == "stats":
@@ -156,6 +237,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             release_store(store)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """ValueError for an option given but empty: argparse takes `--model ''`, and an empty
+    value would otherwise fall through to a default (another namespace, another URL) or
+    to a different subcommand's path."""
+    hints = {
+        "url": f"a cache URL such as redis://127.0.0.1:6379/0, or leave --url out to use ${ENV_URL}",
+        "namespace": "a namespace name, or leave --namespace out for the URL's (else 'default')",
+        "model": "a model's fingerprint id or the name/path it was loaded from (see `specdec cache stats`)",
+        "key": "a response's Redis key or its 64-hex digest",
+    }
+    for option, hint in hints.items():
+        value = getattr(args, option, None)
+        if value is not None and not value.strip():
+            raise ValueError(f"--{option} is empty; pass {hint}")
 
 
 def _scrub(exc: BaseException, args: argparse.Namespace) -> str:

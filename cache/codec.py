@@ -137,6 +137,8 @@ def decode_value(
     an unsigned or wrongly signed value still decodes (the caller decides what an
     unauthenticated value may be used for: a draft to verify, or nothing).
     """
+    if not isinstance(data, (bytes, bytearray, memoryview)):  # a reply of another type is no value
+        raise CorruptValue(f"a value must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise CorruptValue(f"value of {len(data)} bytes exceeds the cap of {max_bytes} bytes")
     if len(data) < HEADER.size:

@@ -21,8 +21,10 @@ comes from `secret=` or the SPECDEC_CACHE_SECRET environment variable.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -69,27 +71,123 @@ _OWNED_REDIS = {
 _ALIASES = {"ttl": "ttl_s", "deadline": "deadline_ms", "ns": "namespace"}
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _parse_bool(name: str, value: Any) -> bool:
+    """A bool, or one of the words true/false, yes/no, on/off, 1/0 (in a URL); anything else is an error."""
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE:
         return True
-    if text in ("0", "false", "no", "off"):
+    if text in _FALSE:
         return False
-    raise ValueError(f"cache option {name}={value!r} is not a boolean; use true/false")
+    raise ValueError(
+        f"cache option {name}={value!r} is not a boolean; it must be true or false (also 1/0, yes/no, on/off)"
+    )
+
+
+def _parse_int(name: str, value: Any, allowed: str) -> int:
+    """An int from an int or its decimal text; floats, bools and other text are errors."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"cache option {name}={value!r} is not an integer; it must be {allowed}")
+
+
+def _parse_float(name: str, value: Any, allowed: str) -> float:
+    """A finite float from a number or its text; nan, inf, bools and other text are errors."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"cache option {name}={value!r} is not a number; it must be {allowed}") from None
+    else:
+        raise ValueError(f"cache option {name}={value!r} is not a number; it must be {allowed}")
+    if not math.isfinite(number):
+        raise ValueError(f"cache option {name}={value!r} is not a finite number; it must be {allowed}")
+    return number
 
 
 def _parse_ints(name: str, value: Any) -> tuple[int, ...]:
+    problem = f"cache option {name}={value!r} is not a list of context lengths; it must be {_CONTEXTS_ALLOWED}"
     if isinstance(value, str):
-        items = [v for v in value.replace(" ", "").split(",") if v]
-    else:
+        items: list[Any] = [v for v in value.replace(" ", "").split(",") if v]
+    elif isinstance(value, (list, tuple, set, frozenset)):
         items = list(value)
+    else:
+        raise ValueError(problem)
     try:
-        out = tuple(sorted({int(v) for v in items}, reverse=True))
-    except (TypeError, ValueError):
-        raise ValueError(f"cache option {name}={value!r} must be a comma-separated list of ints") from None
+        out = tuple(sorted({_parse_int(name, v, "") for v in items}, reverse=True))
+    except ValueError:
+        raise ValueError(problem) from None
+    if not out or out[-1] < 1 or out[0] > MAX_DRAFT_CONTEXT or len(out) > MAX_DRAFT_CONTEXTS:
+        raise ValueError(f"cache option {name}={value!r} is out of range; it must be {_CONTEXTS_ALLOWED}")
     return out
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The allowed values of one numeric option: its type, bounds and what it means."""
+
+    kind: type  # int or float
+    low: float
+    high: float | None = None
+    low_open: bool = False  # True: the value must be > low, else >= low
+    unit: str = ""
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        bounds = f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            bounds += f" and <= {_number(self.high)}"
+        return f"{bounds}, {what}" + (f" ({self.unit})" if self.unit else "")
+
+    def check(self, name: str, value: Any) -> int | float:
+        allowed = self.describe()
+        number = _parse_int(name, value, allowed) if self.kind is int else _parse_float(name, value, allowed)
+        too_low = number <= self.low if self.low_open else number < self.low
+        if too_low or (self.high is not None and number > self.high):
+            raise ValueError(f"cache option {name}={value!r} is out of range; it must be {allowed}")
+        return number
+
+
+def _number(value: float) -> str:
+    """600000 rather than 600000.0 or 6e+05."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# A Redis call that may take longer than this is no cache (and socket timeouts must stay finite).
+MAX_DEADLINE_MS = 600_000.0
+# Longer TTLs are almost certainly a unit mistake; 0 means no expiry.
+MAX_TTL_S = 10 * 365 * 86400.0
+MAX_BREAKER_COOLDOWN_S = 86400.0
+MAX_VALUE_BYTES = 512 << 20  # Redis's largest string
+# Every context length costs one key per indexed position: a few lengths, each a few thousand tokens at most.
+MAX_DRAFT_CONTEXTS = 16
+MAX_DRAFT_CONTEXT = 4096
+_CONTEXTS_ALLOWED = (
+    f"1 to {MAX_DRAFT_CONTEXTS} comma-separated context lengths, each an integer >= 1 and <= {MAX_DRAFT_CONTEXT}"
+)
+_RANGES = {
+    "ttl_s": _Range(float, 0, MAX_TTL_S, unit="seconds; 0 = no expiry"),
+    "draft_ttl_s": _Range(float, 0, MAX_TTL_S, unit="seconds; 0 = no expiry"),
+    "deadline_ms": _Range(float, 0, MAX_DEADLINE_MS, low_open=True, unit="milliseconds for a whole Redis call"),
+    "breaker_failures": _Range(int, 1, 1_000_000, unit="consecutive failures that open the breaker"),
+    "breaker_cooldown_s": _Range(float, 0, MAX_BREAKER_COOLDOWN_S, unit="seconds"),
+    "max_value_bytes": _Range(int, 1, MAX_VALUE_BYTES, unit="bytes"),
+    "queue_size": _Range(int, 1, 10_000_000, unit="write-behind jobs"),
+    "draft_continuation": _Range(int, 1, 65536, unit="tokens"),
+    "draft_max_positions": _Range(int, 1, 1 << 20, unit="positions"),
+    "memory_max_entries": _Range(int, 1, 1 << 40, unit="entries"),
+    "memory_max_bytes": _Range(int, 1, 1 << 50, unit="bytes"),
+}
+_BOOL_FIELDS = ("cluster", "casefold", "response_cache", "draft_store")
 
 
 @dataclass(frozen=True)
@@ -133,25 +231,20 @@ class CacheConfig:
                     "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
                 )
             object.__setattr__(self, "secret", secret)
+        # Every field checked here too, so a CacheConfig built directly is held to the same
+        # ranges as one parsed from a URL (floats normalised, ints kept exact).
+        for name, spec in _RANGES.items():
+            object.__setattr__(self, name, spec.kind(spec.check(name, getattr(self, name))))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                value = getattr(self, name)
+                raise ValueError(f"cache option {name}={value!r} is not a boolean; it must be True or False")
+        object.__setattr__(self, "draft_contexts", _parse_ints("draft_contexts", self.draft_contexts))
+        if self.unicode_form not in UNICODE_FORMS:
+            raise ValueError(f"unicode_form={self.unicode_form!r}; allowed: {', '.join(UNICODE_FORMS)}")
+        if self.whitespace not in WHITESPACE_MODES:
+            raise ValueError(f"whitespace={self.whitespace!r}; allowed: {', '.join(WHITESPACE_MODES)}")
         NormalizationOptions(self.unicode_form, self.whitespace, self.casefold)
-        positive = {
-            "deadline_ms": self.deadline_ms,
-            "breaker_failures": self.breaker_failures,
-            "max_value_bytes": self.max_value_bytes,
-            "queue_size": self.queue_size,
-            "draft_continuation": self.draft_continuation,
-            "draft_max_positions": self.draft_max_positions,
-            "memory_max_entries": self.memory_max_entries,
-            "memory_max_bytes": self.memory_max_bytes,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"cache option {name}={value!r} must be > 0")
-        for name in ("ttl_s", "draft_ttl_s", "breaker_cooldown_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"cache option {name}={getattr(self, name)!r} must be >= 0 (0 = off)")
-        if not self.draft_contexts or min(self.draft_contexts) < 1:
-            raise ValueError(f"draft_contexts={self.draft_contexts!r} must be non-empty positive lengths")
         if self.max_value_bytes < 16 + 4 * self.draft_continuation:
             raise ValueError(
                 f"max_value_bytes={self.max_value_bytes} cannot hold a draft continuation of "
@@ -245,26 +338,98 @@ def secret_from_env() -> bytes | None:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    default = _FIELDS[name].default
-    if isinstance(default, bool):
+    """One cache option from URL text or a keyword value, checked against its allowed values."""
+    if name in _RANGES:
+        return _RANGES[name].check(name, value)
+    if name in _BOOL_FIELDS:
         return _parse_bool(name, value)
-    if isinstance(default, int):
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"cache option {name}={value!r} must be an integer") from None
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"cache option {name}={value!r} must be a number") from None
-    if isinstance(default, tuple):
+    if name == "draft_contexts":
         return _parse_ints(name, value)
     if name == "unicode_form" and value not in UNICODE_FORMS:
         raise ValueError(f"unicode_form={value!r}; allowed: {', '.join(UNICODE_FORMS)}")
     if name == "whitespace" and value not in WHITESPACE_MODES:
         raise ValueError(f"whitespace={value!r}; allowed: {', '.join(WHITESPACE_MODES)}")
     return value
+
+
+_TLS_VERSIONS = {v.name: int(v) for v in ssl.TLSVersion if int(v) > 0}
+_CERT_REQS = ("none", "optional", "required")
+_SSL_FILES = {"ssl_ca_certs": "file", "ssl_certfile": "file", "ssl_keyfile": "file", "ssl_ca_path": "folder"}
+
+
+def _redis_option(name: str, value: str, *, tls: bool, cluster: bool) -> str:
+    """A redis-py connection option from the URL, checked and spelt the way redis-py parses it.
+
+    redis-py reads these only when it connects, and the cache turns a failed connect into
+    a skipped call: a bad value here would be a cache that silently never does anything.
+    """
+
+    def bad(allowed: str) -> ValueError:
+        return ValueError(f"cache URL option {name}={value!r} is not allowed; it must be {allowed}")
+
+    def integer(low: int, high: int) -> str:
+        allowed = f"an integer >= {low} and <= {high}"
+        if not re.fullmatch(r"\d+", value.strip()) or not low <= int(value) <= high:
+            raise bad(allowed)
+        return str(int(value))
+
+    if name.startswith("ssl_") and not tls:
+        raise ValueError(f"cache URL option {name} needs TLS: use a rediss:// URL (or drop {name})")
+    if name == "db":
+        if cluster and value.strip() not in ("0",):
+            raise bad("0 (Redis Cluster has only database 0)")
+        return integer(0, 2**31 - 1)
+    if name == "protocol":
+        if value.strip() not in ("2", "3"):
+            raise bad("2 (RESP2) or 3 (RESP3)")
+        return value.strip()
+    if name == "max_connections":
+        return integer(1, 2**31 - 1)
+    if name == "health_check_interval":
+        return integer(0, 86400)
+    if name in ("socket_keepalive", "ssl_check_hostname"):
+        text = value.strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise bad("true or false (also 1/0, yes/no, on/off)")
+        return "true" if text in _TRUE else "false"
+    if name == "ssl_cert_reqs":
+        if value.strip().lower() not in _CERT_REQS:
+            raise bad(", ".join(_CERT_REQS))
+        return value.strip().lower()
+    if name == "ssl_min_version":
+        text = value.strip()
+        if text in _TLS_VERSIONS:
+            return str(_TLS_VERSIONS[text])
+        if text.isdigit() and int(text) in _TLS_VERSIONS.values():
+            return text
+        raise bad(", ".join(f"{n} ({v})" for n, v in _TLS_VERSIONS.items()))
+    if name in _SSL_FILES:
+        kind = _SSL_FILES[name]
+        exists = os.path.isdir(value) if kind == "folder" else os.path.isfile(value)
+        if not value or not exists:
+            raise ValueError(f"cache URL option {name}={value!r}: no such {kind}; pass the path of an existing {kind}")
+        return value
+    if name == "client_name":
+        # Redis refuses names with spaces, newlines or other characters outside '!'..'~'.
+        if not value or len(value) > 256 or any(not 33 <= ord(c) <= 126 for c in value):
+            raise bad("1 to 256 printable ASCII characters without spaces")
+        return value
+    return value
+
+
+def _path_db(path: str, url: str, *, cluster: bool) -> int | None:
+    """The database number in a redis:// URL's path ("/2"), None when there is none."""
+    text = path.strip("/")
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(
+            f"cache URL {redact_url(url)!r}: the path {path!r} is not a database number; "
+            "e.g. redis://127.0.0.1:6379/0 (database 0)"
+        )
+    if cluster and int(text) != 0:
+        raise ValueError(f"cache URL {redact_url(url)!r}: Redis Cluster has only database 0, not {int(text)}")
+    return int(text)
 
 
 def parse_cache_url(url: str, **options: Any) -> CacheConfig:
@@ -287,8 +452,13 @@ def parse_cache_url(url: str, **options: Any) -> CacheConfig:
         )
     values: dict[str, Any] = {}
     passthrough: dict[str, str] = {}
+    seen: dict[str, str] = {}
     for raw_name, value in parse_qsl(parts.query, keep_blank_values=True):
         name = _ALIASES.get(raw_name, raw_name)
+        if name in seen:
+            # redis-py would read the first, a dict the last: one meaning per URL.
+            raise ValueError(f"cache URL option {raw_name!r} is given twice (also as {seen[name]!r}); give it once")
+        seen[name] = raw_name
         if name.lower() in _URL_SECRET_OPTIONS:
             raise ValueError(
                 f"cache URL option {raw_name!r} is refused: the trusted-mode secret must not be put in a URL "
@@ -319,6 +489,11 @@ def parse_cache_url(url: str, **options: Any) -> CacheConfig:
     if scheme == "memory":
         if values.pop("cluster", False):
             raise ValueError("cluster=true needs a Redis URL, not memory://")
+        if passthrough:
+            raise ValueError(
+                f"cache URL option {next(iter(passthrough))!r} is a Redis connection option; memory:// has no "
+                "connection: drop it or use a redis:// URL"
+            )
         # memory://name selects a named in-process store; memory:// is the default one.
         name = (parts.netloc + parts.path).strip("/")
         return CacheConfig(url=f"memory://{name}", backend="memory", secret=secret, **values)
@@ -331,6 +506,17 @@ def parse_cache_url(url: str, **options: Any) -> CacheConfig:
         raise ValueError(f"cache URL {redact_url(url)!r} has no host; e.g. redis://127.0.0.1:6379/0")
     if base_scheme == "unix" and not parts.path:
         raise ValueError(f"cache URL {redact_url(url)!r} has no socket path; e.g. unix:///run/redis/redis.sock")
+    if base_scheme != "unix" and parts.port == 0:
+        raise ValueError(f"cache URL {redact_url(url)!r} has port 0; allowed: 1 to 65535 (Redis: 6379)")
+    for name, value in passthrough.items():
+        passthrough[name] = _redis_option(name, value, tls=base_scheme == "rediss", cluster=cluster)
+    if base_scheme != "unix":
+        path_db = _path_db(parts.path, url, cluster=cluster)
+        if path_db is not None and "db" in passthrough and int(passthrough["db"]) != path_db:
+            raise ValueError(
+                f"cache URL {redact_url(url)!r} names database {path_db} in its path and db={passthrough['db']} "
+                "in its options; give one"
+            )
     # Built by hand: urlunsplit drops the "//" of unix:///path, which redis-py requires.
     query = urlencode(passthrough)
     clean = f"{base_scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")

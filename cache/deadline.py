@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import os
 import socket
 import threading
 import time
@@ -25,6 +27,8 @@ import weakref
 from typing import Any
 
 import redis
+
+_MAX_WAIT_S = 60.0  # the watchdog thread's longest single sleep
 
 
 class _Call:
@@ -53,6 +57,15 @@ class Watchdog:
         # the current owner's deadline may shut it down.
         self._owner: "weakref.WeakKeyDictionary[socket.socket, _Call]" = weakref.WeakKeyDictionary()
         self.expired_calls = 0
+
+    def after_fork(self) -> None:
+        """In a forked child: a new lock, no calls, no thread (started by the next call).
+        The parent's thread does not exist here and may have held the lock at the fork."""
+        self._cond = threading.Condition()
+        self._heap = []
+        self._local = threading.local()
+        self._thread = None
+        self._owner = weakref.WeakKeyDictionary()
 
     def watch(self, seconds: float) -> "_Watch":
         """Context manager bounding everything the current thread does with Redis to `seconds`."""
@@ -108,7 +121,9 @@ class Watchdog:
                 deadline, _, call = self._heap[0]
                 wait = deadline - time.monotonic()
                 if wait > 0:
-                    self._cond.wait(wait)
+                    # Bounded: Condition.wait raises OverflowError past threading.TIMEOUT_MAX,
+                    # which would kill this thread; a long wait simply wakes up and waits again.
+                    self._cond.wait(min(wait, _MAX_WAIT_S))
                     continue
                 heapq.heappop(self._heap)
                 call.expired = True
@@ -129,6 +144,8 @@ class Watchdog:
 
 class _Watch:
     def __init__(self, watchdog: Watchdog, seconds: float) -> None:
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"a call deadline must be a finite number of seconds > 0, got {seconds!r}")
         self.watchdog = watchdog
         self.call = _Call(time.monotonic() + seconds)
 
@@ -141,12 +158,12 @@ class _Watch:
 
 
 def _getpid() -> int:
-    import os
-
     return os.getpid()
 
 
 WATCHDOG = Watchdog()
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=WATCHDOG.after_fork)
 
 
 def _check_deadline() -> None:

@@ -11,11 +11,29 @@ Keys are bound to the namespace epoch and the tokenizer (token ids mean nothing 
 another vocabulary), values are CRC-checked against their key, and tokens outside the
 vocabulary are cut off. Entries are only ever drafts: the target verifies each token,
 so a stale or poisoned entry costs speed, never correctness.
+
+What a poisoned store can cost, per decoding step. Anyone who can write to the server
+can put any bytes under any key, and whatever answers on the cache port can send any
+reply; neither can make a step do more than this, with R rows looking up, C context
+lengths and L = `continuation`:
+  - one MGET of at most R*C draft keys plus the namespace epoch key, its reply read
+    and parsed inside the call's deadline;
+  - each value in that reply at most max(16 + 4L bytes, 1 KiB): the backend refuses a
+    longer one from its announced length, before reading it, and fails the call
+    (specdec.cache.backend, redis_backend); the 1 KiB floor leaves room for the epoch;
+  - at most R*C values decoded, each at most 16 + 4L bytes (a longer one is counted
+    as corrupt and skipped without decoding), so at most R*C*L tokens decoded and at
+    most L tokens handed to each row.
+So a step's cache work is O(R*C*L) bytes whatever the server holds (`decoded_bytes`
+and `decoded_tokens` count it); a reply that does not fit is a failed call, counted,
+and the step drafts without the store. Processes sharing a namespace should use the
+same `continuation`: values longer than a reader's own are skipped by that reader.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +41,7 @@ from typing import Sequence
 
 from .backend import Write
 from .codec import (
+    HEADER,
     KIND_DRAFT,
     CorruptValue,
     ValueTooLarge,
@@ -35,7 +54,10 @@ from .keys import SCHEMA_VERSION, canonical_json, draft_key
 from .namespace import Namespace
 from .store import CacheStore
 
+log = logging.getLogger("specdec.cache")
+
 _RECENT_SIZE = 1024
+_EPOCH_READ_BYTES = 1024  # the epoch token shares the MGET with the drafts (namespace.py)
 
 
 class DraftStore:
@@ -61,14 +83,20 @@ class DraftStore:
         if not self.contexts or self.contexts[-1] < 1:
             raise ValueError(f"contexts={contexts!r} must be positive context lengths")
         self.continuation = int(continuation)
+        if self.continuation < 1:
+            raise ValueError(f"continuation={continuation!r} must be a positive number of tokens")
         self.ttl_s = ttl_s
         self.max_positions = max_positions
         self.max_value_bytes = max_value_bytes
         self.vocab_size = vocab_size
+        # No draft this store writes is longer: a longer value is junk, never decoded.
+        self.max_read_bytes = min(max_value_bytes, HEADER.size + 4 * self.continuation)
         self._prefixes: dict[tuple[int, int], bytes] = {}
         self._recent: OrderedDict[str, float] = OrderedDict()  # sequence digest -> time added
         self._recent_lock = threading.Lock()
         self.lookups = 0  # round trips made by lookup_many (drafters report it)
+        self.decoded_bytes = 0  # bytes of values decoded by lookups (the poison bound above)
+        self.decoded_tokens = 0  # tokens those values held
 
     # -- keys --
 
@@ -100,7 +128,16 @@ class DraftStore:
         """For each sequence, the stored continuation of its longest matching suffix ([] if none).
 
         One round trip for all sequences when the namespace epoch is known; never raises.
+        At most `continuation` tokens per sequence; the work is bounded as the module says.
         """
+        try:
+            return self._lookup_many(sequences)
+        except Exception:  # a bug here must cost the drafts, never the generation
+            self.store.count("errors")
+            log.warning("draft store lookup failed; drafting without it", exc_info=True)
+            return [[] for _ in sequences]
+
+    def _lookup_many(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
         plan: list[list[tuple[int, int]]] = []  # per sequence: (context length, index into keys)
         for seq in sequences:
             plan.append([(n, 0) for n in self.contexts if len(seq) >= n])
@@ -116,7 +153,9 @@ class DraftStore:
         if not any(plan):
             return [[] for _ in sequences]
         self.lookups += 1
-        result = self.namespace.read((), keys_for)
+        # Values longer than a draft (or the epoch token beside them) are refused unread.
+        with self.store.backend.value_cap(max(self.max_read_bytes, _EPOCH_READ_BYTES)):
+            result = self.namespace.read((), keys_for)
         if result is None:
             return [[] for _ in sequences]
         keys, raws = result
@@ -128,11 +167,16 @@ class DraftStore:
                 raw = raws[idx]
                 if raw is None:
                     continue
+                if len(raw) > self.max_read_bytes:  # longer than any draft: not worth decoding
+                    self.store.count("corrupt")
+                    continue
+                self.decoded_bytes += len(raw)
                 try:
-                    tokens = decode_value(raw, keys[idx], kind=KIND_DRAFT, max_bytes=self.max_value_bytes).tokens
+                    tokens = decode_value(raw, keys[idx], kind=KIND_DRAFT, max_bytes=self.max_read_bytes).tokens
                 except CorruptValue:
                     self.store.count("corrupt")
                     continue
+                self.decoded_tokens += len(tokens)
                 tokens = self._valid_prefix(tokens)
                 if tokens:
                     found = tokens
@@ -234,6 +278,11 @@ class DraftStore:
 
     def put(self, context: Sequence[int], continuation: Sequence[int]) -> None:
         """Store one continuation for one context now (admin: errors propagate)."""
+        if len(continuation) > self.continuation:
+            raise ValueError(
+                f"a continuation of {len(continuation)} tokens; this store reads at most "
+                f"{self.continuation} (its `continuation`): pass fewer tokens or open it with a larger continuation"
+            )
         epochs = self.namespace.cached_epochs() or self.namespace.ensure_epochs()
         if epochs is None:
             raise ConnectionError(f"cache server {self.store.config.describe()} did not answer")

@@ -9,6 +9,10 @@ Every key lives under `specdec:{namespace}:`. Kinds:
     specdec:{ns}:models                     hash: model id -> description (for the CLI)
     specdec:{ns}:stats                      hash: shared hit/miss/store counters
 
+With a secret (trusted mode) an epoch value is an authenticated record
+`e1:{generation}:{token}:{tag}` and a model description carries a `tag` (see namespace.py);
+either way the whole epoch value goes into the key material.
+
 Namespaces are restricted to `[A-Za-z0-9_.-]`, so they never contain `:` or glob
 characters and `specdec:{ns}:*` matches exactly one namespace in SCAN.
 """

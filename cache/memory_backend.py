@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Iterator, Mapping, Sequence
 
-from .backend import Backend, Write
+from .backend import Backend, Write, check_value
 
 _STORES: dict[str, "MemoryBackend"] = {}
 _STORES_LOCK = threading.Lock()
@@ -27,12 +27,18 @@ class MemoryBackend(Backend):
     def __init__(self, max_entries: int = 200_000, max_bytes: int = 256 << 20, clock=time.monotonic) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        # No value outgrows the store itself; a reader narrows this with value_cap, as on Redis.
+        self.max_value_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()  # key -> (value, expires_at)
         self._hashes: dict[str, dict[str, bytes]] = {}
         self._bytes = 0
         self.evictions = 0
+
+    def after_fork(self) -> None:
+        """In a forked child (which keeps a copy of the data): a new lock, in case a thread held the old one."""
+        self._lock = threading.Lock()
 
     @classmethod
     def named(cls, name: str, max_entries: int, max_bytes: int) -> "MemoryBackend":
@@ -76,12 +82,14 @@ class MemoryBackend(Backend):
     # -- Backend --
 
     def get(self, key: str) -> bytes | None:
+        cap = self.read_cap()
         with self._lock:
-            return self._live(key)
+            return check_value(self._live(key), cap, "GET")
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        cap = self.read_cap()
         with self._lock:
-            return [self._live(k) for k in keys]
+            return [check_value(self._live(k), cap, "MGET") for k in keys]
 
     def set_many(self, writes: Sequence[Write]) -> None:
         with self._lock:

@@ -13,7 +13,12 @@ changes nothing.
 
 Chat prompts (a list of {"role", "content"} messages) have each content normalised,
 then go through the tokenizer's chat template, so the key sees exactly the text the
-model would see.
+model would see. Normalising the rendered text instead cannot make near-duplicate chats
+meet: a template that closes a message right after its content (`2022.  <|im_end|>`)
+leaves a space that the clean chat (`2022.<|im_end|>`) does not have.
+
+Versions: 2 keys chat prompts message by message as above; 1 normalised the rendered
+chat text.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-NORMALIZATION_VERSION = 1
+NORMALIZATION_VERSION = 2
 UNICODE_FORMS = ("NFKC", "NFC", "none")
 WHITESPACE_MODES = ("collapse", "lines", "none")
 

@@ -9,11 +9,15 @@ hits without waiting for the writer.
 
 With a secret (trusted mode) values are written with an HMAC-SHA256 tag over the full
 Redis key and the value, and a read reports whether the value it found carries a
-valid tag (`DecodedValue.authenticated`). Without one, nothing read is authenticated.
+valid tag AND was found under epochs that are authenticated and not rolled back
+(`DecodedValue.authenticated`; see specdec.cache.namespace): a signed entry under an
+old epoch written back, or restored from a backup, is not authenticated. Without a
+secret, nothing read is authenticated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -112,6 +116,11 @@ class ResponseCache:
         max_value_bytes: int,
         secret: bytes | None = None,
     ) -> None:
+        if secret is not None and not namespace.signed_with(secret):
+            raise ValueError(
+                "ResponseCache(secret=...) needs a Namespace opened with the same secret "
+                "(Namespace(store, name, secret=...)): signed entries are only as good as the epochs they are keyed under"
+            )
         self.store = store
         self.namespace = namespace
         self.ttl_s = ttl_s
@@ -151,19 +160,25 @@ class ResponseCache:
         # write that completes between the two reads.
         with self._pending_lock:
             pending = dict(self._pending) if self._pending else None
-        result = self.namespace.read(request.model_ids, lambda e: [self.key(request, e)])
+        result = self.namespace.read_checked(request.model_ids, lambda e: [self.key(request, e)])
         if result is None:
             return None
-        (key,), (raw,) = result
+        (key,), (raw,), epochs_trusted = result
         if raw is None:
             raw = pending.get(key) if pending else None
             if raw is None:
                 return None
         try:
-            return decode_value(raw, key, kind=KIND_RESPONSE, max_bytes=self.max_value_bytes, secret=self._secret)
+            value = decode_value(raw, key, kind=KIND_RESPONSE, max_bytes=self.max_value_bytes, secret=self._secret)
         except CorruptValue:
             self.store.count("corrupt")
             return None
+        if value.authenticated and not epochs_trusted:
+            # A valid tag under an epoch that cannot vouch for it (unauthenticated, or rolled
+            # back to a record older than one seen): at most a draft to verify.
+            self.store.count("untrusted_epoch")
+            return dataclasses.replace(value, authenticated=False)
+        return value
 
     def put(self, request: ResponseRequest, tokens: list[int], finish_reason: str) -> bool:
         """Queue the response for writing; False if it was not queued (too large, queue full)."""
@@ -172,6 +187,8 @@ class ResponseCache:
             self.store.count("oversize")
             return False
         epochs = self.namespace.cached_epochs(request.model_ids)
+        if epochs is not None and self._secret is not None and not self.namespace.epochs_trusted(request.model_ids, epochs):
+            epochs = None  # the writer replaces an unusable epoch first (ensure_epochs)
         if epochs is not None:
             key = self.key(request, epochs)
             try:

@@ -9,7 +9,16 @@ raises, because a person asked for it and should hear that it failed.
 
 Everyone in a process who opens the same URL with the same settings gets the same
 CacheStore (`get_store`), so there is one connection pool, one breaker and one writer
-thread per process and server. A forked child gets its own.
+thread per process and server.
+
+Fork: threads do not survive os.fork (multiprocessing's "fork" start method included),
+and a lock another thread held at that moment stays held in the child for ever. A child
+keeps using the stores it inherited (a generator made before the fork holds one), so
+an at-fork hook gives every live store new locks, a new writer thread (started on the
+first write), a breaker without the parent's outstanding probe, and a backend that
+opens its own connections; the parent's queued writes stay the parent's. A fork waits
+for a write job that is running (each of its calls is bounded by the deadline), so no
+lock a job takes is copied into the child held.
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Any, Callable
 
-from .backend import Backend, open_backend
+from .backend import Backend, BadReply, open_backend
 from .breaker import CircuitBreaker
 from .config import CacheConfig
 from .deadline import WATCHDOG
@@ -33,6 +43,7 @@ log = logging.getLogger("specdec.cache")
 
 _STORES: dict[tuple, "CacheStore"] = {}
 _STORES_LOCK = threading.Lock()
+_LIVE: "weakref.WeakSet[CacheStore]" = weakref.WeakSet()  # every store of this process, for the fork hook
 _SHARED_STATS_INTERVAL_S = 1.0
 
 
@@ -71,6 +82,18 @@ class CacheStore:
         self._last_shared_flush = 0.0
         self._last_log = 0.0
         self.refs = 0
+        _LIVE.add(self)
+
+    def _after_fork(self) -> None:
+        """Make this store usable in a forked child (see the module docstring)."""
+        self._lock = threading.Lock()
+        self._shared = {}  # the parent's pending counters: the parent writes them
+        self._shared_flush_queued = False
+        self.writer.after_fork()
+        self.breaker.after_fork()
+        after_fork = getattr(self.backend, "after_fork", None)
+        if after_fork is not None:
+            after_fork()
 
     # -- counters --
 
@@ -151,6 +174,8 @@ class CacheStore:
             else:  # the server answered with an error: not an outage
                 self.breaker.record_success()
                 self.count("errors")
+                if isinstance(exc, BadReply):  # an answer of the wrong type, shape or size
+                    self.count("bad_replies")
                 self._log(f"cache call {op} failed", exc)
             return default
         self.breaker.record_success()
@@ -207,6 +232,35 @@ def release_store(store: CacheStore) -> None:
             if value is store:
                 del _STORES[key]
     store.close()
+
+
+def _before_fork() -> None:
+    """os.register_at_fork hook: no write job runs across the fork (see WriteBehind.hold_for_fork)."""
+    for store in list(_LIVE):
+        store.writer.hold_for_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for store in list(_LIVE):
+        store.writer.release_after_fork()
+
+
+def _after_fork_in_child() -> None:
+    """os.register_at_fork hook: every store inherited from the parent works in the child."""
+    global _STORES_LOCK
+    _STORES_LOCK = threading.Lock()
+    pid = os.getpid()
+    # The inherited stores are this process's now: get_store finds them, atexit drains them.
+    for key in list(_STORES):
+        _STORES[(pid, key[1])] = _STORES.pop(key)
+    for store in list(_LIVE):
+        store._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )
 
 
 @atexit.register

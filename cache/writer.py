@@ -2,6 +2,7 @@
 
 A full queue drops the new job and counts it: under a slow or dead server the cache
 loses writes, never latency. `flush()` waits for the queue to drain (tests, shutdown).
+A forked child starts its own thread (`after_fork`, called by specdec.cache.store).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections import deque
 from typing import Callable
 
 log = logging.getLogger("specdec.cache")
+# The longest a fork waits for a running write job (each Redis call in one is bounded by its deadline).
+_FORK_WAIT_S = 5.0
 
 
 class WriteBehind:
@@ -27,6 +30,10 @@ class WriteBehind:
         self._busy = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Held while a job runs. A fork waits for it (hold_for_fork), so that no lock a job
+        # takes (the store's, a backend's, a response cache's) is copied into the child held.
+        self._gate = threading.Lock()
+        self._gate_held = False
         self.dropped = 0
         self.failed = 0
         self.done = 0
@@ -43,6 +50,30 @@ class WriteBehind:
                 self._thread.start()
             self._cond.notify_all()
             return True
+
+    def hold_for_fork(self, timeout: float = _FORK_WAIT_S) -> None:
+        """Before a fork: wait for the running job to end (at most `timeout`) and keep the next
+        one from starting until release_after_fork (parent) or after_fork (child)."""
+        if self._thread is threading.current_thread():  # a job that forks: it holds the gate itself
+            return
+        self._gate_held = self._gate.acquire(timeout=timeout)
+
+    def release_after_fork(self) -> None:
+        """In the parent after a fork: let the writer go on."""
+        if self._gate_held:
+            self._gate_held = False
+            self._gate.release()
+
+    def after_fork(self) -> None:
+        """In a forked child: threads do not survive fork, so start over with new locks and a new
+        thread (started on the next submit). Jobs queued before the fork belong to the parent,
+        which runs them; running them here too would write everything twice."""
+        self._jobs = deque()
+        self._cond = threading.Condition()
+        self._gate = threading.Lock()
+        self._gate_held = False
+        self._busy = False
+        self._thread = None
 
     def pending(self) -> int:
         """Jobs queued or running."""
@@ -74,7 +105,8 @@ class WriteBehind:
                 job = self._jobs.popleft()
                 self._busy = True
             try:
-                job()
+                with self._gate:
+                    job()
                 self.done += 1
             except Exception:  # a job failing must not kill the writer
                 self.failed += 1

@@ -41,6 +41,7 @@ __all__ = [
     "logits_to_probs",
     "sample_exponential_race",
     "sanitize_logits",
+    "verify_by_position",
     "verify_greedy",
     "verify_sampling",
 ]
@@ -200,4 +201,36 @@ def verify_sampling(
     else:
         weights = p_next
     last = sample_exponential_race(weights, exponentials)  # [B]
+    return _emit(tokens, num_accepted, last), num_accepted
+
+
+def verify_by_position(
+    draft_tokens: torch.Tensor,  # [B, K] int64
+    target_logits: torch.Tensor,  # [B, K+1, V] raw target logits
+    exponentials: torch.Tensor,  # [B, K+1, V] Exp(1) noise, slot j keyed by its absolute position
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_draft: torch.Tensor | None = None,  # [B] drafts per row (<= K); None = all K
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1] int64 (-1 padded), num_accepted [B]
+    """Verification whose tokens do not depend on the drafts.
+
+    The target is sampled at every slot, s_j = argmax(p_j / E_j) with the slot's own noise;
+    d_j is accepted iff d_j == s_j; at the first mismatch (or after all K) s_j is emitted.
+    Every emitted token is s_j given the tokens before it (accepted drafts equal the
+    samples), so with E_j keyed by the absolute position a row's tokens are those of plain
+    sampling, one token a step, whatever was drafted and wherever the steps began: exactly
+    the target's distribution, each draft accepted with probability p(d_j) as in the
+    one-hot test. Draft probabilities are not needed. Cost: noise over the vocabulary for
+    every slot, [B, K+1, V], where verify_sampling draws one row of it.
+    """
+    batch, k = draft_tokens.shape
+    p = logits_to_probs(target_logits, temperature, top_k, top_p)  # [B, K+1, V]
+    samples = sample_exponential_race(p, exponentials)  # [B, K+1], -1 where no token is allowed
+    tokens = draft_tokens.to(torch.int64)
+    valid = _draft_mask(num_draft, batch, k, tokens.device)  # [B, K]
+    accept = (tokens == samples[:, :k]) & (samples[:, :k] >= 0) & valid
+    num_accepted = _accepted_count(accept)  # [B]
+    last = samples.gather(1, num_accepted.view(-1, 1)).squeeze(1)  # [B]
     return _emit(tokens, num_accepted, last), num_accepted

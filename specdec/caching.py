@@ -28,14 +28,15 @@ both ways never share an exact entry) and its exact token ids, the effective sam
 parameters, seed, max_new_tokens and the effective stop set (eos ids of the generation
 config, model config and tokenizer unless ignore_eos, stop ids, stop strings). A second,
 "near" key holds the ids of the normalised text (NFKC, whitespace, optional case
-folding), for text prompts and for id prompts that decode to text, so whitespace
-variants and an id prompt equal to a text prompt find each other's responses, as
-drafts only.
+folding), for text prompts, for chat prompts (each message normalised, then the chat
+template) and for id prompts that decode to text, so whitespace variants and an id
+prompt equal to a text prompt find each other's responses, as drafts only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ class CacheLayer:
         self.generator = generator
         self.store = get_store(config)
         self._closed = False
-        self.namespace = Namespace(self.store, config.namespace)
+        self.namespace = Namespace(self.store, config.namespace, secret=config.secret)  # epochs signed too
         self.normalization = config.normalization
         self.model_id, self.draft_id, self.tokenizer_id = self._fingerprints(generator)
         self.responses = ResponseCache(
@@ -124,7 +125,7 @@ class CacheLayer:
             max_value_bytes=config.max_value_bytes,
             vocab_size=self.vocab_size,
         )
-        self._ids_memo: LruMemo[tuple[int, ...]] = LruMemo(_IDS_MEMO_SIZE)  # prompt text -> normalised ids
+        self._ids_memo: LruMemo[tuple[int, ...]] = LruMemo(_IDS_MEMO_SIZE)  # prompt text / chat -> normalised ids
         self._register_models()
 
     # ------------------------------------------------------------------ opening
@@ -216,8 +217,10 @@ class CacheLayer:
 
         Greedy: always (verified by one forward, or authenticated in trusted mode).
         Seeded sampling: only in trusted mode (one forward cannot verify a sample), and
-        not with a drafter that reads shared state (its tokens depend on what the store
-        held at the time, not only on the key). Unseeded sampling: never.
+        not with a drafter that reads shared state. (Such rows no longer depend on what the
+        store held: seeded "auto" leaves the store out and seeded "cache" is verified by
+        position, see specdec.planning.Planner; their entries are still kept out, the
+        conservative side.) Unseeded sampling: never.
         """
         if not self.config.response_cache:
             return False
@@ -270,10 +273,12 @@ class CacheLayer:
         return tuple(sorted(stops))
 
     def near_ids(self, prompt_ids: Sequence[int], prompt_text: Any) -> tuple[int, ...] | None:
-        """Token ids of the normalised prompt text (None without a tokenizer).
+        """Token ids of the normalised prompt (None without a tokenizer).
 
-        A text prompt is normalised as is; an id prompt is decoded first, so that it
-        meets a text prompt that encodes to the same ids.
+        A text prompt is normalised as is; chat messages are normalised one by one and
+        then rendered with the chat template (normalising the rendered text would leave
+        `2022.  <|im_end|>` at `2022. <|im_end|>`, never meeting the clean chat); an id
+        prompt is decoded first, so that it meets a text prompt that encodes to the same ids.
         """
         tokenizer = getattr(self.generator, "tokenizer", None)
         if tokenizer is None:
@@ -286,7 +291,11 @@ class CacheLayer:
         return self.prompt_key_ids(prompt_ids, prompt_text)
 
     def prompt_key_ids(self, prompt_ids: Sequence[int], prompt_text: Any) -> tuple[int, ...]:
-        """Token ids of the normalised text when there is text (the near key), else the ids."""
+        """Token ids of the normalised prompt when there is one (the near key), else the ids.
+
+        `prompt_text` is the prompt's text, or its chat messages ({"role", "content"} dicts,
+        normalised per message before the template: see specdec.cache.normalize.render_prompt).
+        """
         tokenizer = getattr(self.generator, "tokenizer", None)
         if prompt_text is None or tokenizer is None:
             return tuple(int(t) for t in prompt_ids)
@@ -295,7 +304,8 @@ class CacheLayer:
             text = render_prompt(prompt_text, tokenizer, self.normalization)
             return tuple(int(t) for t in tokenizer(text)["input_ids"])
 
-        return self._ids_memo.get(prompt_text, encode) if isinstance(prompt_text, str) else encode()
+        memo_key = _memo_key(prompt_text)
+        return encode() if memo_key is None else self._ids_memo.get(memo_key, encode)
 
     def request_for(
         self, prompt_ids: Sequence[int], prompt_text: Any, params: Any, *, near: bool = False
@@ -447,7 +457,7 @@ class CacheLayer:
             text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
                 prompt, tokenize=False, add_generation_prompt=True
             )
-            ids, text_or_none = list(tokenizer(text)["input_ids"]), text
+            ids, text_or_none = list(tokenizer(text)["input_ids"]), prompt  # chat: messages key the near entry
         else:
             ids, text_or_none = list(prompt), None
         requests = [self.request_for(ids, text_or_none, params), self.request_for(ids, text_or_none, params, near=True)]
@@ -473,6 +483,10 @@ class CacheLayer:
 # ---------------------------------------------------------------------- checking cached responses
 
 
+# Logits the check holds at once: 2**22 (16 MiB in float32), or one decoding step's [B, 1, V].
+_CHECK_LOGITS = 1 << 22
+
+
 @torch.inference_mode()
 def verify_responses(
     generator: Any,
@@ -481,42 +495,73 @@ def verify_responses(
     max_new_tokens: int,
     stop_ids: frozenset[int],
 ) -> list[CheckedResponse]:
-    """Check cached greedy responses against the target in ONE forward over prompt + response.
+    """Check cached greedy responses against the target, computed the way decoding computes.
 
-    Row i's sequence is prompts[i] + responses[i] (N_i tokens); the target's argmax at
-    positions len(prompt)-1 .. len(prompt)+N_i-1 is what greedy decoding would emit
-    after each prefix. Kept: the longest prefix of the response the target agrees with,
+    Row i's response (N_i tokens) is a draft of its full length: the target's argmax
+    after the prompt and after each prefix of the response is what greedy decoding
+    would emit there. Kept: the longest prefix of the response the target agrees with,
     then the target's own token at the first mismatch (or the bonus token after all
     N_i), cut at the first stop token (kept, "stop") or at max_new_tokens ("length").
-    Rows are left-padded into one batch with an attention mask and explicit position
-    ids, so each row sees exactly the positions and keys it would see alone. No KV
-    cache is kept: a finished row needs nothing more, and an unfinished one is decoded
-    on by the engine from prompt + kept tokens.
+
+    Shapes. The positions are computed as the decode loop computes them, on the same
+    KV path (specdec.kv) with the generator's numerics: the prompts go through
+    `prefill_logits`, as every uncached request does, and the responses through verify
+    forwards over the KV cache, W tokens per row at a time, as a drafter's proposals
+    are. One forward over prompt + response would compute the prompt's keys and values
+    in another order; in bfloat16 that breaks near-ties the other way and a hit answered
+    differently from the uncached call on 16 of 299 prompts (benchmarks/bf16_rates.py);
+    in decoding's shapes it differs no more often than the choice of drafter does.
+
+    Memory: W = max(1, min(max N_i, 2**22 // (B * V))), so a forward holds at most
+    max(2**22, B * V) logits ([B, W, V]; one plain decoding step holds [B, 1, V]) and only
+    their argmax ids are kept; the prefill holds what an uncached request's prefill holds.
+    A forged entry chooses N_i, never the memory. Forwards stop once every row has
+    disagreed with its response: a wrong entry costs the prefill and one forward.
+    No KV cache outlives the call: a finished row needs nothing more, and an unfinished
+    one is decoded on by the engine from prompt + kept tokens.
     """
+    from .kv import BUCKET, engine_path, make_kv, prefill_logits
+
     model = generator.target_model
     device = generator.device
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, S] left-padded
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, S] 1 = real token
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[b, width - len(s) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # [B, S] pads take position 0, masked out
-    keep = max(len(r) for r in responses) + 1
-    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    try:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep: all positions, then the tail
-        logits = model(**inputs).logits
-    preds = logits[:, -keep:].argmax(dim=-1).tolist()  # [B, keep]: argmax after each of the last `keep` prefixes
+    batch = len(prompts)
+    vocab = int(getattr(generator, "vocab_size", None) or model.config.vocab_size)
+    lengths = [len(r) for r in responses]
+    longest = max(lengths)
+    width = max(1, min(longest, _CHECK_LOGITS // (batch * vocab)))
+    need = max(len(p) + n for p, n in zip(prompts, lengths)) + width + 2
+    capacity = -(-need // BUCKET) * BUCKET
+    path = engine_path(model, getattr(generator, "engine", "auto"), capacity)
+    kv = make_kv(model, path, batch, capacity, device, numerics=getattr(generator, "numerics", "native"))
+    opening, _ = prefill_logits(kv, prompts)  # [B, 1, V]
+    preds = [[t] for t in opening[:, 0].argmax(dim=-1).tolist()]  # [B][1]: the first emitted token
+    del opening
+    agreed = [0 if n == 0 or r[0] != p[0] else None for r, p, n in zip(responses, preds, lengths)]
+    start = 0
+    while start < longest and any(a is None for a in agreed):
+        block = torch.zeros(batch, width, dtype=torch.long)  # [B, W] response tokens start .. start+W
+        valid = []
+        for b, r in enumerate(responses):
+            chunk = r[start : start + width] if agreed[b] is None else []
+            block[b, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+            valid.append(len(chunk))
+        logits, _ = kv.forward(block.to(device), torch.tensor(valid, dtype=torch.long, device=device))
+        ids = logits.argmax(dim=-1).tolist()  # [B, W]: the target's token after each fed slot
+        del logits
+        for b, r in enumerate(responses):
+            if agreed[b] is not None:
+                continue
+            preds[b].extend(ids[b][: valid[b]])
+            # preds[b][j] follows r[:j]; the first j where the response leaves the target's chain.
+            upto = min(len(preds[b]), lengths[b])
+            agreed[b] = next((j for j in range(start + 1, upto) if r[j] != preds[b][j]), None)
+            if agreed[b] is None and len(preds[b]) > lengths[b]:
+                agreed[b] = lengths[b]  # every token agreed; preds[b][N] is the bonus token
+        start += width
     checked = []
-    for b, response in enumerate(responses):
-        n = len(response)
-        target = preds[b][keep - n - 1 :]  # [n+1] what greedy decoding emits at each response position
-        agreed = next((j for j in range(n) if response[j] != target[j]), n)
-        kept = list(response[:agreed]) + [target[agreed]]
+    for response, target, n, good in zip(responses, preds, lengths, agreed):
+        good = n if good is None else good
+        kept = list(response[:good]) + [target[good]]
         reason = None
         for j, t in enumerate(kept[:max_new_tokens]):
             if t in stop_ids:
@@ -524,12 +569,23 @@ def verify_responses(
                 break
         if reason is None and len(kept) >= max_new_tokens:
             kept, reason = kept[:max_new_tokens], "length"
-        if agreed == n or (reason is not None and len(kept) <= agreed):
+        if good == n or (reason is not None and len(kept) <= good):
             kind = "verified"  # every cached token the output needed was right
         else:
-            kind = "partial" if agreed else "rejected"
-        checked.append(CheckedResponse(kept, reason, agreed, kind))
+            kind = "partial" if good else "rejected"
+        checked.append(CheckedResponse(kept, reason, good, kind))
     return checked
+
+
+def _memo_key(prompt_text: Any) -> Any:
+    """The normalised-ids memo's key of a prompt: its text, or ("chat", canonical JSON) of its
+    messages (a tuple never equals a text key); None when the messages do not serialise."""
+    if isinstance(prompt_text, str):
+        return prompt_text
+    try:
+        return ("chat", json.dumps(prompt_text, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
+    except (TypeError, ValueError):
+        return None
 
 
 def _config_options(config: CacheConfig) -> dict[str, Any]:

@@ -98,6 +98,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device for both models (cpu, cuda, cuda:1, mps)")
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
     g.add_argument("--device-map", choices=("auto",), help="let accelerate place the target (multi-GPU / offload)")
+    g.add_argument("--numerics", choices=("native", "stable"), default="native",
+                   help="native: compute as loaded; stable: the target's final norm and LM head in float32, so "
+                        "that in bfloat16 neither the drafter nor a cache hit's check breaks a near-tie differently "
+                        "(default: native)")
     g.add_argument("--threads", type=_positive_int,
                    help="torch CPU threads (bench default: 1 per process on CPU, so that a shared machine "
                         "neither stalls nor skews timings; otherwise torch's choice)")
@@ -271,7 +275,8 @@ def cmd_generate(args) -> int:
     _quiet_transformers()
     dtype = None if args.dtype in (None, "auto") else args.dtype
     gen = SpeculativeGenerator.from_pretrained(
-        target, draft, device=args.device, dtype=dtype, device_map=args.device_map, cache=args.cache
+        target, draft, device=args.device, dtype=dtype, device_map=args.device_map, cache=args.cache,
+        numerics=args.numerics,
     )
     if args.stream:
         deltas = gen.stream(prompt, **kwargs)
@@ -347,6 +352,7 @@ def bench_config(args):
         device=args.device,
         dtype=None if args.dtype in (None, "auto") else args.dtype,
         device_map=args.device_map,
+        numerics=args.numerics,
         num_draft_tokens=args.num_draft_tokens,
         max_new_tokens=args.max_new_tokens,
         num_prompts=args.num_prompts,

@@ -60,13 +60,15 @@ def decode(
     device: torch.device,
     dtype: torch.dtype,
     engine: str = "auto",
-    stop_check: Callable[[list[int]], bool] | None = None,
+    stop_check: Callable[[list[int], int], bool] | None = None,
     plan_memory: dict | None = None,
+    numerics: str = "native",
 ) -> list[RowOutput]:
     """Decode every prompt; returns one RowOutput per prompt, in order."""
     steps = iter_decode(
         target_model, prompts, params, drafters, stop_ids,
         device=device, dtype=dtype, engine=engine, stop_check=stop_check, plan_memory=plan_memory,
+        numerics=numerics,
     )
     while True:
         try:
@@ -91,16 +93,19 @@ def iter_decode(
     device: torch.device,
     dtype: torch.dtype,
     engine: str = "auto",
-    stop_check: Callable[[list[int]], bool] | None = None,
+    stop_check: Callable[[list[int], int], bool] | None = None,
     plan_memory: dict | None = None,
+    numerics: str = "native",
 ) -> Generator[tuple[int, list[int]], None, list[RowOutput]]:
     """Like decode(), but yields (row index, new tokens) as each step emits them.
 
     drafters: the request's sources (none: plain decoding); the planner (specdec.planning)
     decides every step which of them drafts for each row, and how many tokens.
-    `stop_check(row's new tokens) -> True` ends a row early (stop strings); the caller
-    cuts the tokens exactly afterwards, so this only saves steps. plan_memory: a dict the
-    caller keeps across requests; unseeded K "auto" starts from what the last one learned.
+    `stop_check(row's new tokens, how many this step added) -> True` ends a row early (stop
+    strings); the caller cuts the tokens exactly afterwards, so this only saves steps.
+    plan_memory: a dict the caller keeps across requests; unseeded K "auto" starts from
+    what the last one learned.
+    numerics: "stable" computes the target's final norm and LM head in float32 (specdec.numerics).
     """
     start = time.perf_counter()
     batch = len(prompts)
@@ -123,7 +128,7 @@ def iter_decode(
         rows=list(range(batch)),
     )
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)  # [S]
-    target = make_kv(target_model, path, batch, capacity, device)
+    target = make_kv(target_model, path, batch, capacity, device, numerics=numerics)
     planner = Planner(params, drafters, batch, device, plan_memory)
     hidden_states = planner.reads_hidden_states
     planner.mark("start")
@@ -148,7 +153,8 @@ def iter_decode(
             target, last, proposal.tokens, num_draft, opening, hidden_states
         )  # [B, k+1, V], [B, k+1, H] or None, [B]
         opening = None
-        tokens, num_accepted = _verify(state, proposal, logits, num_draft)  # [B, k+1], [B]
+        verify = _verify_by_position if planner.verify_by_position else _verify
+        tokens, num_accepted = verify(state, proposal, logits, num_draft)  # [B, k+1], [B]
         planner.mark("verified")
 
         # 4. device-side bookkeeping: nothing here reads a value back to the host.
@@ -176,7 +182,7 @@ def iter_decode(
             if new:
                 yield row, new
             why = out.reason[b]
-            if why == _RUNNING and stop_check is not None and stop_check(outputs[row]):
+            if why == _RUNNING and stop_check is not None and stop_check(outputs[row], len(new)):
                 why = _STOPPED  # a stop string: the row's KV needs no rollback, it leaves the batch
             if why != _RUNNING:
                 finish[row] = "stop" if why == _STOPPED else "length"
@@ -266,6 +272,27 @@ def _verify(
     exponentials = state.exponential(noise.BONUS_STREAM, logits.shape[-1])  # [B, V]
     return kernels.verify_sampling(
         draft_tokens, probs, logits, uniforms, exponentials,
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, num_draft=num_draft,
+    )
+
+
+def _verify_by_position(
+    state: DecodeState,
+    proposal: DraftProposal,
+    logits: torch.Tensor,  # [B, k+1, V]
+    num_draft: torch.Tensor,  # [B]
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, k+1] (-1 padded), num_accepted [B]
+    """Seeded rows drafting from shared state (Planner.verify_by_position): every slot's sample
+    is keyed by its absolute position, so the tokens are plain decoding's whatever was drafted."""
+    params = state.params
+    if params.greedy:  # greedy output never depends on the drafts
+        return _verify(state, proposal, logits, num_draft)
+    k = proposal.tokens.shape[1]
+    exponentials = noise.exponential_by_position(
+        state.seeds, state.seq_lens, k + 1, noise.BONUS_STREAM, logits.shape[-1], state.noise_dtype
+    )  # [B, k+1, V]: slot j as a step starting j tokens later would draw it
+    return kernels.reference.verify_by_position(
+        proposal.tokens, logits, exponentials,
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, num_draft=num_draft,
     )
 

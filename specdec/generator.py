@@ -16,15 +16,17 @@ from .drafters import DraftContext, Drafter, get_drafter_class, source_names
 from .engine import RowOutput, decode, iter_decode, request_capacity
 from .kv import ENGINE_PATHS, check_supported, static_blocker
 from .loading import input_device, load_models
+from .numerics import check_numerics
 from .params import GenerationParams, check_text, make_params
 from .stats import GenerationResult, GenerationStats
-from .stopping import StopStringChecker, cut_at_stop, find_stop
+from .stopping import StopCut, StopRule, StopStringChecker
 
 _UNSET: Any = object()
 _ENCODE_MEMO_SIZE = 128  # prompts whose ids are kept (a repeated prompt skips the tokenizer)
 _ENCODE_MEMO_CHARS = 16384  # longer prompts are tokenized every time (bounded memory)
 _TEXT_MEMO_SIZE = 128  # texts of trusted hits kept (a repeated hit skips the detokenizer)
-_TEXT_MEMO_TOKENS = 2048  # longer responses are decoded every time
+_TEXT_MEMO_TOKENS = 2048  # longer responses are decoded every time (and cut at stop strings every time)
+_CUT_MEMO_SIZE = 128  # stop-string cuts kept (a repeated trusted hit is not judged again)
 
 # The engine path of generators constructed without engine=; tests switch it to run a
 # whole module on one path.
@@ -48,11 +50,13 @@ class SpeculativeGenerator:
         cache: Any = None,
         draft_tokenizer: Any = None,
         engine: str | None = None,
+        numerics: str = "native",
     ) -> None:
         _check_model("target_model", target_model)
         if draft_model is not None:
             _check_model("draft_model", draft_model)
         self.engine = DEFAULT_ENGINE if engine is None else engine
+        self._numerics = check_numerics(numerics)
         self.target_model = target_model.eval()
         self.draft_model = draft_model.eval() if draft_model is not None else None
         self.tokenizer = tokenizer
@@ -77,6 +81,7 @@ class SpeculativeGenerator:
         self.eos_token_ids = _eos_ids(target_model, tokenizer)
         self._encode_memo: LruMemo[tuple[int, ...]] = LruMemo(_ENCODE_MEMO_SIZE)
         self._text_memo: LruMemo[str | None] = LruMemo(_TEXT_MEMO_SIZE)  # texts of trusted hits
+        self._cut_memo: LruMemo[StopCut | None] = LruMemo(_CUT_MEMO_SIZE)  # stop-string cuts of short rows
         self._plan_memory: dict = {}  # K "auto": what the last request learned (specdec.planning)
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
@@ -95,6 +100,7 @@ class SpeculativeGenerator:
         cache: Any = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        numerics: str = "native",
     ) -> "SpeculativeGenerator":
         """Load target (and draft) through transformers' Auto classes.
 
@@ -107,6 +113,8 @@ class SpeculativeGenerator:
         shipped in the package, no download). `device` moves both models there;
         `device_map="auto"` lets accelerate place the target (the draft follows the
         target's input device). `dtype` is a torch dtype or its name ("float32", "bfloat16").
+        `numerics="stable"` computes the target's final norm and LM head in float32 (see the
+        `numerics` property); "native" (the default) computes as loaded.
 
         A local path that does not exist fails at once; a hub id that is neither in the
         local Hugging Face cache nor reachable (offline, HF_HUB_OFFLINE=1) fails within
@@ -118,7 +126,9 @@ class SpeculativeGenerator:
             target, draft, device=device, dtype=dtype, device_map=device_map, revision=revision,
             trust_remote_code=trust_remote_code,
         )
-        return cls(target_model, tokenizer, draft_model, cache=cache, draft_tokenizer=draft_tokenizer)
+        return cls(
+            target_model, tokenizer, draft_model, cache=cache, draft_tokenizer=draft_tokenizer, numerics=numerics
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -138,12 +148,23 @@ class SpeculativeGenerator:
         self._engine = value
 
     @property
+    def numerics(self) -> str:
+        """"native" (compute as loaded) or "stable" (the target's final norm and LM head in
+        float32, so that in bfloat16 neither the drafter nor a cache hit's check can break a
+        near-tie differently from plain decoding; see specdec.numerics)."""
+        return self._numerics  # fixed at construction: cache keys carry it
+
+    @property
     def target_dtype(self) -> torch.dtype:
         return next(self.target_model.parameters()).dtype
 
     def model_fingerprint(self) -> dict:
-        """Identifies the target weights for cache keys: name/path, revision, config hash."""
-        return _model_fingerprint(self.target_model)
+        """Identifies the target weights for cache keys: name/path, revision, config hash
+        (and the numerics mode where it is not "native": it may change answers)."""
+        fp = _model_fingerprint(self.target_model)
+        if self.numerics != "native":
+            fp = {**fp, "numerics": self.numerics}
+        return fp
 
     def draft_fingerprint(self) -> dict | None:
         return _model_fingerprint(self.draft_model) if self.draft_model is not None else None
@@ -172,13 +193,14 @@ class SpeculativeGenerator:
         """
         texts = self._prompt_texts(prompts)
         params = make_params(**kwargs)
+        self._check_prompt_chars(texts, params)
         ids = [self._encode(t) for t in texts]
-        return self._cut_at_stops(self._run(ids, texts, params, cache), params)
+        return self._cut_at_stops(self._run(ids, _cache_prompts(prompts, texts), params, cache), params)
 
     def generate_ids(self, input_ids, *, cache: Any = _UNSET, **kwargs) -> list[GenerationResult]:
         """Like generate() for token ids: one list of ints or a list of such lists."""
-        rows = _id_rows(input_ids)
         params = make_params(**kwargs)
+        rows = _id_rows(input_ids, params, self.max_positions)
         return self._cut_at_stops(self._run(rows, None, params, cache), params)
 
     def stream(self, prompt, *, cache: Any = _UNSET, **kwargs) -> Generator[str, None, GenerationResult]:
@@ -193,11 +215,13 @@ class SpeculativeGenerator:
         if len(texts) != 1:
             raise ValueError(f"stream() takes one prompt, got {len(texts)}")
         params = make_params(**kwargs)
+        self._check_prompt_chars(texts, params)
         ids = [self._encode(texts[0])]
+        keyed = _cache_prompts(prompt, texts)[0]  # what the cache keys the prompt by
         layer, drafters, stop_ids = self._prepare(ids, params, cache)
         params = params.for_row(0, 1)
         start = time.perf_counter()
-        hit = layer.lookup(ids[0], texts[0], params) if layer is not None else None
+        hit = layer.lookup(ids[0], keyed, params) if layer is not None else None
         if hit is not None and hit.trusted:  # authenticated under the operator's secret: served as is
             yield self._stopped_text(hit.token_ids, params)
             stats = _trusted_stats(ids[0], hit, start)
@@ -207,11 +231,12 @@ class SpeculativeGenerator:
         if hit is not None:  # a draft of its full length: one checking forward first
             from .caching import verify_responses
 
-            checked = verify_responses(self, ids, [hit.token_ids], params.max_new_tokens, stop_ids)[0]
+            checked = verify_responses(self, ids, [hit.token_ids], params.max_new_tokens, stop_ids)
+            checked = self._finish_at_stops(checked, params)[0]
             prefix = checked.token_ids
             if checked.finish_reason is not None:
                 yield self._stopped_text(prefix, params)
-                _record_checked(layer, ids[0], texts[0], params, hit, checked)
+                _record_checked(layer, ids[0], keyed, params, hit, checked)
                 stats = _checked_stats(ids[0], checked, start)
                 return self._cut_at_stops([self._result(prefix, checked.finish_reason, stats)], params)[0]
             # Greedy: seeds do not matter, only the budget left after the kept tokens.
@@ -224,9 +249,11 @@ class SpeculativeGenerator:
         emitted_text = ""
         stopped = False
         checker = self._stop_checker(params)
+        rule = checker.rule if checker is not None else None
+        judged = 0  # prefixes of `tokens` the stop rule has judged (none of them stops the row)
         steps = iter_decode(
             self.target_model, decode_ids, decode_params, drafters, stop_ids,
-            stop_check=(lambda new: checker(prefix + new)) if checker is not None else None,
+            stop_check=(lambda new, added: checker(prefix + new, added)) if checker is not None else None,
             **self._engine_args(),
         )
         pending_prefix = bool(prefix)
@@ -242,14 +269,18 @@ class SpeculativeGenerator:
             tokens.extend(new)
             if stopped:
                 continue
-            text = self._decode_text(tokens)
-            # Hold back an incomplete multi-byte character until its last byte arrives.
-            if text.endswith("\ufffd"):
-                continue
-            if params.stop:
-                at = find_stop(text, params.stop, len(emitted_text))
-                stopped = at is not None
-                text = text[:at] if stopped else text[: len(text) - hold]
+            if rule is not None:  # every new prefix judged in order, as the final cut does
+                cut = rule.cut(tokens, judged)
+                judged = len(tokens)
+                stopped = cut is not None
+                if stopped:
+                    text = rule.text(tokens, cut)
+            if not stopped:
+                text = self._decode_text(tokens)
+                # Hold back an incomplete multi-byte character until its last byte arrives.
+                if text.endswith("\ufffd"):
+                    continue
+                text = text[: len(text) - hold]
             if len(text) > len(emitted_text) and text.startswith(emitted_text):
                 yield text[len(emitted_text):]
                 emitted_text = text
@@ -258,7 +289,7 @@ class SpeculativeGenerator:
         if len(final) > len(emitted_text) and final.startswith(emitted_text):
             yield final[len(emitted_text):]
         if layer is not None:
-            layer.record(ids[0], texts[0], params, final_tokens, outputs[0].finish_reason)
+            layer.record(ids[0], keyed, params, final_tokens, outputs[0].finish_reason)
         stats = outputs[0].stats
         if checked is not None:
             _add_check(stats, ids[0], checked)
@@ -312,6 +343,7 @@ class SpeculativeGenerator:
         checked = verify_responses(
             self, [rows[i] for i, _, _ in drafts], [h.token_ids for _, h, _ in drafts], params.max_new_tokens, stop_ids
         )
+        checked = self._finish_at_stops(checked, params)
         check_time = time.perf_counter() - check_start
         groups: dict[int, list[tuple[int, Any, Any]]] = {}  # tokens still to decode -> rows
         for (i, hit, start), c in zip(drafts, checked):
@@ -350,19 +382,50 @@ class SpeculativeGenerator:
         """The decode loop's early exit for stop strings (None without them)."""
         return StopStringChecker(params.stop, self._decode_text) if params.stop else None
 
+    def _stop_cut(self, token_ids: list[int], params: GenerationParams) -> StopCut | None:
+        """Where the stop-string rule (specdec.stopping) ends a row of these new tokens, or None.
+
+        The one judgement every path uses: decoding, verified and trusted hits, stream.
+        Memoised for short rows on the ids, the stop set and the tokenizer's size (a
+        trusted hit serves the same tokens again and again).
+        """
+        if not params.stop or not token_ids:
+            return None
+
+        def compute() -> StopCut | None:
+            return StopRule(params.stop, self._decode_text).cut(token_ids)
+
+        if len(token_ids) > _TEXT_MEMO_TOKENS:
+            return compute()
+        return self._cut_memo.get((len(self.tokenizer), params.stop, tuple(token_ids)), compute)
+
     def _stopped_text(self, token_ids: list[int], params: GenerationParams) -> str:
         """The text of `token_ids`, cut before the first stop string."""
-        cut = cut_at_stop(token_ids, params.stop, self._decode_text)
+        cut = self._stop_cut(token_ids, params)
         return self._decode_text(token_ids if cut is None else token_ids[: cut.num_tokens])[
             : None if cut is None else cut.text_end
         ]
+
+    def _finish_at_stops(self, checked: list, params: GenerationParams) -> list:
+        """Checked cached responses whose kept tokens already stop at a stop string are finished
+        ("stop"): decoding on could not move the cut, which depends on the tokens up to it alone."""
+        if not params.stop:
+            return checked
+        out = []
+        for c in checked:
+            cut = self._stop_cut(c.token_ids, params) if c.finish_reason is None else None
+            if cut is not None:
+                kind = "verified" if cut.num_tokens <= c.verified_tokens else c.kind
+                c = dataclasses.replace(c, finish_reason="stop", kind=kind)
+            out.append(c)
+        return out
 
     def _cut_at_stops(self, results: list[GenerationResult], params: GenerationParams) -> list[GenerationResult]:
         """Cut each result at its first stop string (exact, whatever the loop did)."""
         if not params.stop:
             return results
         for r in results:
-            cut = cut_at_stop(r.token_ids, params.stop, self._decode_text)
+            cut = self._stop_cut(r.token_ids, params)
             if cut is None:
                 continue
             r.token_ids = r.token_ids[: cut.num_tokens]
@@ -373,7 +436,7 @@ class SpeculativeGenerator:
 
     def _engine_args(self) -> dict:
         return {"device": self.device, "dtype": self.target_dtype, "engine": self.engine,
-                "plan_memory": self._plan_memory}
+                "plan_memory": self._plan_memory, "numerics": self.numerics}
 
     def _draft_context(self, layer) -> DraftContext:
         """What this generator gives its drafters (see specdec.drafters.base.DraftContext)."""
@@ -432,11 +495,46 @@ class SpeculativeGenerator:
                     f"prompt {i} has token ids outside the model's vocabulary [0, {self.vocab_size}): {bad[:5]}"
                 )
             if self.max_positions is not None and len(row) + params.max_new_tokens > self.max_positions:
-                raise ValueError(
-                    f"prompt {i} has {len(row)} tokens and max_new_tokens={params.max_new_tokens}: "
-                    f"{len(row) + params.max_new_tokens} positions, but the model supports "
-                    f"{self.max_positions}; shorten the prompt or lower max_new_tokens"
+                raise _too_long(i, f"{len(row)} tokens", len(row), params, self.max_positions)
+
+    def _prompt_room(self, params: GenerationParams) -> int | None:
+        """The most prompt tokens that fit beside max_new_tokens (None: the model states no limit)."""
+        if self.max_positions is None:
+            return None
+        return max(0, self.max_positions - params.max_new_tokens)
+
+    def _check_prompt_chars(self, texts: list[str], params: GenerationParams) -> None:
+        """Refuse a text prompt too long for the model before the tokenizer sees it.
+
+        No token of this tokenizer covers more characters of the text than its longest
+        vocabulary entry has (byte-level tokens spell one character per byte, byte-fallback
+        tokens are longer than the byte they stand for), so a text of n characters has at
+        least n / longest tokens. A prompt past that bound would fail the length check
+        anyway, after a tokenization as long as the prompt (seconds and gigabytes for
+        megabytes of text). A text no longer than the room left in tokens needs no bound.
+        """
+        room = self._prompt_room(params)
+        if room is None:
+            return
+        for i, text in enumerate(texts):
+            if len(text) <= room:
+                continue
+            longest = self._longest_token_chars()
+            if len(text) > room * longest:
+                least = -(-len(text) // longest)
+                raise _too_long(
+                    i, f"{len(text)} characters, so at least {least} tokens (no token of this tokenizer is longer "
+                    f"than {longest} characters),", least, params, self.max_positions, bound=True,
                 )
+
+    def _longest_token_chars(self) -> int:
+        """The longest vocabulary entry of the tokenizer, in characters (memoised on its size)."""
+        size = len(self.tokenizer)
+        cached = getattr(self, "_longest_token", None)
+        if cached is None or cached[0] != size:
+            longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+            cached = self._longest_token = (size, max(longest, 1))
+        return cached[1]
 
     def _prompt_texts(self, prompts) -> list[str]:
         """Each prompt as text (chat messages rendered), every check before any compute."""
@@ -652,6 +750,14 @@ def _model_fingerprint(model) -> dict:
     }
 
 
+def _cache_prompts(prompts, texts: list[str]) -> list:
+    """What the cache keys each prompt by: a chat prompt's messages (its near key normalises
+    each message, then applies the template), else the text; `texts` from _prompt_texts."""
+    if isinstance(prompts, str) or _looks_like_chat(prompts):
+        prompts = [prompts]
+    return [[dict(m) for m in p] if _looks_like_chat(p) else t for p, t in zip(prompts, texts)]
+
+
 def _looks_like_chat(p) -> bool:
     """A list whose items are dicts: meant as chat messages (checked by _check_chat)."""
     return isinstance(p, (list, tuple)) and bool(p) and any(isinstance(m, dict) for m in p)
@@ -683,19 +789,45 @@ def _check_chat(index: int, messages) -> None:
         check_text(where, m["content"])
 
 
-def _id_rows(input_ids) -> list[list[int]]:
+def _too_long(
+    index: int, size: str, tokens: int, params: GenerationParams, max_positions: int, *, bound: bool = False
+) -> ValueError:
+    """The error of a prompt that does not fit the model beside max_new_tokens (`bound`: `tokens`
+    is a lower bound, from the prompt's characters)."""
+    return ValueError(
+        f"prompt {index} has {size} and max_new_tokens={params.max_new_tokens}: {'at least ' if bound else ''}"
+        f"{tokens + params.max_new_tokens} positions, but the model supports {max_positions}; "
+        "shorten the prompt or lower max_new_tokens"
+    )
+
+
+def _id_rows(input_ids, params: GenerationParams | None = None, max_positions: int | None = None) -> list[list[int]]:
+    """The prompts of generate_ids as lists of ints. With `params` and `max_positions`, a row
+    that cannot fit beside max_new_tokens is refused before any work proportional to its
+    length (the type checks, a tensor's conversion to lists)."""
+
+    def check_length(index: int, length: int) -> None:
+        if params is not None and max_positions is not None and length + params.max_new_tokens > max_positions:
+            raise _too_long(index, f"{length} tokens", length, params, max_positions)
+
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() not in (1, 2):
             raise ValueError(f"input_ids tensor must be 1-D or 2-D, got shape {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            check_length(0, input_ids.shape[-1])
         input_ids = input_ids.tolist()
     if not isinstance(input_ids, (list, tuple)):
         raise TypeError(f"input_ids must be a list of ints or a list of lists of ints, got {type(input_ids).__name__}")
     if not input_ids:
         raise ValueError("no prompts given; pass at least one prompt")
+    if input_ids and isinstance(input_ids[0], int) and not isinstance(input_ids[0], bool):
+        check_length(0, len(input_ids))  # one prompt of ints (checked for types below)
     if all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
         input_ids = [input_ids]
     rows = []
     for i, row in enumerate(input_ids):
+        if isinstance(row, (list, tuple)):
+            check_length(i, len(row))
         if not isinstance(row, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
             raise TypeError(f"prompt {i} must be a list of ints, got {row!r:.80}")
         rows.append(list(row))

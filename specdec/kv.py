@@ -52,6 +52,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
+from .numerics import StableHead, stable_head
+
 logger = logging.getLogger(__name__)
 
 BUCKET = 64  # attention width granularity: a few shapes, never the unused tail
@@ -156,10 +158,17 @@ def engine_path(model: torch.nn.Module, requested: str, capacity: int, role: str
     return "generic"
 
 
-def make_kv(model, path: str, batch: int, capacity: int, device: torch.device, vocab_size: int | None = None):
-    """The KV state of `model` for a batch on the chosen path."""
+def make_kv(
+    model, path: str, batch: int, capacity: int, device: torch.device, vocab_size: int | None = None,
+    numerics: str = "native",
+):
+    """The KV state of `model` for a batch on the chosen path; `numerics="stable"` computes its
+    final norm and LM head in float32 (specdec.numerics)."""
     cls = StaticKV if path == "static" else DynamicKV
-    return cls(model, batch, capacity, device, vocab_size)
+    kv = cls(model, batch, capacity, device, vocab_size)
+    if numerics == "stable":
+        kv.stable = stable_head(model)
+    return kv
 
 
 def bucket_width(length: int, capacity: int) -> int:
@@ -188,6 +197,7 @@ class KVState(ABC):
         self.forwards = 0
         self.dtype = next(model.parameters()).dtype
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.stable: StableHead | None = None  # numerics "stable": float32 final norm and head
 
     @torch.inference_mode()
     def forward(
@@ -215,7 +225,11 @@ class KVState(ABC):
         if hidden:
             kwargs["output_hidden_states"] = True
         ids = input_ids.clamp(min=0, max=self.max_id)
-        out = self._call(ids, positions, position_ids, num_valid, width, kwargs, exact_width)
+        if self.stable is None:
+            out = self._call(ids, positions, position_ids, num_valid, width, kwargs, exact_width)
+        else:
+            with self.stable.applied():
+                out = self._call(ids, positions, position_ids, num_valid, width, kwargs, exact_width)
         self.lengths = self.lengths + (num_valid if num_valid is not None else width)
         self.forwards += 1
         states = out.hidden_states[-1] if hidden else None

@@ -113,6 +113,24 @@ def exponential(
     return e.to(dtype).clamp_(min=torch.finfo(dtype).tiny)
 
 
+def exponential_by_position(
+    seeds: torch.Tensor,  # [B] int64
+    counters: torch.Tensor,  # [B] int64
+    positions: int,
+    stream: int,
+    width: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # [B, positions, width] Exp(1), finite and > 0
+    """Exp(1) noise for `positions` consecutive counters of each row: slot j of row b is
+    exactly exponential(seeds[b], counters[b] + j, stream, ...), the noise a step starting
+    j tokens later would draw, so a sample keyed this way belongs to its absolute position."""
+    batch = seeds.shape[0]
+    offsets = torch.arange(positions, device=seeds.device, dtype=torch.int64)  # [P]
+    flat_seeds = seeds.repeat_interleave(positions)  # [B * P]
+    flat_counters = (counters.unsqueeze(1) + offsets).reshape(-1)  # [B * P]
+    return exponential(flat_seeds, flat_counters, stream, width, dtype).view(batch, positions, width)
+
+
 def request_seeds(seeds: list[int] | None, batch: int, device: torch.device) -> torch.Tensor:  # [B] int64
     """The per-row seed tensor of a request; unseeded rows get fresh random seeds."""
     if seeds is None:

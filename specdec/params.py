@@ -29,6 +29,15 @@ class GenerationParams:
     # (see specdec.stopping). Part of the response-cache key.
     stop: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        # Built directly (not through make_params) the seed is still held to the range the
+        # noise can key on: a seed outside it would sample exactly what another seed samples.
+        seed = self.seed
+        if seed is None or (type(seed) is int and 0 <= seed <= MAX_SEED):
+            return
+        for s in seed if isinstance(seed, tuple) else (seed,):
+            _check_int("seed", s, minimum=0, maximum=MAX_SEED, hint=SEED_HINT)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -87,6 +96,7 @@ def _check_int(name: str, value, *, minimum: int, hint: str, maximum: int | None
 # Seeds key the counter-based noise as int64 (specdec.noise): a larger seed would be
 # reduced modulo 2**63 and sample exactly what a smaller one samples.
 MAX_SEED = (1 << 63) - 1
+SEED_HINT = "pass an int in [0, 2**63), a list of them (one per prompt), or None"
 
 
 def _check_float(name: str, value) -> float:
@@ -272,8 +282,7 @@ def _make_params(
             _check_int("seed", s, minimum=0, maximum=MAX_SEED, hint="pass ints in [0, 2**63), one per prompt")
         seed = tuple(seed)
     elif seed is not None:
-        _check_int("seed", seed, minimum=0, maximum=MAX_SEED,
-                   hint="pass an int in [0, 2**63), a list of them (one per prompt), or None")
+        _check_int("seed", seed, minimum=0, maximum=MAX_SEED, hint=SEED_HINT)
     if not isinstance(drafter, str):
         raise TypeError(f"drafter must be a str, got {type(drafter).__name__} {drafter!r}")
     if isinstance(num_draft_tokens, str):

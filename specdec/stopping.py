@@ -1,23 +1,42 @@
 """Stop strings: where a row's output ends when its text contains one of them.
 
-A row stops at the first token whose decoded text, together with the tokens before
-it, contains a stop string. What the caller gets:
+The rule, the same on every path (decoding, a verified or a trusted cache hit, stream):
+a row stops at the first token n whose prefix text, decode(tokens[:n]) with the
+tokenizer's decode and the same options as the final text, contains a stop string.
+What the caller gets:
 
-- `token_ids`: the new tokens up to and including that token (like a stop token id,
-  the token that ended the row is kept, so the ids still say why the row stopped);
-- `text`: the decoded text cut just before the stop string (the stop string and
-  anything the same token decoded after it are not part of the text).
+- `token_ids`: tokens[:n] (like a stop token id, the token that ended the row is kept,
+  so the ids still say why the row stopped);
+- `text`: decode(tokens[:n]) cut before the earliest stop string in it (the stop string
+  and anything the same token decoded after it are not part of the text).
 
-The cut is computed from the row's tokens alone, after decoding, so it is exact
-whatever the decode loop did: a row that the loop stopped early (an optimisation, see
-`StopStringChecker`) and a row decoded to `max_new_tokens` and then cut give the same
-answer, because a row's tokens never depend on what comes after them.
+Every prefix is judged, in order, not the text of a whole row or of a whole step: a
+prefix can show text that a longer one does not (a multi-byte character half decoded
+reads "\\ufffd" until its last byte arrives; a tokenizer that cleans up spaces drops one
+once punctuation follows). Judging the whole row would make the answer depend on how
+many tokens a path happened to hold (a decode step that emits several tokens, a cached
+response decoded past the stop); judging prefixes in order makes it a function of the
+tokens up to the stop alone, so every path that holds at least those tokens cuts at the
+same place, and a row's tokens never depend on what comes after them.
+
+Cost: a prefix is judged from the text of its last tokens (a window holding the longest
+stop string, the last token's text and a margin), not from the whole prefix, so judging
+a row costs O(row x window), not O(row^2). A window decoded alone can differ from the
+whole text at its start (a character cut in half, a leading space dropped): matches in
+its first `MARGIN` characters do not count there, and a match is confirmed on the whole
+prefix's text, which also gives the exact cut. (This relies on the decoders' text of a
+window agreeing with the end of the whole text past its first few characters, as
+byte-level BPE, SentencePiece and WordPiece decoders do.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+# Characters at each end of a window's text that may differ from the whole text's
+# (a replacement character per byte of a character cut in half, a dropped space, ...).
+MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -39,54 +58,91 @@ def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
     return best
 
 
-def cut_at_stop(
-    token_ids: Sequence[int], stops: Sequence[str], decode: Callable[[Sequence[int]], str]
-) -> StopCut | None:
-    """The first point where the decoded tokens contain a stop string, or None.
+class StopRule:
+    """The stop-string rule of one request: judges prefixes of a row's new tokens.
 
-    `decode` turns a prefix of `token_ids` into text (the tokenizer's decode with the
-    same options as the final text). Each prefix is decoded in turn: the first one
-    whose text contains a stop string gives the cut. Decoding prefixes rather than
-    concatenating per-token strings keeps multi-byte characters split across tokens
-    and tokenizers that merge spaces exact.
-    """
-    if not stops or not token_ids:
-        return None
-    full = decode(token_ids)
-    if find_stop(full, stops) is None:  # the common case: one decode, no scan
-        return None
-    seen = 0  # characters already checked (no stop ends before them)
-    for n in range(1, len(token_ids) + 1):
-        text = full if n == len(token_ids) else decode(token_ids[:n])
-        i = find_stop(text, stops, seen)
-        if i is not None:
-            return StopCut(num_tokens=n, text_end=i)
-        # The last characters may still change (an incomplete multi-byte character):
-        # a later prefix is checked again from a little before its end.
-        seen = max(0, len(text) - 1)
-    return None  # unreachable when the full text contains a stop string
-
-
-class StopStringChecker:
-    """Tells the decode loop that a row's text contains a stop string (an early exit).
-
-    Called with the row's new tokens so far; decodes only a tail window of them, long
-    enough to hold the longest stop string, so a check costs O(window), not O(row).
-    It says "stop" only when the whole row's text contains a stop string, so never before
-    `cut_at_stop` would cut, and the generator cuts
-    exactly afterwards, so a missed early exit costs time, never correctness.
+    `decode` turns token ids into text (the tokenizer's decode with the same options as
+    the final text). `at(tokens, n)` judges one prefix; `cut(tokens)` finds the first
+    prefix that stops the row. Both depend on tokens[:n] alone.
     """
 
     def __init__(self, stops: Sequence[str], decode: Callable[[Sequence[int]], str]) -> None:
-        self.stops = tuple(stops)
+        self.stops = tuple(stops)  # non-empty strings (checked by specdec.params)
         self.decode = decode
-        # Every token decodes to at least one character or to nothing (special tokens);
-        # the tail window covers the longest stop string plus tokens that decode to nothing.
-        self.window = max(len(s) for s in self.stops) + 8
+        self.longest = max(len(s) for s in self.stops)
+        # Tokens a window starts with: every token decodes to at least one character or to
+        # nothing (special tokens), so this usually holds enough text at the first try.
+        self.window = self.longest + MARGIN
+        self._token_chars: dict[int, int] = {}  # token id -> characters it decodes to alone
 
-    def __call__(self, tokens: Sequence[int]) -> bool:
-        if find_stop(self.decode(tokens[-self.window:]), self.stops) is None:
-            return False
-        # A window's first characters may decode differently from the whole row (a
-        # multi-byte character cut in half): confirm on the whole row before stopping it.
-        return find_stop(self.decode(tokens), self.stops) is not None
+    def _chars(self, token: int) -> int:
+        n = self._token_chars.get(token)
+        if n is None:
+            n = self._token_chars[token] = len(self.decode([token]))
+        return n
+
+    def at(self, tokens: Sequence[int], n: int) -> int | None:
+        """If the text of tokens[:n] contains a stop string, the index of the earliest one
+        in that text; else None. Called for prefixes in order, a row's earlier prefixes
+        having none (a stop string in the text of tokens[:n] then ends in its last tokens)."""
+        if n <= 0:
+            return None
+        # Enough text before the last token's for a stop string that ends in it, plus the
+        # margins at both ends: grown while the window's text is shorter than that.
+        need = self._chars(tokens[n - 1]) + self.longest + 2 * MARGIN
+        span = self.window
+        while True:
+            start = max(0, n - span)
+            text = self.decode(tokens[start:n])
+            if start == 0 or len(text) >= need:
+                break
+            span *= 2
+        if start == 0:
+            return find_stop(text, self.stops)
+        if find_stop(text[MARGIN:], self.stops) is None:
+            return None
+        return find_stop(self.decode(tokens[:n]), self.stops)
+
+    def cut(self, tokens: Sequence[int], start: int = 0) -> StopCut | None:
+        """The first prefix longer than `start` tokens whose text contains a stop string
+        (prefixes of `start` tokens or fewer known to have none), or None."""
+        for n in range(start + 1, len(tokens) + 1):
+            i = self.at(tokens, n)
+            if i is not None:
+                return StopCut(num_tokens=n, text_end=i)
+        return None
+
+    def text(self, tokens: Sequence[int], cut: StopCut | None) -> str:
+        """The text a row of `tokens` gives: cut before the stop string when there is one."""
+        if cut is None:
+            return self.decode(tokens)
+        return self.decode(tokens[: cut.num_tokens])[: cut.text_end]
+
+
+def cut_at_stop(
+    token_ids: Sequence[int], stops: Sequence[str], decode: Callable[[Sequence[int]], str]
+) -> StopCut | None:
+    """The first prefix of `token_ids` whose decoded text contains a stop string, or None
+    (see the module docstring for the rule)."""
+    if not stops or not token_ids:
+        return None
+    return StopRule(stops, decode).cut(token_ids)
+
+
+class StopStringChecker:
+    """Tells the decode loop that a row has stopped (an early exit).
+
+    Called after each step with the row's new tokens so far and how many of them the step
+    added; judges each prefix the step completed, in order, by the same rule as the final
+    cut (StopRule), so it says "stop" exactly at the step that holds the stopping token.
+    The generator cuts exactly afterwards, so the loop's exit only saves steps.
+    """
+
+    def __init__(self, stops: Sequence[str], decode: Callable[[Sequence[int]], str]) -> None:
+        self.rule = StopRule(stops, decode)
+        self.stops = self.rule.stops
+        self.window = self.rule.window
+
+    def __call__(self, tokens: Sequence[int], added: int = 1) -> bool:
+        first = max(1, len(tokens) - added + 1)
+        return any(self.rule.at(tokens, n) is not None for n in range(first, len(tokens) + 1))

@@ -22,6 +22,17 @@ if not torch.cuda.is_available():
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Trusted-mode epoch watermarks (cache/namespace.py) go to a folder of this run, never the
+# user's cache; child processes inherit it. Removed at exit.
+if "SPECDEC_EPOCH_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _EPOCH_DIR = tempfile.mkdtemp(prefix="specdec-epochs-")
+    os.environ["SPECDEC_EPOCH_DIR"] = _EPOCH_DIR
+    atexit.register(shutil.rmtree, _EPOCH_DIR, True)
+
 from fixtures_models import *  # noqa: E402,F401,F403
 from fixtures_redis import *  # noqa: E402,F401,F403
 from fixtures_cli import *  # noqa: E402,F401,F403

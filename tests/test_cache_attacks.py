@@ -177,7 +177,9 @@ class DrippingPeer:
     def _drip(self, conn: socket.socket) -> None:
         try:
             conn.recv(65536)
-            conn.sendall(b"$1000000\r\n")  # a long bulk reply, sent one byte at a time
+            # A bulk reply within every size limit (a larger one is refused unread), sent one
+            # byte at a time: only the deadline can end it.
+            conn.sendall(b"$1000\r\n")
             while not self.stopped.is_set():
                 conn.sendall(b"x")
                 time.sleep(0.01)

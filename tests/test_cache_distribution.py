@@ -6,8 +6,9 @@ token must be distributed as p. Checked with a chi-square goodness-of-fit test a
 the target's exact probabilities, for a likely d and for an unlikely one (a poisoned
 entry). Each row has its own seed, so the draws are a fixed outcome, not a flaky one.
 
-Negative control: a verifier that accepts stored drafts too often (its uniforms
-halved, as in test_sampling.py) must fail the same test.
+Negative control: a verifier that accepts stored drafts too often (the stored token's
+race noise halved) must fail the same test. Seeded rows drafting from the store are
+verified by position (kernels.reference.verify_by_position): the control patches that.
 """
 
 from __future__ import annotations
@@ -74,13 +75,16 @@ def test_first_token_distribution_is_the_targets(gen, which, cache_namespace):
 
 @pytest.mark.slow
 def test_negative_control_overaccepting_verifier_fails(gen, cache_namespace, monkeypatch):
-    """Accepting the stored draft too often (u halved) skews the first token: the same test must fail."""
-    real = kernels.verify_sampling
+    """Accepting the stored draft too often (its noise halved) skews the first token: the same test must fail."""
+    real = kernels.reference.verify_by_position
 
-    def overaccepting(draft_tokens, draft_probs, target_logits, uniforms, exponentials, **kw):
-        return real(draft_tokens, draft_probs, target_logits, uniforms * 0.5, exponentials, **kw)
+    def overaccepting(draft_tokens, target_logits, exponentials, **kw):
+        noise = exponentials.clone()
+        slots = draft_tokens.clamp(min=0).unsqueeze(-1)  # [B, K, 1]
+        noise[:, :-1].scatter_(-1, slots, noise[:, :-1].gather(-1, slots) * 0.5)
+        return real(draft_tokens, target_logits, noise, **kw)
 
-    monkeypatch.setattr(kernels, "verify_sampling", overaccepting)
+    monkeypatch.setattr(kernels.reference, "verify_by_position", overaccepting)
     prompt = gen.tokenizer("def add(a, b):")["input_ids"]
     p = _target_probs(gen, prompt)
     draft = int(torch.argmax(p))

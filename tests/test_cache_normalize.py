@@ -54,7 +54,7 @@ def test_examples():
 
 def test_spec_names_the_rules():
     assert NormalizationOptions().spec() == {
-        "version": 1,
+        "version": 2,
         "unicode_form": "NFKC",
         "whitespace": "collapse",
         "casefold": False,

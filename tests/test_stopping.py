@@ -51,3 +51,66 @@ def test_checker_confirms_on_the_whole_row():
     row = ids("ééééééééééé")  # 22 bytes: the 9-byte window starts mid-character
     assert decode(row[-tricky.window:]).startswith("\ufffd")
     assert not tricky(row)
+
+
+# ---------------------------------------------------------------------- the rule: every prefix, in order
+
+
+def test_a_stop_string_in_a_prefix_counts_though_the_whole_row_no_longer_shows_it():
+    # "é" half decoded reads "a\ufffd"; the whole row "aéb" holds no replacement character.
+    tokens = ids("aéb")
+    assert "\ufffd" in decode(tokens[:2]) and "\ufffd" not in decode(tokens)
+    assert cut_at_stop(tokens, ["\ufffd"], decode) == StopCut(num_tokens=2, text_end=1)
+
+
+def test_the_cut_depends_on_the_tokens_up_to_it_alone():
+    tokens = ids("abc déf\n\nxyz ü end")
+    for stops in (["\ufffd"], ["\n\n"], ["z ü"], ["absent"]):
+        cuts = {cut_at_stop(tokens[:m], stops, decode) for m in range(len(tokens) + 1)
+                if m >= (cut_at_stop(tokens, stops, decode) or StopCut(len(tokens), 0)).num_tokens}
+        assert len(cuts) == 1, stops  # every path holding at least the stopping tokens cuts alike
+
+
+def test_checker_judges_every_prefix_the_step_added():
+    check = StopStringChecker(["\ufffd"], decode)
+    row = ids("aéb")  # one step that emitted all four bytes
+    assert check(row, len(row))  # "a\ufffd" after the second token
+    assert not check(row, 1)  # the last prefix alone holds no stop string
+
+
+def _first_prefix(tokens, stops, decode_fn):
+    """The rule spelled out: decode every prefix in full, stop at the first with a stop string."""
+    for n in range(1, len(tokens) + 1):
+        i = find_stop(decode_fn(tokens[:n]), stops)
+        if i is not None:
+            return StopCut(n, i)
+    return None
+
+
+def test_windowed_judgement_equals_decoding_every_prefix_in_full():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["a", "b", " ", "\n", "é", "ü", "€", "😀", "ab c", "x"]
+    stops_list = [["\ufffd"], ["\n\n"], ["é"], ["ab c"], ["😀x"], ["zz", "€ "], ["never"]]
+    for trial in range(60):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(20, 120)))
+        tokens = ids(text)
+        if trial % 3 == 0:  # stray invalid bytes: replacement characters that stay
+            tokens.insert(rng.randrange(len(tokens)), rng.choice([0xFF, 0x80, 0xC3]))
+        for stops in stops_list:
+            assert cut_at_stop(tokens, stops, decode) == _first_prefix(tokens, stops, decode), (text, stops)
+
+
+def test_windowed_judgement_equals_decoding_every_prefix_with_a_real_tokenizer(tiny_tokenizer):
+    import random
+
+    rng = random.Random(1)
+
+    def decode_tok(t):
+        return tiny_tokenizer.decode(list(t), skip_special_tokens=True)
+
+    for trial in range(12):
+        tokens = [rng.randrange(len(tiny_tokenizer)) for _ in range(150)]  # specials decode to nothing
+        for stops in (["\ufffd"], [" ", "é"], ["e", "\n"], ["never"]):
+            assert cut_at_stop(tokens, stops, decode_tok) == _first_prefix(tokens, stops, decode_tok), stops

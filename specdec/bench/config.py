@@ -18,6 +18,7 @@ draft store (like "cache"), the cache workload.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +157,7 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     device_map: str | None = None
+    numerics: str = "native"  # specdec.numerics: "stable" = float32 final norm and LM head
     num_draft_tokens: list[int] = field(default_factory=lambda: [4])  # first value = main K
     max_new_tokens: int = 128
     num_prompts: int = 4
@@ -227,8 +229,15 @@ class BenchConfig:
         for name in ("max_new_tokens", "num_prompts", "repeats", "cache_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        from ..params import MAX_SEED
+
+        # Seeds of the run: seed + repeat * prompts + prompt, on the main and the cache workload.
+        last_seed = self.seed + self.repeats * (self.num_prompts + 3 * self.cache_prompts)
+        if self.seed < 0 or last_seed > MAX_SEED:
+            raise ValueError(
+                f"--seed must be >= 0 and leave room for the run's seeds (up to seed + {last_seed - self.seed}, "
+                f"below 2**63), got {self.seed}"
+            )
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"--temperature (the sampled setting) must be > 0, got {self.temperature}")
         if not self.settings:
@@ -249,12 +258,43 @@ class BenchConfig:
             check_device(self.device)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out {str(self.out)!r} exists and is not a folder")
-        if self.cache_url and any(specs[m].workload == "cache" for m in self.methods if m in specs):
+        if self.cache_url is not None:
             from ..cache.config import parse_cache_url
 
-            parse_cache_url(self.cache_url)  # a bad URL fails now, not after the models load
+            # Checked even when no cache row runs: a URL given is a URL meant, and a typo in it
+            # must not pass silently (nor fail only after the models load).
+            parse_cache_url(self.cache_url)
+        check_out(self.out)
+
+
+def check_out(out: Path) -> None:
+    """ValueError unless the results can be written under `out`, checked before the run (which
+    writes them only at its end) without leaving anything behind: `out` is a folder, or can be
+    created as one, and a file can be created in it (or in the folder that will hold it)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    base = out
+    while not base.exists():  # the nearest folder that exists: where the first mkdir happens
+        if base.parent == base:
+            break
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {str(out)!r} cannot be created: {str(base)!r} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base, prefix=".specdec-bench-"):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"--out {str(out)!r} is not writable ({exc.strerror or exc}); pass a folder you can write to"
+        ) from None
+    if base == out:
+        for name in ("results.json", "results.csv", "results.md"):
+            if (out / name).exists() and not os.access(out / name, os.W_OK):
+                raise ValueError(
+                    f"--out {str(out)!r}: {name} is there and not writable; remove it or pass another folder"
+                )
 
 
 def check_device(device: str) -> None:

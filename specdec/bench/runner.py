@@ -61,11 +61,13 @@ class Bench:
         t0 = time.perf_counter()
         useless = cfg.draft == RANDOM_DRAFT
         self.gen = SpeculativeGenerator.from_pretrained(
-            cfg.target, None if useless else cfg.draft, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map
+            cfg.target, None if useless else cfg.draft, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+            numerics=cfg.numerics,
         )
         if useless:  # the useless-draft workload: the target's shape, random weights
             self.gen = SpeculativeGenerator(
-                self.gen.target_model, self.gen.tokenizer, random_like(self.gen.target_model, seed=cfg.seed)
+                self.gen.target_model, self.gen.tokenizer, random_like(self.gen.target_model, seed=cfg.seed),
+                numerics=cfg.numerics,
             )
         self.load_seconds = time.perf_counter() - t0
         tok = self.gen.tokenizer
@@ -346,6 +348,7 @@ class Bench:
                 "draft_parameters": (parameter_count(self.gen.draft_model)
                                      if self.gen.draft_model is not None else None),
                 "dtype": str(self.gen.target_dtype).replace("torch.", ""),
+                "numerics": self.gen.numerics,
                 "device": str(self.gen.device),
                 "load_seconds": self.load_seconds,
             },

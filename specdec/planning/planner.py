@@ -70,17 +70,30 @@ class Planner:
         self.params = params
         self.device = device
         self.sources = {d.name: d for d in sources}  # in the registry's order
-        self.free = [n for n, d in self.sources.items() if d.free]
-        self.costly = [n for n, d in self.sources.items() if not d.free]
         self.k_max = params.draft_limit
         self.adaptive = params.adaptive_draft
         self.seeded = params.seed is not None and not params.greedy
+        # Seeded sampling: a row's tokens depend on its prompt and seed alone, but a source that
+        # reads shared state (the draft store) drafts what other requests wrote, and sampled
+        # tokens depend on where steps begin. Beside other sources (drafter "auto") such a source
+        # is left out: it neither drafts nor is scored. Alone (chosen by name) it drafts, and the
+        # engine verifies by position (kernels.reference.verify_by_position), whose tokens are
+        # plain decoding's whatever was drafted.
+        self.verify_by_position = False
+        shared = [n for n, d in self.sources.items() if "store" in d.needs]
+        if self.seeded and shared:
+            if len(shared) < len(self.sources):
+                self.sources = {n: d for n, d in self.sources.items() if n not in shared}
+            else:
+                self.verify_by_position = True
+        self.free = [n for n, d in self.sources.items() if d.free]
+        self.costly = [n for n, d in self.sources.items() if not d.free]
         if self.adaptive and self.seeded:
             # A source that could not pay under the fixed proxy even with every draft accepted
             # (a draft as large as the target) is never run.
             self.costly = [n for n in self.costly if could_pay(self.k_max, self.sources[n].cost_ratio, gain=0.0)]
         self.active = self.free + self.costly
-        self.reads_hidden_states = any(d.reads_hidden_states for d in sources)
+        self.reads_hidden_states = any(d.reads_hidden_states for d in self.sources.values())
         self.rows = [RowPlan() for _ in range(batch)]
         self.pooled: dict[str, AcceptanceCounts] = {}  # per source, all rows (measured plans' prior)
         self.calibration = ConfidenceCalibration()
