@@ -7,14 +7,15 @@ prompt of the named workloads, how often
 
 - each drafter's greedy output differs from plain decoding (drafter "none"), and
 - a verified cache hit's answer differs from the uncached call that wrote the entry
-  (the hit is checked by one forward over prompt + response; on a mismatch the target's
-  token is kept and decoding goes on from there),
+  (specdec.caching.verify_responses checks it; on a mismatch the target's token is kept
+  and decoding goes on from there),
 
 for each numerics mode given (`--numerics`: "native" computes as loaded; "stable"
-keeps the final norm and the LM head in float32 and checks a hit in decoding's shapes;
-see specdec.numerics). Each prompt is decoded alone (batch 1), so only the drafter or
-the cache changes the shapes. The cache is an in-process store (`memory://`), fresh per
-mode. Prints a table and writes JSON.
+computes the final norm and the LM head in float32; see specdec.numerics). Each prompt
+is decoded alone (batch 1), so only the drafter or the cache changes the shapes. The
+cache is an in-process store (`memory://`), fresh per mode; the "cache" drafter reads
+the store the uncached calls filled. Prints a table and writes JSON with the timings
+of each pass (one torch thread).
 
     python -P benchmarks/bf16_rates.py --model bundled --new 32
 """

@@ -8,8 +8,12 @@ depends on the drafter, or on whether a cached answer was checked.
     "native"  computes as loaded (the default).
     "stable"  computes the final norm and the LM head in float32 (from float32 copies
               of their weights), so logits are never rounded to bfloat16 and exact ties
-              vanish; the target's blocks keep the loaded dtype. Costs one float32 copy
-              of the LM head (vocab x hidden x 4 bytes) and a float32 head matmul.
+              vanish, and runs attention through transformers' eager implementation
+              (scores, softmax, weighted sum: each query row computed the same way
+              however many queries a forward holds; torch's fused CPU attention sums a
+              row differently in a 4-token verify than in a 1-token step). The blocks
+              keep the loaded dtype. Costs one float32 copy of the LM head (vocab x
+              hidden x 4 bytes), a float32 head matmul and eager attention.
 
 A float32 or float64 model is left as is in both modes (its head already computes at
 least in float32). The mode is part of the generator's fingerprint, so cached answers
@@ -89,13 +93,29 @@ class StableHead:
         patched = [(self.head, lambda h: head32(h.float()))]
         if self.norm is not None and norm32 is not None:
             patched.append((self.norm, lambda h: norm32(h.float())))
+        configs = _configs(getattr(self.model, "config", None))
+        attention = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs]
         for module, forward in patched:
             module.forward = forward  # an instance attribute shadows the class's forward
+        for config, _ in attention:
+            config.__dict__["_attn_implementation_internal"] = "eager"
         try:
             yield
         finally:
             for module, _ in patched:
                 del module.forward
+            for config, value in attention:
+                config.__dict__["_attn_implementation_internal"] = value
+
+
+def _configs(config) -> list:
+    """A model config and its sub-configs (recursively): each holds its own attention choice."""
+    if config is None or "_attn_implementation_internal" not in getattr(config, "__dict__", {}):
+        return []
+    out = [config]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        out += _configs(getattr(config, key, None))
+    return out
 
 
 def stable_head(model: torch.nn.Module) -> StableHead:

@@ -117,3 +117,18 @@ def test_mode_is_checked_and_keyed(tiny_tokenizer):
     assert "numerics" not in native.model_fingerprint()  # native keys are what they always were
     with pytest.raises(AttributeError):
         stable.numerics = "native"  # fixed at construction: cache keys carry it
+
+
+def test_stable_attention_is_eager_inside_and_restored_after():
+    model = _bf16_target()
+    before = model.config._attn_implementation
+    head = stable_head(model)
+    with head.applied():
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == before
+    with pytest.raises(RuntimeError):
+        with head.applied():
+            raise RuntimeError("a failing forward")
+    assert model.config._attn_implementation == before
+    assert "forward" not in vars(model.lm_head)
+
