@@ -99,9 +99,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
     g.add_argument("--device-map", choices=("auto",), help="let accelerate place the target (multi-GPU / offload)")
     g.add_argument("--numerics", choices=("native", "stable"), default="native",
-                   help="native: compute as loaded; stable: the target's final norm and LM head in float32, so "
-                        "that in bfloat16 neither the drafter nor a cache hit's check breaks a near-tie differently "
-                        "(default: native)")
+                   help="native: compute as loaded; stable: the target's final norm and LM head in float32 and "
+                        "eager attention, so that in bfloat16 neither the drafter nor a cache hit's check breaks "
+                        "a near-tie differently (default: native)")
     g.add_argument("--threads", type=_positive_int,
                    help="torch CPU threads (bench default: 1 per process on CPU, so that a shared machine "
                         "neither stalls nor skews timings; otherwise torch's choice)")

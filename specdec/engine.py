@@ -105,7 +105,8 @@ def iter_decode(
     strings); the caller cuts the tokens exactly afterwards, so this only saves steps.
     plan_memory: a dict the caller keeps across requests; unseeded K "auto" starts from
     what the last one learned.
-    numerics: "stable" computes the target's final norm and LM head in float32 (specdec.numerics).
+    numerics: "stable" computes the target's final norm and LM head in float32 and its
+    attention eagerly (specdec.numerics).
     """
     start = time.perf_counter()
     batch = len(prompts)

@@ -113,8 +113,8 @@ class SpeculativeGenerator:
         shipped in the package, no download). `device` moves both models there;
         `device_map="auto"` lets accelerate place the target (the draft follows the
         target's input device). `dtype` is a torch dtype or its name ("float32", "bfloat16").
-        `numerics="stable"` computes the target's final norm and LM head in float32 (see the
-        `numerics` property); "native" (the default) computes as loaded.
+        `numerics="stable"` computes the target's final norm and LM head in float32 and its
+        attention eagerly (see the `numerics` property); "native" (the default) computes as loaded.
 
         A local path that does not exist fails at once; a hub id that is neither in the
         local Hugging Face cache nor reachable (offline, HF_HUB_OFFLINE=1) fails within
@@ -150,8 +150,8 @@ class SpeculativeGenerator:
     @property
     def numerics(self) -> str:
         """"native" (compute as loaded) or "stable" (the target's final norm and LM head in
-        float32, so that in bfloat16 neither the drafter nor a cache hit's check can break a
-        near-tie differently from plain decoding; see specdec.numerics)."""
+        float32 and eager attention, so that in bfloat16 neither the drafter nor a cache
+        hit's check breaks a near-tie differently from plain decoding; see specdec.numerics)."""
         return self._numerics  # fixed at construction: cache keys carry it
 
     @property

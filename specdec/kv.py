@@ -163,7 +163,7 @@ def make_kv(
     numerics: str = "native",
 ):
     """The KV state of `model` for a batch on the chosen path; `numerics="stable"` computes its
-    final norm and LM head in float32 (specdec.numerics)."""
+    final norm and LM head in float32 and its attention eagerly (specdec.numerics)."""
     cls = StaticKV if path == "static" else DynamicKV
     kv = cls(model, batch, capacity, device, vocab_size)
     if numerics == "stable":
@@ -197,7 +197,7 @@ class KVState(ABC):
         self.forwards = 0
         self.dtype = next(model.parameters()).dtype
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.stable: StableHead | None = None  # numerics "stable": float32 final norm and head
+        self.stable: StableHead | None = None  # numerics "stable": float32 final norm and head, eager attention
 
     @torch.inference_mode()
     def forward(

@@ -123,6 +123,19 @@ def test_generate_prints_text_then_stats(cli_pair, capsys):
     assert "6 tokens in" in captured.err and "mean accepted length" in captured.err
 
 
+def test_generate_with_stable_numerics(cli_pair, capsys):
+    argv = ["generate", "def add(a, b):", "--target", cli_pair.target, "--draft", cli_pair.draft,
+            "--max-new-tokens", "6", "--ignore-eos", "--dtype", "bfloat16", "--numerics", "stable"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    gen = SpeculativeGenerator.from_pretrained(cli_pair.target, cli_pair.draft, dtype="bfloat16", numerics="stable")
+    expected = gen.generate("def add(a, b):", max_new_tokens=6, ignore_eos=True, drafter="none")[0].text
+    assert out == expected + "\n"
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_generate_stream_prints_text_then_stats(cli_pair, capsys, monkeypatch):
     written = []
     real_write = sys.stdout.write

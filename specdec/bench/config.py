@@ -157,7 +157,7 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     device_map: str | None = None
-    numerics: str = "native"  # specdec.numerics: "stable" = float32 final norm and LM head
+    numerics: str = "native"  # specdec.numerics: "stable" = float32 final norm and LM head, eager attention
     num_draft_tokens: list[int] = field(default_factory=lambda: [4])  # first value = main K
     max_new_tokens: int = 128
     num_prompts: int = 4
