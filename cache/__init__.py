@@ -7,7 +7,7 @@
     normalize.py       prompt normalisation (NFKC, whitespace, case folding, chat)
     fingerprint.py     model / tokenizer fingerprints
     codec.py           versioned, size-capped int32 values (never pickle)
-    namespace.py       epochs and invalidation (epoch INCR, model epoch, key, SCAN flush)
+    namespace.py       epochs and invalidation (random epoch tokens, signed with a secret; model epochs, key, SCAN flush)
     response_cache.py  whole responses of deterministic requests
     draft_store.py     continuations indexed by hashed token contexts
     cli.py             `specdec cache stats | invalidate | flush`
