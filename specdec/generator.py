@@ -19,7 +19,7 @@ from .loading import input_device, load_models
 from .numerics import check_numerics
 from .params import GenerationParams, check_text, make_params
 from .stats import GenerationResult, GenerationStats
-from .stopping import StopCut, StopRule, StopStringChecker
+from .stopping import StopCut, StopRule, StopStringChecker, cut_text
 
 _UNSET: Any = object()
 _ENCODE_MEMO_SIZE = 128  # prompts whose ids are kept (a repeated prompt skips the tokenizer)
@@ -401,10 +401,7 @@ class SpeculativeGenerator:
 
     def _stopped_text(self, token_ids: list[int], params: GenerationParams) -> str:
         """The text of `token_ids`, cut before the first stop string."""
-        cut = self._stop_cut(token_ids, params)
-        return self._decode_text(token_ids if cut is None else token_ids[: cut.num_tokens])[
-            : None if cut is None else cut.text_end
-        ]
+        return cut_text(token_ids, self._stop_cut(token_ids, params), self._decode_text)
 
     def _finish_at_stops(self, checked: list, params: GenerationParams) -> list:
         """Checked cached responses whose kept tokens already stop at a stop string are finished
@@ -428,8 +425,8 @@ class SpeculativeGenerator:
             cut = self._stop_cut(r.token_ids, params)
             if cut is None:
                 continue
+            r.text = cut_text(r.token_ids, cut, self._decode_text)
             r.token_ids = r.token_ids[: cut.num_tokens]
-            r.text = self._decode_text(r.token_ids)[: cut.text_end]
             r.finish_reason = "stop"
             r.stats.new_tokens = len(r.token_ids)
         return results

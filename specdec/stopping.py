@@ -114,9 +114,14 @@ class StopRule:
 
     def text(self, tokens: Sequence[int], cut: StopCut | None) -> str:
         """The text a row of `tokens` gives: cut before the stop string when there is one."""
-        if cut is None:
-            return self.decode(tokens)
-        return self.decode(tokens[: cut.num_tokens])[: cut.text_end]
+        return cut_text(tokens, cut, self.decode)
+
+
+def cut_text(tokens: Sequence[int], cut: StopCut | None, decode: Callable[[Sequence[int]], str]) -> str:
+    """The text of `tokens` (all of them without a cut), cut before the stop string."""
+    if cut is None:
+        return decode(tokens)
+    return decode(tokens[: cut.num_tokens])[: cut.text_end]
 
 
 def cut_at_stop(
