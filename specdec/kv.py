@@ -57,6 +57,8 @@ from .numerics import StableHead, stable_head
 logger = logging.getLogger(__name__)
 
 BUCKET = 64  # attention width granularity: a few shapes, never the unused tail
+# Compiled steps: feed a one-token step as two (one graph for decoding and verifying).
+PAD_ONE_TOKEN_STEPS = False
 ENGINE_PATHS = ("auto", "static", "generic")
 
 # Model types whose state is recurrent (or partly so): no per-position KV to roll back.
@@ -160,14 +162,18 @@ def engine_path(model: torch.nn.Module, requested: str, capacity: int, role: str
 
 def make_kv(
     model, path: str, batch: int, capacity: int, device: torch.device, vocab_size: int | None = None,
-    numerics: str = "native",
+    numerics: str = "native", compiled=None,
 ):
     """The KV state of `model` for a batch on the chosen path; `numerics="stable"` computes its
-    final norm and LM head in float32 and its attention eagerly (specdec.numerics)."""
+    final norm and LM head in float32 and its attention eagerly (specdec.numerics);
+    `compiled` (a specdec.compiled.CompiledForward) runs the static path's step forwards
+    compiled (the generic path has no fixed shapes to compile and stays eager)."""
     cls = StaticKV if path == "static" else DynamicKV
     kv = cls(model, batch, capacity, device, vocab_size)
     if numerics == "stable":
         kv.stable = stable_head(model)
+    if compiled is not None and path == "static" and numerics != "stable":
+        kv.use_compiled(compiled)
     return kv
 
 
@@ -198,6 +204,11 @@ class KVState(ABC):
         self.dtype = next(model.parameters()).dtype
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.stable: StableHead | None = None  # numerics "stable": float32 final norm and head, eager attention
+        self.compiled = None  # specdec.compiled.CompiledForward for step forwards (static path only)
+
+    def use_compiled(self, compiled) -> None:
+        """Run step forwards (not the prefill) through `compiled`."""
+        raise NotImplementedError(f"the {self.path} KV path has no compiled step")
 
     @torch.inference_mode()
     def forward(
@@ -317,6 +328,17 @@ class _RowLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(batch, heads, self.owner.capacity, value_states.shape[-1])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
+        if self.owner.compiled:
+            self._mark_compiled()
+
+    def _mark_compiled(self) -> None:
+        """Rows and capacity vary between requests and steps: one graph serves them all."""
+        from .compiled import mark_step_dynamic
+
+        for buffer in (self.keys, self.values):
+            mark_step_dynamic(buffer, (0, 2))
+            if self.owner.static_addresses:  # CUDA graphs replay on these very buffers
+                torch._dynamo.mark_static_address(buffer)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states [B, H, T, Dk], value_states [B, H, T, Dv]
@@ -327,10 +349,14 @@ class _RowLayer(CacheLayerMixin):
         index = pos.view(batch, 1, width, 1)
         self.keys.scatter_(2, index.expand(-1, heads, -1, key_states.shape[-1]), key_states)
         self.values.scatter_(2, index.expand(-1, heads, -1, value_states.shape[-1]), value_states)
+        if self.owner.full_view:  # compiled: the whole buffer, no Python int in the graph
+            return self.keys, self.values  # [B, H, C, D]
         view = self.owner.view_width
         return self.keys[:, :, :view], self.values[:, :, :view]  # [B, H, W, D]: the prefix only
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.owner.full_view:
+            return self.keys.shape[2], 0
         return self.owner.view_width, 0
 
     def get_seq_length(self) -> int:
@@ -339,10 +365,13 @@ class _RowLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.owner.capacity
 
+    @torch.inference_mode()
     def select(self, keep: torch.Tensor) -> None:  # [B'] int64
         if self.is_initialized:
             self.keys = self.keys.index_select(0, keep)
             self.values = self.values.index_select(0, keep)
+            if self.owner.compiled:
+                self._mark_compiled()
 
 
 class RowCache(Cache):
@@ -354,11 +383,22 @@ class RowCache(Cache):
         self.write_positions: torch.Tensor | None = None  # [B, T] set before each forward
         self.view_width = BUCKET  # W: how much of the buffer attention sees
         self.seen_hint = 0  # host int for models that ask for a "past length" (a bound, unused by masks)
+        self.compiled = False  # step forwards compiled: buffers marked dynamic, attention over all of them
+        self.full_view = False  # attention sees the whole buffer (compiled steps; the prefill never)
+        self.static_addresses = False  # CUDA graphs: buffers keep their addresses
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(_RowLayer(self))
         return self.layers[layer_idx].update(key_states, value_states)
+
+
+class _StepOut:
+    """A forward's outputs, as KVState.forward reads them."""
+
+    def __init__(self, logits: torch.Tensor, hidden_states) -> None:
+        self.logits = logits
+        self.hidden_states = hidden_states
 
 
 class StaticKV(KVState):
@@ -371,7 +411,15 @@ class StaticKV(KVState):
         self.cache = RowCache(capacity)
         self._min = torch.finfo(self.dtype).min if self.dtype.is_floating_point else float("-inf")
 
+    def use_compiled(self, compiled) -> None:
+        self.compiled = compiled
+        self.cache.compiled = True
+        self.cache.static_addresses = compiled.static_addresses
+
     def _call(self, ids, positions, position_ids, num_valid, width, kwargs, exact_width):
+        if self.compiled is not None and not exact_width and self.cache.layers:  # buffers exist: a step
+            return self._compiled_call(ids, positions, position_ids, width, kwargs)
+        self.cache.full_view = False
         view = min(self.bound + width, self.capacity) if exact_width else bucket_width(self.bound + width, self.capacity)
         self.cache.write_positions = positions
         self.cache.view_width = view
@@ -389,6 +437,48 @@ class StaticKV(KVState):
             **kwargs,
         )
         self.bound = self.bound + width
+        return out
+
+    def _compiled_call(self, ids, positions, position_ids, width, kwargs):
+        """A step forward through the compiled graph: attention over the whole buffer, so the
+        graph's shapes are (B, T, C) and nothing in it reads a Python int that changes.
+
+        A one-token step is fed as two (the second slot a pad: its key and value land past the
+        row's end, where nothing reads them before they are overwritten), so decoding and
+        verifying share one graph: at width 1 the tracer specializes attention's code paths,
+        which would cost a second compile for a step that costs about the same.
+        """
+        from .compiled import mark_step_dynamic
+
+        capacity = self.capacity
+        pad = width == 1 and PAD_ONE_TOKEN_STEPS
+        if pad:
+            ids = ids.expand(-1, 2).contiguous()
+            positions = torch.cat([positions, (positions + 1).clamp(max=capacity - 1)], dim=1)  # [B, 2]
+            position_ids = position_ids.expand(-1, 2).contiguous()
+        if position_ids is positions:  # inputs that alias each other cost a guard and a graph
+            position_ids = positions.clone()
+        self.cache.write_positions = positions
+        self.cache.full_view = True
+        self.cache.view_width = capacity
+        self.cache.seen_hint = 0  # a constant: models that read it only derive unused defaults
+        columns = torch.arange(capacity, device=self.device)  # [C]
+        visible = columns.view(1, 1, capacity) <= positions.unsqueeze(-1)  # [B, T, C]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, self._min)
+        mask = mask.unsqueeze(1)  # [B, 1, T, C]
+        for tensor in (ids, positions, position_ids):
+            mark_step_dynamic(tensor, (0, 1))
+        mark_step_dynamic(mask, (0, 2, 3))
+        kind = (ids.shape[0] == 1, ids.shape[1] == 1, "hidden" if kwargs.get("output_hidden_states") else "logits", kwargs.get("logits_to_keep"))
+        buffers = [b for layer in self.cache.layers for b in (layer.keys, layer.values)]
+        out = self.compiled(
+            kind, buffers, input_ids=ids, attention_mask=mask, position_ids=position_ids,
+            use_cache=True, **{self.cache_keyword: self.cache}, **kwargs,
+        )
+        self.bound = self.bound + width
+        if pad:  # drop the pad slot
+            hidden = out.hidden_states[:-1] + (out.hidden_states[-1][:, :1],) if kwargs.get("output_hidden_states") else None
+            return _StepOut(out.logits[:, :1], hidden)
         return out
 
     def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:

@@ -16,7 +16,7 @@ import torch
 from specdec.bench import COLUMNS, PRESETS, BenchConfig, apply_threads, format_duration
 from specdec.bench import metrics
 from specdec.bench.methods import Run, Sample
-from specdec.bench.report import auto_lines, column_prose, markdown_table
+from specdec.bench.report import auto_lines, column_prose, markdown_table, warmup_lines
 from specdec.bench.runner import Bench
 from specdec.cli import main
 
@@ -370,8 +370,9 @@ def test_methods_come_from_the_drafter_registry():
     from specdec.bench import ALL_METHODS, specdec_methods
 
     assert ALL_METHODS == ("baseline", "model", "ngram", "auto", "model-auto", "ngram-auto", "cache",
-                           "hf", "hf-assisted", "hf-lookup")
-    assert PRESETS["full"].methods == PRESETS["quick"].methods == ALL_METHODS
+                           "hf", "hf-compiled", "hf-assisted", "hf-lookup")
+    # hf-compiled is opt-in: its compile warm-up does not fit the presets' time budgets.
+    assert PRESETS["full"].methods == PRESETS["quick"].methods == tuple(m for m in ALL_METHODS if m != "hf-compiled")
     assert PRESETS["headline"].methods == ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
     specs = specdec_methods()
     assert [(m.drafter, m.k) for m in specs.values()] == [
@@ -382,3 +383,275 @@ def test_methods_come_from_the_drafter_registry():
     assert [name for name, m in specs.items() if m.workload == "cache"] == ["cache"]
     assert metrics.AUTO_POOLS == {"model-auto": ("model",), "ngram-auto": ("ngram",), "auto": ("model", "ngram")}
     assert metrics.SINGLE_AUTOS == ("model-auto", "ngram-auto")
+
+
+# --------------------------------------------------------------------------- compiled methods
+
+
+def test_a_compile_warm_up_runs_first_with_every_prompt_and_is_reported_apart(tmp_path):
+    """Run.prepare runs before any call of its run, the warm-up pass included (even with the
+    pass off), with all the prompts the run decodes; its seconds go to warmup_s, and graphs
+    compiled in untimed calls are counted as warm-up, never as timed."""
+    bench = Bench(BenchConfig(target="unused", draft=None, out=tmp_path, num_prompts=2, repeats=2, warmup=True,
+                              progress=False))
+    bench.ids = [[1, 2, 3], [4, 5]]
+    events = []
+
+    def execute(ids, seed):
+        if len(events) == 1:  # the warm-up pass's call compiles one more graph (counted as the real ones do)
+            run.compile_graphs["timed"] += 1
+        events.append(("execute", tuple(ids)))
+        return Sample([1], 0.1, target_forwards=1)
+
+    def prepare(prompts):
+        events.append(("prepare", tuple(map(tuple, prompts))))
+        run.compile_graphs.update(warmup=3, timed=0)
+        return 12.5
+
+    run = Run("greedy", "main", "hf-compiled", None, execute, prepare=prepare, compile_graphs={})
+    plain = Run("greedy", "main", "hf", None, lambda ids, seed: Sample([1], 0.1, target_forwards=1))
+    bench.execute([plain, run])
+    assert events[0] == ("prepare", ((1, 2, 3), (4, 5)))
+    assert events[1] == ("execute", (1, 2, 3))  # the warm-up pass, then 2 repeats x 2 prompts
+    assert len(events) == 1 + 1 + 4
+    assert run.warmup_s == 12.5 and plain.warmup_s is None
+    assert run.compile_graphs == {"warmup": 3, "warmup_pass": 1, "timed": 0}  # no compile in the timed calls
+    rows = metrics.rows([_baseline(), run], c=None)
+    assert rows[1]["warmup_s"] == 12.5 and rows[1]["compile_graphs"] == run.compile_graphs
+    assert rows[0]["warmup_s"] is None and "compile_graphs" not in rows[0]
+    line = "Compile warm-up, excluded from the timings: greedy hf-compiled 12.5 s, 3 graph(s) (and 1 more in the " \
+           "warm-up pass)."
+    assert warmup_lines(rows) == ["", line]
+    # A row whose timed calls compiled is flagged: its tokens/s include compile time.
+    rows[1]["compile_graphs"]["timed"] = 2
+    assert any("compiled graphs during their timed calls" in w and "greedy hf-compiled (2)" in w
+               for w in metrics.suspect(rows, {}, repeats=3))
+
+
+def test_hf_compiled_decodes_as_hf_and_gives_the_target_its_forward_back(cli_pair):
+    """transformers' fast path (static cache, forward through torch.compile) on a tiny model:
+    the warm-up compiles, the timed calls then compile nothing, greedy tokens and forward
+    counts equal plain `generate`'s, and outside its calls the shared target model runs its
+    own forward."""
+    from transformers import AutoModelForCausalLM
+
+    from specdec.bench.methods import CompiledForward, hf_compiled_prepare, hf_method
+
+    model = AutoModelForCausalLM.from_pretrained(cli_pair.target).eval()
+    own = type(model).forward
+    prompts = [[1, 20, 21, 22], [1, 30, 31, 32, 33, 34, 35], [1, 40, 41]]
+    common = {"eos": [], "pad": 0, "max_new_tokens": 6}
+    compiled = CompiledForward(model)
+    graphs: dict = {}
+    fast = hf_method(model, None, temperature=None, compiled=compiled, graphs=graphs, **common)
+    prepare = hf_compiled_prepare(fast, graphs, seed=0)
+    assert "forward" not in vars(model)
+    assert prepare(prompts + prompts[:1]) > 0  # one call per distinct length
+    assert graphs["warmup"] >= 2 and graphs["timed"] == 0  # prefill and decoding step at least
+    assert "forward" not in vars(model) and model.forward.__func__ is own
+
+    plain = hf_method(model, None, temperature=None, **common)
+    for ids in prompts:
+        want, got = plain(ids, 0), fast(ids, 0)
+        assert got.tokens == want.tokens and len(got.tokens) == 6
+        assert got.target_forwards == want.target_forwards == 6
+    sampled = hf_method(model, None, temperature=0.8, compiled=compiled, graphs=graphs, **common)
+    assert len(sampled(prompts[0], 3).tokens) == 6
+    assert graphs["timed"] == 0  # the warm-up covered every shape the calls present
+    assert "forward" not in vars(model) and model.forward.__func__ is own
+
+    # An instance forward (a wrapper someone installed) comes back too, also after an error.
+    def wrapper(*args, **kwargs):
+        return own(model, *args, **kwargs)
+
+    model.forward = wrapper
+    with pytest.raises(RuntimeError), compiled.installed():
+        assert model.forward is compiled.compiled
+        raise RuntimeError("generate failed")
+    assert model.forward is wrapper
+
+
+def test_the_bench_runs_hf_compiled_beside_hf(cli_pair, tmp_path, capsys):
+    """hf-compiled is a method of the bench: its compile warm-up runs before its timed calls
+    (under --no-warmup too), shows in the report apart from tokens/s, and the timed calls
+    compile nothing; greedy, it decodes as baseline and hf do."""
+    rc = main(_bench_argv(cli_pair, tmp_path, "--methods", "baseline,hf,hf-compiled", "--settings", "greedy",
+                          "--repeats", "1", "--threads", "1"))
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert list(rows) == ["baseline", "hf", "hf-compiled"]
+    fast, hf = rows["hf-compiled"], rows["hf"]
+    assert fast["warmup_s"] > 0 and hf["warmup_s"] is None and rows["baseline"]["warmup_s"] is None
+    assert fast["compile_graphs"]["timed"] == 0  # the warm-up compiled what the timed calls run
+    assert fast["greedy_equals_baseline"] is True and hf["greedy_equals_baseline"] is True
+    assert fast["mean_accepted_length"] == hf["mean_accepted_length"] == 1.0  # one forward per token
+    assert not any("timed calls" in w for w in doc["suspect"])
+    assert doc["compile"] == {"compile": False} and doc["models"]["compile"] is False
+    line = f"greedy hf-compiled {fast['warmup_s']:.1f} s, {fast['compile_graphs']['warmup']} graph(s)"
+    for text in ((tmp_path / "results.md").read_text(), capsys.readouterr().out):
+        assert "Compile warm-up, excluded from the timings: " + line in text
+    with (tmp_path / "results.csv").open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert float(csv_rows[2]["warmup_s"]) == pytest.approx(fast["warmup_s"]) and csv_rows[1]["warmup_s"] == ""
+
+
+def test_compile_option_reaches_the_config(cli_pair, tmp_path):
+    from specdec.cli import bench_config, build_parser
+
+    def config(*extra):
+        return bench_config(build_parser().parse_args(_bench_argv(cli_pair, tmp_path, *extra)))
+
+    plain = config()
+    assert plain.compile is False and "hf-compiled" not in plain.methods
+    compiled = config("--compile")
+    # Compiled specdec is held against compiled transformers: hf-compiled joins the preset's methods.
+    assert compiled.compile is True and compiled.methods == (*plain.methods, "hf-compiled")
+    assert config("--compile", "--methods", "baseline,hf").methods == ("baseline", "hf")
+    assert config("--quick", "--compile").methods[-1] == "hf-compiled"
+
+
+def test_compile_runs_specdec_on_a_compiled_generator_warmed_before_timing(cli_pair, tmp_path, capsys):
+    """--compile: the generator is built with compile=True, warmed up once before any timed
+    call (its seconds on every specdec row, apart from tokens/s) and its compile stats are in
+    the results."""
+    argv = ["bench", "--target", cli_pair.target, "--draft", "none", "--prompts", cli_pair.prompts,
+            "--max-new-tokens", "4", "--num-prompts", "2", "--no-progress", "--out", str(tmp_path),
+            "--methods", "baseline,ngram", "--settings", "greedy", "--repeats", "1", "--threads", "1", "--compile"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    stats = doc["compile"]
+    assert stats["compile"] is True and doc["models"]["compile"] is True
+    assert stats["graphs"] >= 1 and stats["warmup_s"] > 0
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert list(rows) == ["baseline", "ngram"]
+    for r in rows.values():
+        assert r["warmup_s"] == pytest.approx(stats["warmup_s"], abs=1e-3)  # one warm-up, shared
+        assert r["compile_graphs"]["timed"] == 0
+        assert r["greedy_equals_baseline"] is True
+    assert "specdec's step graphs (--compile)" in (tmp_path / "results.md").read_text()
+    assert "specdec's step graphs (--compile)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- eager twins (--compile)
+
+
+def test_eager_twins_name_specdec_methods_and_need_compile(cli_pair, tmp_path, capsys):
+    """"X-eager" is specdec's main-workload method X on an eager generator; without --compile it
+    would be X itself, so it is refused, in one line, before any model loads."""
+    from specdec.bench.config import eager_base
+
+    assert [eager_base(m) for m in ("baseline-eager", "auto-eager", "model-auto-eager", "ngram-eager")] == \
+        ["baseline", "auto", "model-auto", "ngram"]
+    assert [eager_base(m) for m in ("auto", "hf-eager", "nope-eager", "eager")] == [None] * 4
+
+    def config(*methods, compile=True):
+        return BenchConfig(target="unused", draft=None, out=tmp_path, compile=compile, methods=("baseline", *methods))
+
+    config("baseline-eager", "auto", "auto-eager", "model-eager", "ngram-eager").validate()
+    with pytest.raises(ValueError, match="'auto-eager' needs --compile"):
+        config("auto-eager", compile=False).validate()
+    with pytest.raises(ValueError, match="cache workload, which has no eager twin"):
+        config("cache-eager").validate()
+    with pytest.raises(ValueError, match=r"unknown method 'hf-eager'.*X-eager"):
+        config("hf-eager").validate()
+    assert main(_bench_argv(cli_pair, tmp_path, "--methods", "baseline,auto,auto-eager")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: method 'auto-eager' needs --compile" in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_eager_twins_are_planned_beside_their_compiled_rows(tmp_path):
+    """Each twin runs right after its method, on the eager generator (no compile warm-up, no
+    compile counts); a twin whose method needs a draft model is skipped with it."""
+    from types import SimpleNamespace
+
+    cfg = BenchConfig(target="unused", draft=None, out=tmp_path, compile=True, settings=("greedy",),
+                      methods=("baseline", "baseline-eager", "ngram", "ngram-eager", "auto", "auto-eager",
+                               "model", "model-eager"), progress=False)
+    bench = Bench(cfg)
+    cpu = torch.device("cpu")
+    bench.gen = SimpleNamespace(compile=True, draft_model=None, device=cpu)
+    bench.eager_gen = SimpleNamespace(compile=False, draft_model=None, device=cpu)
+    runs = bench.plan()
+    plan = [(r.method, r.k, r.twin_of, r.compile_graphs is not None, r.prepare is not None) for r in runs]
+    assert plan == [
+        ("baseline", None, None, True, True), ("baseline-eager", None, "baseline", False, False),
+        ("auto", None, None, True, True), ("auto-eager", None, "auto", False, False),
+        ("ngram", 4, None, True, True), ("ngram-eager", 4, "ngram", False, False),
+    ]
+    assert any(n.startswith("model and model-eager rows skipped: no draft model") for n in bench.notes)
+
+
+def test_compiled_rows_are_held_against_their_eager_twins_side_by_side(tmp_path):
+    """A twin is one more specdec row (speedup against baseline); its compiled row gains the
+    paired ratio of the two, which the report prints; the plots take the twins in."""
+    from specdec.bench.report import eager_lines, headline, write_plots
+
+    def at(speed, method, k=None, twin_of=None):
+        run = _per_prompt([[10 * speed] * 2] * 3, method=method, k=k)
+        run.twin_of = twin_of
+        return run
+
+    runs = [at(1, "baseline"), at(0.5, "baseline-eager", twin_of="baseline"), at(3, "auto"),
+            at(2, "auto-eager", twin_of="auto"), at(2.5, "ngram", 4), at(1.25, "ngram-eager", 4, twin_of="ngram")]
+    rows = metrics.rows(runs, c=None)
+    by = {r["method"]: r for r in rows}
+    assert by["auto-eager"]["speedup"] == pytest.approx(2.0) and by["baseline-eager"]["speedup"] == pytest.approx(0.5)
+    assert by["auto"]["vs_eager"] == {"method": "auto-eager", "ratio": pytest.approx(1.5)}
+    assert by["ngram"]["vs_eager"]["ratio"] == pytest.approx(2.0) and by["baseline"]["vs_eager"]["ratio"] == pytest.approx(2.0)
+    # The compiled auto is held against the compiled fixed K only, and a twin against nothing.
+    assert by["auto"]["vs_best_fixed"]["method"] == "ngram" and "vs_best_fixed" not in by["auto-eager"]
+    assert "vs_eager" not in by["auto-eager"]
+    lines = eager_lines(rows)
+    assert lines == ["greedy, baseline compiled: 2.00x baseline-eager (the same prompts, side by side)",
+                     "greedy, auto compiled: 1.50x auto-eager (the same prompts, side by side)",
+                     "greedy, ngram K=4 compiled: 2.00x ngram-eager (the same prompts, side by side)"]
+    assert set(lines) <= set(headline(rows, 4))
+    assert "| greedy | main | auto-eager | - |" in markdown_table(rows)
+    assert write_plots(tmp_path, rows, 4)[0] == "speedup.png"
+
+
+def test_bench_runs_eager_twins_on_an_eager_generator_beside_the_compiled_one(cli_pair, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--compile --methods baseline,baseline-eager: the twin decodes on a second generator that
+    shares the compiled one's models and never compiles; greedy, its tokens are baseline's."""
+    from specdec.bench import runner
+    from specdec.bench.methods import graphs_compiled
+
+    real = runner.specdec_method
+    made = []  # (generator, graphs compiled during each call)
+
+    def recording(gen, *args, **kwargs):
+        execute = real(gen, *args, **kwargs)
+        compiled_during: list[int] = []
+        made.append((gen, compiled_during))
+
+        def wrapped(ids, seed):
+            before = graphs_compiled()
+            sample = execute(ids, seed)
+            compiled_during.append(graphs_compiled() - before)
+            return sample
+
+        return wrapped
+
+    monkeypatch.setattr(runner, "specdec_method", recording)
+    argv = ["bench", "--target", cli_pair.target, "--draft", "none", "--prompts", cli_pair.prompts,
+            "--max-new-tokens", "4", "--num-prompts", "2", "--no-progress", "--out", str(tmp_path),
+            "--methods", "baseline,baseline-eager", "--settings", "greedy", "--repeats", "1", "--threads", "1",
+            "--compile"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert list(rows) == ["baseline", "baseline-eager"]
+    (compiled, _), (eager, eager_compiles) = made
+    assert compiled.compile is True and eager.compile_stats() == {"compile": False}
+    assert eager.target_model is compiled.target_model and eager.draft_model is None
+    assert len(eager_compiles) == 3 and sum(eager_compiles) == 0  # warm-up pass + 2 timed prompts
+    twin = rows["baseline-eager"]
+    assert twin["greedy_equals_baseline"] is True and twin["speedup"] > 0
+    assert twin["warmup_s"] is None and "compile_graphs" not in twin
+    assert rows["baseline"]["compile_graphs"]["timed"] == 0 and rows["baseline"]["warmup_s"] > 0
+    assert rows["baseline"]["vs_eager"]["method"] == "baseline-eager"
+    for text in ((tmp_path / "results.md").read_text(), capsys.readouterr().out):
+        assert "greedy, baseline compiled: " in text and "x baseline-eager (the same prompts, side by side)" in text

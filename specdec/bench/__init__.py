@@ -10,7 +10,7 @@ Every method runs in one process on the same prompts, models and machine. Split 
 """
 
 from .config import PRESETS, SETTINGS, BenchConfig, all_methods, check_device, parse_int_list, specdec_methods
-from .report import COLUMN_KEYS, COLUMNS, format_duration, headline, markdown_table, step_table
+from .report import COLUMN_KEYS, COLUMNS, format_duration, headline, markdown_table, step_table, warmup_lines
 from .runner import Bench, apply_threads
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "parse_int_list",
     "specdec_methods",
     "step_table",
+    "warmup_lines",
 ]
 
 

@@ -12,14 +12,16 @@ specdec's own methods come from the drafter registry (specdec.drafters), read wh
 are asked for, so that drafters registered by plug-ins are methods too: "baseline"
 (drafter "none"), every registered drafter X at each --k, "X-auto" (drafter X with K
 chosen per step), "auto" (drafter "auto", K auto) and, for drafters that read the shared
-draft store (like "cache"), the cache workload.
+draft store (like "cache"), the cache workload. With --compile, "X-eager" runs specdec's
+main-workload method X on an eager generator that shares the compiled one's models: compiled
+and eager rows measured side by side in one run.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,8 +34,15 @@ SETTINGS = ("greedy", "sampled")
 RANDOM_DRAFT = "random"
 BASELINE = "baseline"
 AUTO_SUFFIX = "-auto"
+# "X-eager" (with --compile): specdec's method X on an eager generator beside the compiled rows.
+EAGER_SUFFIX = "-eager"
 CACHE = "cache"
-PEERS = ("hf", "hf-assisted", "hf-lookup")
+# "hf-compiled": transformers' documented fast path (static cache, torch.compile'd forward).
+HF_COMPILED = "hf-compiled"
+PEERS = ("hf", HF_COMPILED, "hf-assisted", "hf-lookup")
+# Methods a preset runs only when asked (--methods) or, for hf-compiled, with --compile: their
+# compile warm-up costs minutes on a CPU, more than the presets' budgets allow.
+OPT_IN = (HF_COMPILED,)
 # Row names the bench uses itself: a drafter registered under one of them is not a method.
 RESERVED = (BASELINE, *PEERS, "hf-assisted-k", "cache-cold", "cache-warm")
 HEADLINE_METHODS = ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
@@ -48,6 +57,7 @@ class Method:
     k: str  # "none" (baseline), "fixed" (one row per --k) or "auto" (num_draft_tokens="auto")
     workload: str = "main"  # "cache": the cache workload, cold and warm rows at the main K
     needs_model: bool = False  # skipped, with a note, when no draft model is loaded
+    eager: bool = False  # an eager twin ("X-eager", --compile): X on the eager generator beside the compiled one
 
 
 def specdec_methods() -> dict[str, Method]:
@@ -79,6 +89,29 @@ def specdec_methods() -> dict[str, Method]:
     return out
 
 
+def eager_base(name: str, specs: dict[str, Method] | None = None) -> str | None:
+    """The specdec method that `name` is the eager twin of ("auto-eager" -> "auto"), or None: a
+    name without the suffix, whose method is not specdec's, or that is a method itself (a
+    registered drafter named "x-eager" keeps its name)."""
+    specs = specdec_methods() if specs is None else specs
+    if not name.endswith(EAGER_SUFFIX) or name in specs:
+        return None
+    base = name[: -len(EAGER_SUFFIX)]
+    return base if base in specs else None
+
+
+def with_eager_twins(specs: dict[str, Method], names: tuple[str, ...] | list[str]) -> dict[str, Method]:
+    """`specs` plus the eager twins among `names`, each right after its method (so that their rows
+    run and print beside each other); only main-workload methods have twins (see validate)."""
+    out: dict[str, Method] = {}
+    for name, spec in specs.items():
+        out[name] = spec
+        twin = name + EAGER_SUFFIX
+        if twin in names and twin not in specs and spec.workload == "main":
+            out[twin] = replace(spec, name=twin, eager=True)
+    return out
+
+
 def ours_methods() -> tuple[str, ...]:
     """The names of specdec's own methods (see specdec_methods)."""
     return tuple(specdec_methods())
@@ -87,6 +120,11 @@ def ours_methods() -> tuple[str, ...]:
 def all_methods() -> tuple[str, ...]:
     """Every name --methods accepts: specdec's own, then transformers' (PEERS)."""
     return ours_methods() + PEERS
+
+
+def default_methods() -> tuple[str, ...]:
+    """What a preset that runs "every method" runs: all_methods() less the OPT_IN ones."""
+    return tuple(m for m in all_methods() if m not in OPT_IN)
 
 
 def __getattr__(name: str):
@@ -108,14 +146,14 @@ class Preset:
     num_prompts: int
     repeats: int
     cache_prompts: int
-    method_names: tuple[str, ...] | None  # None: every method (all_methods(), plug-ins included)
+    method_names: tuple[str, ...] | None  # None: every method but OPT_IN (default_methods(), plug-ins included)
     target: str | None = None  # None: the bundled pair (specdec.loading names the real models)
     workload: str | None = None  # a name in specdec.workload.WORKLOADS; None: the default (stdlib)
     description: str = ""  # one line for --help
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return all_methods() if self.method_names is None else self.method_names
+        return default_methods() if self.method_names is None else self.method_names
 
 
 # The real-model presets. Without --draft the "model" and "hf-assisted" rows are dropped with a
@@ -158,6 +196,7 @@ class BenchConfig:
     dtype: str | None = None
     device_map: str | None = None
     numerics: str = "native"  # specdec.numerics: "stable" = float32 final norm and LM head, eager attention
+    compile: bool = False  # specdec's methods on a generator built with compile=True (specdec.compiled)
     num_draft_tokens: list[int] = field(default_factory=lambda: [4])  # first value = main K
     max_new_tokens: int = 128
     num_prompts: int = 4
@@ -184,7 +223,9 @@ class BenchConfig:
 
         `target` defaults to the preset's model (the real-model presets name one); `prompts_file`
         replaces the preset's workload rather than clashing with it (an explicit `workload` and
-        `prompts_file` together still do: validate() refuses them).
+        `prompts_file` together still do: validate() refuses them). With `compile` and no
+        explicit `methods`, the preset's methods gain hf-compiled: compiled specdec is held
+        against transformers compiled, not only against its eager `hf`.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -200,6 +241,8 @@ class BenchConfig:
         )
         if "prompts_file" not in given:
             values["workload"] = preset.workload
+        if given.get("compile") and "methods" not in given and HF_COMPILED not in preset.methods:
+            values["methods"] = (*preset.methods, HF_COMPILED)
         values.update(given)
         return cls(target=target, draft=draft, out=Path(out), preset=name, **values)
 
@@ -248,8 +291,18 @@ class BenchConfig:
         specs = specdec_methods()  # read now: plug-in drafters are registered by the time a run is checked
         known = (*specs, *PEERS)
         for m in self.methods:
-            if m not in known:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(known)}")
+            if m in known:
+                continue
+            base = eager_base(m, specs)
+            if base is None:
+                raise ValueError(f"unknown method {m!r}; choose from {', '.join(known)} (with --compile, also "
+                                 f"X{EAGER_SUFFIX} for specdec's method X)")
+            if specs[base].workload != "main":
+                raise ValueError(f"method {m!r}: the {base} rows run on the cache workload, which has no eager "
+                                 "twin; name the main-workload methods (baseline, model, ngram, auto, ...)")
+            if not self.compile:
+                raise ValueError(f"method {m!r} needs --compile: it runs {base} on an eager generator beside the "
+                                 f"compiled one, and without --compile {base} is already eager")
         if "baseline" not in self.methods:
             raise ValueError("--methods must include baseline: every speedup is measured against it")
         if self.device is not None and self.device_map is not None:

@@ -6,21 +6,27 @@
   X              specdec, any other registered drafter X (a plug-in), K drafts per step
   X-auto         specdec, drafter X with num_draft_tokens="auto" (model-auto, ngram-auto, ...)
   auto           specdec, drafter "auto" with num_draft_tokens="auto" (where the engine has it)
+  X-eager        --compile: specdec's method X on an eager generator sharing the compiled one's models
   cache-cold     specdec, draft-token store drafter, store empty at the start
   cache-warm     specdec, draft-token store drafter, store filled by the cold pass
   hf             transformers `generate`
+  hf-compiled    `generate(cache_implementation="static")` with the forward through torch.compile
   hf-assisted    `generate(assistant_model=draft)`, transformers' own drafting defaults
   hf-assisted-k  same, K assistant tokens per step, no confidence stop (specdec's policy)
   hf-lookup      `generate(prompt_lookup_num_tokens=K)`
 
 Each call returns a Sample: the new tokens, the wall time and the counters the
 report needs (target and draft forwards, drafted and accepted tokens per position).
+A method that compiles (hf-compiled; specdec's under --compile) is warmed before any timed
+call: Run.prepare for hf-compiled, SpeculativeGenerator.warmup() for specdec's; the seconds
+go to Run.warmup_s, apart from the timings.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -60,6 +66,14 @@ class Run:
     uses_draft_model: bool = False  # its drafting costs draft-model forwards (the bound's k*c term)
     group: str = ""  # runs of one group always run back to back, in order
     before_repeat: Callable[[int], None] | None = None  # called with the repeat index
+    # Compile warm-up: called once with every prompt the run decodes, before any of its timed
+    # (or warm-up pass) calls; returns the seconds it took, which go to warmup_s.
+    prepare: Callable[[list[list[int]]], float] | None = None
+    warmup_s: float | None = None  # compile warm-up seconds, excluded from the timings (None: none)
+    # Graphs compiled in each phase: "warmup" (prepare), "warmup_pass", "timed" (see Bench.execute).
+    compile_graphs: dict[str, int] | None = None
+    # An eager twin ("X-eager", --compile): the method X whose compiled row it runs beside.
+    twin_of: str | None = None
     samples: list[list[Sample]] = field(default_factory=list)  # [repeat][prompt], complete repeats only
 
 
@@ -94,8 +108,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def specdec_method(gen, drafter: str, k: int | str, *, max_new_tokens: int, temperature: float | None,
-                   cache_layer: Any = None) -> Execute:
-    """Decode one prompt with SpeculativeGenerator `gen` (temperature None: greedy)."""
+                   cache_layer: Any = None, graphs: dict[str, int] | None = None) -> Execute:
+    """Decode one prompt with SpeculativeGenerator `gen` (temperature None: greedy); `graphs`
+    (a compiled generator) counts, under "timed", the graphs compiled during these calls."""
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, drafter=drafter, num_draft_tokens=k)
     if temperature is not None:
         kwargs["temperature"] = temperature
@@ -105,11 +120,14 @@ def specdec_method(gen, drafter: str, k: int | str, *, max_new_tokens: int, temp
     sampled = temperature is not None
 
     def execute(ids: list[int], seed: int) -> Sample:
+        before = graphs_compiled() if graphs is not None else 0
         synchronize(device)
         t0 = time.perf_counter()
         res = gen.generate_ids([ids], seed=seed if sampled else None, **kwargs)[0]
         synchronize(device)
         seconds = time.perf_counter() - t0
+        if graphs is not None:
+            graphs["timed"] = graphs.get("timed", 0) + graphs_compiled() - before
         s = res.stats
         return Sample(
             tokens=list(res.token_ids),
@@ -149,9 +167,57 @@ def count_forwards(model: torch.nn.Module | None) -> Iterator[ForwardCounter]:
             handle.remove()
 
 
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompiledForward:
+    """A model's forward through torch.compile, in place on the model only inside `installed()`.
+
+    transformers documents its fast path as `model.forward = torch.compile(model.forward)`
+    with a static cache. The bench shares one target between its methods, so the compiled
+    forward is an instance attribute only while an hf-compiled call runs: the other methods
+    (hf, specdec's) call the model's own forward. One instance per model, shared by the
+    greedy and sampled rows, so that they share its graphs.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        # Default mode and options, as documented. transformers' forwards run through one
+        # decorator's wrapper, a code object every torch.compile of any model's forward shares,
+        # and with it dynamo's recompile limit (8 entries, then eager): isolated (where torch
+        # has it), these graphs count neither against a compiled generator's (--compile) nor
+        # the reverse.
+        isolate = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+        self.compiled = torch.compile(model.forward, **({"isolate_recompiles": True} if isolate else {}))
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        model = self.model
+        had_own = "forward" in vars(model)  # an instance forward (a wrapper) comes back as it was
+        own = vars(model).get("forward")
+        model.forward = self.compiled
+        try:
+            yield
+        finally:
+            if had_own:
+                model.forward = own
+            else:
+                del model.forward  # the class's forward shows through again
+
+
 def hf_method(target, draft, *, eos: list[int], pad: int, max_new_tokens: int, temperature: float | None,
-              lookup_k: int | None = None, assistant_k: int | None = None) -> Execute:
-    """Decode one prompt with transformers' `generate` (assisted when `draft` is given)."""
+              lookup_k: int | None = None, assistant_k: int | None = None,
+              compiled: CompiledForward | None = None, graphs: dict[str, int] | None = None) -> Execute:
+    """Decode one prompt with transformers' `generate` (assisted when `draft` is given).
+
+    `compiled`: hf-compiled, transformers' fast path: a static cache and `compiled` installed
+    as the target's forward for the call. `graphs` (hf-compiled) counts, under "timed", the
+    graphs compiled during these calls: none once hf_compiled_prepare covered the prompts.
+    """
     device = target.get_input_embeddings().weight.device
     sampled = temperature is not None
     kwargs: dict[str, Any] = dict(
@@ -163,6 +229,10 @@ def hf_method(target, draft, *, eos: list[int], pad: int, max_new_tokens: int, t
         kwargs["assistant_model"] = draft
     if lookup_k is not None:
         kwargs["prompt_lookup_num_tokens"] = lookup_k
+    if compiled is not None:
+        # generate compiles the model's __call__ by itself with a static cache on GPUs; turned
+        # off, so that on every device the forward compiled here is the one compiled graph.
+        kwargs.update(cache_implementation="static", disable_compile=True)
 
     @torch.inference_mode()
     def execute(ids: list[int], seed: int) -> Sample:
@@ -176,14 +246,21 @@ def hf_method(target, draft, *, eos: list[int], pad: int, max_new_tokens: int, t
             gc.assistant_confidence_threshold = 0.0
         if sampled:
             torch.manual_seed(seed)
+        before = graphs_compiled() if graphs is not None else 0
         try:
-            with count_forwards(target) as t_count, count_forwards(draft) as d_count:
+            with (
+                compiled.installed() if compiled is not None else nullcontext(),
+                count_forwards(target) as t_count,
+                count_forwards(draft) as d_count,
+            ):
                 synchronize(device)
                 t0 = time.perf_counter()
                 out = target.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
                 tokens = out[0, len(ids):].tolist()
                 seconds = time.perf_counter() - t0
         finally:
+            if graphs is not None:
+                graphs["timed"] = graphs.get("timed", 0) + graphs_compiled() - before
             if saved is not None:
                 gc = draft.generation_config
                 gc.num_assistant_tokens, gc.num_assistant_tokens_schedule, gc.assistant_confidence_threshold = saved
@@ -201,6 +278,51 @@ def hf_method(target, draft, *, eos: list[int], pad: int, max_new_tokens: int, t
         return sample
 
     return execute
+
+
+def specdec_compile_prepare(gen, graphs: dict[str, int], shared: dict[str, Any]) -> Callable[[list[list[int]]], float]:
+    """The compile warm-up of specdec's rows on a compiled generator (Run.prepare):
+    `gen.warmup()`, run once for all rows (`shared` holds its seconds and graphs); every row
+    reports those seconds, since each needed that warm-up before its timings."""
+
+    def prepare(prompts: list[list[int]]) -> float:
+        if "seconds" not in shared:
+            before = graphs_compiled()
+            shared["seconds"] = gen.warmup()
+            shared["graphs"] = graphs_compiled() - before
+        graphs["warmup"] = shared["graphs"]
+        graphs["timed"] = 0
+        return shared["seconds"]
+
+    return prepare
+
+
+def hf_compiled_prepare(execute: Execute, graphs: dict[str, int], seed: int) -> Callable[[list[list[int]]], float]:
+    """hf-compiled's compile warm-up (Run.prepare): one call of `execute` per distinct prompt
+    length among the prompts it is given; returns the seconds spent.
+
+    The static cache is sized prompt + max_new_tokens per call, so its shapes follow the
+    prompt's length: the first call compiles the prefill and the decoding step at that
+    length, a second length recompiles them with dynamic sizes, and further lengths usually
+    reuse those. One call per length covers every shape the timed calls (the same prompts,
+    the same max_new_tokens) present, whatever torch decides to specialise. The graphs
+    compiled here are counted under graphs["warmup"], and the timed calls' own under
+    graphs["timed"] are reset to zero.
+    """
+
+    def prepare(prompts: list[list[int]]) -> float:
+        before = graphs_compiled()
+        t0 = time.perf_counter()
+        seen: set[int] = set()
+        for ids in prompts:
+            if len(ids) not in seen:
+                seen.add(len(ids))
+                execute(ids, seed)
+        graphs["warmup"] = graphs.get("warmup", 0) + graphs_compiled() - before
+        graphs["timed"] = 0
+        return time.perf_counter() - t0
+
+    return prepare
 
 
 @torch.inference_mode()

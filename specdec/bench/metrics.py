@@ -118,7 +118,9 @@ def greedy_mismatches(run: Run, baseline: Run) -> list[int]:
 def row(run: Run, baseline: Run | None, c: float | None) -> dict[str, Any]:
     """Every column of one run (None where it does not apply or was not measured)."""
     out: dict[str, Any] = dict.fromkeys(COLUMN_KEYS)
-    out.update(setting=run.setting, workload=run.workload, method=run.method, k=run.k)
+    out.update(setting=run.setting, workload=run.workload, method=run.method, k=run.k, warmup_s=run.warmup_s)
+    if run.compile_graphs is not None:
+        out["compile_graphs"] = dict(run.compile_graphs)
     if not run.samples:  # interrupted before a full repeat
         out["repeats"] = 0
         return out
@@ -202,7 +204,27 @@ def rows(runs: list[Run], c: float | None) -> list[dict[str, Any]]:
     baselines = {(r.setting, r.workload): r for r in runs if r.method == "baseline"}
     out = [row(run, baselines.get((run.setting, run.workload)), c) for run in runs]
     compare_auto_rows(runs, out)
+    compare_eager_twins(runs, out)
     return out
+
+
+def compare_eager_twins(runs: list[Run], rows_: list[dict[str, Any]]) -> None:
+    """Each compiled row with an eager twin ("X-eager", --compile) gains vs_eager: the twin's name
+    and paired_ratio of the two runs' own generations (compiled over eager), which took turns
+    prompt by prompt; the ratio of their speedups where they share no pair."""
+    by_key = {(run.setting, run.workload, run.method, run.k): (run, r) for run, r in zip(runs, rows_)}
+    for twin, twin_row in zip(runs, rows_):
+        if twin.twin_of is None or twin_row.get("speedup") is None:
+            continue
+        found = by_key.get((twin.setting, twin.workload, twin.twin_of, twin.k))
+        if found is None or found[1].get("tokens_per_s") is None:
+            continue
+        run, r = found
+        ratio = paired_ratio(run, twin)
+        if ratio is None and r.get("speedup") is not None:
+            ratio = r["speedup"] / twin_row["speedup"]
+        if ratio is not None:
+            r["vs_eager"] = {"method": twin.method, "ratio": ratio}
 
 
 def compare_auto_rows(runs: list[Run], rows_: list[dict[str, Any]]) -> None:
@@ -239,6 +261,15 @@ def suspect(rows_: list[dict[str, Any]], cost: dict[str, float], repeats: int) -
         )
     if repeats < 2:
         out.append("a single repeat: no spread to judge the numbers by; use --repeats 3 or more")
+    compiled = [r for r in rows_ if (r.get("compile_graphs") or {}).get("timed")]
+    if compiled:
+        names = ", ".join(f"{r['setting']} {r['method']}" + (f" K={r['k']}" if r["k"] else "") +
+                          f" ({r['compile_graphs']['timed']})" for r in compiled[:6])
+        out.append(
+            f"{len(compiled)} row(s) compiled graphs during their timed calls, after the warm-up: {names}"
+            + (", ..." if len(compiled) > 6 else "") + "; their tokens/s include compile time (a shape the "
+            "warm-up did not cover)"
+        )
     wide = [r for r in rows_ if r.get("spread") is not None and r["spread"] > SPREAD_LIMIT]
     if wide:
         names = ", ".join(f"{r['setting']} {r['method']}" + (f" K={r['k']}" if r["k"] else "") +

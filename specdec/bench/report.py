@@ -48,6 +48,8 @@ COLUMNS: list[Column] = [
     Column("drafters_used", "drafters", None, "share of steps by the drafter that drafted them (none: plain "
            "decoding steps)"),
     Column("cache_hit_rate", "cache hits", 2, "share of generations answered by the response cache"),
+    Column("warmup_s", "warm-up s", 1, "compile warm-up seconds before the row's timed calls, excluded from its "
+           "tokens/s (hf-compiled; specdec's rows under --compile, which share one warm-up); - where nothing compiles"),
     Column("new_tokens", "new tokens", None, "new tokens per repeat, all prompts"),
     Column("prompts", "prompts", None, "prompts per repeat"),
     Column("repeats", "repeats", None, "timed repeats"),
@@ -96,6 +98,33 @@ def step_table(rows: list[dict[str, Any]]) -> list[str]:
             meanings + "."]
 
 
+def warmup_lines(rows: list[dict[str, Any]], compile_stats: dict[str, Any] | None = None) -> list[str]:
+    """Markdown lines: the compile warm-ups, excluded from the timings (none: [])."""
+    from .config import PEERS
+
+    hf = [r for r in rows if r.get("warmup_s") is not None and r["method"] in PEERS]
+    ours = [r for r in rows if r.get("warmup_s") is not None and r["method"] not in PEERS]
+    def graphs(group: list[dict[str, Any]]) -> str:
+        counts = [r.get("compile_graphs") or {} for r in group]
+        text = f", {counts[0].get('warmup', 0)} graph(s)" if counts[0] else ""
+        later = sum(c.get("warmup_pass", 0) for c in counts)
+        return text + (f" (and {later} more in the warm-up pass)" if later else "")
+
+    parts = []
+    if ours:
+        parts.append(f"specdec's step graphs (--compile) {ours[0]['warmup_s']:.1f} s{graphs(ours)}, one warm-up "
+                     f"for its {len(ours)} rows")
+    for r in hf:
+        parts.append(f"{r['setting']} {r['method']} {r['warmup_s']:.1f} s{graphs([r])}")
+    if not parts:
+        return []
+    line = "Compile warm-up, excluded from the timings: " + "; ".join(parts) + "."
+    if compile_stats and compile_stats.get("compile") and compile_stats.get("recompiles"):
+        line += (f" specdec's step forwards recompiled {compile_stats['recompiles']} time(s) in all (the reasons: "
+                 "results.json, compile.reasons).")
+    return ["", line]
+
+
 def column_prose() -> str:
     """What each table column means, from the same definitions."""
     return "Columns: " + "; ".join(f"{c.header} = {c.meaning}" for c in COLUMNS if c.key in TABLE_KEYS) + "."
@@ -118,14 +147,29 @@ def headline(rows: list[dict[str, Any]], main_k: int) -> list[str]:
         if model is None or model.get("speedup") is None:
             continue
         parts = [f"{model['speedup']:.2f}x baseline"]
-        for method, k in (("hf", None), ("hf-assisted", None), ("hf-assisted-k", main_k)):
+        for method, k in (("hf", None), ("hf-compiled", None), ("hf-assisted", None), ("hf-assisted-k", main_k)):
             peer = by.get((method, k))
             if peer is not None and peer.get("tokens_per_s"):
                 parts.append(f"{model['tokens_per_s'] / peer['tokens_per_s']:.2f}x {method}")
         if model.get("efficiency") is not None:
             parts.append(f"efficiency {model['efficiency']:.2f} of the bound {model['bound']:.2f}")
         lines.append(f"{setting}, draft model K={main_k}: " + ", ".join(parts))
-    return lines + auto_lines(rows)
+    return lines + auto_lines(rows) + eager_lines(rows)
+
+
+def eager_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each compiled row against its eager twin ("X-eager", --compile), from the generations the
+    two ran side by side (metrics.compare_eager_twins)."""
+    lines = []
+    for setting in ("greedy", "sampled"):
+        for r in rows:
+            twin = r.get("vs_eager")
+            if r["setting"] != setting or twin is None:
+                continue
+            k = f" K={r['k']}" if r["k"] else ""
+            lines.append(f"{setting}, {r['method']}{k} compiled: {twin['ratio']:.2f}x {twin['method']} "
+                         "(the same prompts, side by side)")
+    return lines
 
 
 def auto_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -197,6 +241,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
     lines += [*[f"- {line}" for line in headline(doc["rows"], main_k)], "", markdown_table(doc["rows"]), "",
               column_prose()]
     lines += step_table(doc["rows"])
+    lines += warmup_lines(doc["rows"], doc.get("compile"))
     if doc["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
@@ -212,6 +257,7 @@ STYLES = {
     "ngram": ("#2ca02c", "^", "-"),
     "auto": ("#9467bd", "D", "-"),
     "hf": ("#7f7f7f", "x", ":"),
+    "hf-compiled": ("#3f3f3f", "X", ":"),
     "hf-assisted": ("#ff7f0e", "v", "--"),
     "hf-assisted-k": ("#d62728", "P", "--"),
     "hf-lookup": ("#8c564b", "*", "-."),
@@ -224,22 +270,40 @@ _EXTRA_COLORS = ("#e377c2", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173
 _EXTRA_MARKERS = ("p", "<", ">", "d", "8", "X")
 
 
+def _eager_base(method: str) -> str | None:
+    """The method an eager twin's row ("X-eager", --compile) runs, None for any other row name."""
+    from .config import eager_base
+
+    return eager_base(method)
+
+
 def _style(method: str) -> tuple[str, str, str]:
     if method in STYLES:
         return STYLES[method]
+    base = _eager_base(method)
+    if base is not None:  # an eager twin: its method's colour and marker, dashed
+        color, marker, _ = _style(base)
+        return color, marker, "--"
     h = zlib.crc32(method.encode())
     return _EXTRA_COLORS[h % len(_EXTRA_COLORS)], _EXTRA_MARKERS[h % len(_EXTRA_MARKERS)], "-"
 
 
-def _order(rows: list[dict[str, Any]]) -> list[str]:
+def _order(rows: list[dict[str, Any]], twins: bool = True) -> list[str]:
     """The methods a figure shows, in order: the built-in ones (ORDER), then the other fixed-K
-    drafters (plug-ins) in the order their rows ran. Single-drafter auto rows are not plotted."""
+    drafters (plug-ins) in the order their rows ran, each followed by its eager twin where one
+    ran (`twins`). Single-drafter auto rows are not plotted."""
     from .config import specdec_methods
 
     specs = specdec_methods()
-    extra = [m for m in dict.fromkeys(r["method"] for r in rows)
-             if m not in STYLES and m in specs and specs[m].k == "fixed" and specs[m].workload == "main"]
-    return ORDER + extra
+    ran = dict.fromkeys(r["method"] for r in rows)
+    extra = [m for m in ran if m not in STYLES and m in specs and specs[m].k == "fixed" and specs[m].workload == "main"]
+    twin_of = {base: t for t in ran if (base := _eager_base(t)) is not None} if twins else {}
+    order = []
+    for m in ORDER + extra:
+        order.append(m)
+        if m in twin_of:
+            order.append(twin_of[m])
+    return order
 
 
 def write_plots(out: Path, rows: list[dict[str, Any]], main_k: int) -> list[str]:
@@ -279,7 +343,7 @@ def _speedup_bars(plt, out: Path, rows: list[dict[str, Any]], main_k: int) -> st
             if r is None:
                 continue
             x = i + (j - (len(methods) - 1) / 2) * width
-            hatch = "//" if method.startswith("hf") else None
+            hatch = "//" if method.startswith("hf") else ".." if _eager_base(method) else None
             ax.bar(x, r["speedup"], width * 0.92, color=color, hatch=hatch, edgecolor="white",
                    label=None if method in labelled else method)
             labelled.add(method)
@@ -288,7 +352,7 @@ def _speedup_bars(plt, out: Path, rows: list[dict[str, Any]], main_k: int) -> st
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(settings)
     ax.set_ylabel("speedup vs baseline (tokens/s ratio)")
-    ax.set_title(f"Speedup at K={main_k} (hatched: transformers)")
+    ax.set_title(f"Speedup at K={main_k} (hatched: transformers)")  # dotted: eager twins, named in the legend
     ax.legend(fontsize=8, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_ylim(0, max(r["speedup"] for r in rows) * 1.15)
     fig.tight_layout()
@@ -331,7 +395,8 @@ def _speedup_vs_k(plt, out: Path, rows: list[dict[str, Any]], ks: list[int]) -> 
 def _acceptance(plt, out: Path, rows: list[dict[str, Any]], main_k: int, ks: list[int]) -> str | None:
     """P(slot i accepted | drafted): grouped bars per slot for one K, one line per (method, K) in a sweep."""
     # specdec's drafters at fixed K (plug-ins included) and drafter "auto".
-    order = [m for m in _order(rows) if m in ("model", "ngram", "auto") or m not in STYLES]
+    # Eager twins draft as their compiled rows do: left out.
+    order = [m for m in _order(rows, twins=False) if m in ("model", "ngram", "auto") or m not in STYLES]
     greedy = [r for r in rows if r["setting"] == "greedy" and r.get("per_position_acceptance")
               and r["method"] in order]
     if not greedy:

@@ -20,13 +20,27 @@ import torch
 
 from ..workload import DEFAULT_WORKLOAD, cache_workload, get_workload, load_jsonl, render
 from . import metrics
-from .config import BASELINE, CACHE, RANDOM_DRAFT, BenchConfig, Method, specdec_methods
+from .config import (
+    BASELINE,
+    CACHE,
+    EAGER_SUFFIX,
+    HF_COMPILED,
+    RANDOM_DRAFT,
+    BenchConfig,
+    Method,
+    eager_base,
+    specdec_methods,
+    with_eager_twins,
+)
 from .methods import (
+    CompiledForward,
     Run,
     auto_k_supported,
     forward_ms,
+    hf_compiled_prepare,
     hf_method,
     random_like,
+    specdec_compile_prepare,
     specdec_method,
     specdec_uses_draft_model,
 )
@@ -43,6 +57,8 @@ class Bench:
         self.notes: list[str] = []
         self.partial = False
         self._cache_layers: list[Any] = []
+        self._compiled_forward: CompiledForward | None = None  # hf-compiled's, shared by its rows
+        self._specdec_warmup: dict[str, Any] = {}  # --compile: gen.warmup()'s seconds and graphs, once
         # The workload is read before the models, so that a bad prompt file fails at once.
         if config.prompts_file:
             self.prompts = load_jsonl(config.prompts_file)[: config.num_prompts]
@@ -62,12 +78,21 @@ class Bench:
         useless = cfg.draft == RANDOM_DRAFT
         self.gen = SpeculativeGenerator.from_pretrained(
             cfg.target, None if useless else cfg.draft, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
-            numerics=cfg.numerics,
+            numerics=cfg.numerics, compile=cfg.compile,
         )
         if useless:  # the useless-draft workload: the target's shape, random weights
             self.gen = SpeculativeGenerator(
                 self.gen.target_model, self.gen.tokenizer, random_like(self.gen.target_model, seed=cfg.seed),
-                numerics=cfg.numerics,
+                numerics=cfg.numerics, compile=cfg.compile,
+            )
+        # The eager twins' generator ("X-eager", --compile): the same models, compile off, so that
+        # a compiled row and its eager twin differ in the compiled step alone. The vocabularies
+        # were checked when the compiled generator was built.
+        self.eager_gen = None
+        if cfg.compile and any(eager_base(m) is not None for m in cfg.methods):
+            self.eager_gen = SpeculativeGenerator(
+                self.gen.target_model, self.gen.tokenizer, self.gen.draft_model, draft_tokenizer=None,
+                numerics=cfg.numerics, compile=False,
             )
         self.load_seconds = time.perf_counter() - t0
         tok = self.gen.tokenizer
@@ -103,25 +128,47 @@ class Bench:
 
     # ------------------------------------------------------------------ the plan
 
+    def _compiled(self, run: Run) -> Run:
+        """A specdec row on a compiled generator (--compile; it was built with compile_graphs):
+        warmed by gen.warmup(), once for all rows, before any timed call."""
+        if run.compile_graphs is not None:  # the dict its calls count their compiles in
+            run.prepare = specdec_compile_prepare(self.gen, run.compile_graphs, self._specdec_warmup)
+        return run
+
     def _ours(self, method: str, drafter: str, k: int | str | None, setting: str, layer: Any = None,
-              workload: str = "main", group: str = "", before_repeat=None) -> Run:
+              workload: str = "main", group: str = "", before_repeat=None, eager: bool = False) -> Run:
+        """A specdec row; `eager`: an eager twin ("X-eager"), on the eager generator beside the
+        compiled one (no warm-up, no compile counts: nothing of it compiles)."""
         cfg = self.config
+        gen = self.eager_gen if eager else self.gen
         temperature = cfg.temperature if setting == "sampled" else None
-        execute = specdec_method(self.gen, drafter, 0 if k is None else k, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=temperature, cache_layer=layer)
-        uses = specdec_uses_draft_model(drafter, self.gen.draft_model is not None)
-        return Run(setting, workload, method, k if isinstance(k, int) and drafter != "none" else None, execute,
-                   uses_draft_model=uses, group=group, before_repeat=before_repeat)
+        graphs: dict[str, int] | None = {} if gen.compile else None
+        execute = specdec_method(gen, drafter, 0 if k is None else k, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=temperature, cache_layer=layer, graphs=graphs)
+        uses = specdec_uses_draft_model(drafter, gen.draft_model is not None)
+        run = Run(setting, workload, method, k if isinstance(k, int) and drafter != "none" else None, execute,
+                  uses_draft_model=uses, group=group, before_repeat=before_repeat, compile_graphs=graphs,
+                  twin_of=method[: -len(EAGER_SUFFIX)] if eager else None)
+        return self._compiled(run)
 
     def _hf(self, method: str, setting: str, *, assistant: bool = False, k: int | None = None,
             lookup: bool = False) -> Run:
         cfg = self.config
+        compiled = None
+        graphs: dict[str, int] | None = None
+        if method == HF_COMPILED:
+            if self._compiled_forward is None:
+                self._compiled_forward = CompiledForward(self.gen.target_model)
+            compiled, graphs = self._compiled_forward, {}
         execute = hf_method(
             self.gen.target_model, self.gen.draft_model if assistant else None, eos=self.eos, pad=self.pad,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature if setting == "sampled" else None,
-            lookup_k=k if lookup else None, assistant_k=k if assistant else None,
+            lookup_k=k if lookup else None, assistant_k=k if assistant else None, compiled=compiled, graphs=graphs,
         )
-        return Run(setting, "main", method, k, execute, uses_draft_model=assistant)
+        run = Run(setting, "main", method, k, execute, uses_draft_model=assistant, compile_graphs=graphs)
+        if graphs is not None:
+            run.prepare = hf_compiled_prepare(execute, graphs, cfg.seed)
+        return run
 
     def _cache_runs(self, setting: str, method: Method) -> list[Run]:
         """<name>-cold and <name>-warm (cache-cold and cache-warm for drafter "cache") on the cache
@@ -148,18 +195,23 @@ class Bench:
 
         temperature = self.config.temperature if setting == "sampled" else None
 
-        def through_layer(ids: list[int], seed: int):
-            return specdec_method(self.gen, method.drafter, k, max_new_tokens=self.config.max_new_tokens,
-                                  temperature=temperature, cache_layer=holder["layer"])(ids, seed)
+        def through_layer(graphs: dict[str, int] | None):
+            def execute(ids: list[int], seed: int):
+                return specdec_method(self.gen, method.drafter, k, max_new_tokens=self.config.max_new_tokens,
+                                      temperature=temperature, cache_layer=holder["layer"], graphs=graphs)(ids, seed)
+
+            return execute
 
         uses = specdec_uses_draft_model(method.drafter, self.gen.draft_model is not None)
         group = f"{method.name}-{setting}"
-        return [
-            Run(setting, "cache", f"{method.name}-cold", k, through_layer, uses_draft_model=uses, group=group,
-                before_repeat=fresh_namespace),
-            Run(setting, "cache", f"{method.name}-warm", k, through_layer, uses_draft_model=uses, group=group,
-                before_repeat=flush_writes),
-        ]
+        runs = []
+        for suffix, before_repeat in (("cold", fresh_namespace), ("warm", flush_writes)):
+            graphs: dict[str, int] | None = {} if self.config.compile else None
+            runs.append(self._compiled(Run(
+                setting, "cache", f"{method.name}-{suffix}", k, through_layer(graphs), uses_draft_model=uses,
+                group=group, before_repeat=before_repeat, compile_graphs=graphs,
+            )))
+        return runs
 
     def cache_available(self, drafter: str = CACHE) -> bool:
         """True when `drafter` (a drafter of the shared draft store) is registered and a cache layer
@@ -186,7 +238,8 @@ class Bench:
     def plan(self) -> list[Run]:
         """Every (setting, workload, method, K) row, in execution order."""
         cfg = self.config
-        specs = specdec_methods()  # the registry as it is now, plug-in drafters included
+        # The registry as it is now (plug-in drafters included), with the eager twins asked for.
+        specs = with_eager_twins(specdec_methods(), cfg.methods)
         methods = set(cfg.methods)
         if self.gen.draft_model is None:
             skipped = [m for m in cfg.methods if m == "hf-assisted" or (m in specs and specs[m].needs_model)]
@@ -197,7 +250,7 @@ class Bench:
         if auto_k and not auto_k_supported():
             self.notes.append(f'{_names(auto_k)} rows skipped: this engine has no num_draft_tokens="auto"')
             methods -= set(auto_k)
-        ours = [spec for name, spec in specs.items() if name in methods and name != BASELINE]
+        ours = [spec for name, spec in specs.items() if name in methods and spec.k != "none"]  # no baseline
         chosen_k = [spec for spec in ours if spec.workload == "main" and spec.k == "auto"]
         fixed_k = [spec for spec in ours if spec.workload == "main" and spec.k == "fixed"]
         runs: list[Run] = []
@@ -207,15 +260,19 @@ class Bench:
             # best fixed K is what "auto" answers to) and runs transformers' at the main K only.
             ks = cfg.num_draft_tokens
             runs.append(self._ours(BASELINE, "none", None, setting))
+            if BASELINE + EAGER_SUFFIX in methods:
+                runs.append(self._ours(BASELINE + EAGER_SUFFIX, "none", None, setting, eager=True))
             if "hf" in methods:
                 runs.append(self._hf("hf", setting))
+            if HF_COMPILED in methods:
+                runs.append(self._hf(HF_COMPILED, setting))
             if "hf-assisted" in methods and not sampled:
                 runs.append(self._hf("hf-assisted", setting, assistant=True))
             for spec in chosen_k:  # "auto", then each drafter alone with K chosen every step
-                runs.append(self._ours(spec.name, spec.drafter, "auto", setting))
+                runs.append(self._ours(spec.name, spec.drafter, "auto", setting, eager=spec.eager))
             for k in ks:
                 for spec in fixed_k:
-                    runs.append(self._ours(spec.name, spec.drafter, k, setting))
+                    runs.append(self._ours(spec.name, spec.drafter, k, setting, eager=spec.eager))
                 if sampled and k != cfg.main_k:
                     continue
                 if "hf-assisted" in methods:
@@ -259,12 +316,23 @@ class Bench:
         return self.config.seed + repeat * prompts + prompt
 
     def execute(self, runs: list[Run]) -> None:
-        """Warm-up, then the timed repeats in alternating order; Ctrl-C ends it early (self.partial)."""
+        """Compile warm-ups, the warm-up pass, then the timed repeats in alternating order; Ctrl-C
+        ends it early (self.partial).
+
+        A run that compiles (Run.prepare) is warmed first, with every prompt it will decode,
+        even under --no-warmup: timing a compile would measure the compiler. Its seconds go to
+        Run.warmup_s; compile_graphs counts the graphs each phase compiled: "warmup" (prepare),
+        "warmup_pass" and "timed" (none, where the warm-up covered every shape).
+        """
         cfg = self.config
         groups = self._groups(runs)
         total = sum(len(self._prompt_ids(r)) for r in runs) * cfg.repeats + (len(runs) if cfg.warmup else 0)
         bar = _progress(total, cfg.progress)
         try:
+            for run in runs:
+                if run.prepare is not None:
+                    bar.set_description(f"compiling {run.setting} {run.method}")
+                    run.warmup_s = run.prepare(self._prompt_ids(run))
             if cfg.warmup:
                 for group in groups:
                     for run in group:
@@ -273,6 +341,10 @@ class Bench:
                         bar.set_description(f"warm-up {run.method}")
                         run.execute(self._prompt_ids(run)[0], cfg.seed)
                         bar.update(1)
+            for run in runs:  # what the warm-up pass compiled is untimed too: counted apart
+                if run.compile_graphs is not None:
+                    run.compile_graphs["warmup_pass"] = run.compile_graphs.get("timed", 0)
+                    run.compile_graphs["timed"] = 0
             for repeat in range(cfg.repeats):
                 order = groups if repeat % 2 == 0 else list(reversed(groups))
                 # Runs without a group take turns prompt by prompt (the order alternating), so
@@ -349,6 +421,7 @@ class Bench:
                                      if self.gen.draft_model is not None else None),
                 "dtype": str(self.gen.target_dtype).replace("torch.", ""),
                 "numerics": self.gen.numerics,
+                "compile": self.gen.compile,
                 "device": str(self.gen.device),
                 "load_seconds": self.load_seconds,
             },
@@ -371,6 +444,9 @@ class Bench:
                 "cache_url": redact_url(cfg.cache_url),
             },
             "cost": cost,
+            # --compile: the generator's compile stats (graphs, recompiles, warm-up seconds); each
+            # row's own warm-up is its warmup_s, and compile_graphs what compiled when.
+            "compile": self.gen.compile_stats(),
             "suspect": metrics.suspect(rows, cost, min(cfg.repeats, repeats_done) if self.partial else cfg.repeats),
             "notes": self.notes,
             "columns": COLUMN_KEYS,

@@ -85,6 +85,7 @@ class DecodeState:
     target_hidden: torch.Tensor | None = None  # [B, K+1, H] last target layer, if a drafter asks
     step_drafted: list[int] = field(default_factory=list)  # [B] drafts verified per row last step (host)
     step_sources: list[str] = field(default_factory=list)  # [B] the drafter each row verified last step
+    compiled: bool = False  # the request runs on the compiled path (compile=True; specdec.compiled)
 
     @property
     def batch_size(self) -> int:

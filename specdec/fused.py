@@ -1,0 +1,545 @@
+"""Fused sampling for the compiled path: noise and verification of a sampled step in one graph.
+
+A sampled step (temperature > 0) eagerly runs about 25 small ops over the vocabulary after
+the target forward: the counter-based noise (specdec.noise: splitmix64 in int64 ops, then
+uniforms and exponentials) and the verification (kernels.reference: temperature, top-k,
+top-p, softmax, accept tests, the residual / bonus exponential race). On CPU at a small
+vocabulary each op costs more in dispatch than in arithmetic, so the tail of a step costs
+about a tenth of a small model's compiled forward. Here the same computation is one
+torch.compile'd graph (inductor, cpp_wrapper): the per-op Python cost goes, and the int64
+hash, the noise transforms and the pointwise parts of verification fuse into a few loops.
+
+Same tokens as the eager path, bit for bit. The noise is integer hashing plus exact
+conversions (and one float64 log1p, which inductor computes with the same vectorised
+routine as ATen; the tests check it). The hash is specdec.noise's, restated for the
+compiler: the index term `index * golden` (and by position, `offset * golden`) is read
+from a precomputed table instead of traced from an arange. Traced, inductor folds it into
+the loop's index arithmetic, `x * -7046029254386353131` in signed C++, whose overflow is
+undefined behaviour that the C++ compiler uses to bound the loop: the kernel then reads
+past its buffers. From a table it is a loaded value, and the int64 wrap-around is the
+same as in ATen's kernels (the ring arithmetic gives the same bits in any order).
+
+A fused reduction adds in another order than
+ATen's kernel, and one ulp of a probability can flip an accept test or the race. So the
+graph is built in inductor's "lite" mode: every op falls back to its ATen kernel (called
+from the C++ wrapper, no Python) except those inside `with _fused():`, which inductor
+fuses. The regions hold only ops whose result does not depend on an evaluation order:
+integer ops, exact float conversions, IEEE-rounded pointwise ops (division by the
+temperature is a real division on CPU, never a multiplication by its reciprocal),
+comparisons, gathers, max / argmax and sums whose only use is a test against 0. What
+stays ATen: softmax, top-k, the top-p sort and cumsum, and the top-p renormalising sum.
+The op order mirrors kernels.reference op for op; tests/test_fused_sampling.py compares the
+tokens with the eager path's.
+
+Graphs. One per kind of call: "bonus" (no drafts: a sample of the next token, the same for
+both verifiers), "verify" (drafts without draft probs), "verify_probs" (with them) and
+"by_position" (kernels.reference.verify_by_position), and per filter setting: whether
+top-k is on and its k (a shape), whether top-p is on. The temperature and top_p values are
+0-dim tensors, so a new value does not recompile. The batch and draft width are dynamic
+(size-1 dimensions kept symbolic): one graph serves B = 1..N and k = 1..8. A new
+vocabulary size, logits dtype or noise dtype is a new graph too. Each compile is counted
+(`compile_stats()`) and logged: INFO for a kind's first graph, WARNING for a recompile.
+
+CUDA never comes here: the engine keeps its Triton kernels there (kernels.verify_sampling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import threading
+import time
+from typing import Callable
+
+import torch
+from torch.fx.traceback import annotate
+
+from . import noise
+from .kernels import reference
+from .kernels.reference import compute_dtype, sample_exponential_race
+
+__all__ = ["compile_stats", "sample_by_position", "sample_step", "warmup"]
+
+logger = logging.getLogger(__name__)
+
+# Inductor's lite mode: ATen for every op outside an annotated region, fusion inside one.
+# Provenance tracking level 1 is what makes inductor keep node metadata (the region
+# annotations) through its AOT trace; without it every op would fall back.
+# A pointwise value of more than 20 ops read twice is stored, not recomputed (inductor's CPU
+# default is 50): the hash's per-row states are then computed once instead of inlined into
+# every kernel that reads them, which halves the cold compile (about 7 s a graph here) and
+# costs nothing at run time.
+_OPTIONS = {
+    "cpp_wrapper": True,
+    "fallback_by_default": True,
+    "selective_decompose": True,
+    "trace.provenance_tracking_level": 1,
+    "realize_opcount_threshold": 20,
+}
+_REGION = {"compile_with_inductor": "specdec.fused"}
+
+
+def _fused():
+    """Ops traced in this context are fused by inductor; everything else runs its ATen kernel.
+    Only ops whose rounding does not depend on evaluation order belong here (module docstring)."""
+    return annotate(_REGION)
+
+
+# --------------------------------------------------------------------------- traced bodies
+# Each mirrors kernels.reference op for op; keep them in sync (the tests compare tokens).
+
+
+def _sanitize(x: torch.Tensor) -> torch.Tensor:  # [..., V] -> same
+    """reference.sanitize_logits, written with comparisons: NaN -> -inf, +inf -> the largest
+    finite value, all else as is. The same values as torch.nan_to_num; inductor vectorises
+    x != x, where its isnan (from nan_to_num's decomposition) runs a scalar loop per vector."""
+    x = torch.where(x != x, float("-inf"), x)
+    return torch.where(x == float("inf"), torch.finfo(x.dtype).max, x)
+
+
+def _probs(
+    logits: torch.Tensor,  # [B, T, V] raw logits
+    temperature: torch.Tensor,  # [] in compute_dtype(logits.dtype)
+    top_p: torch.Tensor,  # [] in compute_dtype(logits.dtype)
+    top_k: int,  # 0 = off, else 0 < top_k < V
+    use_top_p: bool,
+) -> torch.Tensor:  # [B, T, V] in compute_dtype(logits.dtype)
+    """reference.logits_to_probs. A float32 tensor / a Python float divides by the float32
+    value, so the 0-dim tensors here give the same quotients and comparisons."""
+    with _fused():
+        x = _sanitize(logits.to(compute_dtype(logits.dtype)) / temperature)
+        excluded = x.amax(dim=-1, keepdim=True) == float("-inf")  # [B, T, 1]
+    if top_k:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]  # [B, T, 1]
+        with _fused():
+            x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)  # ATen: its sum's order decides the last bit
+    if use_top_p:
+        sorted_probs = torch.sort(probs, dim=-1, descending=True).values  # [B, T, V]
+        cumulative = torch.cumsum(sorted_probs, dim=-1)  # ATen (accumulates in float64 on CPU)
+        with _fused():
+            exclusive_mass = cumulative - sorted_probs
+            last_rank = (exclusive_mass < top_p).sum(dim=-1, keepdim=True) - 1  # [B, T, 1]
+            threshold = sorted_probs.gather(-1, last_rank.clamp(min=0))
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        total = probs.sum(dim=-1, keepdim=True)  # ATen: order-dependent
+        with _fused():
+            probs = probs / total
+    with _fused():
+        return probs.masked_fill(excluded, 0.0)
+
+
+def _golden_multiples(n: int) -> torch.Tensor:  # [n] int64: i * golden (mod 2**64) for i in [0, n)
+    """The hash's index terms, computed once per size by ATen (int64 multiplication wraps)."""
+    table = _multiples.get(n)
+    if table is None:
+        table = _multiples[n] = torch.arange(n, dtype=torch.int64).mul_(noise._GOLDEN)
+    return table
+
+
+_multiples: dict[int, torch.Tensor] = {}
+
+
+def _row_state(
+    seeds: torch.Tensor,  # [...] int64
+    counter_terms: torch.Tensor,  # [...] int64: counter * golden
+    stream: int,
+) -> torch.Tensor:  # [...] int64
+    """noise.hash_bits' per-row state, with counters * golden given."""
+    state = noise._mix_(seeds + noise._GOLDEN)
+    return noise._mix_(state + counter_terms + noise._wrap(stream * noise._MUL1))
+
+
+def _bits(
+    state: torch.Tensor,  # [...] int64 row states
+    multiples: torch.Tensor,  # [>= width + 1] int64 golden multiples
+    width: int,
+) -> torch.Tensor:  # [..., width] int64: noise.hash_bits
+    index_terms = multiples[1 : width + 1]  # [width]: (index + 1) * golden
+    return noise._mix_(index_terms + state.unsqueeze(-1))
+
+
+def _uniform(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noise.uniform from its hash bits
+    width = -math.frexp(torch.finfo(dtype).eps)[1] + 1
+    mantissa = noise._shr(bits, 64 - width)
+    return mantissa.to(torch.float64).add_(0.5).mul_(2.0 ** -width).to(dtype)
+
+
+def _exponential(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noise.exponential from its hash bits
+    e = noise._open_unit64(bits).neg_().log1p_().neg_()
+    if dtype == torch.float64:
+        return e
+    return e.to(dtype).clamp_(min=torch.finfo(dtype).tiny)
+
+
+def _tie(batch, *sizes) -> None:
+    """Tell the tracer that these sizes are the batch: one symbol (and one graph input) for
+    B instead of one per tensor that carries it."""
+    for size in sizes:
+        torch._check(size == batch)
+
+
+def _bonus(
+    seeds: torch.Tensor,  # [B] int64
+    counters: torch.Tensor,  # [B] int64
+    multiples: torch.Tensor,  # [V + 1] int64 golden multiples
+    logits: torch.Tensor,  # [B, 1, V]
+    temperature: torch.Tensor,  # []
+    top_p: torch.Tensor,  # []
+    top_k: int,
+    use_top_p: bool,
+    noise_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, 1], num_accepted [B]
+    """No drafts: the next token is a sample of p (verify_sampling and verify_by_position
+    with K = 0 both draw it with the bonus stream's noise at the row's counter)."""
+    _tie(logits.shape[0], seeds.shape[0], counters.shape[0])
+    with _fused():
+        state = _row_state(seeds, counters * noise._GOLDEN, noise.BONUS_STREAM)  # [B]
+        exponentials = _exponential(_bits(state, multiples, logits.shape[-1]), noise_dtype)  # [B, V]
+    p = _probs(logits, temperature, top_p, top_k, use_top_p)  # [B, 1, V]
+    with _fused():
+        last = sample_exponential_race(p[:, 0], exponentials)  # [B]
+        return last.unsqueeze(1), torch.zeros_like(seeds)
+
+
+def _verify(
+    seeds: torch.Tensor,  # [B] int64
+    counters: torch.Tensor,  # [B] int64
+    multiples: torch.Tensor,  # [V + 1] int64 golden multiples
+    draft_tokens: torch.Tensor,  # [B, K] int64, K >= 1
+    draft_probs: torch.Tensor | None,  # [B, K, V] or None = one-hot
+    logits: torch.Tensor,  # [B, K+1, V]
+    num_draft: torch.Tensor,  # [B]
+    temperature: torch.Tensor,  # []
+    top_p: torch.Tensor,  # []
+    top_k: int,
+    use_top_p: bool,
+    noise_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1], num_accepted [B]
+    """The engine's _verify for sampled rows with K >= 1: its noise, then reference.verify_sampling."""
+    batch, k = draft_tokens.shape
+    vocab = logits.shape[-1]
+    _tie(batch, seeds.shape[0], counters.shape[0], logits.shape[0], num_draft.shape[0])
+    torch._check(logits.shape[1] == k + 1)
+    if draft_probs is not None:
+        _tie(batch, draft_probs.shape[0])
+        torch._check(draft_probs.shape[1] == k)
+    with _fused():
+        counter_terms = counters * noise._GOLDEN  # [B]
+        uniform_state = _row_state(seeds, counter_terms, noise.UNIFORM_STREAM)  # [B]
+        uniforms = _uniform(_bits(uniform_state, multiples, k), noise_dtype)  # [B, K]
+        bonus_state = _row_state(seeds, counter_terms, noise.BONUS_STREAM)  # [B]
+        exponentials = _exponential(_bits(bonus_state, multiples, vocab), noise_dtype)  # [B, V]
+    p = _probs(logits, temperature, top_p, top_k, use_top_p)  # [B, K+1, V]
+    with _fused():
+        tokens = draft_tokens.to(torch.int64)
+        valid = reference._draft_mask(num_draft, batch, k, tokens.device)  # [B, K]
+        in_vocab = (tokens >= 0) & (tokens < vocab)  # [B, K]
+        safe_tokens = torch.where(in_vocab, tokens, 0).unsqueeze(-1)  # [B, K, 1]
+        p_draft = torch.where(in_vocab, p[:, :k].gather(-1, safe_tokens).squeeze(-1), 0.0)  # [B, K]
+        if draft_probs is None:
+            q_draft = torch.ones_like(p_draft)
+        else:
+            q_draft = draft_probs.to(p.dtype).gather(-1, safe_tokens).squeeze(-1)  # [B, K]
+        accept = (uniforms.to(p.dtype) * q_draft < p_draft) & valid
+        num_accepted = reference._accepted_count(accept)  # [B]
+
+        n = num_accepted.view(-1, 1, 1)
+        p_next = p.gather(1, n.expand(-1, 1, vocab)).squeeze(1)  # [B, V]
+        rejected = valid.gather(1, num_accepted.clamp(max=k - 1).view(-1, 1)).squeeze(1)
+        rejected = rejected & (num_accepted < k)  # [B]: a real draft was rejected at n
+        n_draft = n.clamp(max=k - 1)
+        if draft_probs is None:
+            d_rej = tokens.gather(1, n_draft.view(-1, 1))  # [B, 1]
+            columns = torch.arange(vocab, device=tokens.device).unsqueeze(0)  # [1, V]
+            residual = torch.where(columns == d_rej, 0.0, p_next)
+        else:
+            q_next = draft_probs.to(p.dtype).gather(1, n_draft.expand(-1, 1, vocab)).squeeze(1)
+            residual = (p_next - q_next).clamp(min=0.0)
+        # A sum of non-negative numbers is > 0 in any order: this test is order-free.
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+        weights = torch.where(rejected.view(-1, 1), residual, p_next)
+        last = sample_exponential_race(weights, exponentials)  # [B]
+        return reference._emit(tokens, num_accepted, last), num_accepted
+
+
+def _by_position(
+    seeds: torch.Tensor,  # [B] int64
+    counters: torch.Tensor,  # [B] int64
+    multiples: torch.Tensor,  # [V + 1] int64 golden multiples
+    draft_tokens: torch.Tensor,  # [B, K] int64, K >= 1
+    logits: torch.Tensor,  # [B, K+1, V]
+    num_draft: torch.Tensor,  # [B]
+    temperature: torch.Tensor,  # []
+    top_p: torch.Tensor,  # []
+    top_k: int,
+    use_top_p: bool,
+    noise_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1], num_accepted [B]
+    """The engine's _verify_by_position with K >= 1: noise keyed by absolute position, then
+    reference.verify_by_position."""
+    batch, k = draft_tokens.shape
+    _tie(batch, seeds.shape[0], counters.shape[0], logits.shape[0], num_draft.shape[0])
+    torch._check(logits.shape[1] == k + 1)
+    with _fused():
+        # Slot j uses counter c + j: (c + j) * golden = c * golden + j * golden (mod 2**64).
+        counter_terms = (counters * noise._GOLDEN).unsqueeze(1) + multiples[: k + 1]  # [B, K+1]
+        state = _row_state(seeds.unsqueeze(1), counter_terms, noise.BONUS_STREAM)  # [B, K+1]
+        exponentials = _exponential(_bits(state, multiples, logits.shape[-1]), noise_dtype)  # [B, K+1, V]
+    p = _probs(logits, temperature, top_p, top_k, use_top_p)  # [B, K+1, V]
+    with _fused():
+        samples = sample_exponential_race(p, exponentials)  # [B, K+1]
+        tokens = draft_tokens.to(torch.int64)
+        valid = reference._draft_mask(num_draft, batch, k, tokens.device)  # [B, K]
+        accept = (tokens == samples[:, :k]) & (samples[:, :k] >= 0) & valid
+        num_accepted = reference._accepted_count(accept)  # [B]
+        last = samples.gather(1, num_accepted.view(-1, 1)).squeeze(1)  # [B]
+        return reference._emit(tokens, num_accepted, last), num_accepted
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.graphs = 0  # graphs compiled
+        self.recompiles = 0  # graphs compiled for a key that already had one
+        self.compile_s = 0.0  # seconds spent in calls that compiled
+        self.keys: set[tuple] = set()
+
+
+_stats = _Stats()
+_lock = threading.Lock()
+_compiled: dict[str, Callable] = {}
+_BODIES: dict[str, Callable] = {"bonus": _bonus, "verify": _verify, "by_position": _by_position}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_salt():
+    """A no-op post-grad pass whose uuid is this file's hash. Inductor's compile caches key a
+    graph by its ops, not by the region annotations on them: without the salt, a cached
+    artifact built with other regions (an earlier version of this module) would be reused."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class _Salt(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            return None
+
+        def uuid(self) -> bytes:
+            return get_hash_for_files((__file__,))
+
+    return _Salt()
+
+
+def _backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """Inductor in lite mode with the C++ wrapper; counts the graphs it compiles."""
+    from torch._inductor.compile_fx import compile_fx
+
+    _stats.graphs += 1
+    options = dict(_OPTIONS, post_grad_custom_post_pass=_cache_salt())
+    return compile_fx(gm, example_inputs, config_patches=options)
+
+
+@contextlib.contextmanager
+def _size_oblivious():
+    """Keep size-1 dimensions symbolic while tracing: one graph for B = 1 and B > 1, K = 1 and K > 1."""
+    try:
+        import torch.fx.experimental._config as fx_config
+    except ImportError:  # pragma: no cover - older torch: size-1 dims specialize (one more graph)
+        yield
+        return
+    if "backed_size_oblivious" not in getattr(fx_config, "_config", {}):  # pragma: no cover
+        yield
+        return
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
+def _function(kind: str) -> Callable:
+    fn = _compiled.get(kind)
+    if fn is None:
+        fn = _compiled[kind] = torch.compile(_BODIES[kind], backend=_backend, dynamic=None)
+    return fn
+
+
+def _run(kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...]) -> tuple:
+    """Call kind's compiled body, logging any compile it triggers.
+
+    key: what selects a graph; dynamic: (argument index, dimension) pairs that vary. The first
+    call of a key traces: its dynamic dimensions are marked, size-1 dimensions kept symbolic
+    and everything else static (dynamo would otherwise make top_k, an int argument, symbolic
+    once it has seen two values). Later calls only run the graph: marking and the config
+    patches cost as much as the fused kernels at a small vocabulary. Should one recompile
+    all the same, it is logged and counted; its graph is then more specialised, never wrong.
+    """
+    fn = _compiled.get(kind) or _function(kind)
+    with _lock:  # dynamo's compile is not thread-safe; a run without compile takes microseconds
+        before = _stats.graphs
+        start = time.perf_counter()
+        if key in _stats.keys:
+            out = fn(*args)
+        else:
+            for index, dim in dynamic:
+                torch._dynamo.maybe_mark_dynamic(args[index], dim)
+            with _size_oblivious(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                out = fn(*args)
+        compiled = _stats.graphs - before
+        if compiled:
+            elapsed = time.perf_counter() - start
+            _stats.compile_s += elapsed
+            if key in _stats.keys:
+                _stats.recompiles += compiled
+                logger.warning("recompiled fused sampling %s (%.1f s) for shapes %s", key, elapsed, _shapes(args))
+            else:
+                logger.info("compiled fused sampling %s in %.1f s", key, elapsed)
+        _stats.keys.add(key)
+    return out
+
+
+def _shapes(args: tuple) -> list:
+    return [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+_scalars: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim CPU tensor holding `value` in `dtype` (kept: a request asks for it every step)."""
+    tensor = _scalars.get((value, dtype))
+    if tensor is None:
+        if len(_scalars) > 256:
+            _scalars.clear()
+        tensor = _scalars[(value, dtype)] = torch.tensor(value, dtype=dtype)
+    return tensor
+
+
+def _settings(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    if temperature <= 0:
+        raise ValueError(f"fused sampling needs temperature > 0, got {temperature}")
+    vocab = logits.shape[-1]
+    top_k = top_k if 0 < top_k < vocab else 0  # the reference's "off" cases, one graph
+    dtype = compute_dtype(logits.dtype)
+    return _scalar(float(temperature), dtype), _scalar(float(top_p), dtype), top_k, top_p < 1.0
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+# Which (argument, dimension) pairs vary: rows B everywhere, the draft width K (and K+1).
+_BONUS_DYNAMIC = ((0, 0), (1, 0), (3, 0))
+_VERIFY_DYNAMIC = ((0, 0), (1, 0), (3, 0), (3, 1), (5, 0), (5, 1), (6, 0))
+_VERIFY_PROBS_DYNAMIC = _VERIFY_DYNAMIC + ((4, 0), (4, 1))
+_BY_POSITION_DYNAMIC = ((0, 0), (1, 0), (3, 0), (3, 1), (4, 0), (4, 1), (5, 0))
+
+
+def _bonus_call(seeds, counters, logits, temperature, top_k, top_p, noise_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    temperature_t, top_p_t, top_k, use_top_p = _settings(logits, temperature, top_k, top_p)
+    vocab = logits.shape[-1]
+    return _run(
+        "bonus", ("bonus", vocab, logits.dtype, top_k, use_top_p, noise_dtype),
+        (seeds, counters, _golden_multiples(vocab + 1), logits.contiguous(), temperature_t, top_p_t, top_k,
+         use_top_p, noise_dtype),
+        _BONUS_DYNAMIC,
+    )
+
+
+def sample_step(
+    seeds: torch.Tensor,  # [B] int64 noise seed per row
+    counters: torch.Tensor,  # [B] int64 noise counter per row (its sequence length)
+    draft_tokens: torch.Tensor,  # [B, K] int64
+    draft_probs: torch.Tensor | None,  # [B, K, V_draft] processed draft probs q (V_draft <= V); None = one-hot
+    logits: torch.Tensor,  # [B, K+1, V] raw target logits, CPU
+    num_draft: torch.Tensor,  # [B] drafts per row (<= K)
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    noise_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1] int64 (-1 padded), num_accepted [B]
+    """What the engine's _verify does for sampled rows, in one compiled graph: uniforms
+    (UNIFORM_STREAM, K) and exponentials (BONUS_STREAM, V) at each row's counter, then
+    kernels.verify_sampling. The same tokens as that eager sequence."""
+    if draft_tokens.shape[1] == 0:
+        return _bonus_call(seeds, counters, logits, temperature, top_k, top_p, noise_dtype)
+    temperature_t, top_p_t, top_k, use_top_p = _settings(logits, temperature, top_k, top_p)
+    vocab = logits.shape[-1]
+    kind = "verify"
+    if draft_probs is not None:
+        kind = ("verify_probs", draft_probs.dtype)
+        if draft_probs.shape[-1] < vocab:
+            # A draft vocabulary may be a prefix of the target's (padded embedding tables); padded
+            # here, as the engine does, so that every draft vocabulary shares the graph.
+            draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.shape[-1]))
+        draft_probs = draft_probs.contiguous()
+    return _run(
+        "verify",
+        (kind, vocab, logits.dtype, top_k, use_top_p, noise_dtype),
+        (seeds, counters, _golden_multiples(vocab + 1), draft_tokens.contiguous(), draft_probs, logits.contiguous(),
+         num_draft, temperature_t, top_p_t, top_k, use_top_p, noise_dtype),
+        _VERIFY_DYNAMIC if draft_probs is None else _VERIFY_PROBS_DYNAMIC,
+    )
+
+
+def sample_by_position(
+    seeds: torch.Tensor,  # [B] int64
+    counters: torch.Tensor,  # [B] int64
+    draft_tokens: torch.Tensor,  # [B, K] int64
+    logits: torch.Tensor,  # [B, K+1, V] raw target logits, CPU
+    num_draft: torch.Tensor,  # [B]
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    noise_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, K+1] int64 (-1 padded), num_accepted [B]
+    """What the engine's _verify_by_position does for sampled rows, in one compiled graph:
+    noise.exponential_by_position over K+1 positions, then reference.verify_by_position."""
+    if draft_tokens.shape[1] == 0:  # one position: the bonus sample, same noise and same race
+        return _bonus_call(seeds, counters, logits, temperature, top_k, top_p, noise_dtype)
+    temperature_t, top_p_t, top_k, use_top_p = _settings(logits, temperature, top_k, top_p)
+    vocab = logits.shape[-1]
+    return _run(
+        "by_position", ("by_position", vocab, logits.dtype, top_k, use_top_p, noise_dtype),
+        (seeds, counters, _golden_multiples(vocab + 1), draft_tokens.contiguous(), logits.contiguous(), num_draft,
+         temperature_t, top_p_t, top_k, use_top_p, noise_dtype),
+        _BY_POSITION_DYNAMIC,
+    )
+
+
+def warmup(
+    vocab_size: int,
+    *,
+    logits_dtype: torch.dtype = torch.float32,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    draft_probs: bool = True,
+    by_position: bool = False,
+) -> float:
+    """Compile the graphs a sampled request with these settings needs (no drafts, drafts
+    without and, with draft_probs, with draft probs; by_position: the by-position verifier);
+    returns the seconds spent. Values of temperature and top_p do not matter, only whether
+    top-k / top-p are on (and top-k's k)."""
+    start = time.perf_counter()
+    noise_dtype = compute_dtype(logits_dtype)
+    seeds = torch.zeros(2, dtype=torch.int64)
+    counters = torch.ones(2, dtype=torch.int64)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, noise_dtype=noise_dtype)
+    for k in (0, 2):
+        drafts = torch.zeros(2, k, dtype=torch.int64)
+        logits = torch.zeros(2, k + 1, vocab_size, dtype=logits_dtype)
+        num_draft = torch.full((2,), k, dtype=torch.int64)
+        sample_step(seeds, counters, drafts, None, logits, num_draft, **settings)
+        if k and draft_probs:
+            probs = torch.full((2, k, vocab_size), 1.0 / vocab_size, dtype=noise_dtype)
+            sample_step(seeds, counters, drafts, probs, logits, num_draft, **settings)
+        if k and by_position:
+            sample_by_position(seeds, counters, drafts, logits, num_draft, **settings)
+    return time.perf_counter() - start
+
+
+def compile_stats() -> dict:
+    """Graphs compiled for fused sampling in this process, recompiles among them, seconds spent."""
+    return {"graphs": _stats.graphs, "recompiles": _stats.recompiles, "compile_s": round(_stats.compile_s, 3)}

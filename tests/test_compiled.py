@@ -1,0 +1,133 @@
+"""compile=True: compiled decoding steps give eager's tokens, compile once, and say so when they recompile.
+
+The models are the tiny llama pair in float32 (torch.compile's CPU backend, as users run it);
+each graph takes a few seconds to build, so one module-wide pair of generators serves all tests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from specdec import SpeculativeGenerator
+from specdec.caching import CacheLayer
+
+PROMPTS = ["the cat sat on", "a b c d e f g h i j k", "once upon a time there was a"]
+DRAFTERS = ["none", "model", "ngram", "auto"]
+
+
+@pytest.fixture(scope="module")
+def pair(llama_pair, tmp_path_factory):
+    """(eager, compiled) generators over the same float32 models; the compiled one warmed up."""
+    import os
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    eager = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32")
+    compiled = SpeculativeGenerator(
+        eager.target_model, eager.tokenizer, eager.draft_model, engine="static", compile=True,
+    )
+    compiled.warmup()
+    return eager, compiled
+
+
+def _ids(results):
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": [5, 6, 7]}],
+                         ids=["greedy", "seeded"])
+def test_compiled_steps_give_the_eager_tokens(pair, drafter, sampling):
+    eager, compiled = pair
+    kwargs = dict(max_new_tokens=24, drafter=drafter, ignore_eos=True, **sampling)
+    expected = _ids(eager.generate(PROMPTS, **kwargs))  # a ragged batch: rows leave at different steps
+    got = compiled.generate(PROMPTS, **kwargs)
+    assert _ids(got) == expected
+    assert all(r.stats.target_forwards > 0 for r in got)
+    alone = compiled.generate(PROMPTS[1], **{**kwargs, "seed": 6} if sampling else kwargs)[0]
+    assert alone.token_ids == expected[1]
+
+
+def test_compiled_cache_drafter_gives_the_eager_tokens(pair, redis_server, cache_namespace):
+    eager, compiled = pair
+    url = redis_server.url + f"?namespace={cache_namespace}-compiled"
+    kwargs = dict(max_new_tokens=24, drafter="cache", ignore_eos=True)
+    with CacheLayer.open(url, compiled, response_cache=False) as layer:
+        first = compiled.generate(PROMPTS, cache=layer, **kwargs)
+        layer.flush()
+        again = compiled.generate(PROMPTS, cache=layer, **kwargs)  # drafts from the store this time
+    assert sum(r.stats.accepted_tokens for r in again) > 0
+    expected = _ids(eager.generate(PROMPTS, max_new_tokens=24, drafter="none", ignore_eos=True))
+    assert _ids(first) == expected and _ids(again) == expected
+
+
+def test_compiled_path_really_runs_compiled_graphs(pair, monkeypatch):
+    """The test above would pass on an eager fallback: count calls into the compiled forward."""
+    _, compiled = pair
+    forward = compiled._compiler.forward_for(compiled.target_model, "target")
+    calls = []
+    original = type(forward).__call__
+
+    def counting(self, kind, buffers, **kwargs):
+        calls.append(kind)
+        return original(self, kind, buffers, **kwargs)
+
+    monkeypatch.setattr(type(forward), "__call__", counting)
+    result = compiled.generate(PROMPTS[0], max_new_tokens=8, drafter="none", ignore_eos=True)[0]
+    assert len(calls) == result.stats.target_forwards - 1  # every step but the (eager) prefill
+
+
+def test_one_warm_up_serves_every_length_and_draft_width(pair):
+    """No recompiles after warm-up for single requests: capacity and verify width are dynamic."""
+    _, compiled = pair
+    before = compiled.compile_stats()
+    for n, prompt in ((5, "x"), (40, " ".join(["word"] * 30)), (90, PROMPTS[2])):
+        for drafter, k in (("none", 4), ("model", 2), ("model", 6), ("ngram", 3)):
+            compiled.generate(prompt, max_new_tokens=n, drafter=drafter, num_draft_tokens=k, ignore_eos=True)
+    after = compiled.compile_stats()
+    assert after["recompiles"] == 0, after["reasons"]
+    assert after["graphs"] == before["graphs"]
+
+
+def test_a_recompile_is_logged_with_its_reason(pair, caplog):
+    _, compiled = pair
+    forward = compiled._compiler.forward_for(compiled.target_model, "target")
+    from specdec.kv import make_kv, prefill_logits
+
+    kv = make_kv(compiled.target_model, "static", 1, 128, compiled.device, compiled.vocab_size, compiled=forward)
+    prefill_logits(kv, [[1, 2, 3, 4]])
+    kv.forward(torch.tensor([[5, 6]]), torch.tensor([2]))  # the warmed-up graph
+    before = compiled.compile_stats()["recompiles"]
+    with caplog.at_level(logging.WARNING, logger="specdec.compiled"):
+        kv.forward(torch.tensor([[5, 6]], dtype=torch.int32), torch.tensor([2]))  # another dtype: a guard fails
+    stats = compiled.compile_stats()
+    assert stats["recompiles"] > before
+    assert any("recompiled the target step forward" in r.getMessage() for r in caplog.records)
+    assert any("dtype" in reason or "mismatch" in reason for reason in stats["reasons"])
+
+
+def test_a_short_request_does_not_pay_a_compile(llama_pair):
+    gen = SpeculativeGenerator.from_pretrained(llama_pair.target, dtype="float32", compile=True, compile_min_tokens=64)
+    gen.generate(PROMPTS, max_new_tokens=8, drafter="none")  # 3 x 8 = 24 tokens < 64: eager
+    assert gen.compile_stats()["graphs"] == 0
+    gen.generate(PROMPTS[0], max_new_tokens=64, drafter="none")  # earns it back: compiles
+    assert gen.compile_stats()["graphs"] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"compile": "yes"}, "compile must be True or False"),
+    ({"compile": True, "compile_min_tokens": -1}, "compile_min_tokens"),
+    ({"compile": True, "numerics": "stable"}, "numerics"),
+])
+def test_bad_compile_options_fail_before_any_compute(llama_pair, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeGenerator.from_pretrained(llama_pair.target, **kwargs)
+
+
+def test_warmup_needs_compile(pair):
+    eager, _ = pair
+    with pytest.raises(ValueError, match="compile=True"):
+        eager.warmup()
+    assert eager.compile_stats() == {"compile": False}
