@@ -117,23 +117,28 @@ class CompileStats:
 _RECOMPILE_LIMIT = 64
 
 
-def _step_forward(forward, buffers, *, input_ids, attention_mask, position_ids, **kwargs):
-    """The traced step: a model forward whose varying sizes are tied together.
+def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids, mask_value, mask_dtype, **kwargs):
+    """The traced step: the additive mask, then the model forward, with varying sizes tied.
 
-    Each input's dynamic dimension gets its own symbol; attention combines the mask with
-    the KV buffers and the query, so without these checks the tracer could not prove
-    that their rows, widths and capacities agree, and would break the graph there.
+    Query t of row b sees its row's positions 0 .. write_positions[b, t] of the whole
+    buffer. Built here, the mask costs no eager ops per call. Each input's dynamic
+    dimension gets its own symbol; attention combines the mask with the KV buffers and
+    the query, so without the checks the tracer could not prove that their rows, widths
+    and capacities agree, and would break the graph there.
     """
     batch, width = input_ids.shape
-    capacity = attention_mask.shape[-1]
+    capacity = buffers[0].shape[2]
     torch._check(position_ids.shape[0] == batch)
     torch._check(position_ids.shape[1] == width)
-    torch._check(attention_mask.shape[0] == batch)
-    torch._check(attention_mask.shape[2] == width)
+    torch._check(write_positions.shape[0] == batch)
+    torch._check(write_positions.shape[1] == width)
     for buffer in buffers:
         torch._check(buffer.shape[0] == batch)
         torch._check(buffer.shape[2] == capacity)
-    return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    columns = torch.arange(capacity, device=input_ids.device)  # [C]
+    hidden = columns.view(1, 1, capacity) > write_positions.unsqueeze(-1)  # [B, T, C]
+    mask = torch.zeros(hidden.shape, dtype=mask_dtype, device=input_ids.device).masked_fill(hidden, mask_value)
+    return forward(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids, **kwargs)
 
 
 def _own_code(function, role: str):

@@ -57,8 +57,6 @@ from .numerics import StableHead, stable_head
 logger = logging.getLogger(__name__)
 
 BUCKET = 64  # attention width granularity: a few shapes, never the unused tail
-# Compiled steps: feed a one-token step as two (one graph for decoding and verifying).
-PAD_ONE_TOKEN_STEPS = False
 ENGINE_PATHS = ("auto", "static", "generic")
 
 # Model types whose state is recurrent (or partly so): no per-position KV to roll back.
@@ -393,14 +391,6 @@ class RowCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states)
 
 
-class _StepOut:
-    """A forward's outputs, as KVState.forward reads them."""
-
-    def __init__(self, logits: torch.Tensor, hidden_states) -> None:
-        self.logits = logits
-        self.hidden_states = hidden_states
-
-
 class StaticKV(KVState):
     """Per-row static KV: rows written at their own positions, rollback = lengths move back."""
 
@@ -440,45 +430,27 @@ class StaticKV(KVState):
         return out
 
     def _compiled_call(self, ids, positions, position_ids, width, kwargs):
-        """A step forward through the compiled graph: attention over the whole buffer, so the
-        graph's shapes are (B, T, C) and nothing in it reads a Python int that changes.
-
-        A one-token step is fed as two (the second slot a pad: its key and value land past the
-        row's end, where nothing reads them before they are overwritten), so decoding and
-        verifying share one graph: at width 1 the tracer specializes attention's code paths,
-        which would cost a second compile for a step that costs about the same.
-        """
+        """A step forward through the compiled graph: attention over the whole buffer (the mask
+        is built inside the graph from the write positions), so the graph's shapes are
+        (B, T, C) and nothing in it reads a Python int that changes."""
         from .compiled import mark_step_dynamic
 
-        capacity = self.capacity
-        pad = width == 1 and PAD_ONE_TOKEN_STEPS
-        if pad:
-            ids = ids.expand(-1, 2).contiguous()
-            positions = torch.cat([positions, (positions + 1).clamp(max=capacity - 1)], dim=1)  # [B, 2]
-            position_ids = position_ids.expand(-1, 2).contiguous()
         if position_ids is positions:  # inputs that alias each other cost a guard and a graph
             position_ids = positions.clone()
         self.cache.write_positions = positions
         self.cache.full_view = True
-        self.cache.view_width = capacity
+        self.cache.view_width = self.capacity
         self.cache.seen_hint = 0  # a constant: models that read it only derive unused defaults
-        columns = torch.arange(capacity, device=self.device)  # [C]
-        visible = columns.view(1, 1, capacity) <= positions.unsqueeze(-1)  # [B, T, C]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, self._min)
-        mask = mask.unsqueeze(1)  # [B, 1, T, C]
         for tensor in (ids, positions, position_ids):
             mark_step_dynamic(tensor, (0, 1))
-        mark_step_dynamic(mask, (0, 2, 3))
-        kind = (ids.shape[0] == 1, ids.shape[1] == 1, "hidden" if kwargs.get("output_hidden_states") else "logits", kwargs.get("logits_to_keep"))
+        kind = (ids.shape[0] == 1, width == 1, "hidden" if kwargs.get("output_hidden_states") else "logits",
+                kwargs.get("logits_to_keep"))
         buffers = [b for layer in self.cache.layers for b in (layer.keys, layer.values)]
         out = self.compiled(
-            kind, buffers, input_ids=ids, attention_mask=mask, position_ids=position_ids,
-            use_cache=True, **{self.cache_keyword: self.cache}, **kwargs,
+            kind, buffers, input_ids=ids, write_positions=positions, position_ids=position_ids,
+            mask_value=self._min, mask_dtype=self.dtype, use_cache=True, **{self.cache_keyword: self.cache}, **kwargs,
         )
         self.bound = self.bound + width
-        if pad:  # drop the pad slot
-            hidden = out.hidden_states[:-1] + (out.hidden_states[-1][:, :1],) if kwargs.get("output_hidden_states") else None
-            return _StepOut(out.logits[:, :1], hidden)
         return out
 
     def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:
