@@ -1,56 +1,74 @@
-"""Fused sampling for the compiled path: noise and verification of a sampled step in one graph.
+"""Fused sampling for the compiled path: a sampled step's noise and verification as one graph.
 
 A sampled step (temperature > 0) eagerly runs about 25 small ops over the vocabulary after
 the target forward: the counter-based noise (specdec.noise: splitmix64 in int64 ops, then
 uniforms and exponentials) and the verification (kernels.reference: temperature, top-k,
 top-p, softmax, accept tests, the residual / bonus exponential race). On CPU at a small
-vocabulary each op costs more in dispatch than in arithmetic, so the tail of a step costs
-about a tenth of a small model's compiled forward. Here the same computation is one
-torch.compile'd graph (inductor, cpp_wrapper): the per-op Python cost goes, and the int64
-hash, the noise transforms and the pointwise parts of verification fuse into a few loops.
+vocabulary each op costs more in dispatch than in arithmetic: about 250 us at B = 1,
+V = 4096, an eighth of the bundled target's compiled forward. Here the same computation is
+one torch.compile'd graph (inductor with its C++ wrapper): the hash, the noise transforms
+and the pointwise parts of verification fuse into a few loops, about 35 us (K = 0) and
+55 us (K = 4). benchmarks/fused_sampling.py measures it; results in
+benchmarks/results/fused_sampling/. The engine calls it on the compiled path (DecodeState.
+compiled) for CPU tensors; CUDA keeps its Triton kernels (kernels.verify_sampling).
 
-Same tokens as the eager path, bit for bit. The noise is integer hashing plus exact
-conversions (and one float64 log1p, which inductor computes with the same vectorised
-routine as ATen; the tests check it). The hash is specdec.noise's, restated for the
-compiler: the index term `index * golden` (and by position, `offset * golden`) is read
-from a precomputed table instead of traced from an arange. Traced, inductor folds it into
-the loop's index arithmetic, `x * -7046029254386353131` in signed C++, whose overflow is
-undefined behaviour that the C++ compiler uses to bound the loop: the kernel then reads
-past its buffers. From a table it is a loaded value, and the int64 wrap-around is the
-same as in ATen's kernels (the ring arithmetic gives the same bits in any order).
+Same tokens as the eager path, bit for bit, by construction:
+  * Regions. The graph is built in inductor's "lite" mode: every op runs its ATen kernel
+    (called from the C++ wrapper, no Python) except those traced inside `with _fused():`,
+    which inductor fuses. A region holds only ops whose result cannot depend on how they
+    are evaluated: integer ops, exact conversions, IEEE-rounded pointwise ops (a division
+    by the temperature stays a division on CPU, never a multiplication by a reciprocal),
+    comparisons, gathers, max / argmax, and sums used only in a test against 0. What stays
+    ATen is what rounds by its evaluation order: softmax, the top-p cumsum and its
+    renormalising sum (and top-k and sort, whose results are exact anyway). One ulp of a
+    probability can flip an accept test or the race; tests/test_fused_sampling.py puts
+    both on the edge and compares tokens.
+  * Noise. specdec.noise's hash, restated for the compiler: the index term index * golden
+    (by position also offset * golden) is read from a table (_golden_multiples) rather
+    than traced from an arange. Traced, inductor folds it into a loop's index arithmetic,
+    x * -7046029254386353131 in signed C++, whose overflow is undefined behaviour the C++
+    compiler uses to bound the loop: the kernel read past its buffers. Loaded, the int64
+    products wrap as in ATen's kernels, and the ring arithmetic gives the same bits in any
+    order. The float64 log1p is the same vectorised routine in inductor as in ATen.
+  * NaN handling is written with comparisons (_sanitize): the same values as
+    torch.nan_to_num, which inductor would vectorise through a scalar isnan loop.
 
-A fused reduction adds in another order than
-ATen's kernel, and one ulp of a probability can flip an accept test or the race. So the
-graph is built in inductor's "lite" mode: every op falls back to its ATen kernel (called
-from the C++ wrapper, no Python) except those inside `with _fused():`, which inductor
-fuses. The regions hold only ops whose result does not depend on an evaluation order:
-integer ops, exact float conversions, IEEE-rounded pointwise ops (division by the
-temperature is a real division on CPU, never a multiplication by its reciprocal),
-comparisons, gathers, max / argmax and sums whose only use is a test against 0. What
-stays ATen: softmax, top-k, the top-p sort and cumsum, and the top-p renormalising sum.
-The op order mirrors kernels.reference op for op; tests/test_fused_sampling.py compares the
-tokens with the eager path's.
+Graphs. One per kind of call, "bonus" (no drafts: a sample of p, the same for both
+verifiers), "verify" (one-hot drafts), "verify_probs" (draft probs), "by_position"
+(kernels.reference.verify_by_position), and per filter setting (top-k on and its k, a
+shape; top-p on), vocabulary size and dtypes. Temperature and top_p values are 0-dim
+tensors: a new value does not compile. Rows B and draft width K are dynamic with size-1
+dimensions kept symbolic: one graph serves B = 1..N and K = 1..8. A cold compile is about
+7 s a graph on a 2-core CPU; inductor's caches make a later process's a load of about 1 s.
+Each compile is counted (compile_stats()) and logged: INFO for a key's first graph,
+WARNING for a recompile, with dynamo's reason. A compile that fails is logged and the key
+runs its body eagerly: the same tokens, eager speed. warmup() compiles ahead of a request.
 
-Graphs. One per kind of call: "bonus" (no drafts: a sample of the next token, the same for
-both verifiers), "verify" (drafts without draft probs), "verify_probs" (with them) and
-"by_position" (kernels.reference.verify_by_position), and per filter setting: whether
-top-k is on and its k (a shape), whether top-p is on. The temperature and top_p values are
-0-dim tensors, so a new value does not recompile. The batch and draft width are dynamic
-(size-1 dimensions kept symbolic): one graph serves B = 1..N and k = 1..8. A new
-vocabulary size, logits dtype or noise dtype is a new graph too. Each compile is counted
-(`compile_stats()`) and logged: INFO for a kind's first graph, WARNING for a recompile.
+Calls. After the call that compiled it, a graph is called directly, not through dynamo:
+dynamo's frame and guard evaluation cost as much as the kernels here, three times as much
+right after a forward has evicted their data from the caches, and its guards would
+recompile for what does not matter (the prefill's logits carry autograd's dispatch keys,
+a step's inference-mode logits do not). What dynamo would guard that does matter is the
+graph's key, and the dtypes, checked per call; every tensor is given dense strides, and
+the graph's C++ wrapper asserts each input's sizes and strides. A graph's direct call is
+compared with dynamo's result on the call that compiled it.
 
-CUDA never comes here: the engine keeps its Triton kernels there (kernels.verify_sampling).
+Inductor's compile caches key a graph by its ops, not by the region annotations on them:
+a no-op post-grad pass whose uuid is this file's hash (_cache_salt) keeps an artifact
+built by another version of this module from being reused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
+import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -310,10 +328,24 @@ class _Stats:
         self.keys: set[tuple] = set()
 
 
+@dataclass
+class _Graph:
+    """A compiled graph and how to call it without dynamo: `plan` lists, per graph input,
+    (argument index, None) for a tensor argument or (argument index, dim) for a size."""
+
+    fn: Callable
+    plan: list[tuple[int, int | None]]
+    dtypes: dict[int, torch.dtype]  # the tensor arguments' dtypes when it was compiled
+
+
 _stats = _Stats()
 _lock = threading.Lock()
 _compiled: dict[str, Callable] = {}
+_graphs: dict[tuple, _Graph] = {}  # key -> its graph, called directly (checked against dynamo's)
+_pending: list[_Graph | None] = []  # what _backend built during the current call
+_failed: set[tuple] = set()  # keys whose compile failed: they run eagerly
 _BODIES: dict[str, Callable] = {"bonus": _bonus, "verify": _verify, "by_position": _by_position}
+_PARAMETERS = {kind: list(inspect.signature(body).parameters) for kind, body in _BODIES.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,13 +365,54 @@ def _cache_salt():
     return _Salt()
 
 
-def _backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """Inductor in lite mode with the C++ wrapper; counts the graphs it compiles."""
+def _plan(gm: torch.fx.GraphModule, example_inputs: list, names: list[str]) -> _Graph | None:
+    """How to call the compiled graph from the body's arguments, or None where the graph's
+    inputs are not all arguments and their sizes (dynamo names a local x's placeholder
+    l_x_; a size input is found as the tensor dimension with the same symbolic size)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if len(placeholders) != len(example_inputs):
+        return None
+    tensors: dict[int, torch.Tensor] = {}
+    plan: list = []
+    for node in placeholders:
+        value = node.meta.get("example_value")
+        match = re.fullmatch(r"l_(\w+)_", node.name)
+        if isinstance(value, torch.Tensor) and match and match.group(1) in names:
+            index = names.index(match.group(1))
+            tensors[index] = value
+            plan.append((index, None))
+        elif isinstance(value, torch.SymInt):
+            plan.append(value)
+        else:
+            return None
+
+    def canonical(size):
+        return size.node.shape_env.replace(size.node.expr) if isinstance(size, torch.SymInt) else None
+
+    for position, entry in enumerate(plan):
+        if isinstance(entry, tuple):
+            continue
+        expr = canonical(entry)
+        found = [(i, d) for i, t in tensors.items() for d, size in enumerate(t.shape) if canonical(size) == expr]
+        if not found:
+            return None
+        plan[position] = found[0]
+    return _Graph(fn=None, plan=plan, dtypes={i: t.dtype for i, t in tensors.items()})
+
+
+def _backend(gm: torch.fx.GraphModule, example_inputs: list, *, kind: str) -> Callable:
+    """Inductor in lite mode with the C++ wrapper; counts the graphs it compiles and notes
+    how to call each directly."""
     from torch._inductor.compile_fx import compile_fx
 
     _stats.graphs += 1
     options = dict(_OPTIONS, post_grad_custom_post_pass=_cache_salt())
-    return compile_fx(gm, example_inputs, config_patches=options)
+    fn = compile_fx(gm, example_inputs, config_patches=options)
+    graph = _plan(gm, example_inputs, _PARAMETERS[kind])
+    if graph is not None:
+        graph.fn = fn
+    _pending.append(graph)
+    return fn
 
 
 @contextlib.contextmanager
@@ -357,27 +430,66 @@ def _size_oblivious():
         yield
 
 
+# Graphs per body that dynamo keeps (torch's default is 8): every key of a body (filters,
+# vocabulary, dtypes) is one; the compiled step forwards raise the same limit.
+_RECOMPILE_LIMIT = 64
+
+
 def _function(kind: str) -> Callable:
     fn = _compiled.get(kind)
     if fn is None:
-        fn = _compiled[kind] = torch.compile(_BODIES[kind], backend=_backend, dynamic=None)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+        backend = functools.partial(_backend, kind=kind)
+        fn = _compiled[kind] = torch.compile(_BODIES[kind], backend=backend, fullgraph=True, dynamic=None)
     return fn
 
 
-def _run(kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...]) -> tuple:
-    """Call kind's compiled body, logging any compile it triggers.
+def _direct(graph: _Graph, args: tuple) -> tuple | None:
+    """Run a compiled graph without dynamo, or None where an argument's dtype is not the one
+    it was compiled for (its C++ wrapper checks every input's sizes and strides itself)."""
+    for index, dtype in graph.dtypes.items():
+        if args[index].dtype != dtype:
+            return None
+    return tuple(graph.fn(*[args[i] if dim is None else args[i].shape[dim] for i, dim in graph.plan]))
 
-    key: what selects a graph; dynamic: (argument index, dimension) pairs that vary. The first
-    call of a key traces: its dynamic dimensions are marked, size-1 dimensions kept symbolic
-    and everything else static (dynamo would otherwise make top_k, an int argument, symbolic
-    once it has seen two values). Later calls only run the graph: marking and the config
-    patches cost as much as the fused kernels at a small vocabulary. Should one recompile
-    all the same, it is logged and counted; its graph is then more specialised, never wrong.
+
+def _run(kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...]) -> tuple:
+    """Call kind's compiled body: directly once its key has a graph, through dynamo to compile
+    (see "Calls" in the module docstring).
+
+    key: what selects a graph; dynamic: (argument index, dimension) pairs that vary. The call
+    that compiles marks those dimensions dynamic, keeps size-1 dimensions symbolic and all
+    else static (dynamo would otherwise make top_k, an int argument, symbolic once it has
+    seen two values), and checks the new graph's direct call against dynamo's result. A
+    graph whose inputs cannot be matched to the arguments keeps running through dynamo.
     """
-    fn = _compiled.get(kind) or _function(kind)
-    with _lock:  # dynamo's compile is not thread-safe; a run without compile takes microseconds
-        before = _stats.graphs
-        start = time.perf_counter()
+    with _lock:  # dynamo's compile is not thread-safe; the calls themselves take microseconds
+        graph = _graphs.get(key)
+        if graph is not None:
+            out = _direct(graph, args)
+            if out is not None:
+                return out
+        if key in _failed:
+            return _BODIES[kind](*args)
+        out, new = _through_dynamo(kind, key, args, dynamic)
+        if new is not None:
+            direct = _direct(new, args)
+            if direct is not None and len(direct) == len(out) and all(map(torch.equal, direct, out)):
+                _graphs[key] = new
+            else:
+                logger.warning("fused sampling %s: the direct call disagrees with dynamo's; using dynamo", key)
+        return out
+
+
+def _through_dynamo(
+    kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...]
+) -> tuple[tuple, _Graph | None]:  # the outputs, and the graph it compiled for a new key (else None)
+    fn = _function(kind)
+    _pending.clear()
+    failures = _failure_counts()
+    before = _stats.graphs
+    start = time.perf_counter()
+    try:
         if key in _stats.keys:
             out = fn(*args)
         else:
@@ -385,21 +497,53 @@ def _run(kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...
                 torch._dynamo.maybe_mark_dynamic(args[index], dim)
             with _size_oblivious(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
                 out = fn(*args)
-        compiled = _stats.graphs - before
-        if compiled:
-            elapsed = time.perf_counter() - start
-            _stats.compile_s += elapsed
-            if key in _stats.keys:
-                _stats.recompiles += compiled
-                logger.warning("recompiled fused sampling %s (%.1f s) for shapes %s", key, elapsed, _shapes(args))
-            else:
-                logger.info("compiled fused sampling %s in %.1f s", key, elapsed)
-        _stats.keys.add(key)
-    return out
+    except Exception:  # a compiler failure must not stop decoding: the eager body gives the same tokens
+        logger.exception("fused sampling %s failed to compile; it runs eagerly", key)
+        _failed.add(key)
+        return _BODIES[kind](*args), None
+    compiled = _stats.graphs - before
+    if compiled:
+        elapsed = time.perf_counter() - start
+        _stats.compile_s += elapsed
+        if key in _stats.keys:
+            _stats.recompiles += compiled
+            logger.warning(
+                "recompiled fused sampling %s (%.1f s): %s; shapes %s, strides %s",
+                key, elapsed, " | ".join(_new_failures(failures)) or "no reason recorded", _shapes(args),
+                _strides(args),
+            )
+        else:
+            logger.info("compiled fused sampling %s in %.1f s", key, elapsed)
+    # The last graph built is the one dynamo installed: with fullgraph there is one a call, but
+    # a compile can restart the trace (a guard found while compiling) and build it again.
+    new = _pending[-1] if compiled and _pending and key not in _stats.keys else None
+    _stats.keys.add(key)
+    return out, new
+
+
+def _failure_counts() -> dict:
+    from torch._dynamo.utils import guard_failures
+
+    return {code: len(reasons) for code, reasons in guard_failures.items()}
+
+
+def _new_failures(before: dict) -> list[str]:
+    """Dynamo's reasons for the recompiles since `before` (_failure_counts())."""
+    from torch._dynamo.utils import guard_failures
+
+    return [
+        str(reason).strip().replace("\n", "; ")
+        for code, reasons in guard_failures.items()
+        for reason in list(reasons)[before.get(code, 0):]
+    ]
 
 
 def _shapes(args: tuple) -> list:
     return [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _strides(args: tuple) -> list:
+    return [a.stride() for a in args if isinstance(a, torch.Tensor)]
 
 
 _scalars: dict[tuple[float, torch.dtype], torch.Tensor] = {}
@@ -427,6 +571,18 @@ def _settings(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 # --------------------------------------------------------------------------- public entry points
 
 
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with the strides of a fresh contiguous tensor, size-1 dimensions included (a
+    row of the prefill's logits is contiguous with another stride): the graphs are compiled
+    for those strides, and their C++ wrappers assert them."""
+    expected = 1
+    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride())):
+        if stride != expected:
+            return tensor.clone(memory_format=torch.contiguous_format)
+        expected *= size
+    return tensor
+
+
 # Which (argument, dimension) pairs vary: rows B everywhere, the draft width K (and K+1).
 _BONUS_DYNAMIC = ((0, 0), (1, 0), (3, 0))
 _VERIFY_DYNAMIC = ((0, 0), (1, 0), (3, 0), (3, 1), (5, 0), (5, 1), (6, 0))
@@ -439,7 +595,7 @@ def _bonus_call(seeds, counters, logits, temperature, top_k, top_p, noise_dtype)
     vocab = logits.shape[-1]
     return _run(
         "bonus", ("bonus", vocab, logits.dtype, top_k, use_top_p, noise_dtype),
-        (seeds, counters, _golden_multiples(vocab + 1), logits.contiguous(), temperature_t, top_p_t, top_k,
+        (_dense(seeds), _dense(counters), _golden_multiples(vocab + 1), _dense(logits), temperature_t, top_p_t, top_k,
          use_top_p, noise_dtype),
         _BONUS_DYNAMIC,
     )
@@ -472,12 +628,12 @@ def sample_step(
             # A draft vocabulary may be a prefix of the target's (padded embedding tables); padded
             # here, as the engine does, so that every draft vocabulary shares the graph.
             draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.shape[-1]))
-        draft_probs = draft_probs.contiguous()
+        draft_probs = _dense(draft_probs)
     return _run(
         "verify",
         (kind, vocab, logits.dtype, top_k, use_top_p, noise_dtype),
-        (seeds, counters, _golden_multiples(vocab + 1), draft_tokens.contiguous(), draft_probs, logits.contiguous(),
-         num_draft, temperature_t, top_p_t, top_k, use_top_p, noise_dtype),
+        (_dense(seeds), _dense(counters), _golden_multiples(vocab + 1), _dense(draft_tokens), draft_probs,
+         _dense(logits), _dense(num_draft), temperature_t, top_p_t, top_k, use_top_p, noise_dtype),
         _VERIFY_DYNAMIC if draft_probs is None else _VERIFY_PROBS_DYNAMIC,
     )
 
@@ -502,8 +658,8 @@ def sample_by_position(
     vocab = logits.shape[-1]
     return _run(
         "by_position", ("by_position", vocab, logits.dtype, top_k, use_top_p, noise_dtype),
-        (seeds, counters, _golden_multiples(vocab + 1), draft_tokens.contiguous(), logits.contiguous(), num_draft,
-         temperature_t, top_p_t, top_k, use_top_p, noise_dtype),
+        (_dense(seeds), _dense(counters), _golden_multiples(vocab + 1), _dense(draft_tokens), _dense(logits),
+         _dense(num_draft), temperature_t, top_p_t, top_k, use_top_p, noise_dtype),
         _BY_POSITION_DYNAMIC,
     )
 
@@ -541,5 +697,9 @@ def warmup(
 
 
 def compile_stats() -> dict:
-    """Graphs compiled for fused sampling in this process, recompiles among them, seconds spent."""
-    return {"graphs": _stats.graphs, "recompiles": _stats.recompiles, "compile_s": round(_stats.compile_s, 3)}
+    """Fused sampling in this process: graphs compiled, recompiles among them, seconds spent
+    compiling, keys whose graph is called directly, keys that run eagerly (compile failed)."""
+    return {
+        "graphs": _stats.graphs, "recompiles": _stats.recompiles, "compile_s": round(_stats.compile_s, 3),
+        "direct": len(_graphs), "eager": len(_failed),
+    }

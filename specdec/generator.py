@@ -180,8 +180,10 @@ class SpeculativeGenerator:
     def warmup(self) -> float:
         """Compile the step graphs now (target, and draft model if any); returns the seconds spent.
 
-        One call per process: the graphs serve every batch size, draft length and request
-        length, and torch's compile caches make a later process's warm-up mostly a load.
+        One call per process: the graphs serve every request length and draft length (batches
+        of several rows compile their own on first use), and torch's compile caches make a
+        later process's warm-up mostly a load. On CPU it also compiles the sampled step's graphs
+        for temperature-only sampling (top-k / top-p settings compile on first use).
         """
         if self._compiler is None:
             raise ValueError("warmup() compiles decoding steps: construct the generator with compile=True")
@@ -204,6 +206,10 @@ class SpeculativeGenerator:
             prefill_logits(kv, ids.tolist())
             kv.forward(ids[:, :1])  # a decoding step
             kv.forward(ids[:, :3], torch.tensor([2], device=self.device))  # a verify step, ragged
+        if self.device.type == "cpu":  # sampled steps: noise and verification as one graph (specdec.fused)
+            from . import fused
+
+            fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, draft_probs=self.draft_model is not None)
         elapsed = time.perf_counter() - start
         self._compiler.stats.warmup_s = elapsed
         return elapsed
@@ -212,7 +218,9 @@ class SpeculativeGenerator:
         """Graphs compiled, recompiles (with dynamo's reasons), compile and warm-up seconds."""
         if self._compiler is None:
             return {"compile": False}
-        return {"compile": True, **self._compiler.stats.as_dict()}
+        from . import fused
+
+        return {"compile": True, **self._compiler.stats.as_dict(), "sampling": fused.compile_stats()}
 
     @property
     def target_dtype(self) -> torch.dtype:

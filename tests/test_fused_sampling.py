@@ -248,6 +248,38 @@ def test_batch_and_draft_width_share_a_graph():
     assert after["graphs"] == before["graphs"] and after["recompiles"] == 0
 
 
+def test_graphs_run_without_dynamo_after_the_first_call(monkeypatch):
+    """After its compile a graph is called directly: dynamo's compiled function is not
+    entered again, and the tokens stay the eager path's."""
+    case = _case(650, 5, 2, probs=True)
+    _fused_step(case, 0.7)
+    assert fused.compile_stats()["direct"] >= 1
+    monkeypatch.setattr(fused, "_through_dynamo", lambda *a, **kw: pytest.fail("went through dynamo"))
+    for seed in range(3):
+        case = _case(660 + seed, 1 + seed, 1 + 2 * seed, probs=True)
+        assert _same(_fused_step(case, 1.3), _eager(case, 1.3))
+
+
+def test_a_failed_compile_runs_the_body_eagerly(monkeypatch, caplog):
+    """A compiler failure costs speed, never tokens: the key runs its body eagerly, which
+    computes the same values as the eager path."""
+    import torch._inductor.compile_fx as compile_fx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    case = _case(670, 6, 3, probs=True)
+    top_k = 7  # a key no other test compiles
+    with caplog.at_level("ERROR", logger="specdec.fused"):
+        first = _fused_step(case, 0.7, top_k)
+    assert "failed to compile" in caplog.text
+    assert _same(first, _eager(case, 0.7, top_k))
+    other = _case(671, 3, 2, probs=True)
+    assert _same(_fused_step(other, 1.3, top_k), _eager(other, 1.3, top_k))
+    assert fused.compile_stats()["eager"] >= 1
+
+
 def _state(case, temperature: float, compiled: bool) -> DecodeState:
     seeds, counters = case[0], case[1]
     return DecodeState(
