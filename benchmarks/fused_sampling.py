@@ -28,6 +28,7 @@ caches (excluded from timings; seconds with warm ones).
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -53,8 +54,26 @@ def _alternate(fns: list, reps: int, warm: int = 50) -> list[list[float]]:
     return times
 
 
+def _eager_step(seeds, counters, drafts, probs, logits, num_draft, temperature, top_k, top_p):
+    """The engine's eager sequence for sampled rows on CPU."""
+    from specdec import kernels, noise
+
+    f32 = torch.float32
+    uniforms = noise.uniform(seeds, counters, noise.UNIFORM_STREAM, drafts.shape[1], f32)
+    exponentials = noise.exponential(seeds, counters, noise.BONUS_STREAM, logits.shape[-1], f32)
+    return kernels.verify_sampling(drafts, probs, logits, uniforms, exponentials, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, num_draft=num_draft)
+
+
+def _fused_step(seeds, counters, drafts, probs, logits, num_draft, temperature, top_k, top_p):
+    from specdec import fused
+
+    return fused.sample_step(seeds, counters, drafts, probs, logits, num_draft, temperature=temperature,
+                             top_k=top_k, top_p=top_p, noise_dtype=torch.float32)
+
+
 def tail_table(vocab: int, reps: int) -> list[tuple[str, float, float]]:
-    from specdec import fused, kernels, noise
+    from specdec import fused, noise
     from specdec.kernels import reference
 
     f32 = torch.float32
@@ -69,16 +88,8 @@ def tail_table(vocab: int, reps: int) -> list[tuple[str, float, float]]:
         num_draft = torch.tensor([k])
         probs = torch.softmax(torch.randn(1, k, vocab, generator=g), -1) if with_probs else None
         for name, t, top_k, top_p in settings:
-            def eager():
-                uniforms = noise.uniform(seeds, counters, noise.UNIFORM_STREAM, k, f32)
-                exponentials = noise.exponential(seeds, counters, noise.BONUS_STREAM, vocab, f32)
-                return kernels.verify_sampling(drafts, probs, logits, uniforms, exponentials, temperature=t,
-                                               top_k=top_k, top_p=top_p, num_draft=num_draft)
-
-            def fast():
-                return fused.sample_step(seeds, counters, drafts, probs, logits, num_draft, temperature=t,
-                                         top_k=top_k, top_p=top_p, noise_dtype=f32)
-
+            call = (seeds, counters, drafts, probs, logits, num_draft, t, top_k, top_p)
+            eager, fast = functools.partial(_eager_step, *call), functools.partial(_fused_step, *call)
             a, b = eager(), fast()
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (k, name)
             te, tf = _alternate([eager, fast], reps)

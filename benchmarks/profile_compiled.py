@@ -5,9 +5,10 @@ around each part), for the compiled baseline and the compiled "auto" drafter, gr
 sampled:
 
   forward    the target's step forward (the compiled graph)
-  draft      the draft model's forwards (compiled graphs) inside the planner's proposal
-  planner    the rest of Planner.propose (which source, how many tokens, n-gram/store lookups,
-             packing the drafts) plus Planner.observe (acceptance statistics)
+  draft      the drafters' proposals: the draft model's forwards (compiled graphs) and the
+             sampling of its draft tokens, n-gram and store lookups
+  planner    the rest of Planner.propose (which source drafts, how many tokens, packing the
+             drafts) plus Planner.observe (acceptance statistics, drafter updates)
   verify     greedy check or rejection sampling (engine._verify / _verify_by_position)
   host copy  the step's one device-to-host copy (StepOutcome.read)
   rest       everything else in the step: the loop's bookkeeping (limits, stops, rollback,
@@ -69,9 +70,19 @@ class StepTimer:
         from specdec.kv import KVState
         from specdec.planning import Planner
 
+        from specdec.drafters import available_drafters, get_drafter_class
+
         target = self.target_model
         self._wrap(engine, "prefill_logits", "prefill")
-        self._wrap(KVState, "forward", lambda args: "forward" if args[0].model is target else "draft")
+        self._wrap(KVState, "forward", lambda args: "forward" if args[0].model is target else "draft forward")
+        wrapped = set()
+        for name in available_drafters():
+            if name in ("auto", "none"):  # the planner's choices, not drafter classes
+                continue
+            cls = get_drafter_class(name)
+            if "propose" in vars(cls) and cls not in wrapped:
+                wrapped.add(cls)
+                self._wrap(cls, "propose", "draft")
         self._wrap(Planner, "propose", "propose")
         self._wrap(Planner, "observe", "observe")
         self._wrap(engine, "_verify", "verify")
@@ -101,7 +112,7 @@ def run_method(gen, prompts, *, drafter: str, temperature: float | None, new_tok
     s["forward"] = s.get("forward", 0.0) - prefill  # the prefill's forward went through KVState.forward too
     parts = {
         "forward": s["forward"],
-        "draft": s.get("draft", 0.0),
+        "draft": s.get("draft", 0.0),  # the draft model's forwards happen inside its propose
         "planner": s.get("propose", 0.0) - s.get("draft", 0.0) + s.get("observe", 0.0),
         "verify": s.get("verify", 0.0),
         "host copy": s.get("host copy", 0.0),

@@ -68,8 +68,8 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.fx.traceback import annotate
@@ -113,7 +113,7 @@ def _sanitize(x: torch.Tensor) -> torch.Tensor:  # [..., V] -> same
     """reference.sanitize_logits, written with comparisons: NaN -> -inf, +inf -> the largest
     finite value, all else as is. The same values as torch.nan_to_num; inductor vectorises
     x != x, where its isnan (from nan_to_num's decomposition) runs a scalar loop per vector."""
-    x = torch.where(x != x, float("-inf"), x)
+    x = torch.where(x != x, float("-inf"), x)  # noqa: PLR0124 - true exactly for NaN
     return torch.where(x == float("inf"), torch.finfo(x.dtype).max, x)
 
 
@@ -348,7 +348,7 @@ _BODIES: dict[str, Callable] = {"bonus": _bonus, "verify": _verify, "by_position
 _PARAMETERS = {kind: list(inspect.signature(body).parameters) for kind, body in _BODIES.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_salt():
     """A no-op post-grad pass whose uuid is this file's hash. Inductor's compile caches key a
     graph by its ops, not by the region annotations on them: without the salt, a cached
@@ -559,7 +559,11 @@ def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-def _settings(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+def _settings(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:  # temperature [], top_p [], top_k (0 = off), top-p on
+    """The graph's sampling inputs: the values as 0-dim tensors in the compute dtype (the dtype a
+    Python float is cast to when eager divides or compares with it), the switches as constants."""
     if temperature <= 0:
         raise ValueError(f"fused sampling needs temperature > 0, got {temperature}")
     vocab = logits.shape[-1]
@@ -682,7 +686,7 @@ def warmup(
     noise_dtype = compute_dtype(logits_dtype)
     seeds = torch.zeros(2, dtype=torch.int64)
     counters = torch.ones(2, dtype=torch.int64)
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, noise_dtype=noise_dtype)
+    settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "noise_dtype": noise_dtype}
     for k in (0, 2):
         drafts = torch.zeros(2, k, dtype=torch.int64)
         logits = torch.zeros(2, k + 1, vocab_size, dtype=logits_dtype)

@@ -2,9 +2,13 @@
 
 The eager sequence is what the engine runs on CPU without compile: noise.uniform /
 noise.exponential (or exponential_by_position) and kernels.reference's verifiers. Each
-comparison runs a whole batch of rows, one seed each, so one call checks many seeds.
+comparison runs a batch of rows, one seed each, so one call checks many seeds. Random
+cases rarely put a decision near its boundary, so a fused path whose probabilities were
+off in the last bit would mostly still pass them; the "edge" tests place every accept test
+(through the draft probs) and the race (through the logits) within an ulp of the boundary,
+where such a path fails (a softmax or a top-p sum fused by inductor does).
 
-Compiling costs seconds per graph on a small CPU, so the tests share a few graphs: the
+Compiling costs seconds per graph on a small CPU, so the tests share six graphs: the
 small vocabulary with no filters for every kind of call (no drafts, one-hot drafts,
 draft probs, by position), top-k and top-p together for draft probs, and draft probs at
 a 131072 vocabulary. Temperature and top_p values are graph inputs: varying them costs
@@ -263,7 +267,7 @@ def test_graphs_run_without_dynamo_after_the_first_call(monkeypatch):
 def test_a_failed_compile_runs_the_body_eagerly(monkeypatch, caplog):
     """A compiler failure costs speed, never tokens: the key runs its body eagerly, which
     computes the same values as the eager path."""
-    import torch._inductor.compile_fx as compile_fx
+    from torch._inductor import compile_fx
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
