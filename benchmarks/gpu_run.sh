@@ -13,6 +13,8 @@
 #              oracle alpha 0.7 and 1.0, plus transformers assisted        (~4-6 min)
 #   bench-b16  the same at batch 16 (transformers assisted is batch 1 only)
 #   bench-b64  the same at batch 64
+#   compiled   specdec bench --compile on the bundled pair: compiled (CUDA graphs) baseline
+#              and auto beside their eager twins, hf and hf-compiled     (~3-5 min)
 #   all        every stage above, in order (longer than one 10-minute call)
 # One call each, same OUT_DIR:  env tests | kernels interp | bench-b1 | bench-b16 | bench-b64
 #
@@ -31,7 +33,7 @@ fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 STAGES=("$@")
-[ "${STAGES[0]}" = "all" ] && STAGES=(env tests interp kernels bench-b1 bench-b16 bench-b64)
+[ "${STAGES[0]}" = "all" ] && STAGES=(env tests interp kernels bench-b1 bench-b16 bench-b64 compiled)
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -92,10 +94,14 @@ bench() {
 stage_bench-b1() { bench 1; }
 stage_bench-b16() { bench 16; }
 stage_bench-b64() { bench 64; }
+stage_compiled() {
+    "$PYTHON" -m specdec.cli bench --device cuda --compile --no-progress --repeats 3 \
+        --methods baseline,baseline-eager,auto,auto-eager,hf,hf-compiled --out "$OUT/compiled"
+}
 
 for stage in "${STAGES[@]}"; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        echo "unknown stage '$stage'; stages: env tests interp kernels bench-b1 bench-b16 bench-b64 all" >&2
+        echo "unknown stage '$stage'; stages: env tests interp kernels bench-b1 bench-b16 bench-b64 compiled all" >&2
         exit 2
     fi
 done
@@ -107,7 +113,7 @@ for stage in "${STAGES[@]}"; do
     start=$(date +%s)
     # A subshell under timeout, so a stage that hangs still leaves its log and status.
     timeout --signal=TERM --kill-after=20 "$TIMEOUT" bash -c "$(declare -f stage_env stage_tests stage_interp \
-        stage_kernels bench stage_bench-b1 stage_bench-b16 stage_bench-b64); set -o pipefail; stage_$stage" \
+        stage_kernels bench stage_bench-b1 stage_bench-b16 stage_bench-b64 stage_compiled); set -o pipefail; stage_$stage" \
         2>&1 | tee "$log"
     rc=$?
     seconds=$(( $(date +%s) - start ))
