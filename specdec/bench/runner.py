@@ -142,7 +142,7 @@ class Bench:
         cfg = self.config
         gen = self.eager_gen if eager else self.gen
         temperature = cfg.temperature if setting == "sampled" else None
-        graphs: dict[str, int] | None = {} if gen.compile else None
+        graphs: dict[str, int] | None = {} if cfg.compile and not eager else None
         execute = specdec_method(gen, drafter, 0 if k is None else k, max_new_tokens=cfg.max_new_tokens,
                                  temperature=temperature, cache_layer=layer, graphs=graphs)
         uses = specdec_uses_draft_model(drafter, gen.draft_model is not None)
