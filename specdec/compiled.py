@@ -66,18 +66,22 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _failure_snapshot() -> dict:
+def failure_counts() -> dict:
+    """How many guard failures dynamo has recorded per code object (for new_failures)."""
     from torch._dynamo.utils import guard_failures
 
     return {code: len(reasons) for code, reasons in guard_failures.items()}
 
 
-def _new_failures(before: dict) -> list[str]:
+def new_failures(before: dict, code=None) -> list[str]:
+    """Dynamo's reasons for the recompiles since `before` (failure_counts()), the first line
+    of each; of one code object's frames only when `code` is given."""
     from torch._dynamo.utils import guard_failures
 
+    codes = [code] if code is not None else list(guard_failures)
     reasons = []
-    for code, entries in guard_failures.items():
-        for entry in list(entries)[before.get(code, 0):]:
+    for c in codes:
+        for entry in list(guard_failures.get(c, ()))[before.get(c, 0):]:
             text = str(getattr(entry, "reason", entry)).strip().splitlines()
             reasons.append(text[0][:300] if text else "")
     return reasons
@@ -165,12 +169,17 @@ class CompiledForward:
         self._kinds: set[tuple] = set()
         # Graphs of every model's step share one code object (_step_forward): room for all kinds.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-        self._fn = torch.compile(_own_code(_step_forward, role), options=_options(device))
+        step = _own_code(_step_forward, role)
+        self._code = step.__code__  # dynamo records this frame's guard failures under it
+        self._fn = torch.compile(step, options=_options(device))
 
     def __call__(self, kind: tuple, buffers: list[torch.Tensor], **kwargs):
         """Run the compiled forward; `kind` names the graph this call needs (its non-shape
         inputs), `buffers` are the KV buffers the forward writes ([B, H, C, D] each)."""
-        before, failures = _graph_count(), _failure_snapshot()
+        from torch._dynamo.utils import guard_failures
+
+        before = _graph_count()
+        failures = {self._code: len(guard_failures.get(self._code, ()))}  # one lookup, not a scan per step
         start = time.perf_counter()
         out = self._fn(self.model.forward, buffers, **kwargs)
         compiled = _graph_count() - before
@@ -179,7 +188,7 @@ class CompiledForward:
             self.stats.graphs += compiled
             self.stats.compile_s += elapsed
             if kind in self._kinds:  # this kind of call had a graph: a recompile
-                reasons = _new_failures(failures) or ["no reason recorded"]
+                reasons = new_failures(failures, self._code) or ["no reason recorded"]
                 self.stats.recompiles += compiled
                 self.stats.reasons.extend(reasons)
                 logger.warning("recompiled the %s step forward (%.1f s): %s", self.role, elapsed, " | ".join(reasons))

@@ -75,6 +75,7 @@ import torch
 from torch.fx.traceback import annotate
 
 from . import noise
+from .compiled import failure_counts, new_failures
 from .kernels import reference
 from .kernels.reference import compute_dtype, sample_exponential_race
 
@@ -486,7 +487,7 @@ def _through_dynamo(
 ) -> tuple[tuple, _Graph | None]:  # the outputs, and the graph it compiled for a new key (else None)
     fn = _function(kind)
     _pending.clear()
-    failures = _failure_counts()
+    failures = failure_counts()
     before = _stats.graphs
     start = time.perf_counter()
     try:
@@ -509,7 +510,7 @@ def _through_dynamo(
             _stats.recompiles += compiled
             logger.warning(
                 "recompiled fused sampling %s (%.1f s): %s; shapes %s, strides %s",
-                key, elapsed, " | ".join(_new_failures(failures)) or "no reason recorded", _shapes(args),
+                key, elapsed, " | ".join(new_failures(failures)) or "no reason recorded", _shapes(args),
                 _strides(args),
             )
         else:
@@ -519,23 +520,6 @@ def _through_dynamo(
     new = _pending[-1] if compiled and _pending and key not in _stats.keys else None
     _stats.keys.add(key)
     return out, new
-
-
-def _failure_counts() -> dict:
-    from torch._dynamo.utils import guard_failures
-
-    return {code: len(reasons) for code, reasons in guard_failures.items()}
-
-
-def _new_failures(before: dict) -> list[str]:
-    """Dynamo's reasons for the recompiles since `before` (_failure_counts())."""
-    from torch._dynamo.utils import guard_failures
-
-    return [
-        str(reason).strip().replace("\n", "; ")
-        for code, reasons in guard_failures.items()
-        for reason in list(reasons)[before.get(code, 0):]
-    ]
 
 
 def _shapes(args: tuple) -> list:

@@ -52,6 +52,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
+from .compiled import mark_step_dynamic
 from .numerics import StableHead, stable_head
 
 logger = logging.getLogger(__name__)
@@ -331,8 +332,6 @@ class _RowLayer(CacheLayerMixin):
 
     def _mark_compiled(self) -> None:
         """Rows and capacity vary between requests and steps: one graph serves them all."""
-        from .compiled import mark_step_dynamic
-
         for buffer in (self.keys, self.values):
             mark_step_dynamic(buffer, (0, 2))
             if self.owner.static_addresses:  # CUDA graphs replay on these very buffers
@@ -433,8 +432,6 @@ class StaticKV(KVState):
         """A step forward through the compiled graph: attention over the whole buffer (the mask
         is built inside the graph from the write positions), so the graph's shapes are
         (B, T, C) and nothing in it reads a Python int that changes."""
-        from .compiled import mark_step_dynamic
-
         if position_ids is positions:  # inputs that alias each other cost a guard and a graph
             position_ids = positions.clone()
         self.cache.write_positions = positions
