@@ -167,7 +167,7 @@ class CompiledForward:
         self.stats = stats
         self.static_addresses = device.type == "cuda"
         self._kinds: set[tuple] = set()
-        # Graphs of every model's step share one code object (_step_forward): room for all kinds.
+        # A model's kinds of call (rows, width, hidden states) each need a graph of this code object.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
         step = _own_code(_step_forward, role)
         self._code = step.__code__  # dynamo records this frame's guard failures under it
