@@ -271,6 +271,19 @@ class SpeculativeGenerator:
         rows = _id_rows(input_ids, params, self.max_positions)
         return self._cut_at_stops(self._run(rows, None, params, cache), params)
 
+    def check_request(self, prompt, *, cache: Any = _UNSET, **kwargs) -> None:
+        """Raise what stream(prompt, **kwargs) would raise for its arguments (ValueError,
+        TypeError), without decoding: a server checks a request before it queues it."""
+        if self.tokenizer is None:
+            raise ValueError("requests with text prompts need a tokenizer; construct the generator with one")
+        texts = self._prompt_texts(prompt)
+        if len(texts) != 1:
+            raise ValueError(f"one prompt per request, got {len(texts)}")
+        params = make_params(**kwargs)
+        self._check_prompt_chars(texts, params)
+        ids = [self._encode(texts[0])]
+        self._prepare(ids, params, cache)
+
     def stream(self, prompt, *, cache: Any = _UNSET, **kwargs) -> Generator[str, None, GenerationResult]:
         """Yield text deltas of one prompt as the target accepts tokens.
 
