@@ -22,6 +22,7 @@ noise in specdec.noise, the drafter-facing DecodeState in specdec.drafters.base.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -113,69 +114,139 @@ def iter_decode(
     run compiled where the request earns it (StepCompiler.ready_for).
     """
     start = time.perf_counter()
-    batch = len(prompts)
-    stats = [GenerationStats(prompt_tokens=len(p)) for p in prompts]
-    outputs: list[list[int]] = [[] for _ in prompts]
-    finish: list[str | None] = [None] * batch
     if params.max_new_tokens == 0:
-        return _finish(outputs, ["length"] * batch, stats, start)
+        return _finish([[] for _ in prompts], ["length"] * len(prompts),
+                       [GenerationStats(prompt_tokens=len(p)) for p in prompts], start)
+    batch = DecodeBatch(
+        target_model, prompts, params, drafters, [stop_ids] * len(prompts),
+        device=device, dtype=dtype, engine=engine, stop_checks=[stop_check] * len(prompts),
+        plan_memory=plan_memory, numerics=numerics, compiler=compiler,
+    )
+    while batch.rows:
+        yield from batch.step()
+    batch.close()
+    done = batch.take_finished()
+    elapsed = time.perf_counter() - start
+    for out in done.values():  # a request's rows share its wall time
+        out.stats.wall_time_s = elapsed
+    return [done[row] for row in range(len(prompts))]
 
-    capacity = request_capacity(prompts, params)
-    path = engine_path(target_model, engine, capacity)
-    compiled = (
-        compiler is not None and path == "static" and numerics == "native"
-        and compiler.ready_for(batch, params.max_new_tokens)
-    )
-    state = DecodeState(
-        sequences=[list(p) for p in prompts],
-        params=params,
-        device=device,
-        noise_dtype=kernels.compute_dtype(dtype),
-        seeds=noise.request_seeds(params.row_seeds(batch), batch, device),
-        seq_lens=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
-        new_kv=functools.partial(
-            _draft_kv, engine if path == "static" else "generic", batch, capacity, device,
-            compiler if compiled else None,
-        ),
-        rows=list(range(batch)),
-    )
-    state.compiled = compiled
-    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)  # [S]
-    target = make_kv(
-        target_model, path, batch, capacity, device, numerics=numerics,
-        compiled=compiler.forward_for(target_model, "target") if compiled else None,
-    )
-    planner = Planner(params, drafters, batch, device, plan_memory)
-    hidden_states = planner.reads_hidden_states
-    planner.mark("start")
-    # The whole prompt in one forward, as transformers computes it: its logits after the last
-    # prompt token serve the first step, which then feeds only its drafts (see _verify_forward).
-    opening = prefill_logits(target, prompts, hidden=hidden_states)  # [B, 1, V], [B, 1, H]
-    planner.mark("target")
-    planner.start(state, max(len(p) for p in prompts))
-    last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # [B]
 
-    while state.rows:
-        remaining = [params.max_new_tokens - len(outputs[r]) for r in state.rows]
+class DecodeBatch:
+    """Rows decoding together, one step() at a time (see the module docstring).
+
+    Each row has its own prompt, budget (max_new_tokens), stop ids and stop check, and ends
+    on its own; finished rows leave the batch (take_finished() hands out their outputs). The
+    rows of another batch with the same settings and sources can join between two steps
+    (merge): continuous batching (specdec.serving). Row ids are the caller's (`row_ids`,
+    default 0..B-1).
+    """
+
+    def __init__(
+        self,
+        target_model: torch.nn.Module,
+        prompts: list[list[int]],
+        params: GenerationParams,
+        drafters: list[Drafter],
+        stop_ids: list[frozenset[int]],  # [B] each row's stop token ids
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        engine: str = "auto",
+        stop_checks: list[Callable[[list[int], int], bool] | None] | None = None,  # [B]
+        budgets: list[int] | None = None,  # [B] max_new_tokens per row (default params.max_new_tokens)
+        row_ids: list[int] | None = None,  # [B]
+        plan_memory: dict | None = None,
+        numerics: str = "native",
+        compiler=None,
+    ) -> None:
+        self.start_time = time.perf_counter()
+        batch = len(prompts)
+        self.device = device
+        self.params = params
+        row_ids = list(range(batch)) if row_ids is None else list(row_ids)
+        budgets = [params.max_new_tokens] * batch if budgets is None else list(budgets)
+        if min(budgets) < 1:
+            raise ValueError(f"every row of a DecodeBatch needs max_new_tokens >= 1, got {budgets}")
+        self.budget = dict(zip(row_ids, budgets))
+        self.stats = {r: GenerationStats(prompt_tokens=len(p)) for r, p in zip(row_ids, prompts)}
+        self.outputs: dict[int, list[int]] = {r: [] for r in row_ids}
+        self.stop_checks = dict(zip(row_ids, stop_checks or [None] * batch))
+        self.started = {r: self.start_time for r in row_ids}
+        self.finished: dict[int, RowOutput] = {}
+
+        capacity = max(request_capacity([p], dataclasses.replace(params, max_new_tokens=n)) for p, n in zip(prompts, budgets))
+        self.path = engine_path(target_model, engine, capacity)
+        compiled = (
+            compiler is not None and self.path == "static" and numerics == "native"
+            and compiler.ready_for(batch, max(budgets))
+        )
+        state = DecodeState(
+            sequences=[list(p) for p in prompts],
+            params=params,
+            device=device,
+            noise_dtype=kernels.compute_dtype(dtype),
+            seeds=noise.request_seeds(params.row_seeds(batch), batch, device),
+            seq_lens=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
+            new_kv=functools.partial(
+                _draft_kv, engine if self.path == "static" else "generic", batch, capacity, device,
+                compiler if compiled else None,
+            ),
+            rows=row_ids,
+        )
+        state.compiled = compiled
+        self.state = state
+        self.stops = _stop_rows(stop_ids, device)  # [B, S]
+        self.target = make_kv(
+            target_model, self.path, batch, capacity, device, numerics=numerics,
+            compiled=compiler.forward_for(target_model, "target") if compiled else None,
+        )
+        self.planner = planner = Planner(params, drafters, batch, device, plan_memory)
+        self.hidden_states = planner.reads_hidden_states
+        planner.mark("start")
+        # The whole prompt in one forward, as transformers computes it: its logits after the last
+        # prompt token serve the first step, which then feeds only its drafts (see _verify_forward).
+        self.opening = prefill_logits(self.target, prompts, hidden=self.hidden_states)  # [B, 1, V], [B, 1, H]
+        planner.mark("target")
+        planner.start(state, max(len(p) for p in prompts))
+        self.last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # [B]
+
+    @property
+    def rows(self) -> list[int]:
+        """The ids of the rows still decoding, in batch order."""
+        return self.state.rows
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether other batches' rows can join this one (static KV, drafters that merge)."""
+        return self.target.can_merge and all(type(d).can_merge() for d in self.planner.sources.values())
+
+    def step(self) -> list[tuple[int, list[int]]]:
+        """One decoding step of every row: returns (row id, new tokens) for each row that emitted
+        any. Rows that finished leave the batch; their outputs wait in take_finished()."""
+        state, planner, params, device = self.state, self.planner, self.params, self.device
+        outputs = self.outputs
+        remaining = [self.budget[r] - len(outputs[r]) for r in state.rows]
         # Never draft past max_new_tokens: a row emits at most num_accepted + 1 tokens.
-        proposal = planner.propose(state, max(0, min(params.draft_limit, max(remaining) - 1)))
+        row_caps = [max(0, min(params.draft_limit, n - 1)) for n in remaining]
+        proposal = planner.propose(state, max(row_caps), row_caps)
         remaining_t = torch.tensor(remaining, dtype=torch.long, device=device)  # [B]
         num_draft = torch.minimum(proposal.num_draft, remaining_t - 1).clamp(min=0)  # [B]
         k = proposal.tokens.shape[1]
 
         # 2. one target forward over [last, d1..dk]; each row's real slots are a prefix.
-        timed = opening is None  # the first step's forward is the prefill's, timed with it
+        timed = self.opening is None  # the first step's forward is the prefill's, timed with it
         logits, hidden, before = _verify_forward(
-            target, last, proposal.tokens, num_draft, opening, hidden_states
+            self.target, self.last, proposal.tokens, num_draft, self.opening, self.hidden_states
         )  # [B, k+1, V], [B, k+1, H] or None, [B]
-        opening = None
+        self.opening = None
         verify = _verify_by_position if planner.verify_by_position else _verify
         tokens, num_accepted = verify(state, proposal, logits, num_draft)  # [B, k+1], [B]
         planner.mark("verified")
 
         # 4. device-side bookkeeping: nothing here reads a value back to the host.
-        kept, reason = _limits(tokens, num_accepted, remaining_t, stop_tensor)  # [B], [B]
-        last = tokens.gather(1, (kept - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [B]
+        kept, reason = _limits(tokens, num_accepted, remaining_t, self.stops)  # [B], [B]
+        self.last = tokens.gather(1, (kept - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [B]
         state.seq_lens = state.seq_lens + kept
         state.step_tokens, state.step_num_accepted, state.target_hidden = tokens, num_accepted, hidden
 
@@ -187,35 +258,105 @@ def iter_decode(
         state.step_emitted = [row[: n + 1] for row, n in zip(out.tokens, out.accepted)]
         if k:  # with no drafts the one fed token is always kept
             bound = max(len(s) + n for s, n in zip(state.sequences, out.kept)) - 1
-            target.set_lengths(_rollback_lengths(before, num_accepted, num_draft), bound)
-        finished_now = []
+            self.target.set_lengths(_rollback_lengths(before, num_accepted, num_draft), bound)
+        emitted, finished_now = [], []
         for b, (row, seq) in enumerate(zip(state.rows, state.sequences)):
             new = out.tokens[b][: out.kept[b]]
             outputs[row].extend(new)
             seq.extend(new)
-            stats[row].record_step(out.drafted[b], out.accepted[b], out.kept[b], proposal.sources[b])
-            stats[row].draft_forwards += proposal.draft_forwards
+            stats = self.stats[row]
+            stats.record_step(out.drafted[b], out.accepted[b], out.kept[b], proposal.sources[b])
+            stats.draft_forwards += proposal.draft_forwards
             if new:
-                yield row, new
+                emitted.append((row, new))
             why = out.reason[b]
-            if why == _RUNNING and stop_check is not None and stop_check(outputs[row], len(new)):
+            check = self.stop_checks[row]
+            if why == _RUNNING and check is not None and check(outputs[row], len(new)):
                 why = _STOPPED  # a stop string: the row's KV needs no rollback, it leaves the batch
             if why != _RUNNING:
-                finish[row] = "stop" if why == _STOPPED else "length"
+                self._retire(row, "stop" if why == _STOPPED else "length")
                 finished_now.append(b)
         state.step_drafted, state.step_sources = out.drafted, proposal.sources
         planner.observe(state, out.confidence, timed=timed)
-
         if finished_now:
             done = set(finished_now)
-            keep = [b for b in range(state.batch_size) if b not in done]
-            if not keep:
-                break
-            _select_rows(state, target, planner, keep)
-            last = last.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
+            self._keep([b for b in range(state.batch_size) if b not in done])
+        return emitted
 
-    planner.finish(state)
-    return _finish(outputs, finish, stats, start)
+    def drop(self, row_ids: list[int], reason: str) -> None:
+        """End these rows now (cancelled, past a deadline): they leave the batch with what they
+        have, under `reason`."""
+        gone = set(row_ids)
+        for row in row_ids:
+            if row in self.outputs and row not in self.finished:
+                self._retire(row, reason)
+        self._keep([b for b, r in enumerate(self.state.rows) if r not in gone])
+
+    def take_finished(self) -> dict[int, RowOutput]:
+        """The outputs of the rows that finished since the last call, by row id."""
+        done, self.finished = self.finished, {}
+        return done
+
+    def merge(self, other: "DecodeBatch") -> None:
+        """Append the rows of `other` after this batch's, between two steps of each (after
+        `other`'s first step, whose forward the prefill stands in for). Both batches must
+        have the same sampling settings, drafters and KV path (see batch_key in
+        specdec.serving.scheduler); each row decodes on exactly as it would alone."""
+        if other.opening is not None or self.opening is not None:
+            raise ValueError("a batch merges after its first step")
+        if not (self.can_merge and other.can_merge):
+            raise ValueError("these batches cannot merge (a KV path or drafter without merge support)")
+        if self.state.compiled != other.state.compiled or self.path != other.path:
+            raise ValueError("only batches on the same engine path merge")
+        mine, theirs = self.state, other.state
+        self.target.merge(other.target)
+        self.planner.merge(other.planner, mine, theirs)
+        width = max(mine.step_tokens.shape[1], theirs.step_tokens.shape[1])
+        pad = torch.nn.functional.pad
+        mine.step_tokens = torch.cat([pad(t, (0, width - t.shape[1]), value=-1) for t in (mine.step_tokens, theirs.step_tokens)])
+        mine.step_num_accepted = torch.cat([mine.step_num_accepted, theirs.step_num_accepted])
+        mine.target_hidden = None  # read within a step only
+        for name in ("sequences", "rows", "step_accepted", "step_emitted", "step_drafted", "step_sources"):
+            setattr(mine, name, getattr(mine, name) + getattr(theirs, name))
+        mine.seeds = torch.cat([mine.seeds, theirs.seeds])
+        mine.seq_lens = torch.cat([mine.seq_lens, theirs.seq_lens])
+        self.last = torch.cat([self.last, other.last])
+        stop_width = max(self.stops.shape[1], other.stops.shape[1])
+        self.stops = torch.cat([pad(s, (0, stop_width - s.shape[1]), value=_NO_STOP) for s in (self.stops, other.stops)])
+        for name in ("budget", "stats", "outputs", "stop_checks", "started", "finished"):
+            getattr(self, name).update(getattr(other, name))
+        other.state.rows = []  # its rows live here now
+
+    def close(self) -> None:
+        """The batch is done with (no rows left, or the caller drops it): the drafters finish."""
+        self.planner.finish(self.state)
+
+    def _retire(self, row: int, reason: str) -> None:
+        stats = self.stats.pop(row)
+        stats.wall_time_s = time.perf_counter() - self.started.pop(row)
+        self.finished[row] = RowOutput(self.outputs.pop(row), reason, stats)
+        del self.budget[row], self.stop_checks[row]
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == self.state.batch_size:
+            return
+        if not keep:
+            self.state.rows = []
+            return
+        _select_rows(self.state, self.target, self.planner, keep)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.last = self.last.index_select(0, index)
+        self.stops = self.stops.index_select(0, index)
+
+
+_NO_STOP = -2  # pads a row's stop ids (emitted tokens are >= 0, padding slots -1)
+
+
+def _stop_rows(stop_ids: list[frozenset[int]], device: torch.device) -> torch.Tensor:  # [B, S]
+    """Each row's stop ids, padded with _NO_STOP."""
+    width = max((len(s) for s in stop_ids), default=0)
+    rows = [sorted(s) + [_NO_STOP] * (width - len(s)) for s in stop_ids]
+    return torch.tensor(rows, dtype=torch.long, device=device).view(len(stop_ids), width)
 
 
 # --------------------------------------------------------------------------- step helpers
@@ -335,13 +476,13 @@ def _limits(
     tokens: torch.Tensor,  # [B, k+1] emitted, -1 padded
     num_accepted: torch.Tensor,  # [B]
     remaining: torch.Tensor,  # [B] tokens each row may still emit
-    stop_ids: torch.Tensor,  # [S]
+    stop_ids: torch.Tensor,  # [B, S] each row's stop ids, padded with _NO_STOP
 ) -> tuple[torch.Tensor, torch.Tensor]:  # kept [B], reason [B] (_RUNNING / _STOPPED / _LENGTH)
     """Cut each row's tokens at its first stop token (kept) or at max_new_tokens."""
     width = tokens.shape[1]
     emitted = num_accepted + 1  # [B]
     slots = torch.arange(width, device=tokens.device).unsqueeze(0)  # [1, k+1]
-    is_stop = torch.isin(tokens, stop_ids) & (slots < emitted.unsqueeze(1))  # [B, k+1]
+    is_stop = (tokens.unsqueeze(2) == stop_ids.unsqueeze(1)).any(2) & (slots < emitted.unsqueeze(1))  # [B, k+1]
     # Tokens up to and including the first stop; width + 1 where there is none.
     first_stop = torch.where(is_stop.any(1), is_stop.to(torch.long).argmax(1) + 1, width + 1)  # [B]
     allowed = torch.minimum(emitted, remaining)

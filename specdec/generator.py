@@ -290,93 +290,37 @@ class SpeculativeGenerator:
         The generator's return value (StopIteration.value, or `result = yield from ...`)
         is the GenerationResult with the stats, as generate() would give it.
         """
-        if self.tokenizer is None:
-            raise ValueError("stream() needs a tokenizer; construct the generator with one")
-        texts = self._prompt_texts(prompt)
-        if len(texts) != 1:
-            raise ValueError(f"stream() takes one prompt, got {len(texts)}")
-        params = make_params(**kwargs)
-        self._check_prompt_chars(texts, params)
-        ids = [self._encode(texts[0])]
-        keyed = _cache_prompts(prompt, texts)[0]  # what the cache keys the prompt by
-        layer, drafters, stop_ids = self._prepare(ids, params, cache)
-        params = params.for_row(0, 1)
-        start = time.perf_counter()
-        hit = layer.lookup(ids[0], keyed, params) if layer is not None else None
-        if hit is not None and hit.trusted:  # authenticated under the operator's secret: served as is
-            yield self._stopped_text(hit.token_ids, params)
-            stats = _trusted_stats(ids[0], hit, start)
-            return self._cut_at_stops([self._result(hit.token_ids, hit.finish_reason, stats)], params)[0]
-        prefix: list[int] = []  # tokens confirmed from a cached response
-        decode_params, decode_ids, checked = params, ids, None
-        if hit is not None:  # a draft of its full length: one checking forward first
-            from .caching import verify_responses
-
-            checked = verify_responses(self, ids, [hit.token_ids], params.max_new_tokens, stop_ids)
-            checked = self._finish_at_stops(checked, params)[0]
-            prefix = checked.token_ids
-            if checked.finish_reason is not None:
-                yield self._stopped_text(prefix, params)
-                _record_checked(layer, ids[0], keyed, params, hit, checked)
-                stats = _checked_stats(ids[0], checked, start)
-                return self._cut_at_stops([self._result(prefix, checked.finish_reason, stats)], params)[0]
-            # Greedy: seeds do not matter, only the budget left after the kept tokens.
-            decode_params = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(prefix), seed=None)
-            decode_ids = [ids[0] + prefix]
-        # With stop strings, the last (longest stop - 1) characters are held back until
-        # it is clear they do not start a stop string: streamed text never shows one.
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        tokens: list[int] = []
-        emitted_text = ""
-        stopped = False
-        checker = self._stop_checker(params)
-        rule = checker.rule if checker is not None else None
-        judged = 0  # prefixes of `tokens` the stop rule has judged (none of them stops the row)
+        row = self.open_row(prompt, cache=cache, **kwargs)
+        if row.result is not None:  # answered by the cache
+            yield row.text_so_far()
+            return row.result
+        if row.prefix:  # the confirmed cached tokens come out first
+            delta = row.add(row.prefix)
+            if delta:
+                yield delta
         steps = iter_decode(
-            self.target_model, decode_ids, decode_params, drafters, stop_ids,
-            stop_check=(lambda new, added: checker(prefix + new, added)) if checker is not None else None,
-            **self._engine_args(),
+            self.target_model, [row.decode_ids], row.decode_params, row.drafters, row.stop_ids,
+            stop_check=row.stop_check, **self._engine_args(),
         )
-        pending_prefix = bool(prefix)
         while True:
-            if pending_prefix:  # the confirmed cached tokens come out first
-                pending_prefix, new = False, prefix
-            else:
-                try:
-                    _, new = next(steps)
-                except StopIteration as done:
-                    outputs: list[RowOutput] = done.value
-                    break
-            tokens.extend(new)
-            if stopped:
-                continue
-            if rule is not None:  # every new prefix judged in order, as the final cut does
-                cut = rule.cut(tokens, judged)
-                judged = len(tokens)
-                stopped = cut is not None
-                if stopped:
-                    text = rule.text(tokens, cut)
-            if not stopped:
-                text = self._decode_text(tokens)
-                # Hold back an incomplete multi-byte character until its last byte arrives.
-                if text.endswith("\ufffd"):
-                    continue
-                text = text[: len(text) - hold]
-            if len(text) > len(emitted_text) and text.startswith(emitted_text):
-                yield text[len(emitted_text):]
-                emitted_text = text
-        final_tokens = prefix + outputs[0].token_ids
-        final = self._stopped_text(final_tokens, params)
-        if len(final) > len(emitted_text) and final.startswith(emitted_text):
-            yield final[len(emitted_text):]
-        if layer is not None:
-            layer.record(ids[0], keyed, params, final_tokens, outputs[0].finish_reason)
-        stats = outputs[0].stats
-        if checked is not None:
-            _add_check(stats, ids[0], checked)
-        stats.wall_time_s = time.perf_counter() - start
-        result = self._result(final_tokens, outputs[0].finish_reason, stats)
-        return self._cut_at_stops([result], params)[0]
+            try:
+                _, new = next(steps)
+            except StopIteration as done:
+                outputs: list[RowOutput] = done.value
+                break
+            delta = row.add(new)
+            if delta:
+                yield delta
+        delta, result = row.complete(outputs[0])
+        if delta:
+            yield delta
+        return result
+
+    def open_row(self, prompt, *, cache: Any = _UNSET, **kwargs) -> "StreamRow":
+        """One streamed request up to its decoding (see StreamRow): checked, tokenized, and
+        looked up in the cache (a hit is answered here, a verified one after its checking
+        forward). stream() and the server's scheduler decode what it leaves to decode."""
+        return StreamRow(self, prompt, cache, kwargs)
 
     # ------------------------------------------------------------------ internals
 
@@ -678,6 +622,118 @@ class SpeculativeGenerator:
         if spec not in self._cache_layers:
             self._cache_layers[spec] = CacheLayer.open(spec, self)
         return self._cache_layers[spec]
+
+
+class StreamRow:
+    """One prompt streamed as text: the cache's answer, or what is left to decode and the text
+    deltas of what decoding emits.
+
+    After construction either `result` is set (a trusted hit, or a cached response the
+    target's checking forward confirmed to its end: text_so_far() is its text), or the caller
+    decodes `decode_ids` with `decode_params`, `drafters`, `stop_ids` and `stop_check`,
+    feeds `prefix` (tokens confirmed from a cached response) and then every step's new tokens
+    to add(), which returns the text to show, and ends with complete(output). With stop
+    strings, the last (longest stop - 1) characters are held back until it is clear they do
+    not start one: streamed text never shows a stop string.
+    """
+
+    def __init__(self, gen: SpeculativeGenerator, prompt, cache, kwargs: dict) -> None:
+        if gen.tokenizer is None:
+            raise ValueError("stream() needs a tokenizer; construct the generator with one")
+        texts = gen._prompt_texts(prompt)
+        if len(texts) != 1:
+            raise ValueError(f"stream() takes one prompt, got {len(texts)}")
+        params = make_params(**kwargs)
+        gen._check_prompt_chars(texts, params)
+        ids = [gen._encode(texts[0])]
+        self.gen = gen
+        self.keyed = _cache_prompts(prompt, texts)[0]  # what the cache keys the prompt by
+        self.layer, self.drafters, self.stop_ids = gen._prepare(ids, params, cache)
+        self.params = params = params.for_row(0, 1)
+        self.prompt_ids = ids[0]
+        self.start = time.perf_counter()
+        self.result: GenerationResult | None = None
+        self.prefix: list[int] = []  # tokens confirmed from a cached response
+        self.checked = None
+        self.hit = hit = self.layer.lookup(ids[0], self.keyed, params) if self.layer is not None else None
+        self.decode_params, self.decode_ids = params, ids[0]
+        if hit is not None and hit.trusted:  # authenticated under the operator's secret: served as is
+            stats = _trusted_stats(ids[0], hit, self.start)
+            self.result = gen._cut_at_stops([gen._result(hit.token_ids, hit.finish_reason, stats)], params)[0]
+            self._final = hit.token_ids
+            return
+        if hit is not None:  # a draft of its full length: one checking forward first
+            from .caching import verify_responses
+
+            checked = verify_responses(gen, ids, [hit.token_ids], params.max_new_tokens, self.stop_ids)
+            self.checked = checked = gen._finish_at_stops(checked, params)[0]
+            self.prefix = checked.token_ids
+            if checked.finish_reason is not None:
+                _record_checked(self.layer, ids[0], self.keyed, params, hit, checked)
+                stats = _checked_stats(ids[0], checked, self.start)
+                self.result = gen._cut_at_stops([gen._result(self.prefix, checked.finish_reason, stats)], params)[0]
+                self._final = self.prefix
+                return
+            # Greedy: seeds do not matter, only the budget left after the kept tokens.
+            self.decode_params = dataclasses.replace(
+                params, max_new_tokens=params.max_new_tokens - len(self.prefix), seed=None)
+            self.decode_ids = ids[0] + self.prefix
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
+        self._tokens: list[int] = []
+        self._emitted = ""
+        self._stopped = False
+        checker = gen._stop_checker(params)
+        self._rule = checker.rule if checker is not None else None
+        self._judged = 0  # prefixes of the tokens the stop rule has judged (none of them stops the row)
+        prefix = self.prefix
+        self.stop_check = (lambda new, added: checker(prefix + new, added)) if checker is not None else None
+
+    def text_so_far(self) -> str:
+        """The whole text of a request the cache answered."""
+        return self.gen._stopped_text(self._final, self.params)
+
+    def add(self, new: list[int]) -> str:
+        """Tokens the target accepted (the prefix first); returns the text to show now ("" if none)."""
+        tokens = self._tokens
+        tokens.extend(new)
+        if self._stopped:
+            return ""
+        rule = self._rule
+        if rule is not None:  # every new prefix judged in order, as the final cut does
+            cut = rule.cut(tokens, self._judged)
+            self._judged = len(tokens)
+            self._stopped = cut is not None
+            if self._stopped:
+                text = rule.text(tokens, cut)
+        if not self._stopped:
+            text = self.gen._decode_text(tokens)
+            # Hold back an incomplete multi-byte character until its last byte arrives.
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[: len(text) - self._hold]
+        if len(text) > len(self._emitted) and text.startswith(self._emitted):
+            delta, self._emitted = text[len(self._emitted):], text
+            return delta
+        return ""
+
+    def complete(self, output: RowOutput) -> tuple[str, GenerationResult]:
+        """The row's decoding ended: the text not shown yet, and the result (written to the cache)."""
+        gen, params = self.gen, self.params
+        final_tokens = self.prefix + output.token_ids
+        final = gen._stopped_text(final_tokens, params)
+        delta = ""
+        if len(final) > len(self._emitted) and final.startswith(self._emitted):
+            delta, self._emitted = final[len(self._emitted):], final
+        if self.layer is not None and output.finish_reason in ("stop", "length"):
+            self.layer.record(self.prompt_ids, self.keyed, params, final_tokens, output.finish_reason)
+        stats = output.stats
+        if self.checked is not None:
+            _add_check(stats, self.prompt_ids, self.checked)
+        stats.wall_time_s = time.perf_counter() - self.start
+        result = gen._result(final_tokens, output.finish_reason, stats)
+        if output.finish_reason not in ("stop", "length"):  # ended early: what it had, uncut
+            return delta, result
+        return delta, gen._cut_at_stops([result], params)[0]
 
 
 # ---------------------------------------------------------------------- helpers

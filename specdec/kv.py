@@ -258,6 +258,12 @@ class KVState(ABC):
     def select_rows(self, keep: list[int]) -> None:
         """Keep only these rows, in this order."""
 
+    can_merge = False  # merge() is implemented
+
+    def merge(self, other: "KVState") -> None:
+        """Append the rows of `other` (the same model's KV on the same path) after these."""
+        raise NotImplementedError(f"the {self.path} KV path cannot merge batches")
+
 
 def prefill(kv: KVState, prompts: list[list[int]]) -> None:
     """Feed every prompt token but the last, which opens a drafter's first window."""
@@ -460,6 +466,33 @@ class StaticKV(KVState):
         for layer in self.cache.layers:
             layer.select(index)
         self.lengths = self.lengths.index_select(0, index)
+
+    can_merge = True
+
+    @torch.inference_mode()
+    def merge(self, other: "KVState") -> None:
+        """Append the rows of `other` after these; the capacity becomes the larger of the two
+        (the smaller buffers are padded with zeros, which no row attends to)."""
+        if not isinstance(other, StaticKV) or other.model is not self.model:
+            raise ValueError("only KV states of the same model on the static path merge")
+        mine, theirs = self.cache.layers, other.cache.layers
+        if mine and theirs and len(mine) != len(theirs) or bool(mine) != bool(theirs):
+            raise ValueError("cannot merge a KV state that has been fed with one that has not")
+        capacity = max(self.capacity, other.capacity)
+        for a, b in zip(mine, theirs):
+            a.keys, a.values = (
+                torch.cat([_pad_capacity(x, capacity), _pad_capacity(y, capacity)])  # [B + B', H, C, D]
+                for x, y in ((a.keys, b.keys), (a.values, b.values))
+            )
+            if self.cache.compiled:
+                a._mark_compiled()
+        self.capacity = self.cache.capacity = capacity
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.bound = max(self.bound, other.bound)
+
+
+def _pad_capacity(buffer: torch.Tensor, capacity: int) -> torch.Tensor:  # [B, H, C, D] -> [B, H, capacity, D]
+    return torch.nn.functional.pad(buffer, (0, 0, 0, capacity - buffer.shape[2]))
 
 
 # --------------------------------------------------------------------------- generic path

@@ -719,8 +719,8 @@ def _clocked_steps(monkeypatch) -> None:
     """Unseeded requests measure their steps on a StepClock."""
     real_mark, real_propose = Planner.mark, Planner.propose
 
-    def propose(self, state, k_cap):
-        proposal = real_propose(self, state, k_cap)
+    def propose(self, state, k_cap, row_caps=None):
+        proposal = real_propose(self, state, k_cap, row_caps)
         self.watch.width = proposal.tokens.shape[1]
         return proposal
 

@@ -107,7 +107,8 @@ class Drafter(ABC):
     it wants this source's drafts, the target verifies, and observe(state) with the
     outcome in the state (state.sequences already include the emitted tokens, and
     state.step_sources says which source each row verified); select_rows(keep) whenever
-    finished rows leave the batch; finish(state) once at the end.
+    finished rows leave the batch; merge(other, ...) when another batch's rows join between
+    steps (optional); finish(state) once at the end.
 
     What a drafter declares, and nothing else, shapes how it is used:
       gives_probs          propose() returns draft probabilities q (a model), else its
@@ -155,6 +156,18 @@ class Drafter(ABC):
 
     def select_rows(self, keep: list[int]) -> None:
         """Drop finished rows from any per-row state (keep: indices of the rows that stay)."""
+
+    def merge(self, other: "Drafter", state: DecodeState, other_state: DecodeState) -> None:
+        """Append the rows of `other` (the same drafter, started on another batch; `other_state`
+        is its batch's state) after this drafter's own, between two steps: requests joining a
+        running batch (specdec.serving). A drafter with per-row state implements this; the
+        default refuses, and such a drafter's requests run as batches of their own."""
+        raise NotImplementedError(f"drafter {self.name!r} cannot merge batches")
+
+    @classmethod
+    def can_merge(cls) -> bool:
+        """Whether merge() is implemented (requests may join a running batch)."""
+        return cls.merge is not Drafter.merge
 
     def finish(self, state: DecodeState) -> None:
         """Release per-request resources."""

@@ -91,6 +91,13 @@ class CacheDrafter(Drafter):
 
     def select_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the per-row state."""
-        for name in ("buffers", "topped_at", "misses", "retry_at"):
+        for name in _ROW_STATE:
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
+
+    def merge(self, other, state, other_state) -> None:
+        for name in _ROW_STATE:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+_ROW_STATE = ("buffers", "topped_at", "misses", "retry_at")  # per-row lists of CacheDrafter

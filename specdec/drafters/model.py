@@ -159,6 +159,16 @@ class ModelDrafter(Drafter):
         self.pending = last
         self.num_pending = torch.ones_like(self.num_pending)
 
+    def merge(self, other, state, other_state) -> None:
+        # Rows fed and rows not yet fed cannot share one draft cache: feed the unfed side now.
+        if self.unfed != other.unfed:
+            (self if self.unfed else other)._prefill(state if self.unfed else other_state)
+        self.kv.merge(other.kv)
+        width = max(self.pending.shape[1], other.pending.shape[1])
+        pad = torch.nn.functional.pad
+        self.pending = torch.cat([pad(p, (0, width - p.shape[1])) for p in (self.pending, other.pending)])  # [B, W]
+        self.num_pending = torch.cat([self.num_pending, other.num_pending])  # [B]
+
     def select_rows(self, keep: list[int]) -> None:
         self.kv.select_rows(keep)
         index = torch.tensor(keep, dtype=torch.long, device=self.pending.device)

@@ -73,3 +73,6 @@ class NgramDrafter(Drafter):
 
     def select_rows(self, keep: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in keep]
+
+    def merge(self, other, state, other_state) -> None:
+        self.indexes = self.indexes + other.indexes

@@ -105,6 +105,7 @@ class Planner:
         self._offers: dict[str, list[list[int]]] = {}  # this step's free offers (host)
         self._ran: str | None = None  # the source whose drafting this step's time measures
         self._catch_up = False
+        self._row_caps: list[int] | None = None  # this step's per-row caps (propose)
         # Unseeded K "auto" starts from what the generator's last request learned: the costs
         # (any request), the pooled acceptance and calibration (the same sampling settings only).
         self.memory = memory if self.measured else None
@@ -144,6 +145,17 @@ class Planner:
         for drafter in self.sources.values():
             drafter.select_rows(keep)
 
+    def merge(self, other: "Planner", state: DecodeState, other_state: DecodeState) -> None:
+        """Append `other`'s rows (a batch of the same settings and sources, between two steps)
+        after this planner's: each row keeps what it learned; the pooled estimates and the
+        costs stay this planner's."""
+        if list(other.sources) != list(self.sources) or other.seeded != self.seeded:
+            raise ValueError("only batches with the same sources and sampling mode merge")
+        for name, drafter in self.sources.items():
+            drafter.merge(other.sources[name], state, other_state)
+        self.rows = self.rows + other.rows
+        self.costs.batch_size = len(self.rows)
+
     def finish(self, state: DecodeState) -> None:
         for drafter in self.sources.values():
             drafter.finish(state)
@@ -154,16 +166,18 @@ class Planner:
 
     # ------------------------------------------------------------------ one step
 
-    def propose(self, state: DecodeState, k_cap: int) -> DraftProposal:
-        """The step's drafts: at most k_cap per row, num_draft already cut to each row's plan."""
+    def propose(self, state: DecodeState, k_cap: int, row_caps: list[int] | None = None) -> DraftProposal:
+        """The step's drafts: at most k_cap per row (and row_caps[b] for row b, the drafts its
+        budget leaves room for), num_draft already cut to each row's plan."""
         self.mark("step")
-        proposal = self._propose(state, k_cap)
+        proposal = self._propose(state, k_cap, row_caps if row_caps is not None else [k_cap] * state.batch_size)
         self.mark("drafted")
         return proposal
 
-    def _propose(self, state: DecodeState, k_cap: int) -> DraftProposal:
+    def _propose(self, state: DecodeState, k_cap: int, row_caps: list[int]) -> DraftProposal:
         batch = state.batch_size
         self._offers, self._ran, self._catch_up = {}, None, False
+        self._row_caps = row_caps
         if k_cap <= 0 or not self.active:
             return _nothing(batch, state.device)
         if not self.adaptive and len(self.active) == 1:  # a fixed K from one source: no choice
@@ -172,8 +186,9 @@ class Planner:
             proposal.sources = [name] * batch
             self._ran, self._catch_up = name, proposal.catch_up
             return proposal
-        for name in self.free:  # free: every row's whole offer, cut below
-            self._offers[name] = _host_rows(self.sources[name].propose(state, k_cap))
+        for name in self.free:  # free: every row's whole offer (up to its own cap), cut below
+            offers = _host_rows(self.sources[name].propose(state, k_cap))
+            self._offers[name] = [o[:c] for o, c in zip(offers, row_caps)]
         available = {name: [len(o) for o in offers] for name, offers in self._offers.items()}
         if not self.adaptive:
             ks, chosen = self._plan_fixed(k_cap, available)
@@ -284,14 +299,23 @@ class Planner:
 
     # ------------------------------------------------------------------ plans
 
+    def _row_cap(self, b: int, k_cap: int) -> int:
+        """Row b's cap this step: the batch's, or less where the row's budget ends sooner."""
+        return k_cap if self._row_caps is None else min(k_cap, self._row_caps[b])
+
     def _counts(self, b: int, source: str) -> AcceptanceCounts:
         return self.rows[b].counts.get(source) or AcceptanceCounts(self.k_max)
 
-    def _plan_fixed(self, k_cap: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
+    def _plan_fixed(self, k_cap_batch: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
         """A fixed K over several sources: per row, the source with the longer expected run (a
         costly source drafts k_cap; a free one what it has, once it has evidence of its own)."""
         ks, chosen = [], []
         for b in range(len(self.rows)):
+            k_cap = self._row_cap(b, k_cap_batch)
+            if k_cap <= 0:
+                ks.append(0)
+                chosen.append(NONE)
+                continue
             if self.costly:
                 name = self.costly[0]
                 best = (k_cap, name, expected_tokens(self._counts(b, name).rates(), k_cap))
@@ -313,7 +337,7 @@ class Planner:
             chosen.append(best[1])
         return ks, chosen
 
-    def _plan_seeded(self, k_cap: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
+    def _plan_seeded(self, k_cap_batch: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
         """Seeded sampling: each row from its own counts under the fixed cost proxy.
 
         Per row, the costly source's best K by expected tokens per unit of proxy cost, then
@@ -324,6 +348,8 @@ class Planner:
         """
         ks, chosen = [], []
         for b, row in enumerate(self.rows):
+            # The row's own cap, not the batch's: its plan is what it would be alone.
+            k_cap = self._row_cap(b, k_cap_batch)
             k, source, rate = 0, NONE, 1.0
             for name in self.costly:
                 ratio = self.sources[name].cost_ratio

@@ -20,6 +20,7 @@ request's output is what `SpeculativeGenerator.generate` gives for it alone.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import threading
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..engine import DecodeBatch, RowOutput
 from ..stats import GenerationResult, GenerationStats
 
 logger = logging.getLogger(__name__)
@@ -155,7 +157,11 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[_Pending] = collections.deque()
-        self._running: list[Any] = []  # per-request state of the rows in the batch
+        self._batches: list[_Batch] = []  # running batches (one per batch_key, or more where rows cannot merge)
+        self._row_ids = itertools.count()
+        self._cancel_now = False
+        # Rows that joined a running batch, and batches started (one per admission round and key).
+        self.counts = {"rows_joined": 0, "batches_started": 0}
         self._closing = False
         self._cancel_on_close = False
         self._thread: threading.Thread | None = None
@@ -208,7 +214,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests decoding now (rows in the running batches)."""
+        return sum(len(b.rows) for b in list(self._batches))
 
     def shutdown(self, *, cancel: bool = False, timeout: float | None = 60.0) -> bool:
         """Stop taking requests; finish the queued and running ones (cancel=True: end them now,
@@ -238,22 +245,28 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._running and not self._closing:
+                while not self._queue and not self._batches and not self._closing:
                     self._wake.wait()
-                if self._closing and (self._cancel_on_close or (not self._queue and not self._running)):
+                if self._closing and (self._cancel_on_close or (not self._queue and not self._batches)):
                     break
                 admitted = []
-                while self._queue and len(self._running) + len(admitted) < self.max_batch:
+                while self._queue and self.running + len(admitted) < self.max_batch:
                     admitted.append(self._queue.popleft())
-            for pending in admitted:
-                self._admit(pending)
-            if self._running:
-                start = time.perf_counter()
+            start = time.perf_counter()
+            try:
+                joining = [live for live in map(self._admit, admitted) if live is not None]
+                if joining:
+                    self._join(joining)
                 self._step()
+            except Exception:  # noqa: BLE001 - never leave the thread: requests would hang
+                logger.exception("scheduler iteration failed")
+            if admitted or self._batches:
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - start)
-        for row in self._running:
-            self._end(row, "cancelled")
-        self._running = []
+        self._cancel_now = True
+        for running in list(self._batches):
+            self._end_late_rows(running)
+            running.batch.close()
+        self._batches = []
         self._drain_queue("cancelled")
 
     def _drain_queue(self, reason: str) -> None:
@@ -263,75 +276,166 @@ class Scheduler:
             stats = GenerationStats()
             pending.ticket._emit(Finished(GenerationResult("", [], reason, stats)))
 
-    # Round-robin over each request's own stream: one decoding step of every running request per
-    # turn. (The batched engine replaces this.)
-
-    def _admit(self, pending: _Pending) -> None:
+    def _admit(self, pending: _Pending) -> "_Live | None":
+        """Open the request's row (a cache hit is answered here); None when it is done already."""
+        ticket = pending.ticket
         now = time.monotonic()
+        late = "cancelled" if ticket.cancelled else (
+            "deadline" if pending.deadline is not None and now > pending.deadline else None)
+        if late is not None:  # ended while it waited: nothing to compute
+            self._complete(_Live(pending, None), GenerationResult("", [], late, GenerationStats()), late)
+            return None
         if self.metrics is not None:
             self.metrics.on_started(now - pending.queued_at)
-        row = _Row(pending, self.generator.stream(pending.prompt, **pending.kwargs), time.perf_counter())
-        self._running.append(row)
+        try:
+            row = self.generator.open_row(pending.prompt, **pending.kwargs)
+        except Exception as error:  # noqa: BLE001 - reported to the request, the server goes on
+            self._fail([_Live(pending, None)], error)
+            return None
+        live = _Live(pending, row)
+        if row.result is not None:  # answered by the cache, without joining a batch
+            self._deliver(live, row.text_so_far())
+            self._complete(live, row.result, "ok")
+            return None
+        if row.prefix:  # tokens confirmed from a cached response come out first
+            self._deliver(live, row.add(row.prefix))
+        if row.decode_params.max_new_tokens == 0:
+            self._finish_row(live, RowOutput([], "length", GenerationStats(prompt_tokens=len(row.decode_ids))))
+            return None
+        return live
+
+    def _join(self, admitted: list["_Live"]) -> None:
+        """Prefill the admitted rows (one batch per key), run their first step, and merge them
+        into a running batch of the same key where there is one."""
+        groups: dict[tuple, list[_Live]] = {}
+        for live in admitted:
+            groups.setdefault(batch_key(live.row), []).append(live)
+        for key, rows in groups.items():
+            first = rows[0].row
+            ids = [next(self._row_ids) for _ in rows]
+            seeds = [r.row.decode_params.seed for r in rows]
+            params = dataclasses.replace(first.decode_params, seed=None if seeds[0] is None else tuple(seeds))
+            try:
+                batch = DecodeBatch(
+                    self.generator.target_model, [r.row.decode_ids for r in rows], params, first.drafters,
+                    [r.row.stop_ids for r in rows], stop_checks=[r.row.stop_check for r in rows],
+                    budgets=[r.row.decode_params.max_new_tokens for r in rows], row_ids=ids,
+                    **self.generator._engine_args(),
+                )
+            except Exception as error:  # noqa: BLE001
+                self._fail(rows, error)
+                continue
+            running = _Batch(key, batch, dict(zip(ids, rows)))
+            self.counts["batches_started"] += 1
+            self._step_batch(running)  # the first step stands on the prefill's logits: alone
+            if not batch.rows:
+                batch.close()
+                continue
+            target = next((b for b in self._batches if b.key == key and b.batch.can_merge), None)
+            if target is not None and batch.can_merge:
+                try:
+                    target.batch.merge(batch)
+                except ValueError:
+                    logger.debug("batch of %d rows runs apart", len(rows), exc_info=True)
+                else:
+                    target.rows.update(running.rows)
+                    self.counts["rows_joined"] += len(rows)
+                    continue
+            self._batches.append(running)
 
     def _step(self) -> None:
+        for running in list(self._batches):
+            self._end_late_rows(running)
+            if running.batch.rows:
+                self._step_batch(running)
+            if not running.batch.rows:
+                running.batch.close()
+                self._batches.remove(running)
+
+    def _step_batch(self, running: "_Batch") -> None:
+        try:
+            emitted = running.batch.step()
+        except Exception as error:  # noqa: BLE001 - the batch's requests fail, the server goes on
+            logger.exception("a decoding step failed")
+            self._fail(list(running.rows.values()), error)
+            running.rows.clear()
+            running.batch.state.rows = []
+            return
+        for row_id, new in emitted:
+            live = running.rows[row_id]
+            self._deliver(live, live.row.add(new), len(new))
+        for row_id, output in running.batch.take_finished().items():
+            self._finish_row(running.rows.pop(row_id), output)
+
+    def _end_late_rows(self, running: "_Batch") -> None:
+        """Rows whose request was cancelled or is past its deadline leave before the step."""
         now = time.monotonic()
-        still = []
-        for row in self._running:
-            ticket = row.pending.ticket
-            if ticket.cancelled:
-                self._end(row, "cancelled")
-                continue
-            if row.pending.deadline is not None and now > row.pending.deadline:
-                self._end(row, "deadline")
-                continue
-            try:
-                text = next(row.stream)
-            except StopIteration as done:
-                result = done.value
-                self._finished(row, result)
-                continue
-            except Exception as error:  # noqa: BLE001 - reported to the request, the server goes on
-                logger.exception("request %d failed", ticket.id)
-                ticket._emit(Failed(error))
-                if self.metrics is not None:
-                    self.metrics.on_finished(None, "error")
-                continue
-            if text:
-                row.text.append(text)
-                self._timing(row)
-                ticket._emit(TextDelta(text))
-            still.append(row)
-        self._running = still
+        ended = {}
+        for row_id, live in running.rows.items():
+            if live.pending.ticket.cancelled or self._cancel_now:
+                ended[row_id] = "cancelled"
+            elif live.pending.deadline is not None and now > live.pending.deadline:
+                ended[row_id] = "deadline"
+        for reason in set(ended.values()):
+            running.batch.drop([r for r, why in ended.items() if why == reason], reason)
+        for row_id, output in running.batch.take_finished().items():
+            self._finish_row(running.rows.pop(row_id), output)
 
-    def _timing(self, row: "_Row") -> None:
-        now = time.perf_counter()
-        if self.metrics is not None:
-            if row.last_token_at is None:
-                self.metrics.on_first_token(now - row.started_at)
+    def _deliver(self, live: "_Live", text: str, tokens: int = 0) -> None:
+        if tokens and self.metrics is not None:
+            now = time.monotonic()
+            if live.last_token_at is None:
+                self.metrics.on_first_token(now - live.pending.queued_at)
             else:
-                self.metrics.on_tokens(1, now - row.last_token_at)
-        row.last_token_at = now
+                self.metrics.on_tokens(tokens, now - live.last_token_at)
+        if tokens:
+            live.last_token_at = time.monotonic()
+        if text:
+            live.pending.ticket._emit(TextDelta(text))
 
-    def _finished(self, row: "_Row", result: GenerationResult) -> None:
-        if self.metrics is not None:
-            self.metrics.on_finished(result, "ok")
-        row.pending.ticket._emit(Finished(result))
+    def _finish_row(self, live: "_Live", output: RowOutput) -> None:
+        delta, result = live.row.complete(output)
+        self._deliver(live, delta)
+        reason = output.finish_reason
+        self._complete(live, result, "ok" if reason in ("stop", "length") else reason)
 
-    def _end(self, row: "_Row", reason: str) -> None:
-        row.stream.close()
-        text = "".join(row.text)
-        result = GenerationResult(text, [], reason, GenerationStats())
+    def _complete(self, live: "_Live", result: GenerationResult, status: str) -> None:
         if self.metrics is not None:
-            self.metrics.on_finished(result, reason)
-        row.pending.ticket._emit(Finished(result))
+            self.metrics.on_finished(result, status)
+        live.pending.ticket._emit(Finished(result))
+
+    def _fail(self, rows: list["_Live"], error: BaseException) -> None:
+        for live in rows:
+            logger.warning("request %d failed: %s", live.pending.ticket.id, error)
+            if self.metrics is not None:
+                self.metrics.on_finished(None, "error")
+            live.pending.ticket._emit(Failed(error))
+
+
+def batch_key(row) -> tuple:
+    """Rows with equal keys decode in one batch: the same sampling settings, drafters, draft
+    length rule and cache. Prompts, budgets, seeds, stop ids and stop strings may differ per
+    row (a seeded row's tokens depend on its own seed and length alone)."""
+    p = row.decode_params
+    return (
+        p.temperature, p.top_k, p.top_p, p.drafter, p.num_draft_tokens, p.seed is None,
+        tuple(type(d).__name__ for d in row.drafters), id(row.layer),
+    )
 
 
 @dataclass
-class _Row:
+class _Live:
+    """A request in the scheduler thread: its queue entry and its StreamRow."""
+
     pending: _Pending
-    stream: Any
-    started_at: float
+    row: Any  # specdec.generator.StreamRow (None when opening it failed)
     last_token_at: float | None = None
 
-    def __post_init__(self) -> None:
-        self.text: list[str] = []
+
+@dataclass
+class _Batch:
+    """A running DecodeBatch and the requests of its rows."""
+
+    key: tuple
+    batch: DecodeBatch
+    rows: dict[int, _Live]  # row id -> request
