@@ -31,7 +31,7 @@ from typing import Callable, Generator
 import torch
 
 from . import kernels, noise
-from .drafters.base import DecodeState, DraftProposal, Drafter
+from .drafters.base import DecodeState, DraftProposal, Drafter, row_settings
 from .drafters.model import MAX_PENDING
 from .kv import BUCKET, engine_path, make_kv, prefill_logits
 from .params import GenerationParams
@@ -155,6 +155,7 @@ class DecodeBatch:
         engine: str = "auto",
         stop_checks: list[Callable[[list[int], int], bool] | None] | None = None,  # [B]
         budgets: list[int] | None = None,  # [B] max_new_tokens per row (default params.max_new_tokens)
+        row_sampling: list[tuple[float, int, float]] | None = None,  # [B] (temperature, top_k, top_p) per row
         row_ids: list[int] | None = None,  # [B]
         plan_memory: dict | None = None,
         numerics: str = "native",
@@ -195,6 +196,7 @@ class DecodeBatch:
             rows=row_ids,
         )
         state.compiled = compiled
+        state.row_sampling = list(row_sampling) if row_sampling is not None else [row_settings(params)] * batch
         self.state = state
         self.stops = _stop_rows(stop_ids, device)  # [B, S]
         self.target = make_kv(
@@ -241,7 +243,7 @@ class DecodeBatch:
         )  # [B, k+1, V], [B, k+1, H] or None, [B]
         self.opening = None
         verify = _verify_by_position if planner.verify_by_position else _verify
-        tokens, num_accepted = verify(state, proposal, logits, num_draft)  # [B, k+1], [B]
+        tokens, num_accepted = _verify_rows(verify, state, proposal, logits, num_draft)  # [B, k+1], [B]
         planner.mark("verified")
 
         # 4. device-side bookkeeping: nothing here reads a value back to the host.
@@ -316,7 +318,7 @@ class DecodeBatch:
         mine.step_tokens = torch.cat([pad(t, (0, width - t.shape[1]), value=-1) for t in (mine.step_tokens, theirs.step_tokens)])
         mine.step_num_accepted = torch.cat([mine.step_num_accepted, theirs.step_num_accepted])
         mine.target_hidden = None  # read within a step only
-        for name in ("sequences", "rows", "step_accepted", "step_emitted", "step_drafted", "step_sources"):
+        for name in ("sequences", "rows", "row_sampling", "step_accepted", "step_emitted", "step_drafted", "step_sources"):
             setattr(mine, name, getattr(mine, name) + getattr(theirs, name))
         mine.seeds = torch.cat([mine.seeds, theirs.seeds])
         mine.seq_lens = torch.cat([mine.seq_lens, theirs.seq_lens])
@@ -410,6 +412,34 @@ def _rollback_lengths(
     """Target KV lengths after a step: [last, d_1..d_n] stay, rejected drafts go (the
     emitted correction / bonus token is fed as the next step's first input)."""
     return before + num_accepted + 1
+
+
+def _verify_rows(
+    verify: Callable,
+    state: DecodeState,
+    proposal: DraftProposal,
+    logits: torch.Tensor,  # [B, k+1, V]
+    num_draft: torch.Tensor,  # [B]
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, k+1] (-1 padded), num_accepted [B]
+    """`verify` for every row; rows with other sampling settings than the batch's (a server's
+    batch, DecodeState.row_sampling) are verified group by group, each as it would be alone."""
+    groups = state.sampling_groups()
+    if groups is None:
+        return verify(state, proposal, logits, num_draft)
+    batch, width = logits.shape[0], proposal.tokens.shape[1] + 1
+    tokens = torch.full((batch, width), -1, dtype=torch.long, device=logits.device)
+    num_accepted = torch.zeros(batch, dtype=torch.long, device=logits.device)
+    for params, rows in groups:
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        part = dataclasses.replace(
+            proposal, tokens=proposal.tokens.index_select(0, index), num_draft=proposal.num_draft.index_select(0, index),
+            probs=proposal.probs.index_select(0, index) if proposal.probs is not None else None,
+            confidence=None, host_rows=None, sources=None,
+        )
+        t, n = verify(state.subset(rows, params), part, logits.index_select(0, index), num_draft.index_select(0, index))
+        tokens[index, : t.shape[1]] = t
+        num_accepted[index] = n
+    return tokens, num_accepted
 
 
 def _verify(
@@ -546,6 +576,8 @@ def _select_rows(state: DecodeState, target, planner: Planner, keep: list[int]) 
     planner.select_rows(keep)
     state.sequences = [state.sequences[b] for b in keep]
     state.rows = [state.rows[b] for b in keep]
+    if state.row_sampling is not None:
+        state.row_sampling = [state.row_sampling[b] for b in keep]
     state.seeds = state.seeds.index_select(0, index)
     state.seq_lens = state.seq_lens.index_select(0, index)
     state.step_tokens = state.step_tokens.index_select(0, index)

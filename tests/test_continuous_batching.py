@@ -140,3 +140,64 @@ def test_batches_that_cannot_merge_say_so(tiny_pair, monkeypatch):
     gen.engine = "generic"
     d = start(gen, [3], SETTINGS["greedy-auto"])
     assert not d.can_merge
+
+
+MIXED = [  # per row: its own sampling settings
+    dict(temperature=0.8, top_k=40, top_p=0.95),
+    dict(temperature=1.3),
+    dict(temperature=0.6, top_p=0.8),
+    dict(temperature=1.0, top_k=5),
+    dict(temperature=0.8, top_k=40, top_p=0.95),
+]
+
+
+def start_mixed(gen, rows: list[int], settings: dict, per_row: list[dict], seeded: bool) -> DecodeBatch:
+    """A batch whose rows sample with their own settings (as a server's batch does)."""
+    first = per_row[rows[0]]
+    params = make_params(max_new_tokens=max(BUDGETS[r] for r in rows), ignore_eos=True,
+                         seed=tuple(SEEDS[r] for r in rows) if seeded else None, **settings, **first)
+    prompts = [PROMPTS[r] for r in rows]
+    _, drafters, stops = gen._prepare(prompts, params, None)
+    sampling = [(float(per_row[r].get("temperature", 0.0)), int(per_row[r].get("top_k", 0)),
+                 float(per_row[r].get("top_p", 1.0))) for r in rows]
+    return DecodeBatch(gen.target_model, prompts, params, drafters, [stops] * len(rows),
+                       budgets=[BUDGETS[r] for r in rows], row_ids=rows, row_sampling=sampling, **gen._engine_args())
+
+
+@pytest.mark.parametrize("drafter", [dict(drafter="model", num_draft_tokens="auto"),
+                                     dict(drafter="auto", num_draft_tokens=3), dict(drafter="none")],
+                         ids=["model-auto", "auto-3", "none"])
+def test_seeded_rows_with_different_sampling_settings_share_a_batch(tiny_pair, drafter):
+    """Temperature, top-k and top-p per row in one batch (joined mid-way): each seeded row's
+    sample is exactly its sample alone, draft model included (its q follows the row's own
+    settings, so lossless verification holds row by row)."""
+    gen = load(tiny_pair)
+    running = start_mixed(gen, [0, 1], drafter, MIXED, seeded=True)
+    done = drive(running, steps=2)
+    joining = start_mixed(gen, [2, 3, 4], drafter, MIXED, seeded=True)
+    done.update(drive(joining, steps=1))
+    running.merge(joining)
+    running.streamed.update(joining.streamed)
+    done.update(drive(running))
+    for row in range(5):
+        expected = gen.generate_ids([PROMPTS[row]], max_new_tokens=BUDGETS[row], ignore_eos=True, seed=SEEDS[row],
+                                    **drafter, **MIXED[row])[0].token_ids
+        assert done[row] == expected, row
+
+
+def test_greedy_rows_beside_sampled_rows_stay_greedy(tiny_pair):
+    """Greedy rows in a batch with unseeded sampled rows: token for token plain greedy decoding."""
+    gen = load(tiny_pair)
+    per_row = [dict(), dict(temperature=0.9), dict(), dict(temperature=1.1, top_k=30), dict()]
+    settings = dict(drafter="auto", num_draft_tokens="auto")
+    running = start_mixed(gen, [0, 1, 2], settings, per_row, seeded=False)
+    done = drive(running, steps=2)
+    joining = start_mixed(gen, [3, 4], settings, per_row, seeded=False)
+    done.update(drive(joining, steps=1))
+    running.merge(joining)
+    running.streamed.update(joining.streamed)
+    done.update(drive(running))
+    for row in (0, 2, 4):
+        assert done[row] == alone(gen, row, settings), row
+    for row in (1, 3):
+        assert len(done[row]) == BUDGETS[row]

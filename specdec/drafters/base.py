@@ -13,7 +13,7 @@ Adding a drafter is one module with a `Drafter` subclass under `@register_drafte
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
@@ -86,10 +86,31 @@ class DecodeState:
     step_drafted: list[int] = field(default_factory=list)  # [B] drafts verified per row last step (host)
     step_sources: list[str] = field(default_factory=list)  # [B] the drafter each row verified last step
     compiled: bool = False  # the request runs on the compiled path (compile=True; specdec.compiled)
+    # [B] each row's (temperature, top_k, top_p) where rows differ (a server's batch); None: params' for all
+    row_sampling: list[tuple[float, int, float]] | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.sequences)
+
+    def sampling_groups(self) -> list[tuple["GenerationParams", list[int]]] | None:
+        """Rows grouped by their sampling settings, as (params with those settings, row indices);
+        None when every row samples as `params` says (one group: the plain path)."""
+        rows = self.row_sampling
+        if rows is None or len(set(rows)) == 1 and rows[0] == _settings(self.params):
+            return None
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for b, settings in enumerate(rows):
+            groups.setdefault(settings, []).append(b)
+        return [(replace(self.params, temperature=t, top_k=k, top_p=p), idx) for (t, k, p), idx in groups.items()]
+
+    def subset(self, rows: list[int], params: "GenerationParams") -> "DecodeState":
+        """These rows alone, sampling as `params` says (for a group of sampling_groups())."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return replace(
+            self, sequences=[self.sequences[b] for b in rows], params=params, seeds=self.seeds.index_select(0, index),
+            seq_lens=self.seq_lens.index_select(0, index), rows=[self.rows[b] for b in rows], row_sampling=None,
+        )
 
     def uniform(self, stream: int, width: int) -> torch.Tensor:  # [B, width]
         """Counter-based U[0, 1) noise of every row for this step (see specdec.noise)."""
@@ -171,6 +192,15 @@ class Drafter(ABC):
 
     def finish(self, state: DecodeState) -> None:
         """Release per-request resources."""
+
+
+def _settings(params: "GenerationParams") -> tuple[float, int, float]:
+    return (params.temperature, params.top_k, params.top_p)
+
+
+def row_settings(params: "GenerationParams") -> tuple[float, int, float]:
+    """A row's sampling settings as DecodeState.row_sampling holds them."""
+    return _settings(params)
 
 
 def empty_proposal(batch: int, device: torch.device | str = "cpu") -> DraftProposal:

@@ -69,8 +69,14 @@ class ModelDrafter(Drafter):
         logits = logits.gather(1, last).squeeze(1)  # [B, V_draft]
         stop = early_stop  # K "auto": rows may stop drafting early (specdec.planning.early_stop)
         tokens, probs, confidence = [], [], []
+        groups = state.sampling_groups()  # rows that sample differently (a server's batch), else None
         for i in range(k):
-            if params.greedy:
+            if groups is not None:
+                token, q, conf = _draft_by_group(state, groups, logits, i)
+                if q is not None:
+                    probs.append(q)
+                confidence.append(conf)
+            elif params.greedy:
                 token = torch.argmax(logits, dim=-1)  # [B]
                 if stop is not None:  # the draft's probability of its greedy token
                     confidence.append(torch.softmax(logits.float(), dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
@@ -174,3 +180,34 @@ class ModelDrafter(Drafter):
         index = torch.tensor(keep, dtype=torch.long, device=self.pending.device)
         self.pending = self.pending.index_select(0, index)
         self.num_pending = self.num_pending.index_select(0, index)
+
+
+def _draft_by_group(state, groups, logits: torch.Tensor, slot: int):
+    """Draft slot `slot` for rows whose sampling settings differ: each group as it would draft
+    alone (greedy rows their argmax, sampled rows from their own q and noise). Returns tokens
+    [B], q [B, V] (zeros in greedy rows, which verification never reads) or None when every
+    row is greedy, and confidences [B]."""
+    batch, vocab = logits.shape
+    token = torch.empty(batch, dtype=torch.long, device=logits.device)
+    confidence = torch.empty(batch, dtype=torch.float32, device=logits.device)
+    sampled = any(not params.greedy for params, _ in groups)
+    q_all = None
+    race = None
+    for params, rows in groups:
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        part = logits.index_select(0, index)  # [b, V]
+        if params.greedy:
+            chosen = torch.argmax(part, dim=-1)
+            conf = torch.softmax(part.float(), dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)
+        else:
+            q = kernels.logits_to_probs(part, params.temperature, params.top_k, params.top_p)  # [b, V]
+            if race is None:  # every row's noise for this slot, as each row draws it alone
+                race = state.exponential(noise.DRAFT_STREAM + slot, vocab, q.dtype)  # [B, V]
+            chosen = kernels.sample_exponential_race(q, race.index_select(0, index))
+            conf = q.gather(1, chosen.unsqueeze(1)).squeeze(1).float()
+            if q_all is None:
+                q_all = torch.zeros(batch, vocab, dtype=q.dtype, device=q.device)
+            q_all[index] = q
+        token[index] = chosen
+        confidence[index] = conf
+    return token, (q_all if sampled else None), confidence

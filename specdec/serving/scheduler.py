@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..drafters.base import row_settings
 from ..engine import DecodeBatch, RowOutput
 from ..stats import GenerationResult, GenerationStats
 
@@ -313,13 +314,15 @@ class Scheduler:
         for key, rows in groups.items():
             first = rows[0].row
             ids = [next(self._row_ids) for _ in rows]
-            seeds = [r.row.decode_params.seed for r in rows]
-            params = dataclasses.replace(first.decode_params, seed=None if seeds[0] is None else tuple(seeds))
+            seeded = key[0] == "seeded"
+            seeds = tuple(r.row.decode_params.seed for r in rows) if seeded else None
+            params = dataclasses.replace(first.decode_params, seed=seeds)
             try:
                 batch = DecodeBatch(
                     self.generator.target_model, [r.row.decode_ids for r in rows], params, first.drafters,
                     [r.row.stop_ids for r in rows], stop_checks=[r.row.stop_check for r in rows],
                     budgets=[r.row.decode_params.max_new_tokens for r in rows], row_ids=ids,
+                    row_sampling=[row_settings(r.row.decode_params) for r in rows],
                     **self.generator._engine_args(),
                 )
             except Exception as error:  # noqa: BLE001
@@ -413,14 +416,14 @@ class Scheduler:
 
 
 def batch_key(row) -> tuple:
-    """Rows with equal keys decode in one batch: the same sampling settings, drafters, draft
-    length rule and cache. Prompts, budgets, seeds, stop ids and stop strings may differ per
-    row (a seeded row's tokens depend on its own seed and length alone)."""
+    """Rows with equal keys decode in one batch: the same drafters, draft length rule and cache,
+    and the same planning mode ("seeded": seeded sampling, whose draft plans follow a fixed cost
+    proxy so that its samples never depend on timing; "free": greedy rows, whose tokens no plan
+    changes, and unseeded sampling). Prompts, budgets, temperature, top-k, top-p, seeds, stop
+    ids and stop strings may differ per row: each row samples with its own settings and noise."""
     p = row.decode_params
-    return (
-        p.temperature, p.top_k, p.top_p, p.drafter, p.num_draft_tokens, p.seed is None,
-        tuple(type(d).__name__ for d in row.drafters), id(row.layer),
-    )
+    mode = "seeded" if p.seed is not None and not p.greedy else "free"
+    return (mode, p.drafter, p.num_draft_tokens, tuple(type(d).__name__ for d in row.drafters), id(row.layer))
 
 
 @dataclass
