@@ -16,7 +16,7 @@ from specdec import SpeculativeGenerator
 from specdec.serving import Failed, Finished, QueueFull, Scheduler, SchedulerClosed, TextDelta
 
 REQUESTS = [
-    ("def fib(n):", dict(max_new_tokens=24)),
+    ("def fib(n):", dict(max_new_tokens=300, ignore_eos=True)),  # still decoding when the others arrive
     ("import os\n", dict(max_new_tokens=30, temperature=0.7, seed=3)),
     ("class Stack:", dict(max_new_tokens=40, stop=["\n\n"])),
     ("for i in range(10):", dict(max_new_tokens=36)),
@@ -68,7 +68,8 @@ def test_concurrent_requests_share_a_batch_and_equal_generate_alone(gen, alone):
         prompt, kw = REQUESTS[i]
         tickets[i] = scheduler.submit(prompt, on_event=collectors[i], **kw)
 
-    # The first request starts alone; the others arrive while it decodes.
+    # The first request starts alone; the others arrive while it decodes (greedy ones join its
+    # batch, whatever their stop rules; seeded sampled ones share theirs, each with its settings).
     send(0)
     first = collectors[0]
     deadline = time.monotonic() + 60
