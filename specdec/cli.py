@@ -1,4 +1,4 @@
-"""The `specdec` command: generate, bench, cache.
+"""The `specdec` command: generate, bench, serve, cache.
 
     specdec bench                        # bundled pair: the headline comparison, a few minutes
     specdec bench --full                 # adds the K sweep and the cache workload
@@ -6,6 +6,7 @@
     specdec bench --preset smollm2       # SmolLM2-135M on HumanEval, under 10 minutes on a CPU
     specdec bench --workload grounded    # a named prompt set (stdlib, humaneval, grounded, chat)
     specdec generate "def fib(n):" --stream --stop "\n\n"
+    specdec serve --port 8000            # an OpenAI-compatible HTTP server (the serve extra)
     specdec cache ...                    # cache administration (specdec.cache.cli)
 
 Bad arguments exit with status 2 and a message saying what was wrong and how to fix it,
@@ -51,6 +52,35 @@ def _k_list(text: str) -> list[int]:
         return parse_int_list(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def _k_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0 or "auto", got {text!r}') from None
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -121,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     drafter_help, methods_help = _registry_help()
     parser.add_argument("--version", action="version", version=f"specdec {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,cache}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,serve,cache}")
     sub.required = True
 
     gen = sub.add_parser("generate", help="generate for one prompt, then print a stats line",
@@ -198,6 +228,30 @@ def build_parser() -> argparse.ArgumentParser:
                         + _preset_values("cache_prompts"))
     b.add_argument("--out", type=Path, default=Path("specdec-bench"), help="folder for results.* and plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    srv = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
+        description="Serve the models over HTTP with OpenAI's API; requests that arrive together share the "
+                    "decoding batch. Needs the serve extra: pip install 'specdec[serve]'.",
+    )
+    _add_model_options(srv)
+    s = srv.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; the server has no "
+                        "authentication, so listen elsewhere only behind something that has)")
+    s.add_argument("--port", type=_port, default=8000, help="default: 8000")
+    s.add_argument("--model-name",
+                   help="the name clients pass as `model` (default: --target as given, else 'bundled')")
+    s.add_argument("--cache", help="cache URL (redis://..., memory://); default: none")
+    s.add_argument("--max-batch", type=_positive_int, default=16, help="rows decoded together at most (default: 16)")
+    s.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests waiting at most; beyond it requests are answered 429 (default: 64)")
+    s.add_argument("--request-timeout", type=_positive_float, metavar="S",
+                   help="each request's deadline in seconds; a request past it is ended (default: none)")
+    s.add_argument("--drafter", default=None, help=drafter_help)
+    s.add_argument("--num-draft-tokens", type=_k_or_auto, default=None,
+                   help='K drafts per step, or "auto" to choose it every step (default: auto)')
+    s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
 
     # Listed for help only: main() hands `specdec cache ...` to specdec.cache.cli before parsing.
     sub.add_parser("cache", help="inspect and invalidate the cache (stats, invalidate, flush)", add_help=False)
@@ -421,6 +475,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """`specdec serve`: load the models, then answer HTTP requests until Ctrl-C (which finishes
+    the requests in flight first)."""
+    try:
+        from .serving.app import check_app_options, serve
+    except ImportError as exc:
+        print(f"specdec serve: error: the server needs the serve extra ({exc}); pip install 'specdec[serve]'",
+              file=sys.stderr)
+        return 2
+    from .params import make_params
+
+    if args.drafter is not None and args.drafter not in (names := _drafter_names()):
+        raise ValueError(f"--drafter {args.drafter!r} is unknown; choose one of {', '.join(names)}")
+    if args.num_draft_tokens is not None:
+        make_params(num_draft_tokens=args.num_draft_tokens)
+    model_name = args.model_name if args.model_name is not None else (args.target or "bundled")
+    check_app_options(model_name=model_name, request_timeout=args.request_timeout)
+    if args.cache:
+        from .cache.config import parse_cache_url
+
+        parse_cache_url(args.cache)
+    if args.device is not None:
+        from .bench.config import check_device
+
+        check_device(args.device)
+    target, draft = _model_paths(args)
+    _apply_threads(args)
+    _quiet_transformers()
+    serve(target, draft, host=args.host, port=args.port, cache=args.cache, model_name=model_name,
+          max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout,
+          drafter=args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device,
+          dtype=None if args.dtype in (None, "auto") else args.dtype, device_map=args.device_map,
+          numerics=args.numerics, log_level=args.log_level)
+    return 0
+
+
 def cmd_cache(argv: list[str]) -> int:
     """`specdec cache ...`: delegated to specdec.cache.cli (add_arguments, run), imported lazily."""
     try:
@@ -459,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is not None:  # called as a function (tests): record the given arguments
         sys_argv, sys.argv = sys.argv, ["specdec", *argv]
     try:
-        handler = {"generate": cmd_generate, "bench": cmd_bench}[args.command]
+        handler = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command]
         return handler(args)
     except (ValueError, OSError) as exc:  # bad arguments, missing files or models
         print(f"specdec {args.command}: error: {exc}", file=sys.stderr)

@@ -118,7 +118,7 @@ class ServerMetrics:
             self.queue_time.observe(queue_wait_s)
 
     def on_first_token(self, seconds: float) -> None:
-        """A request's first text arrived `seconds` after it joined the batch."""
+        """A request's first output tokens arrived after `seconds` (the scheduler says from when)."""
         with self._lock:
             self.time_to_first_token.observe(seconds)
 
@@ -187,7 +187,7 @@ class ServerMetrics:
             _histogram(out, self.model_name, "request_queue_time_seconds",
                        "Seconds a request waited in the queue before it joined the batch.", self.queue_time)
             _histogram(out, self.model_name, "time_to_first_token_seconds",
-                       "Seconds from joining the batch to the first text.", self.time_to_first_token)
+                       "Seconds from a request's arrival to its first output tokens.", self.time_to_first_token)
             _histogram(out, self.model_name, "inter_token_latency_seconds",
                        "Seconds between successive output tokens.", self.inter_token_latency)
             return "\n".join(out) + "\n"

@@ -81,21 +81,50 @@ def request_error(exc: Exception, prompt_field: str) -> APIError:
     return APIError(400, message, param=param)
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union it tried in `loc` (`str`, `list[str]`); fields are snake_case."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def _split_loc(loc) -> tuple[list[str], str | None, list[str]]:
+    """(path to the field, union member tried or None, path inside that member)."""
+    parts = [p for p in loc if p != "body"]
+    for i, part in enumerate(parts):
+        if _is_union_tag(part):
+            return [str(p) for p in parts[:i]], part, [str(p) for p in parts[i + 1:]]
+    return [str(p) for p in parts], None, []
+
+
 def validation_error(errors: list[dict]) -> APIError:
     """A 400 for pydantic's first validation error, naming the field (`messages.0.content`)."""
     if not errors:
         return APIError(400, "the request body is not valid")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    path, tag, _ = _split_loc(first.get("loc", ()))
+    param = ".".join(path) or None
     kind = first.get("type")
+    if kind in ("json_invalid", "json_type"):
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+    if param is None and kind in ("missing", "model_attributes_type", "dict_type", "model_type"):
+        return APIError(400, "the request body must be a JSON object (Content-Type: application/json)")
     if kind == "extra_forbidden":
         return APIError(400, f"unknown field {param!r} in the request body; remove it (see the OpenAI API reference "
                              "for the fields of this endpoint)", param=param)
     if kind == "missing":
         return APIError(400, f"{param!r} is required", param=param)
-    if kind in ("json_invalid", "json_type"):
-        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+    if tag is not None:  # a union: say which types are allowed, and why the structured ones failed
+        tags, details = [], []
+        for error in errors:
+            e_path, e_tag, inside = _split_loc(error.get("loc", ()))
+            if e_path != path or e_tag is None:
+                continue
+            if e_tag not in tags:
+                tags.append(e_tag)
+            if inside:
+                details.append(f"{e_tag} at {'.'.join(inside)}: {error.get('msg')}")
+        given = first.get("input")
+        why = f" ({'; '.join(details)})" if details else ""
+        return APIError(400, f"{param}: expected {' or '.join(tags)}, got {given!r:.80}{why}", param=param)
     given = first.get("input")
     shown = f" (got {given!r:.80})" if given is not None and kind != "model_attributes_type" else ""
     where = f"{param}: " if param else "request body: "
@@ -194,17 +223,16 @@ def _nonzero(value) -> bool:
     return value is not None and value != 0
 
 
+_CHANGES_P = "it would change the target's distribution that drafts are verified against"
+
 # field -> (is it set to something this runtime cannot honour?, why / what to do instead)
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "n": (lambda v: v is not None and v != 1,
           "one choice per request; send the request several times (with different seeds for different samples)"),
     "best_of": (lambda v: v is not None and v != 1, "one choice per request; send the request several times"),
-    "presence_penalty": (_nonzero, "penalties would change the target's distribution that drafts are verified "
-                                   "against; leave it at 0"),
-    "frequency_penalty": (_nonzero, "penalties would change the target's distribution that drafts are verified "
-                                    "against; leave it at 0"),
-    "logit_bias": (lambda v: bool(v), "a logit bias would change the target's distribution that drafts are "
-                                      "verified against; leave it out"),
+    "presence_penalty": (_nonzero, _CHANGES_P + "; leave it at 0"),
+    "frequency_penalty": (_nonzero, _CHANGES_P + "; leave it at 0"),
+    "logit_bias": (lambda v: bool(v), _CHANGES_P + "; leave it out"),
     "logprobs": (lambda v: v is not None and v is not False, "log probabilities are not returned; leave it out"),
     "top_logprobs": (lambda v: v is not None and v != 0, "log probabilities are not returned; leave it out"),
     "echo": (lambda v: bool(v), "the prompt is not echoed; prepend it to the text yourself"),

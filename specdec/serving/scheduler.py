@@ -274,8 +274,7 @@ class Scheduler:
         with self._lock:
             waiting, self._queue = list(self._queue), collections.deque()
         for pending in waiting:
-            stats = GenerationStats()
-            pending.ticket._emit(Finished(GenerationResult("", [], reason, stats)))
+            self._complete(_Live(pending, None), GenerationResult("", [], reason, GenerationStats()), reason)
 
     def _admit(self, pending: _Pending) -> "_Live | None":
         """Open the request's row (a cache hit is answered here); None when it is done already."""
