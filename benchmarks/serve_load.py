@@ -117,7 +117,7 @@ class Server:
         self.port = free_port()
         self.log = open(log, "w")
         cmd = [sys.executable, "-P", "-m", "specdec.cli", "serve", "--port", str(self.port), "--cache", cache_url,
-               "--max-batch", str(args.max_batch), "--threads", "1", "--log-level", "warning"]
+               "--max-batch", str(args.max_batch), "--threads", str(args.server_threads), "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         wait_until(self.healthy, 180, "specdec serve")
 
@@ -237,6 +237,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
     parser.add_argument("--levels", default="1,4,16", help="client concurrency levels (default 1,4,16)")
     parser.add_argument("--max-batch", type=int, default=16, help="the servers' --max-batch (default 16)")
+    parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -249,7 +250,7 @@ def main() -> int:
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
-        "requests": args.requests, "max_tokens": args.max_tokens, "levels": levels,
+        "requests": args.requests, "max_tokens": args.max_tokens, "levels": levels, "server_threads": args.server_threads,
     }
     with tempfile.TemporaryDirectory() as tmp:
         redis = Redis(Path(tmp))
@@ -339,7 +340,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "# `specdec serve` under load (bundled pair)", "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']['cores']} cores ({report['machine']['cpu']}), Python "
-        f"{report['machine']['python']}; servers with one torch thread; clients in one process, same machine.  ",
+        f"{report['machine']['python']}; servers with {report['server_threads']} torch thread(s) each; clients in one process, same machine.  ",
         f"{report['requests']} streamed greedy completions per phase, max_tokens={report['max_tokens']}, "
         "held-out prompts, one Redis on loopback as the shared cache.", "",
         "| clients | tok/s | x one client | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok |",

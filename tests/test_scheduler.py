@@ -171,3 +171,23 @@ def test_cache_hits_are_answered_before_joining(gen, redis_server, cache_namespa
     assert second.token_ids == first.token_ids and second.stats.cache_kind == "verified"
     assert scheduler.counts["batches_started"] == started
     assert scheduler.shutdown(timeout=30)
+
+
+def test_redis_killed_and_restarted_mid_run_changes_nothing(gen, alone, redis_process, cache_namespace):
+    """Requests in flight while the cache's Redis dies and comes back: none fails, none changes
+    (their outputs equal generate() alone), and the cache serves hits again afterwards."""
+    cached = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model,
+                                  cache=f"{redis_process.url}?namespace={cache_namespace}&deadline_ms=200")
+    scheduler = Scheduler(cached).start()
+    first = [scheduler.submit(p, **kw) for p, kw in REQUESTS[1:5]]
+    for ticket in first[:1]:
+        ticket.wait(120)
+    redis_process.kill()  # while the others decode (and write behind)
+    second = [scheduler.submit(p, **kw) for p, kw in REQUESTS[5:]]
+    for i, ticket in enumerate(first + second, start=1):
+        result = ticket.wait(120)
+        assert result.token_ids == alone[i].token_ids and result.text == alone[i].text, REQUESTS[i]
+    redis_process.restart()
+    after = [scheduler.submit(p, **kw).wait(120) for p, kw in REQUESTS[5:]]
+    assert [r.token_ids for r in after] == [alone[i].token_ids for i in range(5, len(REQUESTS))]
+    assert scheduler.shutdown(timeout=30)
