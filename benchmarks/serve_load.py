@@ -148,13 +148,17 @@ class Server:
         self.log.close()
 
 
-def one_request(client, prompt: str, max_tokens: int) -> dict:
-    """One streamed completion; its timings, text, token count and speculative stats."""
+def one_request(client, prompt: str, max_tokens: int, sampling: dict | None = None) -> dict:
+    """One streamed completion (greedy unless `sampling` says otherwise); its timings, text,
+    token count and speculative stats."""
     sent = time.perf_counter()
     first = last = None
     parts, usage, extra = [], None, None
-    stream = client.completions.create(model="bundled", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})
+    sampling = sampling or {"temperature": 0}
+    extra_body = {k: v for k, v in sampling.items() if k == "top_k"}
+    stream = client.completions.create(model="bundled", prompt=prompt, max_tokens=max_tokens, stream=True,
+                                       stream_options={"include_usage": True}, extra_body=extra_body or None,
+                                       **{k: v for k, v in sampling.items() if k != "top_k"})
     for chunk in stream:
         now = time.perf_counter()
         text = chunk.choices[0].text if chunk.choices else ""
@@ -173,7 +177,14 @@ def one_request(client, prompt: str, max_tokens: int) -> dict:
     }
 
 
-def run_phase(bases: list[str], prompts: list[str], concurrency: int, max_tokens: int, during=None) -> dict:
+def mixed_sampling(i: int) -> dict:
+    """Request i of the mixed phase: greedy, or seeded sampling with its own settings."""
+    return [{"temperature": 0}, {"temperature": 0.8, "top_p": 0.95, "seed": i},
+            {"temperature": 1.0, "top_k": 40, "seed": i}, {"temperature": 0.6, "seed": i}][i % 4]
+
+
+def run_phase(bases: list[str], prompts: list[str], concurrency: int, max_tokens: int, during=None,
+              sampling=None) -> dict:
     """`len(prompts)` requests from `concurrency` client threads (closed loop), round-robin
     over the servers; `during(done_count)` is called after each completed request."""
     import openai
@@ -192,7 +203,8 @@ def run_phase(bases: list[str], prompts: list[str], concurrency: int, max_tokens
             if i is None:
                 return
             try:
-                results[i] = one_request(clients[i % len(clients)], prompts[i], max_tokens)
+                results[i] = one_request(clients[i % len(clients)], prompts[i], max_tokens,
+                                         sampling(i) if sampling is not None else None)
             except Exception as exc:  # noqa: BLE001 - a lost request is what this measures
                 with lock:
                     errors.append(f"request {i}: {type(exc).__name__}: {exc}")
@@ -271,6 +283,22 @@ def main() -> int:
             report["levels_results"] = {str(c): {k: v for k, v in p.items() if k != "results"} for c, p in phases.items()}
             top = levels[-1]
             report["speedup_top_vs_one"] = phases[top]["throughput_tok_s"] / phases[levels[0]]["throughput_tok_s"]
+
+            # 1b. Mixed sampling settings in one batch: greedy rows and seeded rows with their own
+            # temperature / top-k / top-p, at the top concurrency against one client at a time.
+            redis.flushall()
+            alone = run_phase([base], prompts, levels[0], args.max_tokens, sampling=mixed_sampling)
+            redis.flushall()
+            mixed = run_phase([base], prompts, levels[-1], args.max_tokens, sampling=mixed_sampling)
+            changed_mixed = [i for i, (a, b) in enumerate(zip(alone["results"], mixed["results"]))
+                             if a is None or b is None or a["text"] != b["text"]]
+            report["mixed_sampling"] = {
+                "one_client_tok_s": alone["throughput_tok_s"], "top_tok_s": mixed["throughput_tok_s"],
+                "succeeded": mixed["succeeded"], "requests": mixed["requests"], "changed_or_lost": changed_mixed,
+            }
+            print(f"mixed sampling: {mixed['succeeded']}/{mixed['requests']} ok at {levels[-1]} clients, "
+                  f"{len(changed_mixed)} differ from one client at a time, {mixed['throughput_tok_s']:.1f} tok/s "
+                  f"(one client {alone['throughput_tok_s']:.1f})", flush=True)
 
             # 2. Redis killed after a quarter of the requests, restarted a second later.
             redis.flushall()
@@ -351,6 +379,14 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {c} | {p['throughput_tok_s']:.1f} | {p['throughput_tok_s'] / one:.2f} | {ms(p['ttft_p50_s'])} | "
                      f"{ms(p['ttft_p99_s'])} | {ms(p['tpot_p50_s'])} | {ms(p['tpot_p99_s'])} | "
                      f"{p['succeeded']}/{p['requests']} |")
+    m = report["mixed_sampling"]
+    lines += [
+        "",
+        f"Mixed sampling (a quarter greedy, three quarters seeded with their own temperature, top-k, top-p): "
+        f"{m['succeeded']}/{m['requests']} succeeded at {report['levels'][-1]} clients, "
+        f"{len(m['changed_or_lost'])} differ from the same requests sent one at a time; "
+        f"{m['top_tok_s']:.1f} tok/s against {m['one_client_tok_s']:.1f} for one client.",
+    ]
     k = report["redis_killed"]
     t = report["two_servers"]
     lines += [

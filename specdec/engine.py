@@ -15,6 +15,11 @@ for the first step's forward over that token: the first step feeds only its draf
 no forward at all). transformers' `generate` computes the first token the same way, and
 in bfloat16 the order of operations decides ties (see specdec.kv).
 
+DecodeBatch holds the loop's state and runs one step at a time: each row has its own budget,
+stop ids and stop check (and, in a server's batch, its own sampling settings), finished rows
+leave, and the rows of another batch join between steps (merge: continuous batching, see
+specdec.serving). iter_decode() and decode() drive one request's batch to the end.
+
 Plain autoregressive decoding is the same loop with drafter "none" (no sources). KV state
 (static per-row or generic, chosen per model) lives in specdec.kv, the counter-based
 noise in specdec.noise, the drafter-facing DecodeState in specdec.drafters.base.

@@ -274,15 +274,19 @@ class SpeculativeGenerator:
     def check_request(self, prompt, *, cache: Any = _UNSET, **kwargs) -> None:
         """Raise what stream(prompt, **kwargs) would raise for its arguments (ValueError,
         TypeError), without decoding: a server checks a request before it queues it."""
+        _, params, ids = self._one_prompt(prompt, kwargs)
+        self._prepare(ids, params, cache)
+
+    def _one_prompt(self, prompt, kwargs: dict) -> tuple[list[str], GenerationParams, list[list[int]]]:
+        """The checks of a streamed prompt: its text, params and ids (one row)."""
         if self.tokenizer is None:
-            raise ValueError("requests with text prompts need a tokenizer; construct the generator with one")
+            raise ValueError("stream() needs a tokenizer; construct the generator with one")
         texts = self._prompt_texts(prompt)
         if len(texts) != 1:
-            raise ValueError(f"one prompt per request, got {len(texts)}")
+            raise ValueError(f"stream() takes one prompt, got {len(texts)}")
         params = make_params(**kwargs)
         self._check_prompt_chars(texts, params)
-        ids = [self._encode(texts[0])]
-        self._prepare(ids, params, cache)
+        return texts, params, [self._encode(texts[0])]
 
     def stream(self, prompt, *, cache: Any = _UNSET, **kwargs) -> Generator[str, None, GenerationResult]:
         """Yield text deltas of one prompt as the target accepts tokens.
@@ -638,14 +642,7 @@ class StreamRow:
     """
 
     def __init__(self, gen: SpeculativeGenerator, prompt, cache, kwargs: dict) -> None:
-        if gen.tokenizer is None:
-            raise ValueError("stream() needs a tokenizer; construct the generator with one")
-        texts = gen._prompt_texts(prompt)
-        if len(texts) != 1:
-            raise ValueError(f"stream() takes one prompt, got {len(texts)}")
-        params = make_params(**kwargs)
-        gen._check_prompt_chars(texts, params)
-        ids = [gen._encode(texts[0])]
+        texts, params, ids = gen._one_prompt(prompt, kwargs)
         self.gen = gen
         self.keyed = _cache_prompts(prompt, texts)[0]  # what the cache keys the prompt by
         self.layer, self.drafters, self.stop_ids = gen._prepare(ids, params, cache)

@@ -90,13 +90,19 @@ def test_concurrent_requests_share_a_batch_and_equal_generate_alone(gen, alone):
     assert scheduler.shutdown(timeout=30)
 
 
-def test_a_cancelled_row_leaves_at_the_next_step(gen):
-    scheduler = Scheduler(gen).start()
+def started_stream(scheduler, max_new_tokens: int):
+    """A long request, once its first text has arrived: (ticket, its events)."""
     events = Collector()
-    ticket = scheduler.submit("def fib(n):", on_event=events, max_new_tokens=400, ignore_eos=True)
+    ticket = scheduler.submit("def fib(n):", on_event=events, max_new_tokens=max_new_tokens, ignore_eos=True)
     deadline = time.monotonic() + 60
     while not events.text and time.monotonic() < deadline:
         time.sleep(0.005)
+    return ticket, events
+
+
+def test_a_cancelled_row_leaves_at_the_next_step(gen):
+    scheduler = Scheduler(gen).start()
+    ticket, events = started_stream(scheduler, 400)
     ticket.cancel()
     result = ticket.wait(30)
     assert result.finish_reason == "cancelled" and 0 < len(result.token_ids) < 400
@@ -149,11 +155,7 @@ def test_graceful_shutdown_finishes_rows_in_flight(gen, alone):
 
 def test_shutdown_with_cancel_ends_rows_now(gen):
     scheduler = Scheduler(gen).start()
-    events = Collector()
-    ticket = scheduler.submit("def fib(n):", on_event=events, max_new_tokens=900, ignore_eos=True)
-    deadline = time.monotonic() + 60
-    while not events.text and time.monotonic() < deadline:
-        time.sleep(0.005)
+    ticket, _ = started_stream(scheduler, 900)
     assert scheduler.shutdown(cancel=True, timeout=30)
     assert ticket.wait(5).finish_reason == "cancelled"
 
