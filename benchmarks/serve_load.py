@@ -364,6 +364,9 @@ def write_markdown(report: dict, path: Path) -> None:
     def ms(v):
         return f"{v * 1e3:.0f}" if v is not None else "-"
 
+    def ms1(v):
+        return f"{v * 1e3:.1f}" if v is not None else "-"
+
     lines = [
         "# `specdec serve` under load (bundled pair)", "",
         f"Command: `{report['command']}`  ",
@@ -377,7 +380,7 @@ def write_markdown(report: dict, path: Path) -> None:
     one = report["levels_results"][str(report["levels"][0])]["throughput_tok_s"]
     for c, p in report["levels_results"].items():
         lines.append(f"| {c} | {p['throughput_tok_s']:.1f} | {p['throughput_tok_s'] / one:.2f} | {ms(p['ttft_p50_s'])} | "
-                     f"{ms(p['ttft_p99_s'])} | {ms(p['tpot_p50_s'])} | {ms(p['tpot_p99_s'])} | "
+                     f"{ms(p['ttft_p99_s'])} | {ms1(p['tpot_p50_s'])} | {ms1(p['tpot_p99_s'])} | "
                      f"{p['succeeded']}/{p['requests']} |")
     m = report["mixed_sampling"]
     lines += [
