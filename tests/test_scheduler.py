@@ -193,3 +193,15 @@ def test_redis_killed_and_restarted_mid_run_changes_nothing(gen, alone, redis_pr
     after = [scheduler.submit(p, **kw).wait(120) for p, kw in REQUESTS[5:]]
     assert [r.token_ids for r in after] == [alone[i].token_ids for i in range(5, len(REQUESTS))]
     assert scheduler.shutdown(timeout=30)
+
+
+def test_requests_on_the_generic_kv_path_run_as_their_own_batches(gen, alone):
+    """A model on the generic KV path cannot merge batches: each admission round runs as its
+    own batch, stepped in turn with the others, and every output still equals generate()."""
+    generic = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model, engine="generic")
+    scheduler = Scheduler(generic).start()
+    tickets = [scheduler.submit(p, **kw) for p, kw in REQUESTS[1:6]]
+    for i, ticket in enumerate(tickets, start=1):
+        assert ticket.wait(120).token_ids == alone[i].token_ids, REQUESTS[i]
+    assert scheduler.counts["rows_joined"] == 0
+    assert scheduler.shutdown(timeout=30)
