@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drafter", default=None, help=drafter_help)
     s.add_argument("--num-draft-tokens", type=_k_or_auto, default=None,
                    help='K drafts per step, or "auto" to choose it every step (default: auto)')
+    s.add_argument("--compile", action="store_true",
+                   help="run decoding steps through torch.compile, compiled before the server listens "
+                        "(about a minute cold; torch's compile cache makes a restart seconds)")
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
 
     # Listed for help only: main() hands `specdec cache ...` to specdec.cache.cli before parsing.
@@ -507,7 +510,7 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout,
           drafter=args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device,
           dtype=None if args.dtype in (None, "auto") else args.dtype, device_map=args.device_map,
-          numerics=args.numerics, log_level=args.log_level)
+          numerics=args.numerics, compile=args.compile, log_level=args.log_level)
     return 0
 
 

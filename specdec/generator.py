@@ -177,16 +177,20 @@ class SpeculativeGenerator:
         `compile_min_tokens`; smaller ones run eager until then (see specdec.compiled)."""
         return self._compiler is not None
 
-    def warmup(self) -> float:
+    def warmup(self, batches: bool = False) -> float:
         """Compile the step graphs now (target, and draft model if any); returns the seconds spent.
 
-        One call per process: the graphs serve every request length and draft length (batches
-        of several rows compile their own on first use), and torch's compile caches make a
-        later process's warm-up mostly a load. On CPU it also compiles the sampled step's graphs
-        for temperature-only sampling (top-k / top-p settings compile on first use).
+        One call per process: the graphs serve every request length and draft length, and
+        torch's compile caches make a later process's warm-up mostly a load. Batches of several
+        rows have graphs of their own (one serves every row count from 2): `batches=True`
+        compiles those too (a server does), else the first such batch compiles them. On CPU it
+        also compiles the sampled step's graphs for temperature-only sampling (top-k / top-p
+        settings compile on first use).
         """
         if self._compiler is None:
             raise ValueError("warmup() compiles decoding steps: construct the generator with compile=True")
+        if not isinstance(batches, bool):
+            raise ValueError(f"batches must be True or False, got {batches!r}")
         from .kv import BUCKET, engine_path, make_kv, prefill_logits
 
         start = time.perf_counter()
@@ -201,11 +205,12 @@ class SpeculativeGenerator:
                                static_blocker(model, capacity) or f"engine={self.engine!r}")
                 continue
             forward = self._compiler.forward_for(model, role)
-            kv = make_kv(model, "static", 1, capacity, self.device, vocab, compiled=forward)
-            ids = torch.arange(1, 9, device=self.device).remainder(vocab).view(1, -1)  # [1, 8]
-            prefill_logits(kv, ids.tolist())
-            kv.forward(ids[:, :1])  # a decoding step
-            kv.forward(ids[:, :3], torch.tensor([2], device=self.device))  # a verify step, ragged
+            for rows in (1, 2) if batches else (1,):
+                kv = make_kv(model, "static", rows, capacity, self.device, vocab, compiled=forward)
+                ids = torch.arange(1, 9, device=self.device).remainder(vocab).view(1, -1).repeat(rows, 1)  # [R, 8]
+                prefill_logits(kv, ids.tolist())
+                kv.forward(ids[:, :1])  # a decoding step
+                kv.forward(ids[:, :3], torch.full((rows,), 2, device=self.device))  # a verify step, ragged
         if self.device.type == "cpu":  # sampled steps: noise and verification as one graph (specdec.fused)
             from . import fused
 

@@ -133,3 +133,37 @@ def test_warmup_needs_compile(pair):
     with pytest.raises(ValueError, match="compile=True"):
         eager.warmup()
     assert eager.compile_stats() == {"compile": False}
+
+
+def test_a_servers_batch_runs_compiled_and_gives_the_eager_tokens(pair):
+    """A server warms up with batches=True: requests that join a running batch (rows merged,
+    KV buffers concatenated) run through the compiled graphs with no further compile, and give
+    eager's tokens, greedy and seeded, with their own sampling settings."""
+    from specdec.serving import Scheduler
+
+    eager, compiled = pair
+    compiled.warmup(batches=True)
+    before = compiled.compile_stats()
+    requests = [
+        (PROMPTS[0], dict(max_new_tokens=40, drafter="model")),
+        (PROMPTS[1], dict(max_new_tokens=24, drafter="model")),
+        (PROMPTS[2], dict(max_new_tokens=16, drafter="auto")),
+        (PROMPTS[1], dict(max_new_tokens=20, drafter="model", temperature=0.8, seed=5)),
+        (PROMPTS[2], dict(max_new_tokens=28, drafter="model", temperature=1.1, top_k=20, seed=6)),
+    ]
+    scheduler = Scheduler(compiled)
+    tickets = []
+
+    def join_the_first(event) -> None:  # on the first request's first text: the others queue now
+        if len(tickets) == 1:
+            tickets.extend(scheduler.submit(p, ignore_eos=True, **kw) for p, kw in requests[1:])
+
+    tickets.append(scheduler.submit(requests[0][0], on_event=join_the_first, ignore_eos=True, **requests[0][1]))
+    scheduler.start()
+    got = [tickets[0].wait(300).token_ids] + [t.wait(300).token_ids for t in tickets[1:]]
+    assert scheduler.counts["rows_joined"] >= 1  # the greedy model-drafted row joined the first's batch
+    assert scheduler.shutdown(timeout=60)
+    for (prompt, kw), tokens in zip(requests, got):
+        assert tokens == eager.generate(prompt, ignore_eos=True, **kw)[0].token_ids, kw
+    after = compiled.compile_stats()
+    assert (after["graphs"], after["recompiles"]) == (before["graphs"], before["recompiles"])

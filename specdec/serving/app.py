@@ -393,6 +393,7 @@ def serve(
     dtype: str | None = None,
     device_map: str | None = None,
     numerics: str = "native",
+    compile: bool = False,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     log_level: str = "info",
 ) -> None:
@@ -401,7 +402,9 @@ def serve(
 
     `model_name` is the name clients pass as `model` (default: `target` as given). The host
     defaults to 127.0.0.1 (this machine only): the server has no authentication, so listen on
-    other interfaces only behind something that has.
+    other interfaces only behind something that has. `compile=True` runs decoding steps
+    through torch.compile and compiles them (single rows and batches) before the server
+    listens: a server runs long enough to earn the warm-up back (see SpeculativeGenerator.warmup).
     """
     import uvicorn
 
@@ -412,7 +415,11 @@ def serve(
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
     generator = SpeculativeGenerator.from_pretrained(target, draft, device=device, dtype=dtype,
-                                                     device_map=device_map, cache=cache, numerics=numerics)
+                                                     device_map=device_map, cache=cache, numerics=numerics,
+                                                     compile=compile)
+    if compile:
+        logger.warning("compiling decoding steps before listening (about a minute cold, seconds from the compile cache)")
+        logger.warning("compiled in %.1f s", generator.warmup(batches=max_batch > 1))
     app = create_app(generator, model_name=name, max_batch=max_batch, max_queue=max_queue,
                      request_timeout=request_timeout, drafter=drafter, num_draft_tokens=num_draft_tokens,
                      shutdown_timeout=shutdown_timeout)
