@@ -118,8 +118,10 @@ class Server:
         self.log = open(log, "w")
         cmd = [sys.executable, "-P", "-m", "specdec.cli", "serve", "--port", str(self.port), "--cache", cache_url,
                "--max-batch", str(args.max_batch), "--threads", str(args.server_threads), "--log-level", "warning"]
+        if args.compile:
+            cmd.append("--compile")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self.healthy, 180, "specdec serve")
+        wait_until(self.healthy, 600, "specdec serve")
 
     def healthy(self) -> bool:
         if self.proc.poll() is not None:
@@ -250,6 +252,7 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,16", help="client concurrency levels (default 1,4,16)")
     parser.add_argument("--max-batch", type=int, default=16, help="the servers' --max-batch (default 16)")
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server (default 1)")
+    parser.add_argument("--compile", action="store_true", help="servers run compiled steps (specdec serve --compile)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -263,6 +266,7 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
         "requests": args.requests, "max_tokens": args.max_tokens, "levels": levels, "server_threads": args.server_threads,
+        "compile": args.compile,
     }
     with tempfile.TemporaryDirectory() as tmp:
         redis = Redis(Path(tmp))
@@ -371,7 +375,9 @@ def write_markdown(report: dict, path: Path) -> None:
         "# `specdec serve` under load (bundled pair)", "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']['cores']} cores ({report['machine']['cpu']}), Python "
-        f"{report['machine']['python']}; servers with {report['server_threads']} torch thread(s) each; clients in one process, same machine.  ",
+        f"{report['machine']['python']}; servers with {report['server_threads']} torch thread(s) each"
+        f"{', compiled steps (--compile, warm-up before listening)' if report.get('compile') else ''}; clients in one "
+        "process, same machine.  ",
         f"{report['requests']} streamed greedy completions per phase, max_tokens={report['max_tokens']}, "
         "held-out prompts, one Redis on loopback as the shared cache.", "",
         "| clients | tok/s | x one client | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok |",

@@ -345,6 +345,15 @@ _compiled: dict[str, Callable] = {}
 _graphs: dict[tuple, _Graph] = {}  # key -> its graph, called directly (checked against dynamo's)
 _pending: list[_Graph | None] = []  # what _backend built during the current call
 _failed: set[tuple] = set()  # keys whose compile failed: they run eagerly
+_frozen = False  # freeze(): keys not compiled by then run eagerly instead of compiling
+
+
+def freeze(frozen: bool = True) -> None:
+    """Stop compiling new graphs: sampling settings without one by now (another top-k, say)
+    run their eager body, with the same tokens. A server freezes after its warm-up, so that no
+    request stalls the whole batch for a compile."""
+    global _frozen
+    _frozen = frozen
 _BODIES: dict[str, Callable] = {"bonus": _bonus, "verify": _verify, "by_position": _by_position}
 _PARAMETERS = {kind: list(inspect.signature(body).parameters) for kind, body in _BODIES.items()}
 
@@ -470,7 +479,7 @@ def _run(kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...
             out = _direct(graph, args)
             if out is not None:
                 return out
-        if key in _failed:
+        if key in _failed or _frozen and key not in _stats.keys:
             return _BODIES[kind](*args)
         out, new = _through_dynamo(kind, key, args, dynamic)
         if new is not None:

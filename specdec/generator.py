@@ -184,8 +184,9 @@ class SpeculativeGenerator:
         torch's compile caches make a later process's warm-up mostly a load. Batches of several
         rows have graphs of their own (one serves every row count from 2): `batches=True`
         compiles those too (a server does), else the first such batch compiles them. On CPU it
-        also compiles the sampled step's graphs for temperature-only sampling (top-k / top-p
-        settings compile on first use).
+        also compiles the sampled step's graphs for temperature-only sampling, and with
+        `batches=True` for top-p too (other settings compile on first use, or run eagerly
+        after specdec.fused.freeze()).
         """
         if self._compiler is None:
             raise ValueError("warmup() compiles decoding steps: construct the generator with compile=True")
@@ -215,6 +216,9 @@ class SpeculativeGenerator:
             from . import fused
 
             fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, draft_probs=self.draft_model is not None)
+            if batches:  # a server's requests: top-p too
+                fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, top_p=0.9,
+                             draft_probs=self.draft_model is not None)
         elapsed = time.perf_counter() - start
         self._compiler.stats.warmup_s = elapsed
         return elapsed

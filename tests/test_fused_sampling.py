@@ -284,6 +284,22 @@ def test_a_failed_compile_runs_the_body_eagerly(monkeypatch, caplog):
     assert fused.compile_stats()["eager"] >= 1
 
 
+def test_frozen_keys_run_eagerly_and_compile_nothing(monkeypatch):
+    """After freeze() (a server's warm-up is done), settings without a graph run their body
+    eagerly with the same tokens, and nothing compiles; compiled settings keep their graphs."""
+    warm = _case(680, 4, 2, probs=True)
+    _fused_step(warm, 0.7)  # compiled (here, if this test runs alone) before the freeze
+    monkeypatch.setattr(fused, "_frozen", False)
+    fused.freeze()
+    before = fused.compile_stats()
+    case = _case(681, 5, 3, probs=True)
+    top_k = 11  # a key no other test compiles
+    assert _same(_fused_step(case, 0.9, top_k), _eager(case, 0.9, top_k))
+    assert _same(_fused_step(warm, 1.3), _eager(warm, 1.3))
+    after = fused.compile_stats()
+    assert after["graphs"] == before["graphs"] and after["direct"] == before["direct"]
+
+
 def _state(case, temperature: float, compiled: bool) -> DecodeState:
     seeds, counters = case[0], case[1]
     return DecodeState(

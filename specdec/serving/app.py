@@ -420,6 +420,9 @@ def serve(
     if compile:
         logger.warning("compiling decoding steps before listening (about a minute cold, seconds from the compile cache)")
         logger.warning("compiled in %.1f s", generator.warmup(batches=max_batch > 1))
+        from ..fused import freeze
+
+        freeze()  # a sampling setting not compiled now runs eagerly (the same tokens), never stalls the batch
     app = create_app(generator, model_name=name, max_batch=max_batch, max_queue=max_queue,
                      request_timeout=request_timeout, drafter=drafter, num_draft_tokens=num_draft_tokens,
                      shutdown_timeout=shutdown_timeout)
