@@ -121,7 +121,13 @@ class Server:
         if args.compile:
             cmd.append("--compile")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self.healthy, 600, "specdec serve")
+        try:
+            wait_until(self.healthy, 600, "specdec serve")
+        except BaseException:  # never leave a server behind
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.log.close()
+            raise
 
     def healthy(self) -> bool:
         if self.proc.poll() is not None:
