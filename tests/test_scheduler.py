@@ -205,3 +205,57 @@ def test_requests_on_the_generic_kv_path_run_as_their_own_batches(gen, alone):
         assert ticket.wait(120).token_ids == alone[i].token_ids, REQUESTS[i]
     assert scheduler.counts["rows_joined"] == 0
     assert scheduler.shutdown(timeout=30)
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(gen, alone, monkeypatch):
+    """An error inside a decoding step ends that batch's requests with Failed (the server would
+    answer 500); the scheduler keeps serving the next ones, unchanged."""
+    from specdec.engine import DecodeBatch
+
+    real_step = DecodeBatch.step
+    broken = {"on": True}
+
+    def step(self):
+        if broken["on"]:
+            raise RuntimeError("a kernel failed")
+        return real_step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", step)
+    scheduler = Scheduler(gen).start()
+    events = Collector()
+    ticket = scheduler.submit(*REQUESTS[3][:1], on_event=events, **REQUESTS[3][1])
+    assert events.ended.wait(60) and isinstance(events.events[-1], Failed)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        ticket.wait(5)
+    broken["on"] = False
+    assert scheduler.submit(*REQUESTS[3][:1], **REQUESTS[3][1]).wait(60).token_ids == alone[3].token_ids
+    assert scheduler.running == 0
+    assert scheduler.shutdown(timeout=30)
+
+
+def test_a_merge_that_breaks_midway_fails_both_batches_and_the_server_goes_on(gen, alone, monkeypatch):
+    """A merge that raises after it began (not a refusal) may have left either batch half
+    changed: the rows of both end with Failed, none hangs, and later requests are served."""
+    from specdec.engine import DecodeBatch
+
+    def merge(self, other):
+        raise RuntimeError("buffers out of step")
+
+    monkeypatch.setattr(DecodeBatch, "merge", merge)
+    scheduler = Scheduler(gen)
+    joined = []
+
+    def join(event) -> None:  # the second request queues on the first one's first text
+        if not joined:
+            joined.append(scheduler.submit("def add(a, b):", max_new_tokens=20))
+
+    first = scheduler.submit("def fib(n):", on_event=join, max_new_tokens=300, ignore_eos=True)
+    scheduler.start()
+    with pytest.raises(RuntimeError, match="buffers out of step"):
+        first.wait(60)
+    assert joined  # queued on the first's first text, so the merge was tried with it
+    with pytest.raises(RuntimeError, match="buffers out of step"):
+        joined[0].wait(60)
+    monkeypatch.undo()
+    assert scheduler.submit(*REQUESTS[3][:1], **REQUESTS[3][1]).wait(60).token_ids == alone[3].token_ids
+    assert scheduler.shutdown(timeout=30)

@@ -337,8 +337,14 @@ class Scheduler:
             if target is not None and batch.can_merge:
                 try:
                     target.batch.merge(batch)
-                except ValueError:
+                except ValueError:  # refused before either batch changed
                     logger.debug("batch of %d rows runs apart", len(rows), exc_info=True)
+                except Exception as error:  # noqa: BLE001 - a merge that broke midway: both batches end
+                    logger.exception("merging a batch failed")
+                    self._fail(list(target.rows.values()) + list(running.rows.values()), error)
+                    target.rows.clear()
+                    target.batch.state.rows = []
+                    continue
                 else:
                     target.rows.update(running.rows)
                     self.counts["rows_joined"] += len(rows)
@@ -347,7 +353,13 @@ class Scheduler:
 
     def _step(self) -> None:
         for running in list(self._batches):
-            self._end_late_rows(running)
+            try:
+                self._end_late_rows(running)
+            except Exception as error:  # noqa: BLE001 - the batch's requests fail, the server goes on
+                logger.exception("ending rows failed")
+                self._fail(list(running.rows.values()), error)
+                running.rows.clear()
+                running.batch.state.rows = []
             if running.batch.rows:
                 self._step_batch(running)
             if not running.batch.rows:
