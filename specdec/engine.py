@@ -315,8 +315,7 @@ class DecodeBatch:
             raise ValueError("these batches cannot merge (a KV path or drafter without merge support)")
         if self.state.compiled != other.state.compiled or self.path != other.path:
             raise ValueError("only batches on the same engine path merge")
-        if list(self.planner.sources) != list(other.planner.sources) or self.planner.seeded != other.planner.seeded:
-            raise ValueError("only batches with the same sources and sampling mode merge")
+        self.planner.check_merge(other.planner)  # before anything changes
         mine, theirs = self.state, other.state
         self.target.merge(other.target)
         self.planner.merge(other.planner, mine, theirs)

@@ -145,12 +145,16 @@ class Planner:
         for drafter in self.sources.values():
             drafter.select_rows(keep)
 
+    def check_merge(self, other: "Planner") -> None:
+        """ValueError unless `other`'s rows can join this planner's (the same sources and mode)."""
+        if list(other.sources) != list(self.sources) or other.seeded != self.seeded:
+            raise ValueError("only batches with the same sources and sampling mode merge")
+
     def merge(self, other: "Planner", state: DecodeState, other_state: DecodeState) -> None:
         """Append `other`'s rows (a batch of the same settings and sources, between two steps)
         after this planner's: each row keeps what it learned; the pooled estimates and the
         costs stay this planner's."""
-        if list(other.sources) != list(self.sources) or other.seeded != self.seeded:
-            raise ValueError("only batches with the same sources and sampling mode merge")
+        self.check_merge(other)
         for name, drafter in self.sources.items():
             drafter.merge(other.sources[name], state, other_state)
         self.rows = self.rows + other.rows

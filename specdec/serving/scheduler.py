@@ -341,9 +341,8 @@ class Scheduler:
                     logger.debug("batch of %d rows runs apart", len(rows), exc_info=True)
                 except Exception as error:  # noqa: BLE001 - a merge that broke midway: both batches end
                     logger.exception("merging a batch failed")
-                    self._fail(list(target.rows.values()) + list(running.rows.values()), error)
-                    target.rows.clear()
-                    target.batch.state.rows = []
+                    self._fail_batch(target, error)
+                    self._fail_batch(running, error)
                     continue
                 else:
                     target.rows.update(running.rows)
@@ -357,9 +356,7 @@ class Scheduler:
                 self._end_late_rows(running)
             except Exception as error:  # noqa: BLE001 - the batch's requests fail, the server goes on
                 logger.exception("ending rows failed")
-                self._fail(list(running.rows.values()), error)
-                running.rows.clear()
-                running.batch.state.rows = []
+                self._fail_batch(running, error)
             if running.batch.rows:
                 self._step_batch(running)
             if not running.batch.rows:
@@ -371,9 +368,7 @@ class Scheduler:
             emitted = running.batch.step()
         except Exception as error:  # noqa: BLE001 - the batch's requests fail, the server goes on
             logger.exception("a decoding step failed")
-            self._fail(list(running.rows.values()), error)
-            running.rows.clear()
-            running.batch.state.rows = []
+            self._fail_batch(running, error)
             return
         for row_id, new in emitted:
             live = running.rows[row_id]
@@ -417,6 +412,12 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.on_finished(result, status)
         live.pending.ticket._emit(Finished(result))
+
+    def _fail_batch(self, running: "_Batch", error: BaseException) -> None:
+        """Every request of the batch fails; the batch is left empty (the loop then drops it)."""
+        self._fail(list(running.rows.values()), error)
+        running.rows.clear()
+        running.batch.state.rows = []
 
     def _fail(self, rows: list["_Live"], error: BaseException) -> None:
         for live in rows:
