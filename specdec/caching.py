@@ -169,8 +169,11 @@ class CacheLayer:
         if hasattr(generator, "model_fingerprint"):
             model_fp["generator"] = generator.model_fingerprint()
         draft_fp = None
-        if draft is not None:
-            draft_fp = {"weights": model_fingerprint(draft)}
+        head = getattr(generator, "draft_head", None)
+        if draft is not None or head is not None:
+            draft_fp = {"weights": model_fingerprint(draft) if draft is not None else None}
+            if head is not None:  # an EAGLE-3 head's weights shape seeded samples as a draft model's do
+                draft_fp["head_weights"] = model_fingerprint(head)
             if hasattr(generator, "draft_fingerprint"):
                 draft_fp["generator"] = generator.draft_fingerprint()
         tok_fp = None
@@ -230,7 +233,11 @@ class CacheLayer:
             return False
         return not reads_shared_state(params.drafter, self._has_draft_model())
 
-    def _has_draft_model(self) -> bool:
+    def _has_draft_model(self):
+        """What the generator drafts with besides the target (see SpeculativeGenerator.draft_resources)."""
+        resources = getattr(self.generator, "draft_resources", None)
+        if resources is not None:
+            return resources
         return getattr(self.generator, "draft_model", None) is not None
 
     def _drafter_name(self, params: Any) -> str:

@@ -209,13 +209,19 @@ class DecodeBatch:
             compiled=compiler.forward_for(target_model, "target") if compiled else None,
         )
         self.planner = planner = Planner(params, drafters, batch, device, plan_memory)
-        self.hidden_states = planner.reads_hidden_states
+        self.hidden_states = planner.hidden_states  # False, True (the last layer) or the layers read
         planner.mark("start")
         # The whole prompt in one forward, as transformers computes it: its logits after the last
         # prompt token serve the first step, which then feeds only its drafts (see _verify_forward).
-        self.opening = prefill_logits(self.target, prompts, hidden=self.hidden_states)  # [B, 1, V], [B, 1, H]
+        logits, prompt_hidden = prefill_logits(self.target, prompts, hidden=self.hidden_states, all_hidden=True)
+        self.opening = (logits, None)  # [B, 1, V]
+        if prompt_hidden is not None:  # [B, P, H]: drafters that read hidden states start from every position's
+            last = torch.tensor([len(p) - 1 for p in prompts], device=device).view(-1, 1, 1)
+            self.opening = (logits, prompt_hidden.gather(1, last.expand(-1, 1, prompt_hidden.shape[-1])))
+            state.target_hidden = prompt_hidden
         planner.mark("target")
         planner.start(state, max(len(p) for p in prompts))
+        state.target_hidden = None
         self.last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # [B]
 
     @property
@@ -386,7 +392,7 @@ def _verify_forward(
     drafts: torch.Tensor,  # [B, k]
     num_draft: torch.Tensor,  # [B] real drafts per row (a prefix)
     opening: tuple[torch.Tensor, torch.Tensor | None] | None,  # the prefill's [B, 1, V], [B, 1, H]
-    hidden: bool,
+    hidden: bool | tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # logits [B, k+1, V], hidden, lengths before `last` [B]
     """The target's logits over [last, d1..dk] per row, and the KV lengths a rollback counts from.
 
@@ -406,7 +412,7 @@ def _verify_forward(
         return first_logits, first_states, before
     logits, states = target.forward(drafts, num_draft, hidden=hidden)  # [B, k, V]
     logits = torch.cat([first_logits, logits], dim=1)
-    states = torch.cat([first_states, states], dim=1) if hidden else None
+    states = torch.cat([first_states, states], dim=1) if hidden is not False else None
     return logits, states, before
 
 

@@ -57,6 +57,7 @@ class SpeculativeGenerator:
         numerics: str = "native",
         compile: bool = False,
         compile_min_tokens: int = DEFAULT_COMPILE_MIN_TOKENS,
+        draft_head: Any = None,
     ) -> None:
         _check_model("target_model", target_model)
         _check_compile(compile, compile_min_tokens, numerics)
@@ -85,6 +86,15 @@ class SpeculativeGenerator:
                 self.max_positions = (
                     draft_positions if self.max_positions is None else min(self.max_positions, draft_positions)
                 )
+        # An EAGLE-3 head (specdec.eagle): checked against the target, sharing its embeddings.
+        self.draft_head = None
+        if draft_head is not None:
+            from .eagle import EagleHead, attach_head
+
+            if not isinstance(draft_head, EagleHead):
+                raise TypeError(f"draft_head must be a specdec.eagle.EagleHead (see specdec.eagle.load_head), "
+                                f"got {type(draft_head).__name__}")
+            self.draft_head = attach_head(draft_head, target_model)
         self.eos_token_ids = _eos_ids(target_model, tokenizer)
         self._encode_memo: LruMemo[tuple[int, ...]] = LruMemo(_ENCODE_MEMO_SIZE)
         self._text_memo: LruMemo[str | None] = LruMemo(_TEXT_MEMO_SIZE)  # texts of trusted hits
@@ -112,6 +122,7 @@ class SpeculativeGenerator:
         numerics: str = "native",
         compile: bool = False,
         compile_min_tokens: int = DEFAULT_COMPILE_MIN_TOKENS,
+        head: Any = "default",
     ) -> "SpeculativeGenerator":
         """Load target (and draft) through transformers' Auto classes.
 
@@ -127,6 +138,10 @@ class SpeculativeGenerator:
         `numerics="stable"` computes the target's final norm and LM head in float32 and its
         attention eagerly (see the `numerics` property); "native" (the default) computes as loaded.
         `compile=True` runs decoding steps through torch.compile (see the `compile` property).
+        An EAGLE-3 head (drafter "eagle", see specdec.eagle) is a local folder in the published
+        EAGLE-3 layout, passed as `draft` or as `head`; `head="default"` loads the head shipped for
+        the target where there is one (the bundled pair's; SmolLM2-135M's with `specdec[heads]`),
+        `head=None` none. A head that does not fit the target is refused with what fits.
 
         A local path that does not exist fails at once; a hub id that is neither in the
         local Hugging Face cache nor reachable (offline, HF_HUB_OFFLINE=1) fails within
@@ -135,13 +150,25 @@ class SpeculativeGenerator:
         command that installs them (specdec.real_models.MissingPackageError, an OSError).
         """
         _check_compile(compile, compile_min_tokens, numerics)
+        from .eagle import default_head_path, is_eagle3_head, load_head
+
+        if draft is not None and is_eagle3_head(draft):  # draft=HEAD: the head drafts, no draft model
+            if head not in ("default", None):
+                raise ValueError("pass an EAGLE-3 head as draft= or as head=, not both")
+            head, draft = draft, None
+        elif head == "default":
+            head = default_head_path(target)
+        if head is not None and not is_eagle3_head(head):
+            raise ValueError(f"head={head!r} is not a local folder holding an EAGLE-3 head (a config.json naming "
+                             "an EAGLE-3 architecture, and its weights)")
         target_model, tokenizer, draft_model, draft_tokenizer = load_models(
             target, draft, device=device, dtype=dtype, device_map=device_map, revision=revision,
             trust_remote_code=trust_remote_code,
         )
+        draft_head = load_head(head) if head is not None else None
         return cls(
             target_model, tokenizer, draft_model, cache=cache, draft_tokenizer=draft_tokenizer, numerics=numerics,
-            compile=compile, compile_min_tokens=compile_min_tokens,
+            compile=compile, compile_min_tokens=compile_min_tokens, draft_head=draft_head,
         )
 
     # ------------------------------------------------------------------ properties
@@ -244,7 +271,19 @@ class SpeculativeGenerator:
         return fp
 
     def draft_fingerprint(self) -> dict | None:
-        return _model_fingerprint(self.draft_model) if self.draft_model is not None else None
+        fp = _model_fingerprint(self.draft_model) if self.draft_model is not None else None
+        if self.draft_head is not None:  # its weights shape seeded samples too
+            from .cache.fingerprint import model_fingerprint
+
+            fp = {"model": fp, "head": {"config": self.draft_head.config, "weights": model_fingerprint(self.draft_head)}}
+        return fp
+
+    @property
+    def draft_resources(self) -> frozenset[str]:
+        """What drafters may draft with besides the target: "model" (a draft model is loaded),
+        "head" (an EAGLE-3 head is)."""
+        return frozenset(name for name, obj in (("model", self.draft_model), ("head", self.draft_head))
+                         if obj is not None)
 
     def tokenizer_fingerprint(self) -> dict | None:
         """Identifies the tokenizer for cache keys: name/path, size, vocabulary hash."""
@@ -478,9 +517,12 @@ class SpeculativeGenerator:
         store = layer.draft_store if layer is not None and layer.config.draft_store else None
         if self.draft_model is not None and not hasattr(self, "_cost_ratio"):
             self._cost_ratio = size_cost_ratio(self.draft_model, self.target_model)
+        if self.draft_head is not None and not hasattr(self, "_head_cost_ratio"):
+            self._head_cost_ratio = head_cost_ratio(self.draft_head, self.target_model)
         return DraftContext(
             device=self.device, vocab_size=self.vocab_size, model=self.draft_model,
             model_vocab_size=self.draft_vocab_size, cost_ratio=getattr(self, "_cost_ratio", 0.0), store=store,
+            head=self.draft_head, head_cost_ratio=getattr(self, "_head_cost_ratio", 0.0),
         )
 
     def _check_engine(self, rows: list[list[int]], params: GenerationParams, drafters: list[Drafter]) -> None:
@@ -502,7 +544,7 @@ class SpeculativeGenerator:
     def _make_drafters(self, params: GenerationParams, layer) -> list[Drafter]:
         """The request's sources: one drafter per name that `drafter=` stands for."""
         context = self._draft_context(layer)
-        return [get_drafter_class(name)(context) for name in source_names(params.drafter, self.draft_model is not None)]
+        return [get_drafter_class(name)(context) for name in source_names(params.drafter, self.draft_resources)]
 
     def _check_rows(self, rows: list[list[int]], params: GenerationParams) -> None:
         if not rows:
@@ -850,6 +892,15 @@ def size_cost_ratio(draft_model, target_model) -> float:
     if None in depths or not depths[1]:
         return params
     return 0.5 * (params + depths[0] / depths[1])
+
+
+def head_cost_ratio(head, target_model) -> float:
+    """An EAGLE-3 head forward's cost over a target forward's, by the same proxy as a draft
+    model's (size_cost_ratio): the mean of the parameter ratio (the shared embedding left out)
+    and the depth ratio (one layer)."""
+    params = parameter_count(head) / max(parameter_count(target_model), 1)
+    depth = _num_layers(target_model)
+    return params if not depth else 0.5 * (params + 1.0 / depth)
 
 
 def _num_layers(model) -> int | None:

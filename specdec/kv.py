@@ -216,7 +216,8 @@ class KVState(ABC):
         num_valid: torch.Tensor | None = None,  # [B] real tokens per row (a prefix); None = all T
         *,
         keep: int | torch.Tensor | None = None,  # logits of the last `keep` slots, or of the slots a 1-D tensor lists; None = every slot
-        hidden: bool = False,  # also return the last layer's hidden states
+        hidden: bool | tuple[int, ...] = False,  # also return hidden states: True the last layer's, a tuple
+        # those entering these layers (transformers' hidden_states[i]) concatenated, [B, T, len * H]
         exact_width: bool = False,  # static path: attend over exactly the cached prefix, not its bucket
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, T or the kept slots, V], hidden [B, T, H] or None
         batch, width = input_ids.shape
@@ -242,8 +243,7 @@ class KVState(ABC):
                 out = self._call(ids, positions, position_ids, num_valid, width, kwargs, exact_width)
         self.lengths = self.lengths + (num_valid if num_valid is not None else width)
         self.forwards += 1
-        states = out.hidden_states[-1] if hidden else None
-        return out.logits, states
+        return out.logits, select_hidden(out.hidden_states, hidden) if hidden else None
 
     @abstractmethod
     def _call(self, ids, positions, position_ids, num_valid, width: int, kwargs: dict, exact_width: bool):
@@ -265,6 +265,14 @@ class KVState(ABC):
         raise NotImplementedError(f"the {self.path} KV path cannot merge batches")
 
 
+def select_hidden(states: tuple[torch.Tensor, ...], hidden: bool | tuple[int, ...]) -> torch.Tensor:
+    """The hidden states a forward was asked for: the last layer's (True) or those entering the
+    listed layers, concatenated along the feature axis."""
+    if hidden is True:
+        return states[-1]
+    return torch.cat([states[i] for i in hidden], dim=-1)
+
+
 def prefill(kv: KVState, prompts: list[list[int]]) -> None:
     """Feed every prompt token but the last, which opens a drafter's first window."""
     rows = [p[:-1] for p in prompts]
@@ -273,10 +281,11 @@ def prefill(kv: KVState, prompts: list[list[int]]) -> None:
 
 
 def prefill_logits(
-    kv: KVState, prompts: list[list[int]], *, hidden: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, 1, V], hidden [B, 1, H] or None
-    """Feed every prompt token; return the logits (and last-layer hidden states) after each
-    row's last one, which stand in for the first step's forward over that token.
+    kv: KVState, prompts: list[list[int]], *, hidden: bool | tuple[int, ...] = False, all_hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits [B, 1, V], hidden [B, 1, H] ([B, P, H]: all_hidden) or None
+    """Feed every prompt token; return the logits (and hidden states, see KVState.forward) after
+    each row's last one, which stand in for the first step's forward over that token
+    (all_hidden: the hidden states of every prompt position, right-padded, instead).
 
     This is how transformers' `generate` computes the first new token: one forward over the
     whole prompt. Feeding the last prompt token as a one-token step instead computes the same
@@ -291,12 +300,12 @@ def prefill_logits(
     column = torch.tensor([ends.index(len(p) - 1) for p in prompts], device=kv.device) if kv._keep_arg else last
     vocab = logits.shape[-1]
     logits = logits.gather(1, column.view(-1, 1, 1).expand(-1, 1, vocab))  # [B, 1, V]
-    if states is not None:
+    if states is not None and not all_hidden:
         states = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))  # [B, 1, H]
     return logits, states
 
 
-def _feed(kv: KVState, rows: list[list[int]], keep: int | torch.Tensor | None, hidden: bool = False):
+def _feed(kv: KVState, rows: list[list[int]], keep: int | torch.Tensor | None, hidden: bool | tuple[int, ...] = False):
     """One forward over right-padded rows (row b's tokens sit at positions 0.. on the static
     path), attending over exactly the longest row: a prefill's width is the request's own, so
     the bucket saves nothing, and its masked tail would change the attention's rounding.

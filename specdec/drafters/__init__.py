@@ -65,39 +65,51 @@ def get_drafter_class(name: str) -> type[Drafter]:
         ) from None
 
 
-def source_names(name: str, has_draft_model: bool) -> list[str]:
+def _resources(has) -> frozenset[str]:
+    """What a generator offers its drafters: a collection of "model" (a draft model is loaded)
+    and "head" (an EAGLE-3 head is); a bool stands for the draft model alone."""
+    if isinstance(has, bool):
+        return frozenset({"model"}) if has else frozenset()
+    return frozenset(has)
+
+
+_LOADED_NEEDS = ("model", "head")  # needs met only by something the generator has loaded
+
+
+def source_names(name: str, has_draft_model) -> list[str]:
     """The drafters a request with `drafter=name` plans over: none for "none", one for a
     registered name, and for "auto" every auto source whose needs are met (a source that
-    needs the draft model only when one is loaded; one that needs the shared store never:
-    it is chosen by name)."""
+    needs the draft model or a head only when one is loaded; one that needs the shared store
+    never: it is chosen by name). `has_draft_model`: what is loaded (see _resources)."""
     if name == NONE:
         return []
     if name != AUTO:
         get_drafter_class(name)
         return [name]
     _load()
+    have = _resources(has_draft_model)
     out = []
     for source in _AUTO_SOURCES:
         needs = _REGISTRY[source].needs
-        if "store" in needs or ("model" in needs and not has_draft_model):
+        if "store" in needs or any(n in needs and n not in have for n in _LOADED_NEEDS):
             continue
         out.append(source)
     return out
 
 
-def resolve_drafter_name(name: str, has_draft_model: bool) -> str:
+def resolve_drafter_name(name: str, has_draft_model) -> str:
     """The name a request's drafting goes by in cache keys: "auto" over a single source is
     that source (their outputs are the same)."""
     sources = source_names(name, has_draft_model)
     return sources[0] if name == AUTO and len(sources) == 1 else name
 
 
-def reads_draft_model(name: str, has_draft_model: bool) -> bool:
-    """Whether `drafter=name` may run the draft model."""
-    return any("model" in get_drafter_class(s).needs for s in source_names(name, has_draft_model))
+def reads_draft_model(name: str, has_draft_model) -> bool:
+    """Whether `drafter=name` may run the draft model or the head (their weights shape seeded samples)."""
+    return any(set(_LOADED_NEEDS) & get_drafter_class(s).needs for s in source_names(name, has_draft_model))
 
 
-def reads_shared_state(name: str, has_draft_model: bool) -> bool:
+def reads_shared_state(name: str, has_draft_model) -> bool:
     """Whether `drafter=name` drafts from state other requests change (the draft store)."""
     return any("store" in get_drafter_class(s).needs for s in source_names(name, has_draft_model))
 
@@ -108,7 +120,7 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import cache, model, ngram  # noqa: F401  (imported here: each imports this registry)
+    from . import cache, eagle, model, ngram  # noqa: F401  (imported here: each imports this registry)
 
     from importlib.metadata import entry_points
 

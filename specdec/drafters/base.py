@@ -22,6 +22,7 @@ from .. import noise
 
 if TYPE_CHECKING:
     from ..cache.draft_store import DraftStore
+    from ..eagle import EagleHead
     from ..kv import KVState
     from ..params import GenerationParams
     from ..planning.early_stop import EarlyStop
@@ -39,6 +40,8 @@ class DraftContext:
     # proxy seeded sampling plans with; unseeded requests measure the real one).
     cost_ratio: float = 0.0
     store: "DraftStore | None" = None  # the shared draft-token store, when the cache has one
+    head: "EagleHead | None" = None  # an EAGLE-3 head reading the target's hidden states (specdec.eagle)
+    head_cost_ratio: float = 0.0  # one head forward over one target forward (the same proxy as cost_ratio)
 
 
 @dataclass
@@ -82,7 +85,10 @@ class DecodeState:
     step_num_accepted: torch.Tensor | None = None  # [B] drafts accepted this step (device)
     step_accepted: list[int] = field(default_factory=list)  # [B] drafts accepted per row (host)
     step_emitted: list[list[int]] = field(default_factory=list)  # [B][<= K+1] tokens emitted (host)
-    target_hidden: torch.Tensor | None = None  # [B, K+1, H] last target layer, if a drafter asks
+    # [B, K+1, H] the target's hidden states over the step's inputs [last, d_1..d_k], if a drafter
+    # asks (the last layer's, or the layers its hidden_layers names, concatenated); in start(),
+    # those of every prompt position, [B, P, H] right-padded
+    target_hidden: torch.Tensor | None = None
     step_drafted: list[int] = field(default_factory=list)  # [B] drafts verified per row last step (host)
     step_sources: list[str] = field(default_factory=list)  # [B] the drafter each row verified last step
     compiled: bool = False  # the request runs on the compiled path (compile=True; specdec.compiled)
@@ -134,9 +140,12 @@ class Drafter(ABC):
     What a drafter declares, and nothing else, shapes how it is used:
       gives_probs          propose() returns draft probabilities q (a model), else its
                            drafts are one-hot;
-      reads_hidden_states  it reads state.target_hidden (the target returns them only then);
+      reads_hidden_states  it reads state.target_hidden (the target returns them only then):
+                           the last layer's, or, where the drafter's hidden_layers names target
+                           layers, the hidden states entering them, concatenated;
       needs                what it reads from its DraftContext: "model" (the draft model:
-                           its weights shape seeded samples, so they enter cache keys) and
+                           its weights shape seeded samples, so they enter cache keys), "head"
+                           (the EAGLE-3 head: the same) and
                            "store" (the shared draft store: its drafts depend on other
                            requests, so seeded samples are never cached).
     A drafter that needs no model drafts for free (cost ratio 0): the planner asks it for
@@ -146,6 +155,7 @@ class Drafter(ABC):
     name: ClassVar[str]  # set by register_drafter; a class never registered goes by its own name
     gives_probs: ClassVar[bool] = False
     reads_hidden_states: ClassVar[bool] = False
+    hidden_layers: tuple[int, ...] | None = None  # the target layers read (None: the last layer's output)
     needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -60,6 +60,20 @@ class RowPlan:
     probe_wait: int = PROBE_MIN  # idle steps before the row is probed
 
 
+def hidden_request(sources: list[Drafter]) -> bool | tuple[int, ...]:
+    """What the target returns for these sources: False (no source reads hidden states), True
+    (the last layer's) or the layers one reads (Drafter.hidden_layers). Sources that read
+    different layers cannot share a request."""
+    wanted = {d.hidden_layers for d in sources if d.reads_hidden_states}
+    if len(wanted) > 1:
+        raise ValueError(f"these drafters read different target layers ({sorted(map(str, wanted))}): "
+                         "choose one of them by name")
+    if not wanted:
+        return False
+    layers = wanted.pop()
+    return True if layers is None else tuple(layers)
+
+
 class Planner:
     """One request's draft plan (see the module docstring). The engine calls start, then per
     step propose, mark("verified"), mark("done"), observe, select_rows when rows leave, and
@@ -94,6 +108,7 @@ class Planner:
             self.costly = [n for n in self.costly if could_pay(self.k_max, self.sources[n].cost_ratio, gain=0.0)]
         self.active = self.free + self.costly
         self.reads_hidden_states = any(d.reads_hidden_states for d in self.sources.values())
+        self.hidden_states = hidden_request(list(self.sources.values()))
         self.rows = [RowPlan() for _ in range(batch)]
         self.pooled: dict[str, AcceptanceCounts] = {}  # per source, all rows (measured plans' prior)
         self.calibration = ConfidenceCalibration()

@@ -1,0 +1,536 @@
+"""EAGLE-3 hidden-state draft heads: the published checkpoint layout, the head, its KV cache.
+
+An EAGLE-3 head (Li et al. 2025) drafts from the target's own hidden states. For a
+position t the target has verified, it reads three of the target's layers (low, middle,
+high: the hidden states entering layers `aux_layers`, transformers' hidden_states[i])
+concatenated, projects them with `fc` [3 Ht -> H], and pairs them with the embedding of the
+token at t + 1. One decoder layer, whose attention reads [input_layernorm(embedding);
+hidden_norm(hidden)] (2H wide), turns that pair into a hidden state; `norm` and `lm_head`
+give logits over a reduced draft vocabulary (draft id i is target id i + d2t[i]) for the
+token at t + 2. Drafting further, the head feeds its own pre-norm output where the
+target's features would be.
+
+The checkpoint layout is the one vLLM's and SGLang's `llama_eagle3` loaders read:
+config.json with architectures ["LlamaForCausalLMEagle3"], hidden_size, intermediate_size,
+num_attention_heads, num_key_value_heads, vocab_size, draft_vocab_size, target_hidden_size
+(when it differs from hidden_size), rms_norm_eps, the rope settings and
+eagle_config.eagle_aux_hidden_state_layer_ids; and the weights
+
+    fc.weight                                   [H, 3 Ht]
+    midlayer.input_layernorm.weight             [H]   (on the token embedding)
+    midlayer.hidden_norm.weight                 [H]   (on the hidden state)
+    midlayer.post_attention_layernorm.weight    [H]
+    midlayer.self_attn.{q,k,v}_proj.weight      [heads * head_dim, 2 H]
+    midlayer.self_attn.o_proj.weight            [H, heads * head_dim]
+    midlayer.mlp.{gate,up}_proj.weight          [I, H];  midlayer.mlp.down_proj.weight [H, I]
+    norm.weight                                 [H]
+    lm_head.weight                              [Vd, H]
+    d2t                                         [Vd] int64   target id = draft id + d2t[draft id]
+    t2d                                         [V] bool     target ids in the draft vocabulary
+    embed_tokens.weight                         [V, H]  optional: without it the target's are shared
+
+A head trained here also records, under config["specdec"], the fingerprint of the target
+weights it was trained on; loading it beside another target is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+DEFAULT_ARCHITECTURE = EAGLE3_ARCHITECTURES[0]
+_CHUNK = 64  # KV capacity grows in steps of this many positions
+
+
+def read_config(path: str | os.PathLike) -> dict | None:
+    """config.json of a local folder, or None (no folder, no config, not JSON)."""
+    try:
+        folder = Path(path)
+        if not folder.is_dir():
+            return None
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def is_eagle3_config(config: dict | None) -> bool:
+    """Whether a checkpoint config describes an EAGLE-3 head (not an ordinary causal LM)."""
+    if not isinstance(config, dict):
+        return False
+    archs = config.get("architectures") or []
+    if any(a in EAGLE3_ARCHITECTURES for a in archs):
+        return True
+    eagle = config.get("eagle_config")
+    return isinstance(eagle, dict) and "eagle_aux_hidden_state_layer_ids" in eagle and "draft_vocab_size" in config
+
+
+def is_eagle3_head(path: Any) -> bool:
+    """Whether `path` is a local folder holding an EAGLE-3 head."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    return is_eagle3_config(read_config(path))
+
+
+def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
+    """The layers EAGLE-3 reads when a head names none: low, middle, high (vLLM's and SGLang's
+    default for Llama targets: 2, N // 2, N - 3), kept inside the model."""
+    return (min(2, num_layers), num_layers // 2, max(num_layers - 3, 0))
+
+
+def target_layers(target: nn.Module) -> int:
+    config = target.config
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)
+
+
+def weight_fingerprint(model: nn.Module) -> dict:
+    """What identifies the target weights a head was trained on, robust to the dtype they are
+    loaded in: a hash of every parameter's name and shape, and the mean absolute value of up to
+    16 of them (evenly spread, in name order)."""
+    named = sorted((n, t) for n, t in model.state_dict().items() if torch.is_floating_point(t))
+    shapes = hashlib.sha256(json.dumps([[n, list(t.shape)] for n, t in named]).encode()).hexdigest()
+    step = max(1, len(named) // 16)
+    stats = {n: float(t.detach().abs().double().mean()) for n, t in named[::step][:16]}
+    return {"shapes_sha256": shapes, "mean_abs": stats}
+
+
+def same_weights(expected: dict, actual: dict, rtol: float = 1e-2) -> bool:
+    """Whether two weight_fingerprint()s name the same weights (up to the dtype's rounding)."""
+    if expected.get("shapes_sha256") != actual.get("shapes_sha256"):
+        return False
+    want, have = expected.get("mean_abs") or {}, actual.get("mean_abs") or {}
+    return bool(want) and all(n in have and abs(have[n] - v) <= rtol * max(abs(v), 1e-12) for n, v in want.items())
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(dtype)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, self.weight, self.eps)
+
+
+class _Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(2 * hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _MidLayer(nn.Module):
+    def __init__(self, c: dict) -> None:
+        super().__init__()
+        hidden, eps = c["hidden_size"], c["rms_norm_eps"]
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.hidden_norm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = _Attention(hidden, c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
+                                    bool(c.get("attention_bias", False)))
+        self.mlp = _MLP(hidden, c["intermediate_size"])
+
+
+def normalise_config(raw: dict) -> dict:
+    """The head's settings from a checkpoint config, with the layout's defaults filled in."""
+    c = dict(raw)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        if not isinstance(c.get(key), int) or c[key] < 1:
+            raise ValueError(f"an EAGLE-3 head config needs a positive int {key!r}, got {c.get(key)!r}")
+    c.setdefault("num_key_value_heads", c["num_attention_heads"])
+    c.setdefault("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    if c.get("head_dim") is None:
+        c["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
+    c.setdefault("rms_norm_eps", 1e-6)
+    if c.get("draft_vocab_size") is None:
+        c["draft_vocab_size"] = c["vocab_size"]
+    if c.get("target_hidden_size") is None:
+        c["target_hidden_size"] = c["hidden_size"]
+    c.setdefault("max_position_embeddings", 8192)
+    c.setdefault("norm_before_residual", False)
+    if int(c.get("num_hidden_layers", 1)) != 1:
+        raise ValueError(f"only one-layer EAGLE-3 heads are supported, this one has {c['num_hidden_layers']} layers")
+    return c
+
+
+def _rope_config(c: dict):
+    from transformers import LlamaConfig
+
+    keys = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor")
+    extra = {k: c[k] for k in keys if c.get(k) is not None}
+    return LlamaConfig(hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"],
+                       num_key_value_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
+                       max_position_embeddings=c["max_position_embeddings"], **extra)
+
+
+class EagleHead(nn.Module):
+    """An EAGLE-3 draft head (see the module docstring for what it computes and its layout)."""
+
+    def __init__(self, config: dict, shared_embedding: nn.Embedding | None = None) -> None:
+        super().__init__()
+        c = self.config = normalise_config(config)
+        hidden = c["hidden_size"]
+        self.fc = nn.Linear(3 * c["target_hidden_size"], hidden, bias=False)
+        self.midlayer = _MidLayer(c)
+        self.norm = RMSNorm(hidden, c["rms_norm_eps"])
+        self.lm_head = nn.Linear(hidden, c["draft_vocab_size"], bias=False)
+        self.register_buffer("d2t", torch.zeros(c["draft_vocab_size"], dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(c["vocab_size"], dtype=torch.bool) if c["draft_vocab_size"] == c["vocab_size"]
+                             else torch.zeros(c["vocab_size"], dtype=torch.bool))
+        self.embed_tokens: nn.Embedding | None = None
+        self._shared = [shared_embedding]  # a list: the target's embedding is not this module's parameter
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.rotary = LlamaRotaryEmbedding(_rope_config(c))
+        eagle = c.get("eagle_config") or {}
+        layers = eagle.get("eagle_aux_hidden_state_layer_ids")
+        self.aux_layers: tuple[int, ...] | None = tuple(int(i) for i in layers) if layers else None
+
+    # -------------------------------------------------------------- properties
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.config["draft_vocab_size"]
+
+    @property
+    def target_fingerprint(self) -> dict | None:
+        return (self.config.get("specdec") or {}).get("target_fingerprint")
+
+    def share_embedding(self, embedding: nn.Embedding) -> None:
+        self._shared = [embedding]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = self.embed_tokens if self.embed_tokens is not None else self._shared[0]
+        if table is None:
+            raise ValueError("this EAGLE-3 head has no embed_tokens: attach the target's with share_embedding()")
+        return table(tokens.clamp(min=0)).to(self.fc.weight.dtype)
+
+    def draft_to_target(self) -> torch.Tensor:  # [Vd] target id of each draft id
+        return torch.arange(self.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+    # -------------------------------------------------------------- compute
+
+    def layer(self, embeds, hidden, cos, sin, attend) -> torch.Tensor:
+        """The decoder layer: embeds [B, T, H], hidden [B, T, H] (fc'd target features or the
+        head's own pre-norm output); `attend(q, k, v)` runs the attention over [B, heads, T, D]
+        queries and the new keys/values. Returns the pre-norm output [B, T, H]."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer = self.midlayer
+        attn = layer.self_attn
+        if self.config["norm_before_residual"]:
+            hidden = layer.hidden_norm(hidden)
+            residual = hidden
+        else:
+            residual = hidden
+            hidden = layer.hidden_norm(hidden)
+        x = torch.cat([layer.input_layernorm(embeds), hidden], dim=-1)  # [B, T, 2H]
+        batch, width, _ = x.shape
+        q = attn.q_proj(x).view(batch, width, attn.heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, width, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, width, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out = attend(q, k, v)  # [B, heads, T, D]
+        out = attn.o_proj(out.transpose(1, 2).reshape(batch, width, attn.heads * attn.head_dim))
+        h = residual + out
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def logits(self, prenorm: torch.Tensor) -> torch.Tensor:  # [..., Vd]
+        return self.lm_head(self.norm(prenorm))
+
+    def target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:  # [..., V], -inf outside the draft vocabulary
+        """Draft-vocabulary logits placed at their target ids."""
+        shape = (*draft_logits.shape[:-1], self.vocab_size)
+        out = draft_logits.new_full(shape, float("-inf"))
+        index = self.draft_to_target().expand(*draft_logits.shape[:-1], -1)
+        return out.scatter(-1, index, draft_logits)
+
+    def rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(like, positions)
+
+
+class HeadKV:
+    """The head's own KV cache for a batch: one layer of [B, kv_heads, C, D] buffers, row b's
+    position i at slot i (as specdec.kv's static path). `forward` writes each row's new
+    positions at its own length; `set_lengths` rolls rows back (nothing is erased: the stale
+    tail is overwritten later and never read). `bound` is a host-side upper bound on the
+    longest row, so nothing here reads the device."""
+
+    def __init__(self, head: EagleHead, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        attn = head.midlayer.self_attn
+        self.head = head
+        self.shape = (batch, attn.kv_heads, 0, attn.head_dim)
+        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.bound = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def _reserve(self, width: int) -> None:
+        if width <= self.capacity:
+            return
+        grow = math.ceil(width / _CHUNK) * _CHUNK - self.capacity
+        pad = (0, 0, 0, grow)
+        self.k = F.pad(self.k, pad)
+        self.v = F.pad(self.v, pad)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, num_valid: torch.Tensor | None = None,
+                *, features: bool) -> torch.Tensor:
+        """Feed tokens [B, T] with their hidden inputs [B, T, *] (features=True: the target's
+        concatenated layers, projected by fc here; False: the head's own pre-norm outputs);
+        the first num_valid[b] slots of row b are real. Returns the pre-norm outputs [B, T, H]."""
+        head = self.head
+        batch, width = tokens.shape
+        hidden = hidden.to(head.fc.weight.dtype)
+        if features:
+            hidden = head.fc(hidden)
+        slots = torch.arange(width, device=tokens.device)
+        positions = self.lengths.unsqueeze(1) + slots  # [B, T]
+        self._reserve(self.bound + width)
+        keys = self.bound + width  # columns any query may see
+        cos, sin = head.rope(hidden, positions)
+
+        def attend(q, k, v):
+            index = positions.view(batch, 1, width, 1).expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
+            cols = torch.arange(keys, device=tokens.device)
+            mask = cols.view(1, 1, 1, keys) <= positions.view(batch, 1, width, 1)  # [B, 1, T, W]
+            kk, vv = self.k[:, :, :keys], self.v[:, :, :keys]
+            groups = q.shape[1] // kk.shape[1]
+            if groups > 1:
+                kk = kk.repeat_interleave(groups, dim=1)
+                vv = vv.repeat_interleave(groups, dim=1)
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+        out = head.layer(head.embed(tokens), hidden, cos, sin, attend)
+        self.lengths = self.lengths + (num_valid if num_valid is not None else width)
+        self.bound += width
+        return out
+
+    def set_lengths(self, lengths: torch.Tensor, bound: int) -> None:
+        self.lengths = lengths
+        self.bound = bound
+
+    def select_rows(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.k.device)
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+    def merge(self, other: "HeadKV") -> None:
+        width = max(self.capacity, other.capacity)
+        self._reserve(width)
+        other._reserve(width)
+        self.k = torch.cat([self.k, other.k])
+        self.v = torch.cat([self.v, other.v])
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.bound = max(self.bound, other.bound)
+
+
+# --------------------------------------------------------------------------- loading and saving
+
+_RENAMES = (("model.layers.0.", "midlayer."), ("layers.0.", "midlayer."), ("model.", ""))
+
+
+def _canonical(name: str) -> str:
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    weights: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors.torch import load_file
+
+        for f in files:
+            weights.update(load_file(str(f)))
+    else:
+        bins = sorted(folder.glob("*.bin"))
+        if not bins:
+            raise OSError(f"{folder} holds an EAGLE-3 config but no *.safetensors or *.bin weights")
+        for f in bins:
+            weights.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return {_canonical(k): v for k, v in weights.items()}
+
+
+def load_head(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> EagleHead:
+    """Load an EAGLE-3 head from a local folder in the published layout (see the module docstring)."""
+    folder = Path(path)
+    raw = read_config(folder)
+    if not is_eagle3_config(raw):
+        raise ValueError(f"{folder} is not an EAGLE-3 head (its config.json names no EAGLE-3 architecture)")
+    head = EagleHead(raw)
+    weights = _read_weights(folder)
+    if "embed_tokens.weight" in weights:
+        head.embed_tokens = nn.Embedding(*weights["embed_tokens.weight"].shape)
+    weights.pop("t2d", None) if "t2d" not in head.state_dict() else None
+    expected = head.state_dict()
+    missing = sorted(k for k in expected if k not in weights and k not in ("d2t", "t2d"))
+    unknown = sorted(k for k in weights if k not in expected)
+    if missing or unknown:
+        raise ValueError(f"{folder}: weights do not match the EAGLE-3 layout; missing {missing[:8]}, "
+                         f"unexpected {unknown[:8]}")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                             f"{tuple(expected[name].shape)}")
+    state = {k: (v.to(expected[k].dtype) if not torch.is_floating_point(expected[k]) else v) for k, v in weights.items()}
+    if "d2t" in weights and "t2d" not in weights:  # t2d follows from d2t
+        t2d = torch.zeros(head.vocab_size, dtype=torch.bool)
+        t2d[torch.arange(head.draft_vocab_size) + state["d2t"]] = True
+        state["t2d"] = t2d
+    head.load_state_dict(state, strict=False)
+    stored = next(iter(v for v in weights.values() if torch.is_floating_point(v)), None)
+    head.to(dtype=dtype or (stored.dtype if stored is not None else torch.float32))
+    head.d2t.data = head.d2t.data.long()
+    if device is not None:
+        head.to(device)
+    return head.eval()
+
+
+def save_head(head: EagleHead, path: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
+              extra: dict | None = None) -> None:
+    """Write `head` in the published layout: config.json and model.safetensors (weights in `dtype`)."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in head.config.items()}
+    config["architectures"] = [DEFAULT_ARCHITECTURE]
+    config["model_type"] = "llama"
+    config["num_hidden_layers"] = 1
+    config["tie_word_embeddings"] = False
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if head.aux_layers is not None:
+        config["eagle_config"] = {**(config.get("eagle_config") or {}), "use_aux_hidden_state": True,
+                                  "eagle_aux_hidden_state_layer_ids": list(head.aux_layers)}
+    if extra:
+        config["specdec"] = {**(config.get("specdec") or {}), **extra}
+    state = {}
+    for name, tensor in head.state_dict().items():
+        if name.startswith("rotary."):
+            continue
+        state[name] = tensor.detach().to("cpu", dtype).contiguous() if torch.is_floating_point(tensor) else tensor.cpu()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def check_head_fits(head: EagleHead, target: nn.Module, *, name: str = "the EAGLE-3 head") -> tuple[int, ...]:
+    """Refuse a head that does not fit `target` (hidden size, vocabulary, layers, the target it
+    was trained on); returns the target layers it reads."""
+    config = target.config
+    config = getattr(config, "text_config", None) or config
+    hidden = int(config.hidden_size)
+    layers = int(config.num_hidden_layers)
+    vocab = int(target.get_input_embeddings().weight.shape[0])
+    c = head.config
+    if c["target_hidden_size"] != hidden:
+        raise ValueError(f"{name} reads target hidden states of size {c['target_hidden_size']} (fc takes "
+                         f"{3 * c['target_hidden_size']}), but the target's hidden size is {hidden}; "
+                         "use a head trained for this target")
+    if c["vocab_size"] != vocab:
+        raise ValueError(f"{name} maps its draft vocabulary into {c['vocab_size']} target ids, but the target's "
+                         f"vocabulary has {vocab}; use a head trained for this target")
+    if head.embed_tokens is None and c["hidden_size"] != hidden:
+        raise ValueError(f"{name} has no embed_tokens and its hidden size {c['hidden_size']} differs from the "
+                         f"target's {hidden}, so it cannot share the target's embeddings")
+    d2t_max = int((head.draft_to_target()).max()) if head.draft_vocab_size else -1
+    if d2t_max >= vocab or int(head.draft_to_target().min()) < 0:
+        raise ValueError(f"{name}'s d2t maps draft ids outside the target's vocabulary (0..{vocab - 1})")
+    aux = head.aux_layers or default_aux_layers(layers)
+    if len(aux) != 3 or any(not 0 <= i <= layers for i in aux):
+        raise ValueError(f"{name} reads target layers {list(aux)}, but the target has {layers} layers "
+                         f"(hidden states 0..{layers}); three are needed")
+    expected = head.target_fingerprint
+    if expected is not None:
+        if not same_weights(expected, weight_fingerprint(target)):
+            trained = (head.config.get("specdec") or {}).get("target", "another model")
+            raise ValueError(f"{name} was trained for other target weights ({trained}), not these; "
+                             "it would draft poorly beside them. Load it beside the target it was trained for")
+    return tuple(aux)
+
+
+def attach_head(head: EagleHead, target: nn.Module, *, name: str = "the EAGLE-3 head") -> EagleHead:
+    """Check `head` against `target`, fix the layers it reads, share the target's embeddings
+    where it has none, and move it to the target's device and dtype."""
+    aux = check_head_fits(head, target, name=name)
+    head.aux_layers = aux
+    embedding = target.get_input_embeddings()
+    if head.embed_tokens is None:
+        head.share_embedding(embedding)
+    weight = embedding.weight
+    head.to(device=weight.device, dtype=weight.dtype)
+    head.d2t.data = head.d2t.data.long()
+    return head.eval()
+
+
+def parameter_bytes(head: EagleHead) -> int:
+    return sum(p.numel() * p.element_size() for p in head.parameters())
+
+
+# The heads shipped with the package, by the target name they are loaded beside.
+_SHIPPED = {"bundled": ("default_pair", "eagle"), "smollm2-135m": ("heads", "smollm2-135m-instruct")}
+
+
+def shipped_head(name: str) -> str | None:
+    """The folder of the head shipped for target `name` ("bundled", "smollm2-135m"), or None."""
+    parts = _SHIPPED.get(name) if isinstance(name, str) else None
+    if parts is None:
+        return None
+    from importlib import resources
+
+    folder = resources.files("specdec.assets").joinpath(*parts)
+    path = Path(str(folder))
+    return str(path) if (path / "config.json").is_file() else None
+
+
+def default_head_path(target: Any) -> str | None:
+    """The head from_pretrained loads for `target` when none is named (head="default")."""
+    return shipped_head(target) if isinstance(target, str) else None
