@@ -127,6 +127,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", help="draft model: hub id or local path; 'none' for no draft; 'random' (bench) a "
                                    "random-weight draft of the target's shape, the useless-draft workload "
                                    "(default: the bundled draft when neither --target nor a real-model preset is given)")
+    g.add_argument("--head", help="EAGLE-3 head (drafter eagle): a local folder in the published EAGLE-3 layout; "
+                                  "'none' for no head (default: the head shipped for the target, if any: the "
+                                  "bundled pair's, SmolLM2-135M's)")
     g.add_argument("--device", help="torch device for both models (cpu, cuda, cuda:1, mps)")
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's config)")
     g.add_argument("--device-map", choices=("auto",), help="let accelerate place the target (multi-GPU / offload)")
@@ -278,6 +281,14 @@ def _model_paths(args) -> tuple[str, str | None]:
     return args.target, (None if draft in (None, "none") else draft)
 
 
+def _head_option(args):
+    """--head as from_pretrained takes it: a folder, None ('none') or "default"."""
+    head = getattr(args, "head", None)
+    if head is None:
+        return "default"
+    return None if head.lower() == "none" else head
+
+
 def _quiet_transformers() -> None:
     # The command prints its own progress; transformers' loading bars and generate()
     # deprecation notices would interleave with it.
@@ -342,7 +353,7 @@ def cmd_generate(args) -> int:
     dtype = None if args.dtype in (None, "auto") else args.dtype
     gen = SpeculativeGenerator.from_pretrained(
         target, draft, device=args.device, dtype=dtype, device_map=args.device_map, cache=args.cache,
-        numerics=args.numerics, compile=args.compile,
+        numerics=args.numerics, compile=args.compile, head=_head_option(args),
     )
     if args.compile:
         print(f"[compile warm-up: {gen.warmup():.1f}s]", file=sys.stderr)
@@ -416,6 +427,7 @@ def bench_config(args):
         name,
         target=target,
         draft=draft,
+        head=args.head,
         out=args.out,
         device=args.device,
         dtype=None if args.dtype in (None, "auto") else args.dtype,
@@ -510,7 +522,7 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout,
           drafter=args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device,
           dtype=None if args.dtype in (None, "auto") else args.dtype, device_map=args.device_map,
-          numerics=args.numerics, compile=args.compile, log_level=args.log_level)
+          numerics=args.numerics, compile=args.compile, log_level=args.log_level, head=_head_option(args))
     return 0
 
 

@@ -283,6 +283,12 @@ class EagleHead(nn.Module):
         index = self.draft_to_target().expand(*draft_logits.shape[:-1], -1)
         return out.scatter(-1, index, draft_logits)
 
+    def target_probs(self, draft_probs: torch.Tensor) -> torch.Tensor:  # [..., V], zero outside the draft vocabulary
+        """Draft-vocabulary probabilities placed at their target ids."""
+        shape = (*draft_probs.shape[:-1], self.vocab_size)
+        index = self.draft_to_target().expand(*draft_probs.shape[:-1], -1)
+        return draft_probs.new_zeros(shape).scatter(-1, index, draft_probs)
+
     def rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(like, positions)
 
@@ -426,9 +432,11 @@ def load_head(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         t2d = torch.zeros(head.vocab_size, dtype=torch.bool)
         t2d[torch.arange(head.draft_vocab_size) + state["d2t"]] = True
         state["t2d"] = t2d
-    head.load_state_dict(state, strict=False)
     stored = next(iter(v for v in weights.values() if torch.is_floating_point(v)), None)
-    head.to(dtype=dtype or (stored.dtype if stored is not None else torch.float32))
+    head.to(dtype=stored.dtype if stored is not None else torch.float32)  # loaded as stored, then converted
+    head.load_state_dict(state, strict=False)
+    if dtype is not None:
+        head.to(dtype=dtype)
     head.d2t.data = head.d2t.data.long()
     if device is not None:
         head.to(device)
@@ -532,5 +540,18 @@ def shipped_head(name: str) -> str | None:
 
 
 def default_head_path(target: Any) -> str | None:
-    """The head from_pretrained loads for `target` when none is named (head="default")."""
-    return shipped_head(target) if isinstance(target, str) else None
+    """The head from_pretrained loads for `target` when none is named (head="default"): the one
+    shipped for it, by name ("bundled", "smollm2-135m") or, for the bundled target, by path."""
+    if not isinstance(target, (str, os.PathLike)):
+        return None
+    name = os.fspath(target)
+    if name in _SHIPPED:
+        return shipped_head(name)
+    from .loading import bundled_pair
+
+    try:
+        if Path(name).resolve() == Path(bundled_pair()[0]).resolve():
+            return shipped_head("bundled")
+    except OSError:
+        return None
+    return None

@@ -37,6 +37,8 @@ AUTO_SUFFIX = "-auto"
 # "X-eager" (with --compile): specdec's method X on an eager generator beside the compiled rows.
 EAGER_SUFFIX = "-eager"
 CACHE = "cache"
+# "auto-nohead": drafter "auto" on a generator without the EAGLE-3 head (the same models otherwise).
+AUTO_NO_HEAD = "auto-nohead"
 # "hf-compiled": transformers' documented fast path (static cache, torch.compile'd forward).
 HF_COMPILED = "hf-compiled"
 PEERS = ("hf", HF_COMPILED, "hf-assisted", "hf-lookup")
@@ -57,6 +59,8 @@ class Method:
     k: str  # "none" (baseline), "fixed" (one row per --k) or "auto" (num_draft_tokens="auto")
     workload: str = "main"  # "cache": the cache workload, cold and warm rows at the main K
     needs_model: bool = False  # skipped, with a note, when no draft model is loaded
+    needs_head: bool = False  # skipped, with a note, when no EAGLE-3 head is loaded
+    no_head: bool = False  # run on a generator without the head (drafter "auto" over the other sources)
     eager: bool = False  # an eager twin ("X-eager", --compile): X on the eager generator beside the compiled one
 
 
@@ -77,12 +81,15 @@ def specdec_methods() -> dict[str, Method]:
         store.append(CACHE)
     out = {BASELINE: Method(BASELINE, NONE, "none")}
     for name in main:
-        out[name] = Method(name, name, "fixed", needs_model="model" in needs[name])
+        out[name] = Method(name, name, "fixed", needs_model="model" in needs[name], needs_head="head" in needs[name])
     out[AUTO] = Method(AUTO, AUTO, "auto")
+    if any("head" in n for n in needs.values()):  # "auto" beside the same "auto" without the head
+        out.setdefault(AUTO_NO_HEAD, Method(AUTO_NO_HEAD, AUTO, "auto", needs_head=True, no_head=True))
     for name in main:
         # A registered drafter of that name keeps it.
         out.setdefault(name + AUTO_SUFFIX,
-                       Method(name + AUTO_SUFFIX, name, "auto", needs_model="model" in needs[name]))
+                       Method(name + AUTO_SUFFIX, name, "auto", needs_model="model" in needs[name],
+                              needs_head="head" in needs[name]))
     for name in store:
         out[name] = Method(name, name, "fixed", workload="cache",
                            needs_model="model" in needs.get(name, frozenset()))
@@ -195,6 +202,7 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     device_map: str | None = None
+    head: str = "default"  # the EAGLE-3 head: a folder, "none", or "default" (the one shipped for the target)
     numerics: str = "native"  # specdec.numerics: "stable" = float32 final norm and LM head, eager attention
     compile: bool = False  # specdec's methods on a generator built with compile=True (specdec.compiled)
     num_draft_tokens: list[int] = field(default_factory=lambda: [4])  # first value = main K

@@ -178,7 +178,7 @@ def auto_pools() -> dict[str, tuple[str, ...]]:
 
     specs = specdec_methods()
     pools = {name: (m.drafter,) for name, m in specs.items() if m.k == "auto" and m.drafter != AUTO}
-    pools[AUTO] = tuple(source_names(AUTO, True))
+    pools[AUTO] = tuple(source_names(AUTO, {"model", "head"}))
     return pools
 
 

@@ -21,6 +21,7 @@ import torch
 from ..workload import DEFAULT_WORKLOAD, cache_workload, get_workload, load_jsonl, render
 from . import metrics
 from .config import (
+    AUTO_NO_HEAD,
     BASELINE,
     CACHE,
     EAGER_SUFFIX,
@@ -78,7 +79,7 @@ class Bench:
         useless = cfg.draft == RANDOM_DRAFT
         self.gen = SpeculativeGenerator.from_pretrained(
             cfg.target, None if useless else cfg.draft, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
-            numerics=cfg.numerics, compile=cfg.compile,
+            numerics=cfg.numerics, compile=cfg.compile, head=None if cfg.head.lower() == "none" else cfg.head,
         )
         if useless:  # the useless-draft workload: the target's shape, random weights
             self.gen = SpeculativeGenerator(
@@ -94,6 +95,15 @@ class Bench:
                 self.gen.target_model, self.gen.tokenizer, self.gen.draft_model, draft_tokenizer=None,
                 numerics=cfg.numerics, compile=False,
             )
+        # "auto-nohead": the same models without the EAGLE-3 head.
+        self.headless_gen = None
+        if self.gen.draft_head is not None and any(m == AUTO_NO_HEAD for m in cfg.methods):
+            self.headless_gen = SpeculativeGenerator(
+                self.gen.target_model, self.gen.tokenizer, self.gen.draft_model, draft_tokenizer=None,
+                numerics=cfg.numerics, compile=cfg.compile,
+            )
+        if self.eager_gen is not None and self.gen.draft_head is not None:
+            self.eager_gen.draft_head = self.gen.draft_head
         self.load_seconds = time.perf_counter() - t0
         tok = self.gen.tokenizer
         self.ids = [list(tok(render(p, tok))["input_ids"]) for p in self.prompts]
@@ -136,16 +146,18 @@ class Bench:
         return run
 
     def _ours(self, method: str, drafter: str, k: int | str | None, setting: str, layer: Any = None,
-              workload: str = "main", group: str = "", before_repeat=None, eager: bool = False) -> Run:
+              workload: str = "main", group: str = "", before_repeat=None, eager: bool = False,
+              no_head: bool = False) -> Run:
         """A specdec row; `eager`: an eager twin ("X-eager"), on the eager generator beside the
-        compiled one (no warm-up, no compile counts: nothing of it compiles)."""
+        compiled one (no warm-up, no compile counts: nothing of it compiles); `no_head`: on the
+        generator without the EAGLE-3 head ("auto-nohead")."""
         cfg = self.config
-        gen = self.eager_gen if eager else self.gen
+        gen = self.eager_gen if eager else (self.headless_gen if no_head else self.gen)
         temperature = cfg.temperature if setting == "sampled" else None
         graphs: dict[str, int] | None = {} if cfg.compile and not eager else None
         execute = specdec_method(gen, drafter, 0 if k is None else k, max_new_tokens=cfg.max_new_tokens,
                                  temperature=temperature, cache_layer=layer, graphs=graphs)
-        uses = specdec_uses_draft_model(drafter, gen.draft_model is not None)
+        uses = specdec_uses_draft_model(drafter, gen.draft_resources)
         run = Run(setting, workload, method, k if isinstance(k, int) and drafter != "none" else None, execute,
                   uses_draft_model=uses, group=group, before_repeat=before_repeat, compile_graphs=graphs,
                   twin_of=method[: -len(EAGER_SUFFIX)] if eager else None)
@@ -202,7 +214,7 @@ class Bench:
 
             return execute
 
-        uses = specdec_uses_draft_model(method.drafter, self.gen.draft_model is not None)
+        uses = specdec_uses_draft_model(method.drafter, self.gen.draft_resources)
         group = f"{method.name}-{setting}"
         runs = []
         for suffix, before_repeat in (("cold", fresh_namespace), ("warm", flush_writes)):
@@ -246,6 +258,11 @@ class Bench:
             if skipped:
                 self.notes.append(f"{_names(skipped)} rows skipped: no draft model (pass --draft)")
                 methods -= set(skipped)
+        if self.gen.draft_head is None:
+            skipped = [m for m in methods if m in specs and specs[m].needs_head]
+            if skipped:
+                self.notes.append(f"{_names(skipped)} rows skipped: no EAGLE-3 head (pass --head)")
+                methods -= set(skipped)
         auto_k = [m for m in cfg.methods if m in methods and m in specs and specs[m].k == "auto"]
         if auto_k and not auto_k_supported():
             self.notes.append(f'{_names(auto_k)} rows skipped: this engine has no num_draft_tokens="auto"')
@@ -269,7 +286,7 @@ class Bench:
             if "hf-assisted" in methods and not sampled:
                 runs.append(self._hf("hf-assisted", setting, assistant=True))
             for spec in chosen_k:  # "auto", then each drafter alone with K chosen every step
-                runs.append(self._ours(spec.name, spec.drafter, "auto", setting, eager=spec.eager))
+                runs.append(self._ours(spec.name, spec.drafter, "auto", setting, eager=spec.eager, no_head=spec.no_head))
             for k in ks:
                 for spec in fixed_k:
                     runs.append(self._ours(spec.name, spec.drafter, k, setting, eager=spec.eager))

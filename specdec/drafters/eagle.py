@@ -98,13 +98,13 @@ class EagleDrafter(Drafter):
                 token = to_target[best]
                 if stop is not None:
                     confidence.append(torch.softmax(draft_logits.float(), dim=-1).gather(1, best.unsqueeze(1)).squeeze(1))
-            else:
-                q = kernels.logits_to_probs(head.target_logits(draft_logits), params.temperature, params.top_k,
-                                            params.top_p)  # [B, V], zero outside the draft vocabulary
-                race = state.exponential(noise.DRAFT_STREAM + i, q.shape[-1], q.dtype)  # [B, V]
-                token = kernels.sample_exponential_race(q, race)
-                probs.append(q)
-                confidence.append(q.gather(1, token.clamp(min=0).unsqueeze(1)).squeeze(1))
+            else:  # sampled on the draft vocabulary, then placed at the target's ids
+                q_draft = kernels.logits_to_probs(draft_logits, params.temperature, params.top_k, params.top_p)  # [B, Vd]
+                race = state.exponential(noise.DRAFT_STREAM + i, q_draft.shape[-1], q_draft.dtype)  # [B, Vd]
+                best = kernels.sample_exponential_race(q_draft, race)
+                token = to_target[best]
+                probs.append(head.target_probs(q_draft))  # [B, V], zero outside the draft vocabulary
+                confidence.append(q_draft.gather(1, best.unsqueeze(1)).squeeze(1))
             tokens.append(token)
             if stop is not None and stop.update(i, confidence[-1]):
                 break

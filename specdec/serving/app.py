@@ -396,8 +396,9 @@ def serve(
     compile: bool = False,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     log_level: str = "info",
+    head: Any = "default",
 ) -> None:
-    """Load `target` (and `draft`) with SpeculativeGenerator.from_pretrained and serve them over
+    """Load `target` (and `draft`, and `head`: an EAGLE-3 head) with SpeculativeGenerator.from_pretrained and serve them over
     HTTP until interrupted (Ctrl-C finishes the requests in flight, then stops).
 
     `model_name` is the name clients pass as `model` (default: `target` as given). The host
@@ -416,7 +417,7 @@ def serve(
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
     generator = SpeculativeGenerator.from_pretrained(target, draft, device=device, dtype=dtype,
                                                      device_map=device_map, cache=cache, numerics=numerics,
-                                                     compile=compile)
+                                                     compile=compile, head=head)
     if compile:
         logger.warning("compiling decoding steps before listening (about a minute cold, seconds from the compile cache)")
         logger.warning("compiled in %.1f s", generator.warmup(batches=max_batch > 1))

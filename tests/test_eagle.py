@@ -1,0 +1,268 @@
+"""Drafter "eagle": EAGLE-3 heads drafting from the target's hidden states.
+
+A head is trained here for the tiny float64 llama target (specdec.eagle_training, the code
+benchmarks/train_head.py drives), saved in the published EAGLE-3 layout and loaded back
+through from_pretrained, as a user loads one. Greedy output must equal plain decoding token
+for token (ragged batches, both engine paths, fixed and adaptive K, beside the draft model
+under drafter "auto"), and the head must really be accepted, so that rollback is exercised.
+A head written by hand with the names and shapes vLLM's and SGLang's loaders expect loads
+and runs; heads that do not fit the target are refused before any compute.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fixtures_models import TinyPair, make_model, perturbed, save
+from specdec import SpeculativeGenerator
+from specdec.eagle import (
+    EagleHead,
+    load_head,
+    save_head,
+    shipped_head,
+    weight_fingerprint,
+)
+from specdec.eagle_training import head_config, init_head, target_states, ttt_loss
+
+PROMPTS = [
+    [5, 17, 42, 9, 100, 7, 33],
+    [61],
+    [3, 9, 11, 202, 202, 15, 15, 15, 8, 1, 40, 4, 90, 91, 92],
+    [250, 251],
+]
+
+
+def _train_head(target, *, draft_vocab: int, steps: int, seed: int = 0) -> EagleHead:
+    """A head trained on the target's own greedy continuations of random prompts."""
+    torch.manual_seed(seed)
+    vocab = target.get_input_embeddings().weight.shape[0]
+    gen = SpeculativeGenerator(target)
+    prompts = torch.randint(3, vocab, (48, 6), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = [p + r.token_ids for p, r in zip(prompts, gen.generate_ids(prompts, max_new_tokens=42, ignore_eos=True,
+                                                                      drafter="none"))]
+    ids = torch.tensor(rows)
+    config = head_config(target, draft_vocab=draft_vocab)
+    layers = tuple(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+    feats, final, greedy = target_states(target, ids, layers)
+    counts = torch.bincount(greedy.flatten(), minlength=vocab)
+    draft_ids = torch.sort(torch.argsort(counts, descending=True, stable=True)[:draft_vocab]).values
+    head = init_head(config, target, draft_ids).double()
+    embed = target.get_input_embeddings()
+    with torch.no_grad():
+        labels = torch.softmax(final @ target.get_output_embeddings().weight[draft_ids].T, dim=-1)
+    ok = head.t2d[greedy]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for step in range(steps):
+        rows_ = torch.arange(step * 8, step * 8 + 8) % len(ids)
+        loss, _, _ = ttt_loss(head, lambda t: embed(t).detach(), ids[rows_], feats[rows_], labels[rows_], ok[rows_], 3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head.config["specdec"] = {"target": "tiny llama", "target_fingerprint": weight_fingerprint(target)}
+    return head.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_tokenizer) -> TinyPair:
+    """A tiny float64 llama whose attention is damped (o_proj x 0.05), so that its next token
+    depends mostly on the current one and a head trained for a few seconds is accepted often
+    (the fixtures' targets are so chaotic that it never is), and a perturbed copy as draft."""
+    root = tmp_path_factory.mktemp("eagle-pair")
+    model = make_model("llama", len(tiny_tokenizer), seed=0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+    return TinyPair("llama", save(model, tiny_tokenizer, root / "target"),
+                    {"partial": save(perturbed(model, 0.1, seed=2), tiny_tokenizer, root / "draft")})
+
+
+@pytest.fixture(scope="module")
+def target(pair):
+    return SpeculativeGenerator.from_pretrained(str(pair.target), dtype=torch.float64).target_model
+
+
+@pytest.fixture(scope="module")
+def trained(target) -> EagleHead:
+    return _train_head(target, draft_vocab=200, steps=150)
+
+
+@pytest.fixture(scope="module")
+def head_dir(trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eagle-head")
+    save_head(trained, folder, dtype=torch.float64)
+    return folder
+
+
+def _load(pair, head_dir, with_draft: bool = False) -> SpeculativeGenerator:
+    draft = str(pair.drafts["partial"]) if with_draft else None
+    gen = SpeculativeGenerator.from_pretrained(str(pair.target), draft, head=str(head_dir), dtype=torch.float64)
+    assert "head" in gen.draft_resources
+    return gen
+
+
+def test_published_layout_round_trip(trained, head_dir):
+    config = json.loads((head_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert config["draft_vocab_size"] == 200 and config["vocab_size"] == 320
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 1, 0]
+    from safetensors import safe_open
+
+    with safe_open(str(head_dir / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("d2t").dtype == torch.int64 and f.get_tensor("t2d").dtype == torch.bool
+        assert tuple(f.get_tensor("fc.weight").shape) == (32, 96)
+        assert tuple(f.get_tensor("midlayer.self_attn.q_proj.weight").shape) == (32, 64)
+    assert {"fc.weight", "norm.weight", "lm_head.weight", "midlayer.hidden_norm.weight",
+            "midlayer.input_layernorm.weight", "midlayer.mlp.down_proj.weight"} <= names
+    assert "embed_tokens.weight" not in names  # shared with the target
+    head = load_head(head_dir)
+    assert head.config["specdec"]["target_fingerprint"] == trained.config["specdec"]["target_fingerprint"]
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(head.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("k", [1, 4, "auto"])
+def test_greedy_equals_plain_decoding(pair, head_dir, engine_path, k):
+    gen = _load(pair, head_dir)
+    plain = gen.generate_ids(PROMPTS, max_new_tokens=40, ignore_eos=True, drafter="none")
+    out = gen.generate_ids(PROMPTS, max_new_tokens=40, ignore_eos=True, drafter="eagle", num_draft_tokens=k)
+    assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+    if k != "auto":  # (K "auto" may stop drafting where the head does not pay)
+        accepted = sum(r.stats.accepted_tokens for r in out)
+        assert accepted > 40  # the head is really accepted, so rollback after partial acceptance runs
+
+
+def test_greedy_auto_beside_draft_model_equals_plain(pair, head_dir, engine_path):
+    gen = _load(pair, head_dir, with_draft=True)
+    assert gen.draft_resources == {"model", "head"}
+    plain = gen.generate_ids(PROMPTS, max_new_tokens=40, ignore_eos=True, drafter="none")
+    used = set()
+    for drafter, k in (("auto", "auto"), ("auto", 3), ("eagle", "auto")):
+        out = gen.generate_ids(PROMPTS, max_new_tokens=40, ignore_eos=True, drafter=drafter, num_draft_tokens=k)
+        assert [r.token_ids for r in out] == [r.token_ids for r in plain], (drafter, k)
+        for r in out:
+            used |= {name for name, steps in r.stats.drafter_steps.items() if steps}
+    assert "eagle" in used
+
+
+def test_seeded_sampling_reproducible_and_batch_invariant(pair, head_dir):
+    gen = _load(pair, head_dir)
+    settings = dict(max_new_tokens=24, ignore_eos=True, drafter="eagle", temperature=0.8, top_k=50, top_p=0.9)
+    batch = gen.generate_ids(PROMPTS, seed=[1, 2, 3, 4], **settings)
+    again = gen.generate_ids(PROMPTS, seed=[1, 2, 3, 4], **settings)
+    alone = [gen.generate_ids([p], seed=s, **settings)[0] for p, s in zip(PROMPTS, [1, 2, 3, 4])]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in again] == [r.token_ids for r in alone]
+
+
+def test_hand_written_published_layout_loads_and_runs(pair, tmp_path):
+    """Names and shapes as vLLM's and SGLang's llama_eagle3 loaders read them, random weights."""
+    gen0 = SpeculativeGenerator.from_pretrained(str(pair.target), dtype=torch.float64)
+    hidden, heads, kv_heads, head_dim, inter, vocab, draft_vocab = 32, 4, 2, 8, 48, 320, 64
+    g = torch.Generator().manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    draft_ids = torch.sort(torch.randperm(vocab, generator=g)[:draft_vocab]).values
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[draft_ids] = True
+    weights = {
+        "fc.weight": rand(hidden, 3 * hidden),
+        "midlayer.input_layernorm.weight": torch.ones(hidden),
+        "midlayer.hidden_norm.weight": torch.ones(hidden),
+        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
+        "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+        "midlayer.mlp.gate_proj.weight": rand(inter, hidden),
+        "midlayer.mlp.up_proj.weight": rand(inter, hidden),
+        "midlayer.mlp.down_proj.weight": rand(hidden, inter),
+        "norm.weight": torch.ones(hidden),
+        "lm_head.weight": rand(draft_vocab, hidden),
+        "d2t": draft_ids - torch.arange(draft_vocab),
+        "t2d": t2d,
+    }
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "num_hidden_layers": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": vocab,
+        "draft_vocab_size": draft_vocab, "max_position_embeddings": 256, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }))
+    gen = SpeculativeGenerator.from_pretrained(str(pair.target), draft=str(tmp_path), dtype=torch.float64)
+    assert gen.draft_model is None and gen.draft_head is not None
+    assert gen.draft_head.aux_layers == (2, 1, 0)  # EAGLE-3's default for a config that names none
+    plain = gen0.generate_ids(PROMPTS, max_new_tokens=20, ignore_eos=True, drafter="none")
+    for settings in (dict(), dict(temperature=0.9, seed=[1, 2, 3, 4])):
+        out = gen.generate_ids(PROMPTS, max_new_tokens=20, ignore_eos=True, drafter="eagle", num_draft_tokens=3,
+                               **settings)
+        if not settings:
+            assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+        for r in out:
+            assert r.stats.drafted_tokens > 0
+            assert all(0 <= t < vocab for t in r.token_ids)
+    # A plain head loaded by the loader names the same weights
+    head = load_head(tmp_path)
+    assert torch.equal(head.fc.weight, weights["fc.weight"].to(torch.bfloat16))
+    assert torch.equal(head.draft_to_target(), draft_ids)
+
+
+def _bad_head(tmp_path, target, **change):
+    config = head_config(target, draft_vocab=50)
+    config.update(change)
+    head = EagleHead(config)
+    save_head(head, tmp_path, dtype=torch.float32)
+    return tmp_path
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(target_hidden_size=48, hidden_size=48, head_dim=12), ["target hidden states of size 48", "hidden size is 32"]),
+    (dict(vocab_size=400), ["400 target ids", "vocabulary has 320"]),
+    (dict(hidden_size=64, head_dim=16), ["no embed_tokens", "hidden size 64", "32"]),
+    (dict(eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 2, 7]}), ["layers [1, 2, 7]", "has 2 layers"]),
+])
+def test_heads_that_do_not_fit_are_refused(pair, target, tmp_path, change, words):
+    folder = _bad_head(tmp_path, target, **change)
+    with pytest.raises(ValueError) as err:
+        SpeculativeGenerator.from_pretrained(str(pair.target), draft=str(folder), dtype=torch.float64)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_head_for_other_target_weights_is_refused(pair, target, head_dir, tmp_path):
+    other = SpeculativeGenerator.from_pretrained(str(pair.drafts["partial"]), dtype=torch.float64)
+    assert other.target_model.config.hidden_size == target.config.hidden_size
+    with pytest.raises(ValueError, match="trained for other target weights"):
+        SpeculativeGenerator.from_pretrained(str(pair.drafts["partial"]), head=str(head_dir), dtype=torch.float64)
+    # In another dtype the same target is recognised.
+    gen = SpeculativeGenerator.from_pretrained(str(pair.target), head=str(head_dir), dtype=torch.float32)
+    assert gen.draft_head is not None
+
+
+def test_not_a_head_and_no_head(pair, head_dir):
+    with pytest.raises(ValueError, match="not a local folder holding an EAGLE-3 head"):
+        SpeculativeGenerator.from_pretrained(str(pair.target), head=str(pair.drafts["partial"]))
+    with pytest.raises(ValueError, match="as draft= or as head=, not both"):
+        SpeculativeGenerator.from_pretrained(str(pair.target), draft=str(head_dir), head=str(head_dir))
+    gen = SpeculativeGenerator.from_pretrained(str(pair.target), dtype=torch.float64)
+    with pytest.raises(ValueError, match='drafter="eagle" needs an EAGLE-3 head'):
+        gen.generate_ids([[5, 6, 7]], max_new_tokens=4, drafter="eagle")
+
+
+@pytest.mark.skipif(shipped_head("bundled") is None, reason="the bundled head is not built")
+def test_bundled_head_ships_and_is_exact():
+    gen = SpeculativeGenerator.from_pretrained("bundled", dtype=torch.float64)
+    assert gen.draft_resources == {"model", "head"}
+    card = gen.draft_head.config["specdec"]
+    assert card["target"] == "bundled" and "training" in card
+    prompts = [gen.tokenizer("def parse(self, text):\n")["input_ids"], gen.tokenizer("import os\n\n")["input_ids"]]
+    plain = gen.generate_ids(prompts, max_new_tokens=48, drafter="none", ignore_eos=True)
+    out = gen.generate_ids(prompts, max_new_tokens=48, drafter="eagle", num_draft_tokens=4, ignore_eos=True)
+    assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+    assert sum(r.stats.accepted_tokens for r in out) > 40
+    without = SpeculativeGenerator.from_pretrained("bundled", head=None)
+    assert without.draft_resources == {"model"}
