@@ -369,20 +369,23 @@ def test_methods_come_from_the_drafter_registry():
     """The built-in drafters give the method names and presets the bench always had."""
     from specdec.bench import ALL_METHODS, specdec_methods
 
-    assert ALL_METHODS == ("baseline", "model", "ngram", "auto", "model-auto", "ngram-auto", "cache",
-                           "hf", "hf-compiled", "hf-assisted", "hf-lookup")
+    assert ALL_METHODS == ("baseline", "eagle", "model", "ngram", "auto", "auto-nohead", "eagle-auto", "model-auto",
+                           "ngram-auto", "cache", "hf", "hf-compiled", "hf-assisted", "hf-lookup")
     # hf-compiled is opt-in: its compile warm-up does not fit the presets' time budgets.
     assert PRESETS["full"].methods == PRESETS["quick"].methods == tuple(m for m in ALL_METHODS if m != "hf-compiled")
     assert PRESETS["headline"].methods == ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
     specs = specdec_methods()
     assert [(m.drafter, m.k) for m in specs.values()] == [
-        ("none", "none"), ("model", "fixed"), ("ngram", "fixed"), ("auto", "auto"), ("model", "auto"),
-        ("ngram", "auto"), ("cache", "fixed"),
+        ("none", "none"), ("eagle", "fixed"), ("model", "fixed"), ("ngram", "fixed"), ("auto", "auto"),
+        ("auto", "auto"), ("eagle", "auto"), ("model", "auto"), ("ngram", "auto"), ("cache", "fixed"),
     ]
     assert [name for name, m in specs.items() if m.needs_model] == ["model", "model-auto"]
+    assert [name for name, m in specs.items() if m.needs_head] == ["eagle", "auto-nohead", "eagle-auto"]
+    assert [name for name, m in specs.items() if m.no_head] == ["auto-nohead"]
     assert [name for name, m in specs.items() if m.workload == "cache"] == ["cache"]
-    assert metrics.AUTO_POOLS == {"model-auto": ("model",), "ngram-auto": ("ngram",), "auto": ("model", "ngram")}
-    assert metrics.SINGLE_AUTOS == ("model-auto", "ngram-auto")
+    assert metrics.AUTO_POOLS == {"eagle-auto": ("eagle",), "model-auto": ("model",), "ngram-auto": ("ngram",),
+                                  "auto": ("model", "eagle", "ngram")}
+    assert metrics.SINGLE_AUTOS == ("eagle-auto", "model-auto", "ngram-auto")
 
 
 # --------------------------------------------------------------------------- compiled methods
@@ -571,8 +574,9 @@ def test_eager_twins_are_planned_beside_their_compiled_rows(tmp_path):
                                "model", "model-eager"), progress=False)
     bench = Bench(cfg)
     cpu = torch.device("cpu")
-    bench.gen = SimpleNamespace(compile=True, draft_model=None, device=cpu)
-    bench.eager_gen = SimpleNamespace(compile=False, draft_model=None, device=cpu)
+    bench.gen = SimpleNamespace(compile=True, draft_model=None, draft_head=None, draft_resources=frozenset(), device=cpu)
+    bench.eager_gen = SimpleNamespace(compile=False, draft_model=None, draft_head=None, draft_resources=frozenset(),
+                                      device=cpu)
     runs = bench.plan()
     plan = [(r.method, r.k, r.twin_of, r.compile_graphs is not None, r.prepare is not None) for r in runs]
     assert plan == [

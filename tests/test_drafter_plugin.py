@@ -145,7 +145,7 @@ def test_bench_plan_runs_the_plug_in_and_drops_model_drafters_without_a_model(to
     config = BenchConfig(target="unused", draft=None, out=tmp_path / "out", num_draft_tokens=[3, 2],
                          settings=("greedy",), methods=methods)
     bench = Bench(config)
-    bench.gen = SimpleNamespace(draft_model=None, device=torch.device("cpu"))
+    bench.gen = SimpleNamespace(draft_model=None, draft_head=None, draft_resources=frozenset(), device=torch.device("cpu"))
     runs = bench.plan()
     assert [(r.method, r.k) for r in runs] == [
         ("baseline", None), (f"{NAME}-auto", None), (NAME, 3), (NAME, 2),

@@ -266,3 +266,28 @@ def test_bundled_head_ships_and_is_exact():
     assert sum(r.stats.accepted_tokens for r in out) > 40
     without = SpeculativeGenerator.from_pretrained("bundled", head=None)
     assert without.draft_resources == {"model"}
+
+
+@pytest.mark.parametrize("settings", [
+    dict(drafter="eagle", num_draft_tokens=3),
+    dict(drafter="auto", num_draft_tokens="auto"),
+    dict(drafter="eagle", num_draft_tokens="auto", temperature=0.8, top_p=0.9),
+], ids=["greedy-eagle-3", "greedy-auto", "seeded-eagle-auto"])
+def test_rows_join_a_running_eagle_batch(pair, head_dir, settings):
+    """Continuous batching (a server's batch): rows join between steps and each decodes as it would
+    alone, the head's KV cache and pending windows merged with the target's."""
+    from test_continuous_batching import BUDGETS, alone, drive, start
+
+    gen = _load(pair, head_dir, with_draft=True)
+    running = start(gen, [0, 1], settings)
+    done = drive(running, steps=3)
+    joining = start(gen, [2, 3, 4], settings)
+    done.update(drive(joining, steps=1))
+    assert running.can_merge and joining.can_merge
+    running.merge(joining)
+    running.streamed.update(joining.streamed)
+    done.update(drive(running))
+    running.close()
+    for row in range(5):
+        assert done[row] == alone(gen, row, settings), row
+        assert len(done[row]) == BUDGETS[row]
