@@ -335,8 +335,12 @@ class Planner:
                 ks.append(0)
                 chosen.append(NONE)
                 continue
-            if self.costly:
-                name = self.costly[0]
+            if self.costly:  # the costly source with the longer expected run (optimistic: each gets tried)
+                runs = []
+                for name in self.costly:
+                    counts = self._counts(b, name)
+                    runs.append((expected_tokens(optimistic_rates(counts.rates(), counts.trials), k_cap), name))
+                name = max(runs, key=lambda r: r[0])[1]  # the first of equals: registration order
                 best = (k_cap, name, expected_tokens(self._counts(b, name).rates(), k_cap))
             else:
                 best = (0, NONE, 0.0)
@@ -413,6 +417,14 @@ class Planner:
     def _plan_measured(self, k_cap: int, available: dict[str, list[int]]) -> tuple[list[int], list[str]]:
         """Measured costs: the plan with the most expected tokens per second for the batch."""
         batch = len(self.rows)
+        if len(self.costly) > 1:
+            # A costly source never verified yet (here or in the generator's earlier requests) drafts
+            # one step first: beside a measured one its prior would never win, so it would never be
+            # weighed on evidence.
+            for name in self.costly:
+                pooled = self.pooled.get(name)
+                if pooled is None or not any(pooled.trials):
+                    return [k_cap] * batch, [name] * batch
         free_rates = {name: [self._rates(b, name) for b in range(batch)] for name in self.free}
 
         def best_free(b: int, k: int) -> tuple[float, str]:
