@@ -373,7 +373,8 @@ def test_methods_come_from_the_drafter_registry():
                            "ngram-auto", "cache", "hf", "hf-compiled", "hf-assisted", "hf-lookup")
     # hf-compiled is opt-in: its compile warm-up does not fit the presets' time budgets.
     assert PRESETS["full"].methods == PRESETS["quick"].methods == tuple(m for m in ALL_METHODS if m != "hf-compiled")
-    assert PRESETS["headline"].methods == ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
+    assert PRESETS["headline"].methods == ("baseline", "model", "eagle", "ngram", "auto", "hf", "hf-assisted",
+                                           "hf-lookup")
     specs = specdec_methods()
     assert [(m.drafter, m.k) for m in specs.values()] == [
         ("none", "none"), ("eagle", "fixed"), ("model", "fixed"), ("ngram", "fixed"), ("auto", "auto"),

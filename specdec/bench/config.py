@@ -1,7 +1,7 @@
 """`specdec bench` settings: the methods it knows, the presets, and validation.
 
-The default preset is the headline: baseline, the draft model and n-gram at the main K
-(and "auto" where the engine offers it), against transformers' plain, assisted and
+The default preset is the headline: baseline, the draft model, the EAGLE-3 head (rows skipped
+with a note where none is loaded) and n-gram at the main K (and "auto" where the engine offers it), against transformers' plain, assisted and
 prompt-lookup generation, greedy and sampled, on 4 prompts: under five minutes on a
 2-core CPU. `--full` adds the K sweep, the cache workload and 16 prompts. `--quick` is a
 smoke run. `--preset smollm2` and `--preset gemma3` run the same comparison on a real
@@ -47,7 +47,7 @@ PEERS = ("hf", HF_COMPILED, "hf-assisted", "hf-lookup")
 OPT_IN = (HF_COMPILED,)
 # Row names the bench uses itself: a drafter registered under one of them is not a method.
 RESERVED = (BASELINE, *PEERS, "hf-assisted-k", "cache-cold", "cache-warm")
-HEADLINE_METHODS = ("baseline", "model", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
+HEADLINE_METHODS = ("baseline", "model", "eagle", "ngram", "auto", "hf", "hf-assisted", "hf-lookup")
 
 
 @dataclass(frozen=True)
