@@ -366,7 +366,7 @@ class HeadKV:
         self.v = self.v.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
 
-    def merge(self, other: "HeadKV") -> None:
+    def merge(self, other: HeadKV) -> None:
         width = max(self.capacity, other.capacity)
         self._reserve(width)
         other._reserve(width)

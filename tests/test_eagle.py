@@ -15,9 +15,9 @@ import json
 
 import pytest
 import torch
+from fixtures_models import TinyPair, make_model, perturbed, save
 from safetensors.torch import save_file
 
-from fixtures_models import TinyPair, make_model, perturbed, save
 from specdec import SpeculativeGenerator
 from specdec.eagle import (
     EagleHead,
@@ -163,7 +163,7 @@ def test_hand_written_published_layout_loads_and_runs(pair, tmp_path):
     gen0 = SpeculativeGenerator.from_pretrained(str(pair.target), dtype=torch.float64)
     hidden, heads, kv_heads, head_dim, inter, vocab, draft_vocab = 32, 4, 2, 8, 48, 320, 64
     g = torch.Generator().manual_seed(5)
-    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.2
     draft_ids = torch.sort(torch.randperm(vocab, generator=g)[:draft_vocab]).values
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[draft_ids] = True
@@ -291,3 +291,48 @@ def test_rows_join_a_running_eagle_batch(pair, head_dir, settings):
     for row in range(5):
         assert done[row] == alone(gen, row, settings), row
         assert len(done[row]) == BUDGETS[row]
+
+
+def _smollm2_ready() -> str | None:
+    from specdec import real_models
+    from specdec.real_models import MissingPackageError
+
+    try:
+        real_models.require("smollm2-135m")
+    except MissingPackageError as exc:
+        return f"real weights not installed: {exc}"
+    return None if shipped_head("smollm2-135m") else "the SmolLM2-135M head is not built"
+
+
+@pytest.mark.real
+@pytest.mark.skipif(_smollm2_ready() is not None, reason=_smollm2_ready() or "")
+def test_smollm2_head_ships_and_is_exact():
+    """The shipped SmolLM2-135M-Instruct head, float64, a ragged batch of code prompts."""
+    gen = SpeculativeGenerator.from_pretrained("smollm2-135m", dtype=torch.float64)
+    assert gen.draft_resources == {"head"}
+    assert gen.draft_head.config["draft_vocab_size"] < gen.draft_head.config["vocab_size"]
+    prompts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+               "from typing import List\n\n\ndef mean(values: List[float]) -> float:\n"]
+    plain = gen.generate(prompts, max_new_tokens=24, drafter="none", ignore_eos=True)
+    out = gen.generate(prompts, max_new_tokens=24, drafter="eagle", num_draft_tokens=4, ignore_eos=True)
+    assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+    assert sum(r.stats.accepted_tokens for r in out) > 8
+
+
+@pytest.mark.parametrize("k", [3, "auto"])
+def test_rows_of_one_batch_drafting_from_different_costly_sources_equal_alone(pair, head_dir, k):
+    """Seeded sampling with drafter "auto" beside a draft model: each row plans alone, so rows of
+    one batch may draft from the draft model and from the head in the same step; each row's
+    sample equals its sample alone."""
+    gen = _load(pair, head_dir, with_draft=True)
+    prompts = PROMPTS * 2
+    seeds = list(range(11, 11 + len(prompts)))
+    settings = dict(max_new_tokens=32, ignore_eos=True, drafter="auto", num_draft_tokens=k, temperature=0.9)
+    batch = gen.generate_ids(prompts, seed=seeds, **settings)
+    alone = [gen.generate_ids([p], seed=s, **settings)[0] for p, s in zip(prompts, seeds)]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+    if k == 3:  # (K "auto" may leave both to prompt lookup)
+        used = set()
+        for r in batch:
+            used |= {name for name, steps in r.stats.drafter_steps.items() if steps}
+        assert {"model", "eagle"} <= used

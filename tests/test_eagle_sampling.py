@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures_models import make_model
+from specdec.kernels import reference
+from test_sampling import ALPHA, chi_square_pvalue, draw, exact_distribution
+
 from specdec import SpeculativeGenerator
 from specdec.eagle import EagleHead
 from specdec.eagle_training import head_config
-from specdec.kernels import reference
-from test_sampling import ALPHA, PROMPT, chi_square_pvalue, draw, exact_distribution
 
 DRAFT_IDS = [0, 2, 3, 4]
 

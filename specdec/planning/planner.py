@@ -231,10 +231,13 @@ class Planner:
             proposal.sources = sources
             self._ran = FREE
             return proposal
-        name = costly[0]  # one costly source runs a step (the plan weighs them one at a time)
+        name = costly[0]  # a measured plan runs one costly source a step (it weighs them one at a time)
         only_name = all(s in (name, NONE) for s in sources)
         stop = self._early_stop(name, k, batch) if self.measured and only_name else None
-        drafted = self.sources[name].propose(state, k, early_stop=stop)
+        if len(costly) == 1:
+            drafted = self.sources[name].propose(state, k, early_stop=stop)
+        else:  # rows chose different costly sources (seeded or fixed-K plans decide per row): each runs
+            drafted = _per_row(state, {c: self.sources[c].propose(state, k) for c in costly}, sources, device)
         self._ran, self._catch_up = name, drafted.catch_up
         k = drafted.tokens.shape[1]  # an early stop may have ended the draft sooner
         limits = torch.tensor([min(n, k) for n in ks], dtype=torch.long).to(device, non_blocking=True)  # [B]
@@ -502,3 +505,28 @@ def _host_rows(proposal: DraftProposal) -> list[list[int]]:
     if proposal.host_rows is not None:
         return proposal.host_rows
     return [row[:n] for row, n in zip(proposal.tokens.tolist(), proposal.num_draft.tolist())]
+
+
+def _per_row(state: DecodeState, proposals: dict[str, DraftProposal], sources: list[str],
+             device: torch.device) -> DraftProposal:
+    """One proposal from several costly sources' proposals: row b takes the one of sources[b]
+    (rows of no costly source keep the first's, replaced by their free offer or no draft)."""
+    first = next(iter(proposals.values()))
+    width = max(p.tokens.shape[1] for p in proposals.values())
+    sampled = [p.probs for p in proposals.values() if p.probs is not None]
+    vocab = max((q.shape[-1] for q in sampled), default=0)
+    pad = torch.nn.functional.pad
+    tokens = pad(first.tokens, (0, width - first.tokens.shape[1]), value=-1)  # [B, k]
+    num_draft = first.num_draft
+    probs = pad(first.probs, (0, vocab - first.probs.shape[-1], 0, width - first.probs.shape[1])) if sampled else None
+    for name, proposal in list(proposals.items())[1:]:
+        mine = torch.tensor([s == name for s in sources], dtype=torch.bool).to(device, non_blocking=True)  # [B]
+        theirs = pad(proposal.tokens, (0, width - proposal.tokens.shape[1]), value=-1)
+        tokens = torch.where(mine.unsqueeze(1), theirs, tokens)
+        num_draft = torch.where(mine, proposal.num_draft, num_draft)
+        if probs is not None:
+            q = pad(proposal.probs, (0, vocab - proposal.probs.shape[-1], 0, width - proposal.probs.shape[1]))
+            probs = torch.where(mine.view(-1, 1, 1), q, probs)
+    return DraftProposal(tokens=tokens, num_draft=num_draft, probs=probs,
+                         draft_forwards=sum(p.draft_forwards for p in proposals.values()),
+                         catch_up=any(p.catch_up for p in proposals.values()))
