@@ -74,6 +74,14 @@ def _resources(has) -> frozenset[str]:
 
 
 _LOADED_NEEDS = ("model", "head")  # needs met only by something the generator has loaded
+# The built-in auto sources' order (the planner's tie-break), whatever order their modules were
+# imported in; plug-ins follow in registration order.
+_BUILTIN_ORDER = ("model", "eagle", "ngram")
+
+
+def _auto_order() -> list[str]:
+    rank = {name: i for i, name in enumerate(_BUILTIN_ORDER)}
+    return sorted(_AUTO_SOURCES, key=lambda n: (rank.get(n, len(rank)), _AUTO_SOURCES.index(n)))
 
 
 def source_names(name: str, has_draft_model) -> list[str]:
@@ -89,7 +97,7 @@ def source_names(name: str, has_draft_model) -> list[str]:
     _load()
     have = _resources(has_draft_model)
     out = []
-    for source in _AUTO_SOURCES:
+    for source in _auto_order():
         needs = _REGISTRY[source].needs
         if "store" in needs or any(n in needs and n not in have for n in _LOADED_NEEDS):
             continue
