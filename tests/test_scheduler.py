@@ -163,7 +163,7 @@ def test_shutdown_with_cancel_ends_rows_now(gen):
 def test_cache_hits_are_answered_before_joining(gen, redis_server, cache_namespace):
     """With a response cache, a repeated greedy request is a verified hit (its checking
     forward confirms it to the end), answered without joining a batch, and equal."""
-    cached = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model,
+    cached = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model, draft_head=gen.draft_head,
                                   cache=f"{redis_server.url}?namespace={cache_namespace}")
     scheduler = Scheduler(cached).start()
     first = scheduler.submit("def fib(n):", max_new_tokens=16).wait(60)
@@ -178,7 +178,7 @@ def test_cache_hits_are_answered_before_joining(gen, redis_server, cache_namespa
 def test_redis_killed_and_restarted_mid_run_changes_nothing(gen, alone, redis_process, cache_namespace):
     """Requests in flight while the cache's Redis dies and comes back: none fails, none changes
     (their outputs equal generate() alone), and the cache serves hits again afterwards."""
-    cached = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model,
+    cached = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model, draft_head=gen.draft_head,
                                   cache=f"{redis_process.url}?namespace={cache_namespace}&deadline_ms=200")
     scheduler = Scheduler(cached).start()
     first = [scheduler.submit(p, **kw) for p, kw in REQUESTS[1:5]]
@@ -198,7 +198,8 @@ def test_redis_killed_and_restarted_mid_run_changes_nothing(gen, alone, redis_pr
 def test_requests_on_the_generic_kv_path_run_as_their_own_batches(gen, alone):
     """A model on the generic KV path cannot merge batches: each admission round runs as its
     own batch, stepped in turn with the others, and every output still equals generate()."""
-    generic = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model, engine="generic")
+    generic = SpeculativeGenerator(gen.target_model, gen.tokenizer, gen.draft_model, engine="generic",
+                                   draft_head=gen.draft_head)
     scheduler = Scheduler(generic).start()
     tickets = [scheduler.submit(p, **kw) for p, kw in REQUESTS[1:6]]
     for i, ticket in enumerate(tickets, start=1):
