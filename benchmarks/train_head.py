@@ -45,11 +45,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_pair import collect_corpus, machine_description, stdlib_dir  # noqa: E402
+from train_pair import collect_corpus, machine_description, stdlib_dir
 
-from specdec.eagle import default_aux_layers, save_head, weight_fingerprint  # noqa: E402
-from specdec.eagle_training import head_config, init_head, target_states, ttt_loss  # noqa: E402
-
+from specdec.eagle import default_aux_layers, save_head, weight_fingerprint
+from specdec.eagle_training import head_config, init_head, target_states, ttt_loss
 
 # --------------------------------------------------------------------------- data
 
@@ -127,7 +126,7 @@ class Store:
     def __init__(self, folder: Path, n: int, seq_len: int, feat: int, hidden: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        mode = lambda name: "r+" if (folder / name).exists() else "w+"  # noqa: E731
+        mode = lambda name: "r+" if (folder / name).exists() else "w+"
         self.features = np.lib.format.open_memmap(folder / "features.npy", mode("features.npy"), np.float16, (n, seq_len, feat))
         self.final = np.lib.format.open_memmap(folder / "final.npy", mode("final.npy"), np.float16, (n, seq_len, hidden))
         self.greedy = np.lib.format.open_memmap(folder / "greedy.npy", mode("greedy.npy"), np.int32, (n, seq_len))
@@ -286,7 +285,7 @@ def main(argv=None) -> int:
         log(f"resumed from step {step}")
     log(f"head: {sum(p.numel() for p in params)} parameters; {total_steps} steps of {args.batch} sequences")
     float_dtype = torch.float32
-    embed_f = lambda ids: embed(ids).to(float_dtype)  # noqa: E731
+    embed_f = lambda ids: embed(ids).to(float_dtype)
     t0 = time.perf_counter()
     first = step
     losses: list[float] = []
