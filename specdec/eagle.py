@@ -276,13 +276,6 @@ class EagleHead(nn.Module):
     def logits(self, prenorm: torch.Tensor) -> torch.Tensor:  # [..., Vd]
         return self.lm_head(self.norm(prenorm))
 
-    def target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:  # [..., V], -inf outside the draft vocabulary
-        """Draft-vocabulary logits placed at their target ids."""
-        shape = (*draft_logits.shape[:-1], self.vocab_size)
-        out = draft_logits.new_full(shape, float("-inf"))
-        index = self.draft_to_target().expand(*draft_logits.shape[:-1], -1)
-        return out.scatter(-1, index, draft_logits)
-
     def target_probs(self, draft_probs: torch.Tensor) -> torch.Tensor:  # [..., V], zero outside the draft vocabulary
         """Draft-vocabulary probabilities placed at their target ids."""
         shape = (*draft_probs.shape[:-1], self.vocab_size)
@@ -416,7 +409,6 @@ def load_head(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     weights = _read_weights(folder)
     if "embed_tokens.weight" in weights:
         head.embed_tokens = nn.Embedding(*weights["embed_tokens.weight"].shape)
-    weights.pop("t2d", None) if "t2d" not in head.state_dict() else None
     expected = head.state_dict()
     missing = sorted(k for k in expected if k not in weights and k not in ("d2t", "t2d"))
     unknown = sorted(k for k in weights if k not in expected)

@@ -24,6 +24,7 @@ from .. import kernels, noise
 from ..eagle import HeadKV
 from . import register_drafter
 from .base import Drafter, DraftProposal
+from .model import _draft_by_group
 
 # A window that has grown this wide (steps in which the head did not draft) is fed at once.
 MAX_PENDING = 16
@@ -88,7 +89,7 @@ class EagleDrafter(Drafter):
         for i in range(k):
             draft_logits = head.logits(hidden[:, 0])  # [B, Vd]
             if groups is not None:
-                token, q, conf = _draft_by_group(state, groups, head, draft_logits, i)
+                token, q, conf = _draft_by_group(state, groups, draft_logits, i, head=head)
                 if q is not None:
                     probs.append(q)
                 confidence.append(conf)
@@ -175,33 +176,3 @@ class EagleDrafter(Drafter):
         self.features = torch.cat([pad(f, (0, 0, 0, width - f.shape[1])) for f in (self.features, other.features)])
         self.num_pending = torch.cat([self.num_pending, other.num_pending])
 
-
-def _draft_by_group(state, groups, head, draft_logits: torch.Tensor, slot: int):
-    """Draft slot `slot` for rows whose sampling settings differ (a server's batch): each group as
-    it would draft alone, on the draft vocabulary (greedy rows their argmax, sampled rows from
-    their own q and noise). Returns target tokens [B], q [B, V] (zeros in greedy rows, which
-    verification never reads) or None when every row is greedy, and confidences [B]."""
-    batch, vocab = draft_logits.shape
-    to_target = head.draft_to_target()
-    token = torch.empty(batch, dtype=torch.long, device=draft_logits.device)
-    confidence = torch.empty(batch, dtype=torch.float32, device=draft_logits.device)
-    q_all, race = None, None
-    for params, rows in groups:
-        index = torch.tensor(rows, dtype=torch.long, device=draft_logits.device)
-        part = draft_logits.index_select(0, index)  # [b, Vd]
-        if params.greedy:
-            best = torch.argmax(part, dim=-1)
-            conf = torch.softmax(part.float(), dim=-1).gather(1, best.unsqueeze(1)).squeeze(1)
-        else:
-            q = kernels.logits_to_probs(part, params.temperature, params.top_k, params.top_p)  # [b, Vd]
-            if race is None:  # every row's noise for this slot, as each row draws it alone
-                race = state.exponential(noise.DRAFT_STREAM + slot, vocab, q.dtype)  # [B, Vd]
-            best = kernels.sample_exponential_race(q, race.index_select(0, index))
-            conf = q.gather(1, best.unsqueeze(1)).squeeze(1).float()
-            placed = head.target_probs(q)  # [b, V]
-            if q_all is None:
-                q_all = placed.new_zeros(batch, placed.shape[-1])
-            q_all[index] = placed
-        token[index] = to_target[best]
-        confidence[index] = conf
-    return token, q_all, confidence

@@ -182,15 +182,17 @@ class ModelDrafter(Drafter):
         self.num_pending = self.num_pending.index_select(0, index)
 
 
-def _draft_by_group(state, groups, logits: torch.Tensor, slot: int):
+def _draft_by_group(state, groups, logits: torch.Tensor, slot: int, head=None):
     """Draft slot `slot` for rows whose sampling settings differ: each group as it would draft
     alone (greedy rows their argmax, sampled rows from their own q and noise). Returns tokens
     [B], q [B, V] (zeros in greedy rows, which verification never reads) or None when every
-    row is greedy, and confidences [B]."""
+    row is greedy, and confidences [B]. `head`: an EAGLE-3 head whose draft-vocabulary logits
+    these are; tokens and q are then placed at the target's ids."""
     batch, vocab = logits.shape
     token = torch.empty(batch, dtype=torch.long, device=logits.device)
     confidence = torch.empty(batch, dtype=torch.float32, device=logits.device)
     sampled = any(not params.greedy for params, _ in groups)
+    to_target = head.draft_to_target() if head is not None else None
     q_all = None
     race = None
     for params, rows in groups:
@@ -205,9 +207,10 @@ def _draft_by_group(state, groups, logits: torch.Tensor, slot: int):
                 race = state.exponential(noise.DRAFT_STREAM + slot, vocab, q.dtype)  # [B, V]
             chosen = kernels.sample_exponential_race(q, race.index_select(0, index))
             conf = q.gather(1, chosen.unsqueeze(1)).squeeze(1).float()
+            placed = q if head is None else head.target_probs(q)  # [b, V]
             if q_all is None:
-                q_all = torch.zeros(batch, vocab, dtype=q.dtype, device=q.device)
-            q_all[index] = q
-        token[index] = chosen
+                q_all = placed.new_zeros(batch, placed.shape[-1])
+            q_all[index] = placed
+        token[index] = chosen if head is None else to_target[chosen]
         confidence[index] = conf
     return token, (q_all if sampled else None), confidence
