@@ -34,6 +34,8 @@ eager; the first request at or above it compiles (see `StepCompiler.ready_for`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -89,6 +91,15 @@ def new_failures(before: dict, code=None) -> list[str]:
 
 def _options(device: torch.device) -> dict:
     options = {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp_wrapper": True}
+    from torch._inductor import config as inductor_config
+
+    if device.type == "cpu" and hasattr(inductor_config, "cpp_wrapper_build_separate"):
+        # The wrapper (one kernel call after another) is built at -O1 and only the kernels at
+        # -O3: the wrapper of a 16-layer model is most of the C++, and -O3 on it took three
+        # quarters of a graph's build (about 12 of 35 s on a 2-core CPU) for no measurable
+        # gain per step.
+        options["cpp_wrapper_build_separate"] = True
+        options["aot_inductor.compile_wrapper_opt_level"] = "O2"
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if skip is not None:
         # A step's guards would check every parameter of the model on every call (about a
@@ -150,45 +161,51 @@ def _own_code(function, role: str):
     object, so each model's graphs live apart (no model's call is checked against another's)."""
     _own_code.count += 1
     code = function.__code__.replace(co_name=f"{function.__name__}_{role}_{_own_code.count}")
-    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+    copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
 
 
 _own_code.count = 0
 
 
-class CompiledForward:
-    """One model's step forward through torch.compile (see the module docstring)."""
+class _Compiled:
+    """A function through torch.compile, as one code object per slot (a kind of call that
+    always needs a graph of its own: dynamo keeps graphs per code object, so each slot's first
+    graph is built the same way in every process, and a compile cache filled by another
+    process serves it), whose compiles are counted in `stats` and logged (a compile for a kind
+    of call that had one already is a recompile, logged at WARNING with dynamo's reason)."""
 
-    def __init__(self, model: torch.nn.Module, role: str, device: torch.device, stats: CompileStats) -> None:
+    def __init__(self, function, role: str, device: torch.device, stats: CompileStats, slots: tuple[str, ...]) -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
-        self.model = model
         self.role = role
         self.device = device
         self.stats = stats
         self.static_addresses = device.type == "cuda"
         self._kinds: set[tuple] = set()
-        # A model's kinds of call (rows, width, hidden states) each need a graph of this code object.
+        # A slot's kinds of call (rows, hidden states) each need a graph of its code object.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-        step = _own_code(_step_forward, role)
-        self._code = step.__code__  # dynamo records this frame's guard failures under it
-        self._fn = torch.compile(step, options=_options(device))
+        self._fns, self._codes = {}, {}
+        for slot in slots:
+            step = _own_code(function, f"{role}_{slot}")
+            self._codes[slot] = step.__code__  # dynamo records this frame's guard failures under it
+            self._fns[slot] = torch.compile(step, options=_options(device))
 
-    def __call__(self, kind: tuple, buffers: list[torch.Tensor], **kwargs):
-        """Run the compiled forward; `kind` names the graph this call needs (its non-shape
-        inputs), `buffers` are the KV buffers the forward writes ([B, H, C, D] each)."""
+    def _run(self, kind: tuple, slot: str, *args, **kwargs):
         from torch._dynamo.utils import guard_failures
 
+        code = self._codes[slot]
         before = _graph_count()
-        failures = {self._code: len(guard_failures.get(self._code, ()))}  # one lookup, not a scan per step
+        failures = {code: len(guard_failures.get(code, ()))}  # one lookup, not a scan per step
         start = time.perf_counter()
-        out = self._fn(self.model.forward, buffers, **kwargs)
+        out = self._fns[slot](*args, **kwargs)
         compiled = _graph_count() - before
         if compiled:
             elapsed = time.perf_counter() - start
             self.stats.graphs += compiled
             self.stats.compile_s += elapsed
             if kind in self._kinds:  # this kind of call had a graph: a recompile
-                reasons = new_failures(failures, self._code) or ["no reason recorded"]
+                reasons = new_failures(failures, code) or ["no reason recorded"]
                 self.stats.recompiles += compiled
                 self.stats.reasons.extend(reasons)
                 logger.warning("recompiled the %s step forward (%.1f s): %s", self.role, elapsed, " | ".join(reasons))
@@ -196,6 +213,57 @@ class CompiledForward:
                 logger.info("compiled the %s step forward %s in %.1f s", self.role, kind, elapsed)
         self._kinds.add(kind)
         return out
+
+
+class CompiledForward(_Compiled):
+    """One model's step forward through torch.compile (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, role: str, device: torch.device, stats: CompileStats) -> None:
+        # One-token steps and verify steps: width 1 specializes (a graph of its own either way)
+        super().__init__(_step_forward, role, device, stats, slots=("decode", "verify"))
+        self.model = model
+        self.always_hidden = False  # every call returns the hidden states (StepCompiler.target_hidden)
+
+    def __call__(self, kind: tuple, buffers: list[torch.Tensor], **kwargs):
+        """Run the compiled forward; `kind` names the graph this call needs (its non-shape
+        inputs), `buffers` are the KV buffers the forward writes ([B, H, C, D] each)."""
+        return self._run(kind, "decode" if kind[1] else "verify", self.model.forward, buffers, **kwargs)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Row-major with exactly the strides of a fresh tensor, size-1 dimensions included (which
+    is_contiguous() ignores but dynamo's stride guards do not)."""
+    stride, expected = tensor.stride(), 1
+    for size, actual in zip(reversed(tensor.shape), reversed(stride)):
+        if actual != expected:
+            return False
+        expected *= size
+    return True
+
+
+class CompiledHead(_Compiled):
+    """An EAGLE-3 head's step (specdec.eagle.head_step: one head forward, then the logits of
+    each row's last slot) through torch.compile. Rows, width and cache capacity are dynamic;
+    the kinds are the head reading the target's features or its own output (the drafter
+    keeps windows of features at least two wide, so with one-token drafting steps that is
+    two graphs)."""
+
+    def __init__(self, device: torch.device, stats: CompileStats) -> None:
+        from .eagle import head_step
+
+        super().__init__(head_step, "head", device, stats, slots=("features", "own"))
+
+    def __call__(self, kind: tuple, head, k_cache, v_cache, tokens, hidden, positions, last, *, features: bool):
+        with torch.inference_mode():
+            # Inputs made outside inference mode (a drafter's window) would differ from the
+            # caches in dispatch keys, and views in strides, both of which dynamo guards on:
+            # one graph per mix otherwise.
+            tokens, hidden, positions, last = (t if t.is_inference() and _dense(t) else t.clone(memory_format=torch.contiguous_format)
+                                               for t in (tokens, hidden, positions, last))
+            for tensor, dims in ((tokens, (0, 1)), (hidden, (0, 1)), (positions, (0, 1)), (last, (0,)),
+                                 (k_cache, (0, 2)), (v_cache, (0, 2))):
+                mark_step_dynamic(tensor, dims)
+            return self._run(kind, kind[0], head, k_cache, v_cache, tokens, hidden, positions, last, features=features)
 
 
 class StepCompiler:
@@ -207,12 +275,26 @@ class StepCompiler:
         self.stats = CompileStats()
         self.warm = False  # warmup() ran, or a request compiled
         self._forwards: dict[int, CompiledForward] = {}
+        self._heads: dict[int, CompiledHead] = {}
+        # The target's step forwards always return its hidden states (a generator with an
+        # EAGLE head, whose drafter reads them on most steps): one kind of call, so half the
+        # graphs, for the cost of keeping the layers' outputs (no extra compute).
+        self.target_hidden = False
 
     def forward_for(self, model: torch.nn.Module, role: str) -> CompiledForward:
         key = id(model)
         if key not in self._forwards:
             self._forwards[key] = CompiledForward(model, role, self.device, self.stats)
+            self._forwards[key].always_hidden = self.target_hidden and role == "target"
         return self._forwards[key]
+
+    def head_for(self, head: torch.nn.Module) -> CompiledHead:
+        """The compiled step of an EAGLE-3 head (one per generator: its graphs take the head's
+        weights as inputs, so they are the head's alone only through the guards)."""
+        key = id(head)
+        if key not in self._heads:
+            self._heads[key] = CompiledHead(self.device, self.stats)
+        return self._heads[key]
 
     def ready_for(self, rows: int, max_new_tokens: int) -> bool:
         """Whether a request takes the compiled path: always once warm; before that, only a
@@ -223,3 +305,80 @@ class StepCompiler:
             self.warm = True
             return True
         return False
+
+
+# --------------------------------------------------------------------------- parallel warm-up
+
+
+def _warm_marker(spec: dict) -> str:
+    from . import __version__
+
+    key = json.dumps({"spec": spec, "torch": torch.__version__, "specdec": __version__}, sort_keys=True)
+    return os.path.join(inductor_cache_dir(), "specdec-warm", hashlib.sha256(key.encode()).hexdigest()[:32])
+
+
+def is_warm(spec: dict | None) -> bool:
+    """Whether a warm-up of these models finished into this compile cache before (mark_warm):
+    then loading the graphs is quicker than starting a helper process."""
+    return spec is not None and os.path.exists(_warm_marker(spec))
+
+
+def mark_warm(spec: dict | None) -> None:
+    """Note that a warm-up of these models finished into this compile cache (best effort)."""
+    if spec is None:
+        return
+    path = _warm_marker(spec)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(spec, f)
+    except OSError:  # a read-only cache: the next warm-up starts a helper again, nothing worse
+        pass
+
+
+class WarmHelper:
+    """A process that builds a generator's draft-model, head and sampled-step graphs into
+    torch's compile caches (specdec.warm_worker) while the generator builds the target's:
+    graph building is single-threaded Python, so on two cores the two overlap. The generator
+    then builds the others itself, which loads them from the caches. A helper that fails or is
+    slow only costs that overlap: the graphs are built either way."""
+
+    TIMEOUT_S = 600.0
+
+    def __init__(self, proc, log) -> None:
+        self.proc = proc
+        self.log = log
+
+    @classmethod
+    def start(cls, spec: dict) -> "WarmHelper | None":
+        import subprocess
+        import sys
+        import tempfile
+
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_cache_dir())
+        log = tempfile.TemporaryFile()
+        try:  # run from a neutral folder: a source checkout's root on sys.path would shadow packages
+            proc = subprocess.Popen([sys.executable, "-m", "specdec.warm_worker", json.dumps(spec)], env=env,
+                                    cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        except OSError as err:
+            logger.warning("warm-up helper did not start (%s): compiling in this process alone", err)
+            log.close()
+            return None
+        logger.info("warm-up helper started (pid %d)", proc.pid)
+        return cls(proc, log)
+
+    def finish(self) -> bool:
+        """Wait for the helper; True when it built its graphs."""
+        try:
+            code = self.proc.wait(self.TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a stuck helper is killed; this process compiles alone
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        if code != 0:
+            self.log.seek(0)
+            tail = self.log.read()[-2000:].decode(errors="replace")
+            logger.warning("warm-up helper ended with %s; compiling the rest here: %s", code, tail)
+        self.log.close()
+        return code == 0

@@ -286,6 +286,49 @@ class EagleHead(nn.Module):
         return self.rotary(like, positions)
 
 
+def head_step(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: torch.Tensor,
+              hidden: torch.Tensor, positions: torch.Tensor, last: torch.Tensor | None, *, features: bool,
+              keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One head forward over tokens [B, T] at `positions` [B, T], writing their keys and values
+    into the caches [B, kv_heads, C, D]; queries see their row's columns up to their own
+    position, among the first `keys` (None: all C, as the compiled step does). Returns the
+    pre-norm outputs [B, T, H], or with `last` [B] the output at slot last[b] [B, 1, H] and
+    its draft-vocabulary logits [B, Vd] (None without `last`)."""
+    batch, width = tokens.shape
+    if keys is None:
+        keys = k_cache.shape[2]
+        torch._check(v_cache.shape[2] == keys)
+        torch._check(positions.shape[0] == batch)
+        torch._check(positions.shape[1] == width)
+        torch._check(hidden.shape[0] == batch)
+        torch._check(hidden.shape[1] == width)
+        torch._check(k_cache.shape[0] == batch)
+        torch._check(v_cache.shape[0] == batch)
+    hidden = hidden.to(head.fc.weight.dtype)
+    if features:
+        hidden = head.fc(hidden)
+    cos, sin = head.rope(hidden, positions)
+
+    def attend(q, k, v):
+        index = positions.view(batch, 1, width, 1).expand(-1, k.shape[1], -1, k.shape[3])
+        k_cache.scatter_(2, index, k.to(k_cache.dtype))
+        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        cols = torch.arange(keys, device=tokens.device)
+        mask = cols.view(1, 1, 1, keys) <= positions.view(batch, 1, width, 1)  # [B, 1, T, W]
+        kk, vv = k_cache[:, :, :keys], v_cache[:, :, :keys]
+        groups = q.shape[1] // kk.shape[1]
+        if groups > 1:
+            kk = kk.repeat_interleave(groups, dim=1)
+            vv = vv.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+    out = head.layer(head.embed(tokens), hidden, cos, sin, attend)  # [B, T, H]
+    if last is None:
+        return out, None
+    at = out.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.shape[-1]))  # [B, 1, H]
+    return at, head.logits(at[:, 0])
+
+
 class HeadKV:
     """The head's own KV cache for a batch: one layer of [B, kv_heads, C, D] buffers, row b's
     position i at slot i (as specdec.kv's static path). `forward` writes each row's new
@@ -293,6 +336,7 @@ class HeadKV:
     tail is overwritten later and never read). `bound` is a host-side upper bound on the
     longest row, so nothing here reads the device."""
 
+    @torch.inference_mode()  # every buffer an inference tensor: a compiled step's guards see one kind
     def __init__(self, head: EagleHead, batch: int, device: torch.device, dtype: torch.dtype) -> None:
         attn = head.midlayer.self_attn
         self.head = head
@@ -301,6 +345,7 @@ class HeadKV:
         self.v = torch.zeros(self.shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.bound = 0
+        self.compiled = None  # a specdec.compiled.CompiledHead: step() runs as one graph
 
     @property
     def capacity(self) -> int:
@@ -320,45 +365,47 @@ class HeadKV:
         """Feed tokens [B, T] with their hidden inputs [B, T, *] (features=True: the target's
         concatenated layers, projected by fc here; False: the head's own pre-norm outputs);
         the first num_valid[b] slots of row b are real. Returns the pre-norm outputs [B, T, H]."""
-        head = self.head
+        return self._feed(tokens, hidden, num_valid, features, None)[0]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, hidden: torch.Tensor, num_valid: torch.Tensor | None = None,
+             *, features: bool, last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(), then the head's output at slot last[b] of each row (default the last slot)
+        [B, 1, H] and its draft-vocabulary logits [B, Vd]: what drafting the next token needs.
+        With a compiled head (`compiled`), all of it is one graph call."""
+        if last is None:
+            last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+        return self._feed(tokens, hidden, num_valid, features, last)
+
+    def _feed(self, tokens, hidden, num_valid, features: bool, last):
         batch, width = tokens.shape
-        hidden = hidden.to(head.fc.weight.dtype)
-        if features:
-            hidden = head.fc(hidden)
-        slots = torch.arange(width, device=tokens.device)
-        positions = self.lengths.unsqueeze(1) + slots  # [B, T]
+        positions = self.lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)  # [B, T]
         self._reserve(self.bound + width)
-        keys = self.bound + width  # columns any query may see
-        cos, sin = head.rope(hidden, positions)
-
-        def attend(q, k, v):
-            index = positions.view(batch, 1, width, 1).expand(-1, k.shape[1], -1, k.shape[3])
-            self.k.scatter_(2, index, k.to(self.k.dtype))
-            self.v.scatter_(2, index, v.to(self.v.dtype))
-            cols = torch.arange(keys, device=tokens.device)
-            mask = cols.view(1, 1, 1, keys) <= positions.view(batch, 1, width, 1)  # [B, 1, T, W]
-            kk, vv = self.k[:, :, :keys], self.v[:, :, :keys]
-            groups = q.shape[1] // kk.shape[1]
-            if groups > 1:
-                kk = kk.repeat_interleave(groups, dim=1)
-                vv = vv.repeat_interleave(groups, dim=1)
-            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-
-        out = head.layer(head.embed(tokens), hidden, cos, sin, attend)
+        if self.compiled is not None and last is not None:
+            # Whole-buffer attention (the mask hides what a row has not written): no Python int
+            # that changes from call to call reaches the graph.
+            kind = ("features" if features else "own", batch == 1, width == 1)
+            out, logits = self.compiled(kind, self.head, self.k, self.v, tokens, hidden, positions, last,
+                                        features=features)
+        else:
+            out, logits = head_step(self.head, self.k, self.v, tokens, hidden, positions, last, features=features,
+                                    keys=self.bound + width)
         self.lengths = self.lengths + (num_valid if num_valid is not None else width)
         self.bound += width
-        return out
+        return out, logits
 
     def set_lengths(self, lengths: torch.Tensor, bound: int) -> None:
         self.lengths = lengths
         self.bound = bound
 
+    @torch.inference_mode()
     def select_rows(self, keep: list[int]) -> None:
         index = torch.tensor(keep, dtype=torch.long, device=self.k.device)
         self.k = self.k.index_select(0, index)
         self.v = self.v.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
 
+    @torch.inference_mode()
     def merge(self, other: HeadKV) -> None:
         width = max(self.capacity, other.capacity)
         self._reserve(width)

@@ -201,6 +201,7 @@ class DecodeBatch:
             rows=row_ids,
         )
         state.compiled = compiled
+        state.compiler = compiler if compiled else None
         state.row_sampling = list(row_sampling) if row_sampling is not None else [row_settings(params)] * batch
         self.state = state
         self.stops = _stop_rows(stop_ids, device)  # [B, S]

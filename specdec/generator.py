@@ -13,7 +13,7 @@ from typing import Any, Generator
 import torch
 
 from .cache.memo import LruMemo
-from .compiled import DEFAULT_COMPILE_MIN_TOKENS, StepCompiler
+from .compiled import DEFAULT_COMPILE_MIN_TOKENS, StepCompiler, WarmHelper, is_warm, mark_warm
 from .drafters import DraftContext, Drafter, get_drafter_class, source_names
 from .engine import RowOutput, decode, iter_decode, request_capacity
 from .kv import ENGINE_PATHS, check_supported, static_blocker
@@ -104,6 +104,10 @@ class SpeculativeGenerator:
         self.cache_layer = self._open_cache(cache) if cache is not None else None
         # compile=True: the static path's step forwards through torch.compile (specdec.compiled).
         self._compiler = StepCompiler(self.device, compile_min_tokens) if compile else None
+        if self._compiler is not None and self.draft_head is not None:
+            # With a head most steps return the target's hidden states; every target step
+            # forward does, so one set of graphs serves every drafter.
+            self._compiler.target_hidden = True
 
     # ------------------------------------------------------------------ loading
 
@@ -166,10 +170,16 @@ class SpeculativeGenerator:
             trust_remote_code=trust_remote_code,
         )
         draft_head = load_head(head) if head is not None else None
-        return cls(
+        gen = cls(
             target_model, tokenizer, draft_model, cache=cache, draft_tokenizer=draft_tokenizer, numerics=numerics,
             compile=compile, compile_min_tokens=compile_min_tokens, draft_head=draft_head,
         )
+        if compile and device_map is None and revision is None and not trust_remote_code:
+            # how a warm-up helper process loads the same models (warmup(parallel=True))
+            gen._source = {"target": os.fspath(target), "draft": None if draft is None else os.fspath(draft),
+                           "head": None if head is None else os.fspath(head),
+                           "dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+        return gen
 
     # ------------------------------------------------------------------ properties
 
@@ -204,8 +214,8 @@ class SpeculativeGenerator:
         `compile_min_tokens`; smaller ones run eager until then (see specdec.compiled)."""
         return self._compiler is not None
 
-    def warmup(self, batches: bool = False) -> float:
-        """Compile the step graphs now (target, and draft model if any); returns the seconds spent.
+    def warmup(self, batches: bool = False, *, parallel: bool = True) -> float:
+        """Compile the step graphs now (target, draft model and EAGLE head, as loaded); returns the seconds spent.
 
         One call per process: the graphs serve every request length and draft length, and
         torch's compile caches make a later process's warm-up mostly a load. Batches of several
@@ -214,17 +224,48 @@ class SpeculativeGenerator:
         also compiles the sampled step's graphs for temperature-only sampling, and with
         `batches=True` for top-p too (other settings compile on first use, or run eagerly
         after specdec.fused.freeze()).
+
+        `parallel` (CPU, a generator from from_pretrained, at least two cores, the first warm-up
+        of these models into this compile cache): a helper process
+        builds the draft model's, head's and sampled step's graphs into torch's compile caches
+        while this one builds the target's, then this one loads them (specdec.compiled.WarmHelper).
+        Either way the same graphs result.
         """
         if self._compiler is None:
             raise ValueError("warmup() compiles decoding steps: construct the generator with compile=True")
         if not isinstance(batches, bool):
             raise ValueError(f"batches must be True or False, got {batches!r}")
-        from .kv import BUCKET, engine_path, make_kv, prefill_logits
-
+        if not isinstance(parallel, bool):
+            raise ValueError(f"parallel must be True or False, got {parallel!r}")
         start = time.perf_counter()
         self._compiler.warm = True
-        models = [(self.target_model, "target", self.vocab_size)]
-        if self.draft_model is not None:
+        helper = self._start_warm_helper(batches) if parallel else None
+        parts = ("target", "draft", "head", "sampling")
+        if helper is not None:  # the helper builds the other graphs into torch's caches meanwhile; here they load
+            parts = ("target", helper, "draft", "head", "sampling")
+        for part in parts:
+            if isinstance(part, str):
+                self._warm(part, batches)
+            else:
+                part.finish()
+        mark_warm(self._warm_spec(batches))
+        elapsed = time.perf_counter() - start
+        self._compiler.stats.warmup_s = elapsed
+        return elapsed
+
+    def _warm(self, part: str, batches: bool) -> None:
+        """Compile one part of the step graphs: "target" or "draft" (that model's one-token and
+        verify forwards), "head" (the EAGLE head's two kinds of step) or "sampling" (the sampled
+        step's graphs). A warm-up helper builds every part but the target's (whose graphs,
+        with a head loaded, come out differently when other graphs were traced first in the
+        same process, so a helper's copy would not be found in the compile cache)."""
+        from .kv import BUCKET, engine_path, make_kv, prefill_logits
+
+        row_counts = (1, 2) if batches else (1,)
+        models = []
+        if part == "target":
+            models.append((self.target_model, "target", self.vocab_size))
+        if part == "draft" and self.draft_model is not None:
             models.append((self.draft_model, "draft", self.draft_vocab_size))
         for model, role, vocab in models:
             capacity = 2 * BUCKET
@@ -233,22 +274,46 @@ class SpeculativeGenerator:
                                static_blocker(model, capacity) or f"engine={self.engine!r}")
                 continue
             forward = self._compiler.forward_for(model, role)
-            for rows in (1, 2) if batches else (1,):
+            for rows in row_counts:
                 kv = make_kv(model, "static", rows, capacity, self.device, vocab, compiled=forward)
                 ids = torch.arange(1, 9, device=self.device).remainder(vocab).view(1, -1).repeat(rows, 1)  # [R, 8]
                 prefill_logits(kv, ids.tolist())
                 kv.forward(ids[:, :1])  # a decoding step
                 kv.forward(ids[:, :3], torch.full((rows,), 2, device=self.device))  # a verify step, ragged
-        if self.device.type == "cpu":  # sampled steps: noise and verification as one graph (specdec.fused)
+        head = self.draft_head
+        if part == "head" and head is not None and engine_path(self.target_model, self.engine, 2 * BUCKET) == "static":
+            from .eagle import HeadKV
+
+            compiled = self._compiler.head_for(head)
+            dtype = head.fc.weight.dtype
+            for rows in row_counts:  # the head's two kinds of step (specdec.drafters.eagle)
+                kv = HeadKV(head, rows, self.device, dtype)
+                kv.compiled = compiled
+                ids = torch.arange(1, 4, device=self.device).view(1, -1).repeat(rows, 1)  # [R, 3]
+                # a pending window of the target's features, then a drafting step on the head's own output
+                kv.step(ids, torch.zeros(rows, 3, head.fc.in_features, dtype=dtype, device=self.device), features=True)
+                kv.step(ids[:, :1], torch.zeros(rows, 1, head.hidden_size, dtype=dtype, device=self.device),
+                        features=False)
+        if part == "sampling" and self.device.type == "cpu":  # sampled steps: noise and verification as one graph (specdec.fused)
             from . import fused
 
-            fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, draft_probs=self.draft_model is not None)
+            probs = self.draft_model is not None or head is not None
+            fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, draft_probs=probs)
             if batches:  # a server's requests: top-p too
-                fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, top_p=0.9,
-                             draft_probs=self.draft_model is not None)
-        elapsed = time.perf_counter() - start
-        self._compiler.stats.warmup_s = elapsed
-        return elapsed
+                fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, top_p=0.9, draft_probs=probs)
+
+    def _warm_spec(self, batches: bool) -> dict | None:
+        """What a helper process needs to build this generator's graphs (None: it cannot)."""
+        source = getattr(self, "_source", None)
+        if source is None or self.device.type != "cpu" or self.engine != "auto" or self.numerics != "native":
+            return None
+        return {**source, "batches": batches}
+
+    def _start_warm_helper(self, batches: bool):
+        spec = self._warm_spec(batches)
+        if spec is None or (os.cpu_count() or 1) < 2 or is_warm(spec):
+            return None
+        return WarmHelper.start(spec)
 
     def compile_stats(self) -> dict:
         """Graphs compiled, recompiles (with dynamo's reasons), compile and warm-up seconds."""

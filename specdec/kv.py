@@ -455,6 +455,8 @@ class StaticKV(KVState):
         self.cache.seen_hint = 0  # a constant: models that read it only derive unused defaults
         for tensor in (ids, positions, position_ids):
             mark_step_dynamic(tensor, (0, 1))
+        if self.compiled.always_hidden:  # one kind of call for every drafter (the states unused here)
+            kwargs["output_hidden_states"] = True
         kind = (ids.shape[0] == 1, width == 1, "hidden" if kwargs.get("output_hidden_states") else "logits",
                 kwargs.get("logits_to_keep"))
         buffers = [b for layer in self.cache.layers for b in (layer.keys, layer.values)]

@@ -128,6 +128,48 @@ def test_bad_compile_options_fail_before_any_compute(llama_pair, kwargs, message
         SpeculativeGenerator.from_pretrained(llama_pair.target, **kwargs)
 
 
+def test_a_first_warm_up_builds_graphs_in_a_helper_process(llama_pair, caplog, monkeypatch, tmp_path):
+    """from_pretrained(compile=True).warmup() on two or more cores: a helper process builds the
+    draft model's and sampled step's graphs into the compile cache while this one builds the
+    target's, then this one loads them (a hit, no second build); the next warm-up of the same
+    models starts no helper. The graphs and tokens are those of a warm-up without one."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache, no warm-up noted in it
+    gen = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32",
+                                               compile=True)
+    assert gen._warm_spec(False)["draft"] == str(llama_pair.drafts["partial"])
+    misses = counters["inductor"]["fxgraph_cache_miss"]
+    with caplog.at_level(logging.INFO, logger="specdec.compiled"):
+        gen.warmup()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("warm-up helper started" in m for m in messages)
+    assert not any("warm-up helper ended with" in m for m in messages), messages
+    # only the target's graphs were built here: everything else came from the helper's cache entries
+    assert counters["inductor"]["fxgraph_cache_miss"] - misses <= 2
+    caplog.clear()
+    again = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32",
+                                                 compile=True)
+    with caplog.at_level(logging.INFO, logger="specdec.compiled"):
+        again.warmup()
+    assert not any("warm-up helper" in r.getMessage() for r in caplog.records)
+    kwargs = dict(max_new_tokens=16, drafter="model", ignore_eos=True, temperature=0.8, seed=[1, 2, 3])
+    assert _ids(gen.generate(PROMPTS, **kwargs)) == _ids(again.generate(PROMPTS, **kwargs))
+
+
+def test_a_failing_helper_only_costs_the_overlap(llama_pair, monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    gen = SpeculativeGenerator.from_pretrained(llama_pair.target, dtype="float32", compile=True)
+    monkeypatch.setattr(type(gen), "_warm_spec", lambda self, batches: {"target": "/nonexistent/model", "draft": None,
+                                                                         "head": None, "dtype": None, "batches": batches})
+    with caplog.at_level(logging.INFO, logger="specdec.compiled"):
+        gen.warmup()
+    assert any("warm-up helper ended with 1" in r.getMessage() for r in caplog.records)
+    assert gen.compile_stats()["graphs"] > 0
+    result = gen.generate(PROMPTS[0], max_new_tokens=8, drafter="none", ignore_eos=True)[0]
+    assert len(result.token_ids) == 8
+
+
 def test_warmup_needs_compile(pair):
     eager, _ = pair
     with pytest.raises(ValueError, match="compile=True"):

@@ -336,3 +336,70 @@ def test_rows_of_one_batch_drafting_from_different_costly_sources_equal_alone(pa
         for r in batch:
             used |= {name for name, steps in r.stats.drafter_steps.items() if steps}
         assert {"model", "eagle"} <= used
+
+
+# --------------------------------------------------------------------------- compiled head steps
+
+
+@pytest.fixture(scope="module")
+def compiled_pair(pair, head_dir, tmp_path_factory):
+    """(eager, compiled) generators over the same float32 target, draft model and head (inductor
+    compiles float32 on CPU, as users run it); the compiled one warmed up."""
+    import os
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    eager = SpeculativeGenerator.from_pretrained(str(pair.target), str(pair.drafts["partial"]), head=str(head_dir),
+                                                 dtype=torch.float32)
+    compiled = SpeculativeGenerator(eager.target_model, eager.tokenizer, eager.draft_model, engine="static",
+                                    compile=True, draft_head=eager.draft_head)
+    compiled.warmup()
+    return eager, compiled
+
+
+def _count_head_calls(monkeypatch, compiled) -> list:
+    from specdec.compiled import CompiledHead
+
+    calls = []
+    original = CompiledHead.__call__
+
+    def counting(self, kind, *args, **kwargs):
+        calls.append(kind)
+        return original(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(CompiledHead, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("drafter", ["eagle", "auto"])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": [5, 6, 7, 8]}],
+                         ids=["greedy", "seeded"])
+def test_compiled_head_steps_give_the_eager_tokens(compiled_pair, monkeypatch, drafter, sampling):
+    """A ragged batch (a one-token prompt among them), compiled target, draft model and head
+    against the same models eager; the head's steps really run as graphs."""
+    eager, compiled = compiled_pair
+    calls = _count_head_calls(monkeypatch, compiled)
+    kwargs = dict(max_new_tokens=24, drafter=drafter, num_draft_tokens=3, ignore_eos=True, **sampling)
+    expected = eager.generate_ids(PROMPTS, **kwargs)
+    got = compiled.generate_ids(PROMPTS, **kwargs)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    if drafter == "eagle":
+        assert sum(r.stats.drafter_steps.get("eagle", 0) for r in got) > 0
+        assert sum(r.stats.accepted_tokens for r in got) > 0
+        assert {kind[0] for kind in calls} == {"features", "own"}
+    if not sampling:  # and greedy output is plain greedy decoding's
+        assert [r.token_ids for r in got] == [r.token_ids for r in eager.generate_ids(PROMPTS, max_new_tokens=24,
+                                                                                      drafter="none", ignore_eos=True)]
+
+
+def test_warm_up_compiles_the_heads_steps(compiled_pair):
+    """After warmup(), single-row requests of any length and draft width, through the head,
+    compile nothing: the head's windows and drafting steps have their graphs, and the target's
+    step forwards return hidden states on every call (one kind for every drafter)."""
+    _, compiled = compiled_pair
+    stats = compiled._compiler.stats
+    assert compiled._compiler.target_hidden
+    graphs, recompiles = stats.graphs, stats.recompiles
+    for prompt, k, drafter in [(PROMPTS[0], 2, "eagle"), (PROMPTS[2], 5, "eagle"), (PROMPTS[1], 3, "auto"),
+                               (PROMPTS[3], 4, "none"), (PROMPTS[2] * 3, 4, "eagle")]:
+        compiled.generate_ids([prompt], max_new_tokens=20, drafter=drafter, num_draft_tokens=k, ignore_eos=True)
+    assert (stats.graphs, stats.recompiles) == (graphs, recompiles)

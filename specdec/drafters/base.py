@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -92,6 +92,7 @@ class DecodeState:
     step_drafted: list[int] = field(default_factory=list)  # [B] drafts verified per row last step (host)
     step_sources: list[str] = field(default_factory=list)  # [B] the drafter each row verified last step
     compiled: bool = False  # the request runs on the compiled path (compile=True; specdec.compiled)
+    compiler: Any = None  # its specdec.compiled.StepCompiler then (drafters compile their own steps with it)
     # [B] each row's (temperature, top_k, top_p) where rows differ (a server's batch); None: params' for all
     row_sampling: list[tuple[float, int, float]] | None = None
 

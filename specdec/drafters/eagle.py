@@ -62,6 +62,9 @@ class EagleDrafter(Drafter):
             if len(seq) > 1:
                 tokens[b, : len(seq) - 1] = torch.tensor(seq[1:], dtype=torch.long)
         self.kv = HeadKV(self.head, state.batch_size, device, self.head.fc.weight.dtype)
+        compiler = getattr(state, "compiler", None)
+        if compiler is not None:  # a compiled request: the head's steps run as graphs too
+            self.kv.compiled = compiler.head_for(self.head)
         self.tokens = tokens.to(device)  # [B, W] the token after each pending position
         self.features = features[:, :width]  # [B, W, F] the target's features there
         if self.features.shape[1] < width:  # prompts of one token: nothing is pending
@@ -73,12 +76,12 @@ class EagleDrafter(Drafter):
     def propose(self, state, k: int, early_stop=None) -> DraftProposal:
         head, kv = self.head, self.kv
         catch_up = self.tokens.shape[1] > 2
-        out = kv.forward(self.tokens, self.features, self.num_pending, features=True)  # [B, W, H]
+        tokens, features = self._window()
+        last = (self.num_pending - 1).clamp(min=0)  # [B] each row's last real entry
+        hidden, draft_logits = kv.step(tokens, features, self.num_pending, features=True, last=last)  # [B, 1, H], [B, Vd]
         kv.bound = min(kv.bound, max(len(s) for s in state.sequences) - 1)
         self.base = (kv.lengths, kv.bound)
         ready = self.num_pending > 0  # [B] a row whose prompt is one token has nothing to draft from yet
-        last = (self.num_pending - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, out.shape[-1])
-        hidden = out.gather(1, last)  # [B, 1, H]
         self._clear()
         self.drafted = True
         params = state.params
@@ -87,7 +90,6 @@ class EagleDrafter(Drafter):
         stop = early_stop
         tokens, probs, confidence = [], [], []
         for i in range(k):
-            draft_logits = head.logits(hidden[:, 0])  # [B, Vd]
             if groups is not None:
                 token, q, conf = _draft_by_group(state, groups, draft_logits, i, head=head)
                 if q is not None:
@@ -109,7 +111,7 @@ class EagleDrafter(Drafter):
             if stop is not None and stop.update(i, confidence[-1]):
                 break
             if i < k - 1:
-                hidden = kv.forward(token.clamp(min=0).unsqueeze(1), hidden, features=False)  # [B, 1, H]
+                hidden, draft_logits = kv.step(token.clamp(min=0).unsqueeze(1), hidden, features=False)  # [B, 1, H], [B, Vd]
         k = len(tokens)
         num_draft = torch.where(ready, k, 0)
         return DraftProposal(
@@ -133,6 +135,16 @@ class EagleDrafter(Drafter):
         if self.tokens.shape[1] >= MAX_PENDING:
             self._absorb()
 
+    def _window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending window, at least two slots wide on a compiled head: a one-slot window
+        would need a graph of its own (width 1 specializes), and the extra slot is not real
+        (its key lands past the row's length, where nothing reads it before it is rewritten)."""
+        if self.kv.compiled is None or self.tokens.shape[1] >= 2:
+            return self.tokens, self.features
+        pad = 2 - self.tokens.shape[1]
+        return (torch.nn.functional.pad(self.tokens, (0, pad)),
+                torch.nn.functional.pad(self.features, (0, 0, 0, pad)))
+
     def _clear(self) -> None:
         batch, device = self.num_pending.shape[0], self.num_pending.device
         self.tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -153,7 +165,8 @@ class EagleDrafter(Drafter):
     def _absorb(self) -> None:
         """Feed all but each row's last pending entry now, so the window stays small."""
         keep = (self.num_pending - 1).clamp(min=0)
-        self.kv.forward(self.tokens, self.features, keep, features=True)
+        tokens, features = self._window()
+        self.kv.step(tokens, features, keep, features=True)  # a step's graph where compiled; its output unused
         index = keep.view(-1, 1)
         tokens = self.tokens.gather(1, index)
         features = self.features.gather(1, index.unsqueeze(-1).expand(-1, 1, self.features.shape[-1]))
