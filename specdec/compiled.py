@@ -2,24 +2,31 @@
 
 What is compiled: each model's forward as the static KV path calls it in a decoding step
 (the target's verify forward over [last, d1..dk], the draft model's forwards), whole,
-per-layer work and LM head together. What is not: the prefill (its width is the request's
-own, one forward per request, and compute-bound anyway), the generic KV path (its cache
-grows by a column every step), and the loop's Python bookkeeping (planner, drafters,
-stops, the one host copy per step), which stays plain Python between graphs.
+per-layer work and LM head together, and an EAGLE-3 head's step (one head forward and the
+logits of each row's drafting slot, `CompiledHead`). What is not: the prefill (its width is
+the request's own, one forward per request, and compute-bound anyway), the generic KV path
+(its cache grows by a column every step), and the loop's Python bookkeeping (planner,
+drafters, stops, the one host copy per step), which stays plain Python between graphs.
 
 Shapes. A step forward sees input ids [B, T], a 4-D additive mask [B, 1, T, C] and KV
 buffers [B, H, C, D], where B is the batch's active rows, T the verify width (1 + drafts)
 and C the request's capacity. On the compiled path attention reads the whole buffer
 (the mask hides what a row has not written) instead of the eager path's bucket view, so
 nothing in the graph depends on a Python int that changes from step to step. B, T and C
-are marked dynamic, with size-1 dimensions kept symbolic too (torch's
-`backed_size_oblivious`): one graph per model and kind of call serves every batch size,
-draft length and request length. The kinds are few: the target with and without its
-hidden states (for drafters that read them), the draft model. Any further compile is a
-recompile, logged with dynamo's reason at WARNING (specdec.compiled), and counted.
+are marked dynamic: one graph per model and kind of call serves every batch size from 2,
+draft length and request length. Width 1 (a one-token step) and batch 1 specialize in
+torch (transformers' attention branches on the query length), so the kinds are: one-token
+and verify steps (each its own code object, a "slot"), one row or several, and, without a
+head, the target with and without its hidden states (with a head every target step
+returns them: one kind for every drafter, for the cost of keeping the layers' outputs).
+The head has two slots: reading the target's features (a window, kept at least two wide)
+and reading its own output (a drafting step). Any further compile is a recompile, logged
+with dynamo's reason at WARNING (specdec.compiled), and counted.
 
 Backends. CPU: inductor with `cpp_wrapper` (the graph's kernel calls are one C++
-function, which removes most of the per-op Python cost a small model's step is made of).
+function, which removes most of the per-op Python cost a small model's step is made of),
+the wrapper built apart from the kernels at -O2 (-O3 on a 16-layer model's wrapper took
+about 12 of a graph's 35 s to build, for no measurable gain per step).
 CUDA: inductor with CUDA graphs (`triton.cudagraphs`, one graph per distinct shape, each
 recorded once); the KV buffers are marked as static addresses so that steps replay.
 
@@ -27,9 +34,12 @@ Warm-up. Compiling costs tens of seconds per graph on a small CPU, so it is paid
 process per (model, kind of call): `SpeculativeGenerator.warmup()` pays it up front, and
 torch's compile caches (inductor's FX graph cache and the AOTAutograd cache, kept under
 `$TORCHINDUCTOR_CACHE_DIR`, by default `~/.cache/specdec/inductor`) let a second process
-skip code generation. A request never pays a compile it cannot earn back: before warm-up,
-a request whose token budget (rows x max_new_tokens) is below `compile_min_tokens` runs
-eager; the first request at or above it compiles (see `StepCompiler.ready_for`).
+skip code generation. The first warm-up of a generator loaded by from_pretrained on two or
+more cores builds the draft model's, head's and sampled step's graphs in a helper process
+(`WarmHelper`) while it builds the target's, and then loads them from the caches. A request
+never pays a compile it cannot earn back: before warm-up, a request whose token budget
+(rows x max_new_tokens) is below `compile_min_tokens` runs eager; the first request at or
+above it compiles (see `StepCompiler.ready_for`).
 """
 
 from __future__ import annotations
@@ -132,7 +142,8 @@ class CompileStats:
 _RECOMPILE_LIMIT = 64
 
 
-def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids, mask_value, mask_dtype, **kwargs):
+def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids, mask_value, mask_dtype,
+                  hidden_layers=None, **kwargs):
     """The traced step: the additive mask, then the model forward, with varying sizes tied.
 
     Query t of row b sees its row's positions 0 .. write_positions[b, t] of the whole
@@ -153,7 +164,35 @@ def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids,
     columns = torch.arange(capacity, device=input_ids.device)  # [C]
     hidden = columns.view(1, 1, capacity) > write_positions.unsqueeze(-1)  # [B, T, C]
     mask = torch.zeros(hidden.shape, dtype=mask_dtype, device=input_ids.device).masked_fill(hidden, mask_value)
-    return forward(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids, **kwargs)
+    out = forward(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids, **kwargs)
+    if hidden_layers is None:
+        return out
+    # Only the layers asked for leave the graph (every layer's output as a graph output cost
+    # about a sixth of a one-token step of the bundled target).
+    return StepOutput(out.logits, torch.cat([out.hidden_states[i] for i in hidden_layers], dim=-1))
+
+
+def _install_output_hooks(model: torch.nn.Module) -> None:
+    """Install transformers' hidden-state capturing hooks now. transformers installs them on the
+    first forward that asks for hidden states, under a lock that dynamo cannot trace: traced
+    then, the step forward breaks into two graphs with Python between them (about a sixth of
+    a one-token step of the bundled target)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # pragma: no cover - transformers without lazy hooks: nothing to install
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
+
+
+class StepOutput:
+    """A step forward's logits and the hidden states entering `hidden_layers`, concatenated."""
+
+    def __init__(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.logits = logits
+        self.selected_hidden = hidden
 
 
 def _own_code(function, role: str):
@@ -222,7 +261,9 @@ class CompiledForward(_Compiled):
         # One-token steps and verify steps: width 1 specializes (a graph of its own either way)
         super().__init__(_step_forward, role, device, stats, slots=("decode", "verify"))
         self.model = model
-        self.always_hidden = False  # every call returns the hidden states (StepCompiler.target_hidden)
+        # Every call returns the hidden states entering these layers (StepCompiler.target_hidden):
+        # one kind of call for every drafter.
+        self.hidden_layers: tuple[int, ...] | None = None
 
     def __call__(self, kind: tuple, buffers: list[torch.Tensor], **kwargs):
         """Run the compiled forward; `kind` names the graph this call needs (its non-shape
@@ -276,16 +317,18 @@ class StepCompiler:
         self.warm = False  # warmup() ran, or a request compiled
         self._forwards: dict[int, CompiledForward] = {}
         self._heads: dict[int, CompiledHead] = {}
-        # The target's step forwards always return its hidden states (a generator with an
-        # EAGLE head, whose drafter reads them on most steps): one kind of call, so half the
-        # graphs, for the cost of keeping the layers' outputs (no extra compute).
-        self.target_hidden = False
+        # The layers whose hidden states the target's step forwards always return (a generator
+        # with an EAGLE head, whose drafter reads them on most steps), else None: one kind of
+        # call for every drafter, so half the graphs, for the cost of one [B, T, 3H] output.
+        self.target_hidden: tuple[int, ...] | None = None
 
     def forward_for(self, model: torch.nn.Module, role: str) -> CompiledForward:
         key = id(model)
         if key not in self._forwards:
             self._forwards[key] = CompiledForward(model, role, self.device, self.stats)
-            self._forwards[key].always_hidden = self.target_hidden and role == "target"
+            if role == "target" and self.target_hidden is not None:
+                self._forwards[key].hidden_layers = self.target_hidden
+                _install_output_hooks(model)
         return self._forwards[key]
 
     def head_for(self, head: torch.nn.Module) -> CompiledHead:

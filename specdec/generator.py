@@ -107,7 +107,7 @@ class SpeculativeGenerator:
         if self._compiler is not None and self.draft_head is not None:
             # With a head most steps return the target's hidden states; every target step
             # forward does, so one set of graphs serves every drafter.
-            self._compiler.target_hidden = True
+            self._compiler.target_hidden = tuple(self.draft_head.aux_layers)
 
     # ------------------------------------------------------------------ loading
 

@@ -236,6 +236,7 @@ class KVState(ABC):
         if hidden:
             kwargs["output_hidden_states"] = True
         ids = input_ids.clamp(min=0, max=self.max_id)
+        self.hidden_asked = hidden
         if self.stable is None:
             out = self._call(ids, positions, position_ids, num_valid, width, kwargs, exact_width)
         else:
@@ -243,7 +244,10 @@ class KVState(ABC):
                 out = self._call(ids, positions, position_ids, num_valid, width, kwargs, exact_width)
         self.lengths = self.lengths + (num_valid if num_valid is not None else width)
         self.forwards += 1
-        return out.logits, select_hidden(out.hidden_states, hidden) if hidden else None
+        if not hidden:
+            return out.logits, None
+        selected = getattr(out, "selected_hidden", None)  # a compiled step's (specdec.compiled.StepOutput)
+        return out.logits, selected if selected is not None else select_hidden(out.hidden_states, hidden)
 
     @abstractmethod
     def _call(self, ids, positions, position_ids, num_valid, width: int, kwargs: dict, exact_width: bool):
@@ -455,9 +459,13 @@ class StaticKV(KVState):
         self.cache.seen_hint = 0  # a constant: models that read it only derive unused defaults
         for tensor in (ids, positions, position_ids):
             mark_step_dynamic(tensor, (0, 1))
-        if self.compiled.always_hidden:  # one kind of call for every drafter (the states unused here)
+        layers = self.compiled.hidden_layers
+        asked = kwargs.get("output_hidden_states", False)
+        if layers is not None and (not asked or self.hidden_asked == layers):
+            # one kind of call for every drafter: the graph returns just these layers' states
             kwargs["output_hidden_states"] = True
-        kind = (ids.shape[0] == 1, width == 1, "hidden" if kwargs.get("output_hidden_states") else "logits",
+            kwargs["hidden_layers"] = layers
+        kind = (ids.shape[0] == 1, width == 1, kwargs.get("hidden_layers") or ("hidden" if kwargs.get("output_hidden_states") else "logits"),
                 kwargs.get("logits_to_keep"))
         buffers = [b for layer in self.cache.layers for b in (layer.keys, layer.values)]
         out = self.compiled(

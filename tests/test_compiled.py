@@ -22,7 +22,6 @@ DRAFTERS = ["none", "model", "ngram", "auto"]
 @pytest.fixture(scope="module")
 def pair(llama_pair, tmp_path_factory):
     """(eager, compiled) generators over the same float32 models; the compiled one warmed up."""
-    import os
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
     eager = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32")
