@@ -354,7 +354,32 @@ def freeze(frozen: bool = True) -> None:
     request stalls the whole batch for a compile."""
     global _frozen
     _frozen = frozen
-_BODIES: dict[str, Callable] = {"bonus": _bonus, "verify": _verify, "by_position": _by_position}
+def _draft(
+    seeds: torch.Tensor,  # [B] int64
+    counters: torch.Tensor,  # [B] int64
+    multiples: torch.Tensor,  # [V + 1] int64 golden multiples
+    stream_term: torch.Tensor,  # [] int64: the stream's term of the hash (a tensor: one graph for every slot)
+    logits: torch.Tensor,  # [B, V] the drafter's raw logits
+    temperature: torch.Tensor,  # []
+    top_p: torch.Tensor,  # []
+    top_k: int,
+    use_top_p: bool,
+    noise_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B], q [B, V], q of the token [B]
+    """A drafter's sampled token: q = logits_to_probs(logits), the exponential race with the
+    slot's stream at the row's counter, and q at the token (what drafters/model.py does eagerly)."""
+    _tie(logits.shape[0], seeds.shape[0], counters.shape[0])
+    with _fused():
+        state = noise._mix_(seeds + noise._GOLDEN)
+        state = noise._mix_(state + counters * noise._GOLDEN + stream_term)  # [B]: _row_state's
+        exponentials = _exponential(_bits(state, multiples, logits.shape[-1]), noise_dtype)  # [B, V]
+    q = _probs(logits.unsqueeze(1), temperature, top_p, top_k, use_top_p)[:, 0]  # [B, V]
+    with _fused():
+        token = sample_exponential_race(q, exponentials)  # [B]
+        return token, q, q.gather(1, token.unsqueeze(1)).squeeze(1)
+
+
+_BODIES: dict[str, Callable] = {"bonus": _bonus, "verify": _verify, "by_position": _by_position, "draft": _draft}
 _PARAMETERS = {kind: list(inspect.signature(body).parameters) for kind, body in _BODIES.items()}
 
 
@@ -598,6 +623,37 @@ def _bonus_call(seeds, counters, logits, temperature, top_k, top_p, noise_dtype)
     )
 
 
+_DRAFT_DYNAMIC = ((0, 0), (1, 0), (4, 0))
+_stream_terms: dict[int, torch.Tensor] = {}
+
+
+def sample_draft(
+    seeds: torch.Tensor,  # [B] int64 noise seed per row
+    counters: torch.Tensor,  # [B] int64 noise counter per row (its sequence length)
+    logits: torch.Tensor,  # [B, V] a drafter's raw logits, CPU
+    stream: int,  # the noise stream (noise.DRAFT_STREAM + the draft slot)
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    noise_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B], q [B, V], q of the token [B]
+    """What a drafter does for a sampled draft token, in one compiled graph: q =
+    logits_to_probs(logits), the exponential race with `stream`'s noise at each row's
+    counter, and q at the token. The same values as that eager sequence."""
+    temperature_t, top_p_t, top_k, use_top_p = _settings(logits, temperature, top_k, top_p)
+    vocab = logits.shape[-1]
+    term = _stream_terms.get(stream)
+    if term is None:
+        term = _stream_terms[stream] = torch.tensor(noise._wrap(stream * noise._MUL1), dtype=torch.int64)
+    return _run(
+        "draft", ("draft", vocab, logits.dtype, top_k, use_top_p, noise_dtype),
+        (_dense(seeds), _dense(counters), _golden_multiples(vocab + 1), term, _dense(logits), temperature_t, top_p_t,
+         top_k, use_top_p, noise_dtype),
+        _DRAFT_DYNAMIC,
+    )
+
+
 def sample_step(
     seeds: torch.Tensor,  # [B] int64 noise seed per row
     counters: torch.Tensor,  # [B] int64 noise counter per row (its sequence length)
@@ -670,6 +726,7 @@ def warmup(
     top_p: float = 1.0,
     draft_probs: bool = True,
     by_position: bool = False,
+    draft_vocab_sizes: tuple[int, ...] = (),
 ) -> float:
     """Compile the graphs a sampled request with these settings needs (no drafts, drafts
     without and, with draft_probs, with draft probs; by_position: the by-position verifier);
@@ -690,6 +747,8 @@ def warmup(
             sample_step(seeds, counters, drafts, probs, logits, num_draft, **settings)
         if k and by_position:
             sample_by_position(seeds, counters, drafts, logits, num_draft, **settings)
+    for vocab in sorted(set(draft_vocab_sizes)):  # sampled draft tokens (a draft model's, a head's)
+        sample_draft(seeds, counters, torch.zeros(2, vocab, dtype=logits_dtype), noise.DRAFT_STREAM, **settings)
     return time.perf_counter() - start
 
 

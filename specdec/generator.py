@@ -298,9 +298,16 @@ class SpeculativeGenerator:
             from . import fused
 
             probs = self.draft_model is not None or head is not None
-            fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, draft_probs=probs)
+            drafts = []  # vocabularies of sampled draft tokens
+            if self.draft_model is not None and self.draft_model.get_output_embeddings() is not None:
+                drafts.append(self.draft_model.get_output_embeddings().weight.shape[0])
+            if head is not None:
+                drafts.append(head.draft_vocab_size)
+            fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, draft_probs=probs,
+                         draft_vocab_sizes=tuple(drafts))
             if batches:  # a server's requests: top-p too
-                fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, top_p=0.9, draft_probs=probs)
+                fused.warmup(self.vocab_size, logits_dtype=self.target_dtype, top_p=0.9, draft_probs=probs,
+                             draft_vocab_sizes=tuple(drafts))
 
     def _warm_spec(self, batches: bool) -> dict | None:
         """What a helper process needs to build this generator's graphs (None: it cannot)."""

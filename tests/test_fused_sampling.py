@@ -323,3 +323,31 @@ def test_engine_uses_the_fused_path_only_when_compiled(monkeypatch):
     one_hot = DraftProposal(tokens=case[2], num_draft=case[5])
     by_position = engine._verify_by_position(_state(case, 0.7, True), one_hot, case[4], case[5])
     assert _same(by_position, engine._verify_by_position(_state(case, 0.7, False), one_hot, case[4], case[5]))
+
+
+def _eager_draft(seeds, counters, logits, stream, temperature, top_k, top_p):
+    """drafters/model.py's eager sampled draft token."""
+    q = reference.logits_to_probs(logits, temperature, top_k, top_p)
+    race = noise.exponential(seeds, counters, stream, q.shape[-1], q.dtype)
+    token = reference.sample_exponential_race(q, race)
+    return token, q, q.gather(1, token.unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 0, 1.0), (0.9, 20, 0.9)])
+def test_sampled_draft_tokens_match_eager(temperature, top_k, top_p):
+    """fused.sample_draft (a compiled request's draft-model and head tokens) against the eager
+    sequence: tokens, q and q at the token bit for bit, for several noise streams (the slots
+    of a step) through one graph."""
+    for seed in range(3):
+        seeds, counters, _, _, logits, _ = _case(500 + seed, ROWS, 0)
+        for stream in (noise.DRAFT_STREAM, noise.DRAFT_STREAM + 5):
+            got = fused.sample_draft(seeds, counters, logits[:, 0], stream, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, noise_dtype=F32)
+            expected = _eager_draft(seeds, counters, logits[:, 0], stream, temperature, top_k, top_p)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (seed, stream)
+    # another stream is other noise (a different draw somewhere in the batch), through the same graph
+    graphs = fused.compile_stats()["graphs"]
+    other = fused.sample_draft(seeds, counters, logits[:, 0], noise.DRAFT_STREAM + 1, temperature=temperature,
+                               top_k=top_k, top_p=top_p, noise_dtype=F32)
+    assert not torch.equal(other[0], got[0])
+    assert fused.compile_stats()["graphs"] == graphs

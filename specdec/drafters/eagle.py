@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels, noise
+from .. import noise
 from ..eagle import HeadKV
 from . import register_drafter
 from .base import Drafter, DraftProposal
-from .model import _draft_by_group
+from .model import _draft_by_group, sample_draft
 
 # A window that has grown this wide (steps in which the head did not draft) is fed at once.
 MAX_PENDING = 16
@@ -101,12 +101,10 @@ class EagleDrafter(Drafter):
                 if stop is not None:
                     confidence.append(torch.softmax(draft_logits.float(), dim=-1).gather(1, best.unsqueeze(1)).squeeze(1))
             else:  # sampled on the draft vocabulary, then placed at the target's ids
-                q_draft = kernels.logits_to_probs(draft_logits, params.temperature, params.top_k, params.top_p)  # [B, Vd]
-                race = state.exponential(noise.DRAFT_STREAM + i, q_draft.shape[-1], q_draft.dtype)  # [B, Vd]
-                best = kernels.sample_exponential_race(q_draft, race)
+                best, q_draft, conf = sample_draft(state, draft_logits, noise.DRAFT_STREAM + i)  # [B], [B, Vd], [B]
                 token = to_target[best]
                 probs.append(head.target_probs(q_draft))  # [B, V], zero outside the draft vocabulary
-                confidence.append(q_draft.gather(1, best.unsqueeze(1)).squeeze(1))
+                confidence.append(conf)
             tokens.append(token)
             if stop is not None and stop.update(i, confidence[-1]):
                 break

@@ -24,6 +24,23 @@ from .base import DraftProposal, Drafter
 MAX_PENDING = 16
 
 
+def sample_draft(state, logits: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sampled draft token of every row from logits [B, V] with the request's settings:
+    (token [B], q [B, V] the processed probabilities, q at the token [B]). A compiled request
+    on CPU runs it as one graph (specdec.fused.sample_draft), with the same values."""
+    params = state.params
+    if state.compiled and logits.device.type == "cpu":
+        from .. import fused
+
+        return fused.sample_draft(state.seeds, state.seq_lens, logits, stream, temperature=params.temperature,
+                                  top_k=params.top_k, top_p=params.top_p,
+                                  noise_dtype=kernels.compute_dtype(logits.dtype))
+    q = kernels.logits_to_probs(logits, params.temperature, params.top_k, params.top_p)  # [B, V]
+    race = state.exponential(stream, q.shape[-1], q.dtype)  # [B, V]
+    token = kernels.sample_exponential_race(q, race)
+    return token, q, q.gather(1, token.unsqueeze(1)).squeeze(1)
+
+
 @register_drafter("model", auto=True)
 class ModelDrafter(Drafter):
     """Autoregressive drafting with a draft model; returns q for lossless verification."""
@@ -81,11 +98,9 @@ class ModelDrafter(Drafter):
                 if stop is not None:  # the draft's probability of its greedy token
                     confidence.append(torch.softmax(logits.float(), dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
             else:
-                q = kernels.logits_to_probs(logits, params.temperature, params.top_k, params.top_p)  # [B, V]
-                race = state.exponential(noise.DRAFT_STREAM + i, q.shape[-1], q.dtype)  # [B, V]
-                token = kernels.sample_exponential_race(q, race)
+                token, q, conf = sample_draft(state, logits, noise.DRAFT_STREAM + i)
                 probs.append(q)
-                confidence.append(q.gather(1, token.unsqueeze(1)).squeeze(1))
+                confidence.append(conf)
             tokens.append(token)
             if stop is not None and stop.update(i, confidence[-1]):
                 break  # every row has stopped: no draft forward for the next slot
