@@ -18,7 +18,7 @@ draft length and request length. Width 1 (a one-token step) and batch 1 speciali
 torch (transformers' attention branches on the query length), so the kinds are: one-token
 and verify steps (each its own code object, a "slot"), one row or several, and, without a
 head, the target with and without its hidden states (with a head every target step
-returns them: one kind for every drafter, for the cost of keeping the layers' outputs).
+returns the head's layers: one kind for every drafter, for the cost of one more output).
 The head has two slots: reading the target's features (a window, kept at least two wide)
 and reading its own output (a drafting step). Any further compile is a recompile, logged
 with dynamo's reason at WARNING (specdec.compiled), and counted.
@@ -104,10 +104,9 @@ def _options(device: torch.device) -> dict:
     from torch._inductor import config as inductor_config
 
     if device.type == "cpu" and hasattr(inductor_config, "cpp_wrapper_build_separate"):
-        # The wrapper (one kernel call after another) is built at -O1 and only the kernels at
-        # -O3: the wrapper of a 16-layer model is most of the C++, and -O3 on it took three
-        # quarters of a graph's build (about 12 of 35 s on a 2-core CPU) for no measurable
-        # gain per step.
+        # The wrapper (one kernel call after another) is built apart at -O2, the kernels at
+        # -O3: the wrapper of a 16-layer model is most of the C++, and -O3 on it took about
+        # 12 of a graph's 35 s on a 2-core CPU for no measurable gain per step (-O1 cost ~10%).
         options["cpp_wrapper_build_separate"] = True
         options["aot_inductor.compile_wrapper_opt_level"] = "O2"
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
@@ -271,15 +270,17 @@ class CompiledForward(_Compiled):
         return self._run(kind, "decode" if kind[1] else "verify", self.model.forward, buffers, **kwargs)
 
 
-def _dense(tensor: torch.Tensor) -> bool:
-    """Row-major with exactly the strides of a fresh tensor, size-1 dimensions included (which
-    is_contiguous() ignores but dynamo's stride guards do not)."""
-    stride, expected = tensor.stride(), 1
-    for size, actual in zip(reversed(tensor.shape), reversed(stride)):
-        if actual != expected:
-            return False
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with the strides of a fresh contiguous tensor, size-1 dimensions included (a
+    row of the prefill's logits is contiguous with another stride; is_contiguous() ignores
+    size-1 dimensions, dynamo's stride guards and a C++ wrapper's asserts do not): itself when
+    it has them, else a copy."""
+    expected = 1
+    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride())):
+        if stride != expected:
+            return tensor.clone(memory_format=torch.contiguous_format)
         expected *= size
-    return True
+    return tensor
 
 
 class CompiledHead(_Compiled):
@@ -299,7 +300,7 @@ class CompiledHead(_Compiled):
             # Inputs made outside inference mode (a drafter's window) would differ from the
             # caches in dispatch keys, and views in strides, both of which dynamo guards on:
             # one graph per mix otherwise.
-            tokens, hidden, positions, last = (t if t.is_inference() and _dense(t) else t.clone(memory_format=torch.contiguous_format)
+            tokens, hidden, positions, last = (dense(t) if t.is_inference() else t.clone(memory_format=torch.contiguous_format)
                                                for t in (tokens, hidden, positions, last))
             for tensor, dims in ((tokens, (0, 1)), (hidden, (0, 1)), (positions, (0, 1)), (last, (0,)),
                                  (k_cache, (0, 2)), (v_cache, (0, 2))):

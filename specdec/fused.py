@@ -75,6 +75,7 @@ import torch
 from torch.fx.traceback import annotate
 
 from . import noise
+from .compiled import dense as _dense
 from .compiled import failure_counts, new_failures
 from .kernels import reference
 from .kernels.reference import compute_dtype, sample_exponential_race
@@ -164,11 +165,12 @@ _multiples: dict[int, torch.Tensor] = {}
 def _row_state(
     seeds: torch.Tensor,  # [...] int64
     counter_terms: torch.Tensor,  # [...] int64: counter * golden
-    stream: int,
+    stream: int | torch.Tensor,  # the stream, or its term of the hash as a 0-dim int64 tensor (a graph input)
 ) -> torch.Tensor:  # [...] int64
     """noise.hash_bits' per-row state, with counters * golden given."""
+    term = stream if isinstance(stream, torch.Tensor) else noise._wrap(stream * noise._MUL1)
     state = noise._mix_(seeds + noise._GOLDEN)
-    return noise._mix_(state + counter_terms + noise._wrap(stream * noise._MUL1))
+    return noise._mix_(state + counter_terms + term)
 
 
 def _bits(
@@ -370,8 +372,7 @@ def _draft(
     slot's stream at the row's counter, and q at the token (what drafters/model.py does eagerly)."""
     _tie(logits.shape[0], seeds.shape[0], counters.shape[0])
     with _fused():
-        state = noise._mix_(seeds + noise._GOLDEN)
-        state = noise._mix_(state + counters * noise._GOLDEN + stream_term)  # [B]: _row_state's
+        state = _row_state(seeds, counters * noise._GOLDEN, stream_term)  # [B]
         exponentials = _exponential(_bits(state, multiples, logits.shape[-1]), noise_dtype)  # [B, V]
     q = _probs(logits.unsqueeze(1), temperature, top_p, top_k, use_top_p)[:, 0]  # [B, V]
     with _fused():
@@ -591,18 +592,6 @@ def _settings(
 
 
 # --------------------------------------------------------------------------- public entry points
-
-
-def _dense(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` with the strides of a fresh contiguous tensor, size-1 dimensions included (a
-    row of the prefill's logits is contiguous with another stride): the graphs are compiled
-    for those strides, and their C++ wrappers assert them."""
-    expected = 1
-    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride())):
-        if stride != expected:
-            return tensor.clone(memory_format=torch.contiguous_format)
-        expected *= size
-    return tensor
 
 
 # Which (argument, dimension) pairs vary: rows B everywhere, the draft width K (and K+1).

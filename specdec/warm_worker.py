@@ -1,7 +1,6 @@
 """The warm-up helper process (specdec.compiled.WarmHelper): loads a generator's models as
 `SpeculativeGenerator.from_pretrained` did and builds its draft model's, head's and sampled
-step's graphs
-(all but the target's) into torch's compile caches, then exits.
+step's graphs (all but the target's) into torch's compile caches, then exits.
 
     python -m specdec.warm_worker '{"target": ..., "draft": ..., "head": ..., "dtype": ..., "batches": ...}'
 """
