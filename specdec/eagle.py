@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .kv import write_rows
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 DEFAULT_ARCHITECTURE = EAGLE3_ARCHITECTURES[0]
@@ -310,9 +311,7 @@ def head_step(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tok
     cos, sin = head.rope(hidden, positions)
 
     def attend(q, k, v):
-        index = positions.view(batch, 1, width, 1).expand(-1, k.shape[1], -1, k.shape[3])
-        k_cache.scatter_(2, index, k.to(k_cache.dtype))
-        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        write_rows(k_cache, v_cache, positions, k, v)
         cols = torch.arange(keys, device=tokens.device)
         mask = cols.view(1, 1, 1, keys) <= positions.view(batch, 1, width, 1)  # [B, 1, T, W]
         kk, vv = k_cache[:, :, :keys], v_cache[:, :, :keys]

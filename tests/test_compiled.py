@@ -210,3 +210,32 @@ def test_a_servers_batch_runs_compiled_and_gives_the_eager_tokens(pair):
         assert tokens == eager.generate(prompt, ignore_eos=True, **kw)[0].token_ids, kw
     after = compiled.compile_stats()
     assert (after["graphs"], after["recompiles"]) == (before["graphs"], before["recompiles"])
+
+
+def test_a_compiled_kv_write_stays_in_place():
+    """A compiled step writes its keys and values into the cache buffers in place. Inductor
+    turned the former scatter_ into a copy of each whole buffer, the write and a copy back,
+    every layer and step (a third of a one-token step on the bundled target). The generated
+    code must allocate nothing of a buffer's size, and the buffers must hold eager's values."""
+    from torch._inductor.utils import run_and_get_code
+
+    from specdec.kv import write_rows
+
+    batch, heads, capacity, dim = 2, 3, 96, 8
+
+    def step(keys, values, positions, k, v, q):
+        write_rows(keys, values, positions, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+
+    positions = torch.tensor([[4, 5, 6], [10, 11, 12]])
+    k, v, q = (torch.randn(batch, heads, 3, dim) for _ in range(3))
+    expected_k, expected_v = torch.zeros(batch, heads, capacity, dim), torch.zeros(batch, heads, capacity, dim)
+    expected = step(expected_k, expected_v, positions, k, v, q)  # eager: scatter_
+    keys, values = torch.zeros(batch, heads, capacity, dim), torch.zeros(batch, heads, capacity, dim)
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(torch.compile(step, dynamic=False), keys, values, positions, k, v, q)
+    assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+    torch.testing.assert_close(out, expected)
+    code = "\n".join(codes)
+    assert f"({batch}, {heads}, {capacity}, {dim})" in code  # the buffers are graph inputs of this shape
+    assert f"empty_strided_cpu(({batch}, {heads}, {capacity}, {dim})" not in code, "a cache-sized copy was allocated"
