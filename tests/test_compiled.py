@@ -239,3 +239,64 @@ def test_a_compiled_kv_write_stays_in_place():
     code = "\n".join(codes)
     assert f"({batch}, {heads}, {capacity}, {dim})" in code  # the buffers are graph inputs of this shape
     assert f"empty_strided_cpu(({batch}, {heads}, {capacity}, {dim})" not in code, "a cache-sized copy was allocated"
+
+
+def test_warm_steps_run_their_graphs_without_dynamo(pair, monkeypatch):
+    """Once a kind of step has run through dynamo, its graph is called directly (no guards,
+    no dynamo frame), and the tokens stay eager's: greedy and seeded, every drafter, a ragged
+    batch and a row alone."""
+    from specdec import compiled as compiled_module
+
+    eager, compiled = pair
+    assert compiled._compiler.forward_for(compiled.target_model, "target")._direct  # the warm-up's kinds
+    through, direct = [], []
+    real_dynamo, real_direct = compiled_module._Compiled._through_dynamo, compiled_module._DirectCall.__call__
+
+    def through_dynamo(self, kind, slot, *args, **kwargs):
+        assert (slot, kind) not in self._direct, f"the {self.role} step {kind} went through dynamo"
+        through.append((self.role, slot, kind))
+        return real_dynamo(self, kind, slot, *args, **kwargs)
+
+    def direct_call(self, frame):
+        out = real_direct(self, frame)
+        direct.append(out is not None)
+        return out
+
+    monkeypatch.setattr(compiled_module._Compiled, "_through_dynamo", through_dynamo)
+    monkeypatch.setattr(compiled_module._DirectCall, "__call__", direct_call)
+    for drafter in DRAFTERS:
+        for sampling in ({}, {"temperature": 0.8, "top_k": 20, "seed": [5, 6, 7]}):
+            kwargs = dict(max_new_tokens=16, drafter=drafter, ignore_eos=True, **sampling)
+            alone = {**kwargs, "seed": 6} if sampling else kwargs
+            for _ in range(2):
+                assert _ids(compiled.generate(PROMPTS, **kwargs)) == _ids(eager.generate(PROMPTS, **kwargs)), drafter
+                assert compiled.generate(PROMPTS[1], **alone)[0].token_ids == eager.generate(PROMPTS[1], **alone)[0].token_ids
+    assert all(direct) and len(direct) > 10 * len(through), (len(direct), through)
+
+
+def test_a_graph_whose_trace_changed_python_state_keeps_going_through_dynamo():
+    """Dynamo replays a trace's Python side effects after its graph; a direct call would skip
+    them, so such a graph is never called directly (here a counter on an argument)."""
+    from specdec.compiled import CompileStats, _Compiled
+
+    class Counter:
+        calls = 0
+
+    def step(counter, x):
+        counter.calls = counter.calls + 1
+        return (x * 2,)
+
+    fn = _Compiled(step, "test", torch.device("cpu"), CompileStats(), slots=("only",))
+    counter, x = Counter(), torch.arange(4.0)
+    for _ in range(3):
+        assert torch.equal(fn._run(("k",), "only", counter, x)[0], x * 2)
+    assert counter.calls == 3
+    assert ("only", ("k",)) in fn._no_direct and not fn._direct
+
+    def pure(counter, x):
+        return (x * 3,)
+
+    fn = _Compiled(pure, "test", torch.device("cpu"), CompileStats(), slots=("only",))
+    for _ in range(2):
+        assert torch.equal(fn._run(("k",), "only", counter, x)[0], x * 3)
+    assert ("only", ("k",)) in fn._direct
