@@ -363,13 +363,17 @@ class _Compiled:
             self._fns[slot] = torch.compile(step, backend=backend,
                                             options={"guard_filter_fn": guard_filter} if guard_filter else None)
 
-    def _run(self, kind: tuple, slot: str, *args, **kwargs):
+    def _run(self, kind: tuple, slot: str, *args, dynamic: tuple = (), **kwargs):
+        """Call slot's graph for `kind`; `dynamic`: (tensor, dims) pairs to mark varying for
+        dynamo (a direct call needs no marks)."""
         key = (slot, kind)
         direct = self._direct.get(key) if DIRECT_CALLS else None
         if direct is not None:
             out = direct(self._signature.bind(*args, **kwargs).arguments)
             if out is not None:
                 return out
+        for tensor, dims in dynamic:
+            mark_step_dynamic(tensor, dims)
         out = self._through_dynamo(kind, slot, *args, **kwargs)
         if key not in self._direct and key not in self._no_direct:
             self._adopt(key, out, args, kwargs)
@@ -432,7 +436,9 @@ class CompiledForward(_Compiled):
     def __call__(self, kind: tuple, buffers: list[torch.Tensor], **kwargs):
         """Run the compiled forward; `kind` names the graph this call needs (its non-shape
         inputs), `buffers` are the KV buffers the forward writes ([B, H, C, D] each)."""
-        outputs = self._run(kind, "decode" if kind[1] else "verify", self.model.forward, buffers, **kwargs)
+        dynamic = [(kwargs[name], (0, 1)) for name in ("input_ids", "write_positions", "position_ids")]
+        outputs = self._run(kind, "decode" if kind[1] else "verify", self.model.forward, buffers, dynamic=dynamic,
+                            **kwargs)
         return StepOutput.of(outputs, kwargs.get("hidden_layers"))
 
 
@@ -468,10 +474,10 @@ class CompiledHead(_Compiled):
             # one graph per mix otherwise.
             tokens, hidden, positions, last = (dense(t) if t.is_inference() else t.clone(memory_format=torch.contiguous_format)
                                                for t in (tokens, hidden, positions, last))
-            for tensor, dims in ((tokens, (0, 1)), (hidden, (0, 1)), (positions, (0, 1)), (last, (0,)),
-                                 (k_cache, (0, 2)), (v_cache, (0, 2))):
-                mark_step_dynamic(tensor, dims)
-            return self._run(kind, kind[0], head, k_cache, v_cache, tokens, hidden, positions, last, features=features)
+            dynamic = ((tokens, (0, 1)), (hidden, (0, 1)), (positions, (0, 1)), (last, (0,)), (k_cache, (0, 2)),
+                       (v_cache, (0, 2)))
+            return self._run(kind, kind[0], head, k_cache, v_cache, tokens, hidden, positions, last, features=features,
+                             dynamic=dynamic)
 
 
 class StepCompiler:

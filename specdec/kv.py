@@ -475,8 +475,6 @@ class StaticKV(KVState):
         self.cache.full_view = True
         self.cache.view_width = self.capacity
         self.cache.seen_hint = 0  # a constant: models that read it only derive unused defaults
-        for tensor in (ids, positions, position_ids):
-            mark_step_dynamic(tensor, (0, 1))
         layers = self.compiled.hidden_layers
         asked = kwargs.get("output_hidden_states", False)
         if layers is not None and (not asked or self.hidden_asked == layers):
