@@ -37,7 +37,9 @@ function, which removes most of the per-op Python cost a small model's step is m
 the wrapper built apart from the kernels at -O2 (-O3 on a 16-layer model's wrapper took
 about 12 of a graph's 35 s to build, for no measurable gain per step).
 CUDA: inductor with CUDA graphs (`triton.cudagraphs`, one graph per distinct shape, each
-recorded once); the KV buffers are marked as static addresses so that steps replay.
+recorded once); the KV buffers are marked as static addresses so that steps replay. CUDA
+steps go through torch.compile's own inductor entry and dynamo on every call (no direct
+calls: the CUDA-graph trees manage their replays there).
 
 Warm-up. Compiling costs tens of seconds per graph on a small CPU, so it is paid once per
 process per (model, kind of call): `SpeculativeGenerator.warmup()` pays it up front, and
@@ -203,15 +205,14 @@ def _install_output_hooks(model: torch.nn.Module) -> None:
             maybe_install_capturing_hooks(module)
 
 
-def _compile_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options: dict, ran: list,
-                     direct: bool, **_) -> object:
+def _compile_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options: dict, ran: list, **_) -> object:
     """Inductor (as torch.compile(options=options) runs it), and a record of each graph run:
     `ran` gets the graph's _DirectCall (None where it cannot be called directly) every time
     dynamo calls it, which is how _Compiled finds the one graph a kind of call runs."""
     from torch._inductor.compile_fx import compile_fx
 
     fn = compile_fx(gm, example_inputs, config_patches=options)
-    plan = _DirectCall.plan(gm, example_inputs, fn) if direct else None
+    plan = _DirectCall.plan(gm, example_inputs, fn)
 
     def run(*args):
         ran.append(plan)
@@ -358,10 +359,12 @@ class _Compiled:
         for slot in slots:
             step = _own_code(function, f"{role}_{slot}")
             self._codes[slot] = step.__code__  # dynamo records this frame's guard failures under it
-            backend = functools.partial(_compile_backend, options=options, ran=self._ran,
-                                        direct=device.type == "cpu")
-            self._fns[slot] = torch.compile(step, backend=backend,
-                                            options={"guard_filter_fn": guard_filter} if guard_filter else None)
+            if device.type == "cpu":  # inductor through a backend that notes each graph run (direct calls)
+                backend = functools.partial(_compile_backend, options=options, ran=self._ran)
+                self._fns[slot] = torch.compile(step, backend=backend,
+                                                options={"guard_filter_fn": guard_filter} if guard_filter else None)
+            else:  # CUDA graphs: torch.compile's own inductor entry, every call through dynamo
+                self._fns[slot] = torch.compile(step, options=_options(device))
 
     def _run(self, kind: tuple, slot: str, *args, dynamic: tuple = (), **kwargs):
         """Call slot's graph for `kind`; `dynamic`: (tensor, dims) pairs to mark varying for
@@ -526,10 +529,26 @@ class StepCompiler:
 # --------------------------------------------------------------------------- parallel warm-up
 
 
+@functools.cache
+def _graph_code_hash() -> str:
+    """A hash of the files whose code shapes the step graphs: a marker written by other code
+    (an edited checkout, a release with the same version number) does not count."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in ("compiled.py", "kv.py", "eagle.py", "fused.py"):
+        try:
+            with open(os.path.join(here, name), "rb") as f:
+                digest.update(f.read())
+        except OSError:
+            digest.update(name.encode())
+    return digest.hexdigest()[:16]
+
+
 def _warm_marker(spec: dict) -> str:
     from . import __version__
 
-    key = json.dumps({"spec": spec, "torch": torch.__version__, "specdec": __version__}, sort_keys=True)
+    key = json.dumps({"spec": spec, "torch": torch.__version__, "specdec": __version__, "code": _graph_code_hash()},
+                     sort_keys=True)
     return os.path.join(inductor_cache_dir(), "specdec-warm", hashlib.sha256(key.encode()).hexdigest()[:32])
 
 

@@ -300,3 +300,15 @@ def test_a_graph_whose_trace_changed_python_state_keeps_going_through_dynamo():
     for _ in range(2):
         assert torch.equal(fn._run(("k",), "only", counter, x)[0], x * 3)
     assert ("only", ("k",)) in fn._direct
+
+
+def test_the_warm_marker_is_keyed_by_the_graph_code(monkeypatch):
+    """A warm-up marker written by other step-graph code (an edited checkout, another build of
+    the same version) does not make a warm-up skip its helper: its graphs are not in the cache."""
+    from specdec import compiled as compiled_module
+
+    spec = {"target": "some-model", "batches": False}
+    marker = compiled_module._warm_marker(spec)
+    assert marker == compiled_module._warm_marker(spec)
+    monkeypatch.setattr(compiled_module, "_graph_code_hash", lambda: "other code")
+    assert compiled_module._warm_marker(spec) != marker
