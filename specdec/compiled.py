@@ -355,16 +355,16 @@ class _Compiled:
         self._direct: dict[tuple, _DirectCall] = {}  # (slot, kind) -> its graph, called without dynamo
         self._no_direct: set[tuple] = set()
         options = _options(device)
-        guard_filter = options.pop("guard_filter_fn", None)
+        inductor = {k: v for k, v in options.items() if k != "guard_filter_fn"}  # what the backend gets
+        dynamo = {k: v for k, v in options.items() if k == "guard_filter_fn"} or None  # what torch.compile keeps
         for slot in slots:
             step = _own_code(function, f"{role}_{slot}")
             self._codes[slot] = step.__code__  # dynamo records this frame's guard failures under it
             if device.type == "cpu":  # inductor through a backend that notes each graph run (direct calls)
-                backend = functools.partial(_compile_backend, options=options, ran=self._ran)
-                self._fns[slot] = torch.compile(step, backend=backend,
-                                                options={"guard_filter_fn": guard_filter} if guard_filter else None)
+                backend = functools.partial(_compile_backend, options=inductor, ran=self._ran)
+                self._fns[slot] = torch.compile(step, backend=backend, options=dynamo)
             else:  # CUDA graphs: torch.compile's own inductor entry, every call through dynamo
-                self._fns[slot] = torch.compile(step, options=_options(device))
+                self._fns[slot] = torch.compile(step, options=options)
 
     def _run(self, kind: tuple, slot: str, *args, dynamic: tuple = (), **kwargs):
         """Call slot's graph for `kind`; `dynamic`: (tensor, dims) pairs to mark varying for

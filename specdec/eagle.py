@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from .kv import write_rows
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
