@@ -117,7 +117,8 @@ class Server:
         self.port = free_port()
         self.log = open(log, "w")
         cmd = [sys.executable, "-P", "-m", "specdec.cli", "serve", "--port", str(self.port), "--cache", cache_url,
-               "--max-batch", str(args.max_batch), "--threads", str(args.server_threads), "--log-level", "warning"]
+               "--max-batch", str(args.max_batch), "--threads", str(args.server_threads), "--log-level", "warning",
+               "--workers", str(args.workers)]
         if args.compile:
             cmd.append("--compile")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -259,6 +260,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=16, help="the servers' --max-batch (default 16)")
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server (default 1)")
     parser.add_argument("--compile", action="store_true", help="servers run compiled steps (specdec serve --compile)")
+    parser.add_argument("--workers", type=int, default=1, help="engine processes per server (specdec serve --workers)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -272,7 +274,7 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
         "requests": args.requests, "max_tokens": args.max_tokens, "levels": levels, "server_threads": args.server_threads,
-        "compile": args.compile,
+        "compile": args.compile, "workers": args.workers,
     }
     with tempfile.TemporaryDirectory() as tmp:
         redis = Redis(Path(tmp))
@@ -381,7 +383,9 @@ def write_markdown(report: dict, path: Path) -> None:
         "# `specdec serve` under load (bundled pair)", "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']['cores']} cores ({report['machine']['cpu']}), Python "
-        f"{report['machine']['python']}; servers with {report['server_threads']} torch thread(s) each"
+        f"{report['machine']['python']}; servers with "
+        f"{str(report.get('workers', 1)) + ' engine worker processes of ' if report.get('workers', 1) > 1 else ''}"
+        f"{report['server_threads']} torch thread(s) each"
         f"{', compiled steps (--compile, warm-up before listening)' if report.get('compile') else ''}; clients in one "
         "process, same machine.  ",
         f"{report['requests']} streamed greedy completions per phase, max_tokens={report['max_tokens']}, "

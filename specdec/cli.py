@@ -246,9 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name",
                    help="the name clients pass as `model` (default: --target as given, else 'bundled')")
     s.add_argument("--cache", help="cache URL (redis://..., memory://); default: none")
-    s.add_argument("--max-batch", type=_positive_int, default=16, help="rows decoded together at most (default: 16)")
+    s.add_argument("--max-batch", type=_positive_int, default=16,
+                   help="rows decoded together at most, per engine worker (default: 16)")
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="engine processes, each with its own copy of the models and its own batch; requests go "
+                        "to the one with the fewest (default: 1, decoding in the server's process). With N "
+                        "workers of T --threads each, keep N x T <= the machine's cores")
     s.add_argument("--max-queue", type=_positive_int, default=64,
-                   help="requests waiting at most; beyond it requests are answered 429 (default: 64)")
+                   help="requests waiting at most, per engine worker; beyond it requests are answered 429 "
+                        "(default: 64)")
     s.add_argument("--request-timeout", type=_positive_float, metavar="S",
                    help="each request's deadline in seconds; a request past it is ended (default: none)")
     s.add_argument("--drafter", default=None, help=drafter_help)
@@ -522,7 +528,8 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout,
           drafter=args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device,
           dtype=None if args.dtype in (None, "auto") else args.dtype, device_map=args.device_map,
-          numerics=args.numerics, compile=args.compile, log_level=args.log_level, head=_head_option(args))
+          numerics=args.numerics, compile=args.compile, log_level=args.log_level, head=_head_option(args),
+          workers=args.workers, threads=args.threads)
     return 0
 
 

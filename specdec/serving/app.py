@@ -70,8 +70,13 @@ def create_app(
     drafter: str | None = None,
     num_draft_tokens: int | str | None = None,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    workers: Any = None,
 ) -> FastAPI:
     """The FastAPI app serving `generator` (a SpeculativeGenerator) under the name `model_name`.
+
+    With `workers` (a specdec.serving.workers.EngineWorkers; `generator` is then None) the
+    requests are decoded by its engine processes instead of a scheduler thread of this one;
+    they are started here if they are not yet, and stopped with the app.
 
     A Scheduler (with a ServerMetrics) starts with the app's lifespan; when the app stops,
     in-flight and queued requests are finished and the cache's writes flushed, for at most
@@ -83,12 +88,25 @@ def create_app(
     check_app_options(model_name=model_name, request_timeout=request_timeout, default_max_tokens=default_max_tokens,
                       default_chat_max_tokens=default_chat_max_tokens, shutdown_timeout=shutdown_timeout)
     server_options = {k: v for k, v in (("drafter", drafter), ("num_draft_tokens", num_draft_tokens)) if v is not None}
+    if workers is not None:
+        from .workers import WorkerGenerator
+
+        if generator is not None:
+            raise ValueError("pass a generator or workers, not both: each engine worker loads its own generator")
+        workers.start()
+        generator = WorkerGenerator(workers)
     try:  # a drafter the generator cannot run (or no tokenizer) fails here, not in every request
         generator.check_request("x", max_new_tokens=1, **server_options)
     except (ValueError, TypeError) as exc:
+        if workers is not None:
+            workers.shutdown(cancel=True, timeout=5.0)
         raise ValueError(f"the server cannot answer requests with this generator and these options: {exc}") from exc
     metrics = ServerMetrics(model_name=model_name)
-    scheduler = Scheduler(generator, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+    if workers is not None:
+        workers.metrics = metrics
+        scheduler = workers
+    else:
+        scheduler = Scheduler(generator, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
     server = _Server(generator, scheduler, model_name=model_name, request_timeout=request_timeout,
                      default_max_tokens=default_max_tokens, default_chat_max_tokens=default_chat_max_tokens,
                      server_options=server_options)
@@ -397,6 +415,8 @@ def serve(
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     log_level: str = "info",
     head: Any = "default",
+    workers: int = 1,
+    threads: int | None = None,
 ) -> None:
     """Load `target` (and `draft`, and `head`: an EAGLE-3 head) with SpeculativeGenerator.from_pretrained and serve them over
     HTTP until interrupted (Ctrl-C finishes the requests in flight, then stops).
@@ -406,15 +426,36 @@ def serve(
     other interfaces only behind something that has. `compile=True` runs decoding steps
     through torch.compile and compiles them (single rows and batches) before the server
     listens: a server runs long enough to earn the warm-up back (see SpeculativeGenerator.warmup).
+    `workers` > 1 decodes in that many engine processes (each loads the models and runs its
+    own batch; specdec.serving.workers), `threads` torch threads each: on a machine of C
+    cores, workers x threads <= C.
     """
-    import uvicorn
-
     from .. import SpeculativeGenerator
 
     name = model_name if model_name is not None else str(target)
     check_app_options(model_name=name, request_timeout=request_timeout, shutdown_timeout=shutdown_timeout)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
+    from .workers import EngineWorkers, check_workers
+
+    if check_workers(workers) > 1:
+        load = dict(target=target, draft=draft, device=device, dtype=dtype, device_map=device_map, cache=cache,
+                    numerics=numerics, compile=compile, head=head)
+        if compile:
+            logger.warning("compiling decoding steps in %d engine workers before listening", workers)
+        engines = EngineWorkers(load, workers=workers, max_batch=max_batch, max_queue=max_queue, threads=threads,
+                                warmup=compile)
+        engines.start()
+        if compile:
+            logger.warning("compiled in %s s", ", ".join(f"{s:.1f}" for s in engines.warmup_seconds))
+        app = create_app(None, model_name=name, request_timeout=request_timeout, drafter=drafter,
+                         num_draft_tokens=num_draft_tokens, shutdown_timeout=shutdown_timeout, workers=engines)
+        _run_app(app, host, port, log_level, shutdown_timeout)
+        return
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     generator = SpeculativeGenerator.from_pretrained(target, draft, device=device, dtype=dtype,
                                                      device_map=device_map, cache=cache, numerics=numerics,
                                                      compile=compile, head=head)
@@ -427,6 +468,12 @@ def serve(
     app = create_app(generator, model_name=name, max_batch=max_batch, max_queue=max_queue,
                      request_timeout=request_timeout, drafter=drafter, num_draft_tokens=num_draft_tokens,
                      shutdown_timeout=shutdown_timeout)
+    _run_app(app, host, port, log_level, shutdown_timeout)
+
+
+def _run_app(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+    import uvicorn
+
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server has no authentication; anyone who reaches this address "
                        "can use the model", host)

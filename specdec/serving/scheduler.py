@@ -135,7 +135,9 @@ class Scheduler:
 
     max_batch: rows decoded together at most; max_queue: requests waiting to join at most
     (submit raises QueueFull beyond it). metrics: an object with the hooks of
-    specdec.serving.metrics.ServerMetrics, or None.
+    specdec.serving.metrics.ServerMetrics, or None. after_step: called on the scheduler thread
+    after each decoding step and at the end of each round of admitting and stepping (an engine
+    worker sends the events of the step to the server process in one message there), or None.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class Scheduler:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_queue: int = DEFAULT_MAX_QUEUE,
         metrics: Any = None,
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
@@ -154,6 +157,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
+        self.after_step = after_step
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -263,12 +267,20 @@ class Scheduler:
                 logger.exception("scheduler iteration failed")
             if admitted or self._batches:
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - start)
+            self._after_step()
         self._cancel_now = True
         for running in list(self._batches):
             self._end_late_rows(running)
             running.batch.close()
         self._batches = []
         self._drain_queue("cancelled")
+
+    def _after_step(self) -> None:
+        if self.after_step is not None:
+            try:
+                self.after_step()
+            except Exception:  # noqa: BLE001 - never leave the thread
+                logger.exception("after_step failed")
 
     def _drain_queue(self, reason: str) -> None:
         with self._lock:
@@ -375,6 +387,7 @@ class Scheduler:
             self._deliver(live, live.row.add(new), len(new))
         for row_id, output in running.batch.take_finished().items():
             self._finish_row(running.rows.pop(row_id), output)
+        self._after_step()
 
     def _end_late_rows(self, running: "_Batch") -> None:
         """Rows whose request was cancelled or is past its deadline leave before the step."""
