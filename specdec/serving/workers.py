@@ -86,6 +86,20 @@ class _Worker:
         self.tickets: dict[int, _RemoteTicket] = {}  # requests accepted (or being submitted) here
         self.gauges = (0, 0)  # (queue length, running) as of the worker's last message
         self._send_lock = threading.Lock()
+        self._wait_lock = threading.Lock()  # one thread at a time waits for the process (waitpid)
+
+    def join(self, timeout: float) -> None:
+        with self._wait_lock:
+            self.process.join(max(0.0, timeout))
+
+    def terminate(self) -> None:
+        with self._wait_lock:
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(5)
+                if self.process.is_alive():
+                    self.process.kill()
+                    self.process.join(5)
 
     def send(self, message) -> None:
         if not self.alive:
@@ -139,6 +153,7 @@ class EngineWorkers:
         self._lock = threading.Lock()
         self._closing = False
         self._started = False
+        self.accepted = [0] * self.count  # requests each worker accepted
         self.warmup_seconds: list[float] = []
 
     # ------------------------------------------------------------------ starting
@@ -213,6 +228,7 @@ class EngineWorkers:
                 worker.tickets.pop(ticket.id, None)
             raise
         if reply[0] == "accepted":
+            self.accepted[worker.index] += 1
             return ticket
         with self._lock:
             worker.tickets.pop(ticket.id, None)
@@ -298,7 +314,7 @@ class EngineWorkers:
     def _lost(self, worker: _Worker) -> None:
         """The worker's pipe closed: fail its requests, answer its pending calls."""
         worker.alive = False
-        worker.process.join(5)
+        worker.join(5)
         if not self._closing:
             logger.error("engine worker %d exited (exit code %s); its requests fail", worker.index,
                          worker.process.exitcode)
@@ -336,15 +352,13 @@ class EngineWorkers:
         for worker, done, box in pending:
             answered = done.wait(max(0.0, deadline - time.monotonic()))
             finished = finished and answered and bool(box) and box[0] is True
-            worker.process.join(max(0.0, deadline - time.monotonic()))
+            worker.join(deadline - time.monotonic())
         self._terminate()
         return finished
 
     def _terminate(self) -> None:
         for worker in self.workers:
-            if worker.process.is_alive():
-                worker.process.terminate()
-                worker.process.join(5)
+            worker.terminate()
             worker.conn.close()
 
 
