@@ -603,7 +603,9 @@ def test_serve_command_refuses_an_unknown_drafter_before_loading(capsys):
     assert "--drafter 'bogus' is unknown" in capsys.readouterr().err
 
 
-def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
+def answer_then_ctrl_c(tmp_path, *options: str, started=lambda proc: None) -> str:
+    """Run `specdec serve` with `options`, answer one completion, stop it with Ctrl-C (SIGINT);
+    `started(proc)` runs once it answers /health. Returns its log, after checking the exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -611,7 +613,7 @@ def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "specdec.cli", "serve", "--port", str(port), "--model-name", NAME,
-             "--threads", "1", "--max-batch", "4", "--log-level", "warning"],
+             "--threads", "1", "--max-batch", "4", "--log-level", "warning", *options],
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:
@@ -622,7 +624,8 @@ def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
             except httpx.TransportError:
                 return False
 
-        wait_until(healthy, "specdec serve answered /health", timeout=120)
+        wait_until(healthy, "specdec serve answered /health", timeout=180)
+        started(proc)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         response = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0)
         assert response.usage.completion_tokens >= 1
@@ -632,5 +635,11 @@ def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert code in (0, 130), log.read_text()
-    assert "Traceback" not in log.read_text()
+    text = log.read_text()
+    assert code in (0, 130), text
+    assert "Traceback" not in text
+    return text
+
+
+def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
+    answer_then_ctrl_c(tmp_path)

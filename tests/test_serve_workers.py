@@ -8,11 +8,6 @@ greedy decoding; sampled: the same seed), whichever worker decoded them.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,8 +20,8 @@ openai = pytest.importorskip("openai")
 from specdec.serving import Failed, Finished, QueueFull  # noqa: E402
 from specdec.serving.app import create_app  # noqa: E402
 from specdec.serving.workers import EngineWorkers, WorkerGone  # noqa: E402
-from test_serve import (LONG, NAME, PROMPTS, WAIT_S, RunningServer, httpx, load_generator,  # noqa: E402
-                        wait_until)
+from test_serve import (LONG, NAME, PROMPTS, WAIT_S, RunningServer, answer_then_ctrl_c, httpx,  # noqa: E402
+                        load_generator, wait_until)
 from test_serve_metrics import value  # noqa: E402
 
 LOAD = {"target": "bundled"}
@@ -229,41 +224,11 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc")
 def test_serve_command_with_workers_answers_then_stops_them_on_ctrl_c(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "specdec.cli", "serve", "--port", str(port), "--model-name", NAME,
-             "--threads", "1", "--workers", "2", "--max-batch", "4", "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
     children: list[int] = []
-    try:
-        def healthy() -> bool:
-            assert proc.poll() is None, f"specdec serve exited early:\n{log.read_text()}"
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(healthy, "specdec serve answered /health", timeout=180)
-        children = _children(proc.pid)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        response = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0)
-        assert response.usage.completion_tokens >= 1
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(WAIT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert code in (0, 130), log.read_text()
-    text = log.read_text()
-    assert "Traceback" not in text and "Loading weights" not in text
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and _running(pid) for pid in children),
-               "the engine workers exited with the server")
+    log = answer_then_ctrl_c(tmp_path, "--workers", "2", started=lambda proc: children.extend(_children(proc.pid)))
+    assert "Loading weights" not in log  # the workers are as quiet as the server
+    assert len(children) >= 2
+    wait_until(lambda: not any(_running(pid) for pid in children), "the engine workers exited with the server")
 
 
 def _running(pid: int) -> bool:
