@@ -67,6 +67,7 @@ class _RemoteTicket(Ticket):
     def __init__(self, request_id: int, on_event: Callable[[Event], None], worker: "_Worker") -> None:
         super().__init__(request_id, on_event)
         self.worker = worker
+        self.accepted = False  # set by the reader thread when the worker's "accepted" arrives
 
     def cancel(self) -> None:
         if not self.cancelled and not self.done:
@@ -149,7 +150,7 @@ class EngineWorkers:
         self.metrics = metrics
         self.workers: list[_Worker] = []
         self._ids = itertools.count(1)
-        self._replies: dict[tuple, tuple[threading.Event, list]] = {}
+        self._replies: dict[tuple, tuple[_Worker, threading.Event, list]] = {}  # calls awaiting a reply
         self._lock = threading.Lock()
         self._closing = False
         self._started = False
@@ -246,7 +247,7 @@ class EngineWorkers:
 
     def _call(self, worker: _Worker, message, *, key: tuple):
         done, box = threading.Event(), []
-        self._replies[key] = (done, box)
+        self._replies[key] = (worker, done, box)
         try:
             if not worker.alive:
                 raise SchedulerClosed(f"engine worker {worker.index} exited; see the server log")
@@ -306,10 +307,12 @@ class EngineWorkers:
             worker.gauges = item[1]
         elif kind == "reply":
             _, key, payload = item
+            if key[0] == "submit" and payload[0] == "accepted" and key[1] in worker.tickets:
+                worker.tickets[key[1]].accepted = True  # before this thread can find the worker gone
             waiting = self._replies.get(key)
             if waiting is not None:
-                waiting[1].append(payload)
-                waiting[0].set()
+                waiting[2].append(payload)
+                waiting[1].set()
 
     def _lost(self, worker: _Worker) -> None:
         """The worker's pipe closed: fail its requests, answer its pending calls."""
@@ -321,13 +324,13 @@ class EngineWorkers:
         with self._lock:
             tickets, worker.tickets = list(worker.tickets.values()), {}
         for ticket in tickets:
-            if not ticket.done:
+            if ticket.accepted and not ticket.done:  # one still being submitted is refused below instead
                 if self.metrics is not None:
                     self.metrics.on_finished(None, "error")
                 ticket._emit(Failed(WorkerGone(f"engine worker {worker.index} exited "
                                                f"(exit code {worker.process.exitcode})")))
-        for key, (done, box) in list(self._replies.items()):
-            if not done.is_set():
+        for key, (owner, done, box) in list(self._replies.items()):
+            if owner is worker and not done.is_set():
                 box.append(("refused", "closed", f"engine worker {worker.index} exited", None))
                 done.set()
 
@@ -345,7 +348,7 @@ class EngineWorkers:
             if worker.alive:
                 key = ("shutdown", worker.index)
                 done, box = threading.Event(), []
-                self._replies[key] = (done, box)
+                self._replies[key] = (worker, done, box)
                 worker.send(("shutdown", cancel, budget))
                 pending.append((worker, done, box))
         finished = True
