@@ -135,7 +135,8 @@ def test_metrics_and_health_add_up_over_the_workers(served):
                                                                         for r in responses)
     assert value(after, "specdec:num_requests_running") == 0 and value(after, "specdec:num_requests_waiting") == 0
     health = httpx.get(server.url + "/health", timeout=WAIT_S).json()
-    assert health == {"status": "ok", "waiting": 0, "running": 0}
+    assert health == {"status": "ok", "waiting": 0, "running": 0, "workers": {"alive": 2, "started": 2}}
+    assert value(after, "specdec:engine_workers_alive") == 2 and value(after, "specdec:engine_workers") == 2
 
 
 def test_a_full_queue_on_every_worker_answers_429():
@@ -182,7 +183,8 @@ def test_a_closed_stream_cancels_its_row_on_the_worker(served):
 
 def test_a_dead_worker_fails_its_requests_and_the_others_go_on(reference):
     """SIGKILL one worker mid-request: its request fails (WorkerGone), new requests go to the
-    other worker and equal generate; shutdown then finishes the request in flight."""
+    other worker and equal generate, /health says one of two is alive; with both gone /health
+    is 503 and requests are answered 503. Shutdown finishes the request in flight."""
     engines = EngineWorkers(LOAD, workers=2, threads=1, max_batch=2).start()
     try:
         doomed = engines.submit("x", **long_kwargs())
@@ -191,7 +193,7 @@ def test_a_dead_worker_fails_its_requests_and_the_others_go_on(reference):
         doomed.worker.process.kill()
         with pytest.raises(WorkerGone):
             doomed.wait(WAIT_S)
-        assert not doomed.worker.alive
+        assert not doomed.worker.alive and engines.alive == (1, 2)
         after = engines.submit(PROMPTS[0], max_new_tokens=10, temperature=0)
         assert after.worker is survivor.worker
         assert after.wait(WAIT_S).text == reference.generate(PROMPTS[0], max_new_tokens=10, temperature=0)[0].text
@@ -203,6 +205,24 @@ def test_a_dead_worker_fails_its_requests_and_the_others_go_on(reference):
     assert finished
     assert last.wait(0).finish_reason == "length" and len(last.result.token_ids) == 24
     assert all(not w.process.is_alive() for w in engines.workers)
+
+
+def test_health_and_requests_when_workers_die():
+    with workers_server(max_batch=2) as (server, engines):
+        engines.workers[0].process.kill()
+        wait_until(lambda: engines.alive == (1, 2), "the server noticed the dead worker")
+        health = httpx.get(server.url + "/health", timeout=WAIT_S)
+        assert health.status_code == 200 and health.json()["workers"] == {"alive": 1, "started": 2}
+        response = server.client().completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        assert response.choices[0].finish_reason == "length"
+        assert value(server.metrics(), "specdec:engine_workers_alive") == 1
+        engines.workers[1].process.kill()
+        wait_until(lambda: engines.alive == (0, 2), "the server noticed both dead workers")
+        health = httpx.get(server.url + "/health", timeout=WAIT_S)
+        assert health.status_code == 503 and health.json()["status"] == "no engine worker"
+        refused = httpx.post(server.url + "/v1/completions", timeout=WAIT_S,
+                             json={"model": NAME, "prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
 
 
 def test_events_arrive_in_order_and_end_once(served):

@@ -177,13 +177,20 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status = 503 if server.closing else 200
-        return JSONResponse({"status": "shutting down" if server.closing else "ok",
-                             "waiting": scheduler.queue_length, "running": scheduler.running}, status_code=status)
+        body = {"status": "ok", "waiting": scheduler.queue_length, "running": scheduler.running}
+        if workers is not None:
+            alive, started = workers.alive
+            body["workers"] = {"alive": alive, "started": started}
+            if not alive:
+                body["status"] = "no engine worker"  # a load balancer takes this server out
+        if server.closing:
+            body["status"] = "shutting down"
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        text = metrics.render(scheduler.queue_length, scheduler.running)
+        text = metrics.render(scheduler.queue_length, scheduler.running,
+                              workers.alive if workers is not None else None)
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     return app
@@ -272,7 +279,8 @@ class _Server:
             raise APIError(429, str(exc), type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from None
         except SchedulerClosed as exc:
-            raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
+            code = "engine_unavailable" if type(exc).__name__ == "NoEngineWorker" else "shutting_down"
+            raise APIError(503, str(exc), type="server_error", code=code) from None
 
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         created = protocol.now()

@@ -18,7 +18,8 @@ with num_draft_tokens="auto", so per-position acceptance needs its own denominat
 cache_hits_total{kind} (what a cache entry contributed: trusted, verified, partial,
 rejected; see GenerationStats.cache_kind), cache_errors_total, request_queued_total,
 request_rejected_total (queue full: answered 429) and request_failure_total (an internal
-error after the request was accepted).
+error after the request was accepted); with engine workers (`--workers`), the gauges
+engine_workers_alive and engine_workers.
 
 ServerMetrics is fed by the scheduler through its hooks, from the scheduler thread and the
 callers' threads; a lock makes each hook atomic. Hooks never raise: a metric must not stop
@@ -152,14 +153,19 @@ class ServerMetrics:
 
     # ------------------------------------------------------------------ exposition
 
-    def render(self, queue_length: int, running: int) -> str:
-        """Every metric in Prometheus' text format; the two gauges are the scheduler's state now."""
+    def render(self, queue_length: int, running: int, workers: tuple[int, int] | None = None) -> str:
+        """Every metric in Prometheus' text format; the gauges are the scheduler's state now
+        (workers: engine processes (alive, started), with `specdec serve --workers`)."""
         with self._lock:
             out: list[str] = []
             gauge = _family(out, self.model_name, "gauge")
             counter = _family(out, self.model_name, "counter")
             gauge("num_requests_waiting", "Requests waiting in the queue.", [({}, queue_length)])
             gauge("num_requests_running", "Requests in the running batch.", [({}, running)])
+            if workers is not None:
+                gauge("engine_workers_alive", "Engine worker processes running (of engine_workers).",
+                      [({}, workers[0])])
+                gauge("engine_workers", "Engine worker processes started.", [({}, workers[1])])
             counter("request_queued_total", "Requests accepted into the waiting queue.", [({}, self.requests_queued)])
             counter("request_rejected_total", "Requests refused because the queue was full (answered 429).",
                     [({}, self.requests_rejected)])

@@ -52,6 +52,10 @@ class WorkerGone(RuntimeError):
     """The engine worker of a request exited before the request finished."""
 
 
+class NoEngineWorker(SchedulerClosed):
+    """No engine worker is running (they all exited): the server cannot answer requests."""
+
+
 def check_workers(workers: Any) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1 (engine processes), got {workers!r}")
@@ -218,7 +222,7 @@ class EngineWorkers:
                 raise SchedulerClosed("the server is shutting down; it takes no new requests")
             live = [w for w in self.workers if w.alive]
             if not live:
-                raise SchedulerClosed("no engine worker is running; see the server log")
+                raise NoEngineWorker("no engine worker is running; see the server log")
             worker = min(live, key=lambda w: (len(w.tickets), w.index))
             ticket = _RemoteTicket(next(self._ids), on_event, worker)
             worker.tickets[ticket.id] = ticket  # before the worker can send its first event
@@ -239,7 +243,7 @@ class EngineWorkers:
         """SpeculativeGenerator.check_request on a worker (raises its ValueError / TypeError)."""
         live = [w for w in self.workers if w.alive]
         if not live:
-            raise SchedulerClosed("no engine worker is running; see the server log")
+            raise NoEngineWorker("no engine worker is running; see the server log")
         key = ("check", next(self._ids))
         reply = self._call(live[0], ("check", key[1], prompt, kwargs), key=key)
         if reply[0] != "ok":
@@ -265,6 +269,11 @@ class EngineWorkers:
     @property
     def running(self) -> int:
         return sum(w.gauges[1] for w in self.workers if w.alive)
+
+    @property
+    def alive(self) -> tuple[int, int]:
+        """(workers running, workers started)."""
+        return sum(w.alive for w in self.workers), len(self.workers)
 
     @property
     def outstanding(self) -> list[int]:
