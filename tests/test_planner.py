@@ -351,9 +351,10 @@ class Sim:
         drafted, rows = proposal.num_draft.tolist(), proposal.tokens.tolist()
         emitted = []
         for b, d in enumerate(drafted):
+            alpha = self.alpha(pair, proposal.sources[b])
             out = []  # the target's tokens: accepted drafts, then its own
             while not out or (len(out) <= d and rows[b][len(out) - 1] == out[-1]):
-                out.append(HIT if self.rng.random() < pair.alpha else MISS)
+                out.append(HIT if self.rng.random() < alpha else MISS)
             emitted.append(out)
         width = proposal.tokens.shape[1]
         self.clock.now += pair.verify(width + 1) if verify is None else verify(width)
@@ -367,6 +368,10 @@ class Sim:
         self.tokens += sum(len(e) for e in emitted)
         self.seconds += self.clock.now - start
         return drafted, proposal.sources
+
+    def alpha(self, pair, source: str) -> float:
+        """Per-slot acceptance of the drafts of `source` this step (the pair's, for every source)."""
+        return pair.alpha
 
 
 def run_planner(pair, steps=3000, uses_model=True, seed=0, params=MEASURED):
@@ -507,6 +512,42 @@ def test_a_stall_cannot_make_a_width_look_unaffordable_for_good():
     assert stalls == 3
     assert sum(chosen[150:350]) / 200 >= 6
     assert sum(chosen[-200:]) / 200 >= 4
+
+
+class TwoModels(Sim):
+    """Two costly sources of the same cost and different acceptance; the first step of the
+    ones in `unlucky` has every draft rejected."""
+
+    def __init__(self, pair, alphas: dict[str, float], unlucky=(), **kwargs) -> None:
+        super().__init__(pair, sources=tuple((name, True) for name in alphas), **kwargs)
+        self.alphas, self.unlucky = alphas, set(unlucky)
+
+    def alpha(self, pair, source: str) -> float:
+        if source in self.unlucky:
+            self.unlucky.discard(source)
+            return 0.0
+        return self.alphas.get(source, pair.alpha)
+
+
+def test_a_costly_source_with_an_unlucky_first_step_is_tried_again_and_wins():
+    """A costly source learns only from the steps it drafts: after one step with every draft
+    rejected, the better source must still be tried again (after a back-off) and take over."""
+    pair = SimulatedPair(0.9, 0.12)
+    sim = TwoModels(pair, {"weak": 0.6, "good": 0.9}, unlucky=("good",))
+    sources = [sim.step(pair)[1][0] for _ in range(600)]
+    assert sources[:2] == ["weak", "good"]  # each drafts once before any plan weighs them
+    late = sources[300:]
+    assert late.count("good") >= 0.9 * len(late), late[-40:]
+    best = max(SimulatedPair(0.9, 0.12).rate(k) for k in range(9))
+    assert sim.tokens / sim.seconds >= 0.85 * best
+
+
+def test_a_costly_source_that_stays_worse_is_tried_rarely():
+    pair = SimulatedPair(0.9, 0.12)
+    sim = TwoModels(pair, {"good": 0.9, "weak": 0.3})
+    sources = [sim.step(pair)[1][0] for _ in range(1000)]
+    tries = sources[200:].count("weak")
+    assert 1 <= tries <= 12, tries  # tried after waits of 8, 16, ... 128 steps: a few times, not never
 
 
 def test_a_row_that_drafts_nothing_waits_for_the_probe_of_a_costly_source_only():

@@ -19,7 +19,10 @@ Three ways to plan, by what the request asks:
   K "auto",     costs are measured; the batch's expected tokens per second, sum_b E_b(k)
   otherwise     / T(k), is maximised over k and over the plans "free sources only" and
                 "with source c" (each row taking its best offer). A row at K = 0 is probed
-                again after a back-off.
+                again after a back-off. With several costly sources, one the plans have
+                left idle is tried again after a back-off too (its own best plan for a
+                step): a costly source learns only from the steps it drafts, so one
+                unlucky early step would otherwise rule it out for good.
 
 A free source's offers that a row did not verify are scored against what the target
 emitted (acceptance.shadow_outcome), so its estimates stay current at no cost.
@@ -49,6 +52,11 @@ PROBE_MAX = 64
 # a noisy mean, and taking every plan that looks a little better drafts exactly when the
 # noise is high (bench_useless_draft_cpu: lookup at T = 0.8).
 FREE_MARGIN = 0.05
+# A costly source that the plans leave idle while another costly source drafts is tried for
+# one step after SWITCH_MIN idle steps, the wait doubling after every such try (up to
+# SWITCH_MAX) and reset when a plan chooses the source on its estimates.
+SWITCH_MIN = 8
+SWITCH_MAX = 128
 
 
 @dataclass
@@ -110,6 +118,7 @@ class Planner:
         self.reads_hidden_states = any(d.reads_hidden_states for d in self.sources.values())
         self.hidden_states = hidden_request(list(self.sources.values()))
         self.rows = [RowPlan() for _ in range(batch)]
+        self.switch = {name: [0, SWITCH_MIN] for name in self.costly}  # [idle steps, wait] per costly source
         self.pooled: dict[str, AcceptanceCounts] = {}  # per source, all rows (measured plans' prior)
         self.calibration = ConfidenceCalibration()
         self.costs = StepCosts()
@@ -119,6 +128,7 @@ class Planner:
         self._prefill: tuple | None = None
         self._offers: dict[str, list[list[int]]] = {}  # this step's free offers (host)
         self._ran: str | None = None  # the source whose drafting this step's time measures
+        self._trying: str | None = None  # this step tries a costly source after its wait (_switch_try)
         self._catch_up = False
         self._row_caps: list[int] | None = None  # this step's per-row caps (propose)
         # Unseeded K "auto" starts from what the generator's last request learned: the costs
@@ -196,6 +206,7 @@ class Planner:
     def _propose(self, state: DecodeState, k_cap: int, row_caps: list[int]) -> DraftProposal:
         batch = state.batch_size
         self._offers, self._ran, self._catch_up = {}, None, False
+        self._trying = None  # a costly source tried after its wait (see _switch_try)
         self._row_caps = row_caps
         if k_cap <= 0 or not self.active:
             return _nothing(batch, state.device)
@@ -233,7 +244,7 @@ class Planner:
             return proposal
         name = costly[0]  # a measured plan runs one costly source a step (it weighs them one at a time)
         only_name = all(s in (name, NONE) for s in sources)
-        stop = self._early_stop(name, k, batch) if self.measured and only_name else None
+        stop = self._early_stop(name, k, batch) if self.measured and only_name and self._trying != name else None
         if len(costly) == 1:
             drafted = self.sources[name].propose(state, k, early_stop=stop)
         else:  # rows chose different costly sources (seeded or fixed-K plans decide per row): each runs
@@ -284,6 +295,9 @@ class Planner:
                 # estimate follows every step at no cost.
                 if source != name and offers[b]:
                     self._learn(b, name, *shadow_outcome(offers[b], state.step_emitted[b]))
+        drafted_by = {s for s, d in zip(state.step_sources, state.step_drafted) if d > 0}
+        for name, idle_wait in self.switch.items():
+            idle_wait[0] = 0 if name in drafted_by else idle_wait[0] + 1
         if self.measured:
             self._record_costs(max(state.step_drafted, default=0), timed)
             if confidence is not None:
@@ -443,6 +457,7 @@ class Planner:
 
         plain = batch / self._cost(None, 0)
         best = (0, [NONE] * batch, plain)
+        with_source: dict[tuple[str, int], list[str]] = {}  # (costly source, k) -> each row's pick
         costly_rates = {name: [self._rates(b, name) for b in range(batch)] for name in self.costly}
         for k in range(1, k_cap + 1):
             offers = [best_free(b, k) for b in range(batch)]
@@ -459,7 +474,10 @@ class Planner:
                 rate = tokens / self._cost(name, k)
                 if rate > best[2] * (1 + 1e-9):
                     best = (k, picks, rate)
+                with_source[name, k] = picks
         k, picks, _ = best
+        if k and len(self.costly) > 1:
+            picks = self._switch_try(k_cap, k, picks, with_source)
         if k == 0:  # parked: a costly source is probed after the back-off (free ones need no probe)
             for name in self.costly:
                 if self._probe_due(name, k_cap, [k_cap] * batch):
@@ -468,10 +486,31 @@ class Planner:
         ks = [min(k, available[s][b]) if s in available else (k if s != NONE else 0) for b, s in enumerate(picks)]
         return ks, picks
 
+    def _switch_try(self, k_cap: int, k: int, picks: list[str], with_source: dict) -> list[str]:
+        """The step's picks, or, where a costly source the plans have left idle for its wait
+        while another costly source drafts (see SWITCH_MIN), that source's picks at the same k,
+        drafted without an early stop: it is judged as deep as the source it competes with."""
+        planned = set(picks)
+        if not planned & set(self.costly):
+            return picks
+        for name in self.costly:
+            idle_wait = self.switch[name]
+            if name in planned:
+                idle_wait[1] = SWITCH_MIN
+            elif idle_wait[0] >= idle_wait[1] and (name, k) in with_source and self._could_pay(name, k_cap):
+                idle_wait[1] = min(2 * idle_wait[1], SWITCH_MAX)
+                self._trying = name
+                return with_source[name, k]
+        return picks
+
     def _probe_due(self, source: str, k_cap: int, caps: list[int]) -> bool:
         """Whether a row parked at K = 0 has waited long enough, and drafting could pay at all."""
         if not any(c and r.idle >= r.probe_wait for c, r in zip(caps, self.rows)):
             return False
+        return self._could_pay(source, k_cap)
+
+    def _could_pay(self, source: str, k_cap: int) -> bool:
+        """Whether drafts from `source` that are always accepted would beat plain decoding by PROBE_GAIN."""
         base = self._cost(None, 0)
         ratio = self.sources[source].cost_ratio
         for k in range(1, k_cap + 1):  # perfect acceptance: k + 1 tokens a step
