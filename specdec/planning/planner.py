@@ -497,7 +497,7 @@ class Planner:
             idle_wait = self.switch[name]
             if name in planned:
                 idle_wait[1] = SWITCH_MIN
-            elif idle_wait[0] >= idle_wait[1] and (name, k) in with_source and self._could_pay(name, k_cap):
+            elif idle_wait[0] >= idle_wait[1] and self._could_pay(name, k_cap):
                 idle_wait[1] = min(2 * idle_wait[1], SWITCH_MAX)
                 self._trying = name
                 return with_source[name, k]

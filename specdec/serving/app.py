@@ -48,7 +48,8 @@ from ..stats import GenerationResult
 from . import protocol
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
-from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Failed, Finished, QueueFull, Scheduler, SchedulerClosed
+from .scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Failed, Finished, NoEngineWorker, QueueFull, Scheduler,
+                        SchedulerClosed, check_count)
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ class _Server:
             raise APIError(429, str(exc), type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from None
         except SchedulerClosed as exc:
-            code = "engine_unavailable" if type(exc).__name__ == "NoEngineWorker" else "shutting_down"
+            code = "engine_unavailable" if isinstance(exc, NoEngineWorker) else "shutting_down"
             raise APIError(503, str(exc), type="server_error", code=code) from None
 
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -444,11 +445,11 @@ def serve(
     check_app_options(model_name=name, request_timeout=request_timeout, shutdown_timeout=shutdown_timeout)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
-    from .workers import EngineWorkers, check_workers
+    load = dict(target=target, draft=draft, device=device, dtype=dtype, device_map=device_map, cache=cache,
+                numerics=numerics, compile=compile, head=head)  # from_pretrained's, here or in each worker
+    if check_count("workers", workers) > 1:
+        from .workers import EngineWorkers
 
-    if check_workers(workers) > 1:
-        load = dict(target=target, draft=draft, device=device, dtype=dtype, device_map=device_map, cache=cache,
-                    numerics=numerics, compile=compile, head=head)
         if compile:
             logger.warning("compiling decoding steps in %d engine workers before listening", workers)
         engines = EngineWorkers(load, workers=workers, max_batch=max_batch, max_queue=max_queue, threads=threads,
@@ -464,9 +465,7 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    generator = SpeculativeGenerator.from_pretrained(target, draft, device=device, dtype=dtype,
-                                                     device_map=device_map, cache=cache, numerics=numerics,
-                                                     compile=compile, head=head)
+    generator = SpeculativeGenerator.from_pretrained(**load)
     if compile:
         logger.warning("compiling decoding steps before listening (about a minute cold, seconds from the compile cache)")
         logger.warning("compiled in %.1f s", generator.warmup(batches=max_batch > 1))

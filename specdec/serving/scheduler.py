@@ -76,6 +76,18 @@ class SchedulerClosed(RuntimeError):
     """The scheduler is shutting down or stopped: it takes no new requests."""
 
 
+class NoEngineWorker(SchedulerClosed):
+    """No engine worker is running (specdec.serving.workers: they all exited): nothing can
+    answer requests."""
+
+
+def check_count(name: str, value: Any) -> int:
+    """`value` as a count option (an int >= 1), or ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 class Ticket:
     """A submitted request: cancel() it, or wait() for its result."""
 
@@ -149,10 +161,8 @@ class Scheduler:
         metrics: Any = None,
         after_step: Callable[[], None] | None = None,
     ) -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+        check_count("max_batch", max_batch)
+        check_count("max_queue", max_queue)
         self.generator = generator
         self.max_batch = max_batch
         self.max_queue = max_queue

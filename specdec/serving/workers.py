@@ -34,8 +34,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from .scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Event, Failed, Finished, QueueFull, Scheduler,
-                        SchedulerClosed, Ticket)
+from .scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Event, Failed, Finished, NoEngineWorker, QueueFull,
+                        Scheduler, SchedulerClosed, Ticket, check_count)
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +52,6 @@ class WorkerGone(RuntimeError):
     """The engine worker of a request exited before the request finished."""
 
 
-class NoEngineWorker(SchedulerClosed):
-    """No engine worker is running (they all exited): the server cannot answer requests."""
-
-
-def check_workers(workers: Any) -> int:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1 (engine processes), got {workers!r}")
-    return workers
 
 
 # --------------------------------------------------------------------------- server side
@@ -112,7 +104,7 @@ class _Worker:
         try:
             with self._send_lock:
                 self.conn.send(message)
-        except (OSError, EOFError, BrokenPipeError):  # the reader thread notices and fails its requests
+        except (OSError, EOFError):  # the reader thread notices and fails its requests
             pass
 
 
@@ -138,13 +130,11 @@ class EngineWorkers:
         metrics: Any = None,
     ) -> None:
         self.load = dict(load)
-        self.count = check_workers(workers)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+        self.count = check_count("workers", workers)
+        check_count("max_batch", max_batch)
+        check_count("max_queue", max_queue)
+        if threads is not None:
+            check_count("threads", threads)
         from transformers.utils import logging as hf_logging
 
         self.options = {"max_batch": max_batch, "max_queue": max_queue, "threads": threads, "warmup": warmup,
