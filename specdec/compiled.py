@@ -483,6 +483,29 @@ class CompiledHead(_Compiled):
                              dynamic=dynamic)
 
 
+class CompiledChain(_Compiled):
+    """An EAGLE-3 head's greedy draft chain (specdec.eagle.head_chain: the window's step and
+    `length` drafting steps with their argmax, one graph) through torch.compile. Rows, window
+    width and cache capacity are dynamic; the length is part of the kind (the loop is
+    unrolled), and one length serves a generator (CHAIN_LENGTH drafts, of which a step keeps
+    the ones it plans)."""
+
+    def __init__(self, device: torch.device, stats: CompileStats) -> None:
+        from .eagle import head_chain
+
+        super().__init__(head_chain, "head chain", device, stats, slots=("chain",))
+
+    def __call__(self, kind: tuple, head, k_cache, v_cache, tokens, hidden, positions, last, after, *, length: int):
+        with torch.inference_mode():
+            tokens, hidden, positions, last, after = (
+                dense(t) if t.is_inference() else t.clone(memory_format=torch.contiguous_format)
+                for t in (tokens, hidden, positions, last, after))
+            dynamic = ((tokens, (0, 1)), (hidden, (0, 1)), (positions, (0, 1)), (last, (0,)), (after, (0,)),
+                       (k_cache, (0, 2)), (v_cache, (0, 2)))
+            return self._run(kind, "chain", head, k_cache, v_cache, tokens, hidden, positions, last, after,
+                             length=length, dynamic=dynamic)
+
+
 class StepCompiler:
     """A generator's compiled step forwards, one per model, and their stats."""
 
@@ -493,6 +516,7 @@ class StepCompiler:
         self.warm = False  # warmup() ran, or a request compiled
         self._forwards: dict[int, CompiledForward] = {}
         self._heads: dict[int, CompiledHead] = {}
+        self._chains: dict[int, CompiledChain] = {}
         # The layers whose hidden states the target's step forwards always return (a generator
         # with an EAGLE head, whose drafter reads them on most steps), else None: one kind of
         # call for every drafter, so half the graphs, for the cost of one [B, T, 3H] output.
@@ -514,6 +538,13 @@ class StepCompiler:
         if key not in self._heads:
             self._heads[key] = CompiledHead(self.device, self.stats)
         return self._heads[key]
+
+    def chain_for(self, head: torch.nn.Module) -> CompiledChain:
+        """The compiled greedy draft chain of an EAGLE-3 head (one per generator, as head_for)."""
+        key = id(head)
+        if key not in self._chains:
+            self._chains[key] = CompiledChain(self.device, self.stats)
+        return self._chains[key]
 
     def ready_for(self, rows: int, max_new_tokens: int) -> bool:
         """Whether a request takes the compiled path: always once warm; before that, only a

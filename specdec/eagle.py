@@ -329,6 +329,30 @@ def head_step(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tok
     return at, head.logits(at[:, 0])
 
 
+def head_chain(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: torch.Tensor,
+               hidden: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, after: torch.Tensor, *,
+               length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A greedy draft of `length` tokens in one call: the head reads the pending window
+    (head_step with features: tokens [B, T], the target's features [B, T, F] at `positions`),
+    then feeds each draft with its own output at positions after[b] + i. Returns the drafts
+    as target ids [B, length] and the head's probability of each [B, length] (what an early
+    stop reads). The same arithmetic as head_step called once per token; traced whole, the
+    chain is one graph instead of `length` calls (the Python between them, a call's
+    overhead, each a sizeable share of a small head's step)."""
+    to_target = head.draft_to_target()  # [Vd]
+    at, logits = head_step(head, k_cache, v_cache, tokens, hidden, positions, last, features=True)
+    zero = torch.zeros_like(last)
+    drafts, confidence = [], []
+    for i in range(length):
+        best = torch.argmax(logits, dim=-1)  # [B]
+        drafts.append(to_target[best])
+        confidence.append(torch.softmax(logits.float(), dim=-1).gather(1, best.unsqueeze(1)).squeeze(1))
+        if i < length - 1:
+            at, logits = head_step(head, k_cache, v_cache, drafts[-1].unsqueeze(1), at, (after + i).unsqueeze(1), zero,
+                                   features=False)
+    return torch.stack(drafts, dim=1), torch.stack(confidence, dim=1)
+
+
 class HeadKV:
     """The head's own KV cache for a batch: one layer of [B, kv_heads, C, D] buffers, row b's
     position i at slot i (as specdec.kv's static path). `forward` writes each row's new
@@ -346,6 +370,7 @@ class HeadKV:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.bound = 0
         self.compiled = None  # a specdec.compiled.CompiledHead: step() runs as one graph
+        self.chained = None  # a specdec.compiled.CompiledChain: chain() drafts greedily in one graph
 
     @property
     def capacity(self) -> int:
@@ -393,6 +418,24 @@ class HeadKV:
         self.lengths = self.lengths + (num_valid if num_valid is not None else width)
         self.bound += width
         return out, logits
+
+    @torch.inference_mode()
+    def chain(self, tokens: torch.Tensor, hidden: torch.Tensor, num_valid: torch.Tensor, last: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the window (as step() with features) and draft `length` tokens greedily, in one
+        compiled call where `chained` is set (see head_chain): drafts [B, length] (target ids)
+        and their probabilities [B, length]. The lengths afterwards are step()'s: the drafted
+        positions are written past them and never kept."""
+        batch, width = tokens.shape
+        positions = self.lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)  # [B, T]
+        self._reserve(self.bound + width + length)
+        self.lengths = self.lengths + num_valid
+        self.bound += width
+        if self.chained is None:
+            return head_chain(self.head, self.k, self.v, tokens, hidden, positions, last, self.lengths, length=length)
+        kind = ("chain", batch == 1, length)
+        return self.chained(kind, self.head, self.k, self.v, tokens, hidden, positions, last, self.lengths,
+                            length=length)
 
     def set_lengths(self, lengths: torch.Tensor, bound: int) -> None:
         self.lengths = lengths

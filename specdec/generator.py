@@ -284,16 +284,22 @@ class SpeculativeGenerator:
         if part == "head" and head is not None and engine_path(self.target_model, self.engine, 2 * BUCKET) == "static":
             from .eagle import HeadKV
 
+            from .drafters.eagle import CHAIN_LENGTH
+
             compiled = self._compiler.head_for(head)
+            chained = self._compiler.chain_for(head)
             dtype = head.fc.weight.dtype
-            for rows in row_counts:  # the head's two kinds of step (specdec.drafters.eagle)
+            for rows in row_counts:  # the head's two kinds of step and its greedy chain (specdec.drafters.eagle)
                 kv = HeadKV(head, rows, self.device, dtype)
-                kv.compiled = compiled
+                kv.compiled, kv.chained = compiled, chained
                 ids = torch.arange(1, 4, device=self.device).view(1, -1).repeat(rows, 1)  # [R, 3]
+                window = torch.zeros(rows, 3, head.fc.in_features, dtype=dtype, device=self.device)
                 # a pending window of the target's features, then a drafting step on the head's own output
-                kv.step(ids, torch.zeros(rows, 3, head.fc.in_features, dtype=dtype, device=self.device), features=True)
+                kv.step(ids, window, features=True)
                 kv.step(ids[:, :1], torch.zeros(rows, 1, head.hidden_size, dtype=dtype, device=self.device),
                         features=False)
+                count = torch.full((rows,), 3, dtype=torch.long, device=self.device)
+                kv.chain(ids, window, count, count - 1, CHAIN_LENGTH)
         if part == "sampling" and self.device.type == "cpu":  # sampled steps: noise and verification as one graph (specdec.fused)
             from . import fused
 

@@ -357,16 +357,16 @@ def compiled_pair(pair, head_dir, tmp_path_factory):
 
 
 def _count_head_calls(monkeypatch, compiled) -> list:
-    from specdec.compiled import CompiledHead
+    """The kinds of the compiled head's calls from now on: its steps and its greedy chains."""
+    from specdec.compiled import CompiledChain, CompiledHead
 
     calls = []
-    original = CompiledHead.__call__
+    for cls in (CompiledHead, CompiledChain):
+        def counting(self, kind, *args, _original=cls.__call__, **kwargs):
+            calls.append(kind)
+            return _original(self, kind, *args, **kwargs)
 
-    def counting(self, kind, *args, **kwargs):
-        calls.append(kind)
-        return original(self, kind, *args, **kwargs)
-
-    monkeypatch.setattr(CompiledHead, "__call__", counting)
+        monkeypatch.setattr(cls, "__call__", counting)
     return calls
 
 
@@ -385,7 +385,10 @@ def test_compiled_head_steps_give_the_eager_tokens(compiled_pair, monkeypatch, d
     if drafter == "eagle":
         assert sum(r.stats.drafter_steps.get("eagle", 0) for r in got) > 0
         assert sum(r.stats.accepted_tokens for r in got) > 0
-        assert {kind[0] for kind in calls} == {"features", "own"}
+        # greedy: each step's drafts come from one chain graph (a window grown long is fed by a
+        # step of its own); sampled: a graph per draft token
+        kinds = {kind[0] for kind in calls}
+        assert kinds == {"features", "own"} if sampling else ("chain" in kinds and "own" not in kinds)
     if not sampling:  # and greedy output is plain greedy decoding's
         assert [r.token_ids for r in got] == [r.token_ids for r in eager.generate_ids(PROMPTS, max_new_tokens=24,
                                                                                       drafter="none", ignore_eos=True)]
@@ -403,3 +406,77 @@ def test_warm_up_compiles_the_heads_steps(compiled_pair):
                                (PROMPTS[3], 4, "none"), (PROMPTS[2] * 3, 4, "eagle")]:
         compiled.generate_ids([prompt], max_new_tokens=20, drafter=drafter, num_draft_tokens=k, ignore_eos=True)
     assert (stats.graphs, stats.recompiles) == (graphs, recompiles)
+
+
+def test_a_greedy_chain_drafts_what_the_token_by_token_loop_drafts(pair, head_dir):
+    """HeadKV.chain (the compiled greedy path's one graph, here eager in float64) against the
+    drafter's loop of step() calls from the same cache: the same drafts and probabilities,
+    the same keys and values written, and the lengths of the window's step."""
+    from specdec.eagle import HeadKV
+
+    head = _load(pair, head_dir).draft_head  # float64, the target's embeddings attached
+    gen = torch.Generator().manual_seed(3)
+    features = head.fc.in_features
+
+    def window(width):
+        return (torch.randint(3, 200, (2, width), generator=gen),
+                torch.randn(2, width, features, generator=gen, dtype=torch.float64))
+
+    loop = HeadKV(head, 2, torch.device("cpu"), torch.float64)
+    history, history_features = window(6)
+    loop.forward(history, history_features, torch.tensor([6, 4]), features=True)  # rows of unequal lengths
+    chained = HeadKV(head, 2, torch.device("cpu"), torch.float64)
+    chained.forward(history, history_features, torch.tensor([6, 4]), features=True)
+    tokens, hidden = window(3)
+    num_valid = torch.tensor([3, 2])
+    last = num_valid - 1
+    length = 5
+
+    at, logits = loop.step(tokens, hidden, num_valid, features=True, last=last)
+    base = (loop.lengths.clone(), loop.bound)
+    to_target = head.draft_to_target()
+    drafts, confidence = [], []
+    for i in range(length):
+        best = torch.argmax(logits, dim=-1)
+        drafts.append(to_target[best])
+        confidence.append(torch.softmax(logits.float(), dim=-1).gather(1, best.unsqueeze(1)).squeeze(1))  # as the drafter
+        if i < length - 1:
+            at, logits = loop.step(drafts[-1].unsqueeze(1), at, features=False)
+    got, got_confidence = chained.chain(tokens, hidden, num_valid, last, length)
+
+    assert torch.equal(got, torch.stack(drafts, dim=1))
+    assert torch.equal(got_confidence, torch.stack(confidence, dim=1))
+    assert torch.equal(chained.lengths, base[0]) and chained.bound == base[1]
+    assert torch.equal(chained.lengths, torch.tensor([9, 6]))
+    # The window's keys and values are the loop's bit for bit; the drafts' agree to rounding
+    # (the chain attends over the whole buffer, the loop over the written part).
+    window_end, written = int(base[0].max()), int(base[0].max()) + length - 1
+    for mine, theirs in ((chained.k, loop.k), (chained.v, loop.v)):
+        assert torch.equal(mine[:, :, :window_end], theirs[:, :, :window_end])
+        assert torch.allclose(mine[:, :, :written], theirs[:, :, :written], rtol=0, atol=1e-12)
+
+
+def test_an_early_stop_ends_a_compiled_chains_drafts(compiled_pair, monkeypatch):
+    """The chain drafts CHAIN_LENGTH tokens in one graph; the step keeps those an early stop
+    keeps (here one that stops every row after two), and greedy output is plain decoding's."""
+    from specdec.drafters.eagle import EagleDrafter
+    from specdec.planning.early_stop import EarlyStop
+
+    eager, compiled = compiled_pair
+    original = EagleDrafter.propose
+
+    def stopped(self, state, k, early_stop=None):
+        bars = [0.0] + [2.0] * (k - 2)  # the chance of reaching slot 2 (1 here) is below 2: stop there
+        return original(self, state, k, early_stop=EarlyStop([1.0] * 10, bars, state.batch_size, state.device))
+
+    monkeypatch.setattr(EagleDrafter, "propose", stopped)
+    calls = _count_head_calls(monkeypatch, compiled)
+    got = compiled.generate_ids(PROMPTS, max_new_tokens=24, drafter="eagle", num_draft_tokens=6, ignore_eos=True)
+    assert any(kind[0] == "chain" for kind in calls)
+    lengths = {}
+    for r in got:
+        for drafted, steps in r.stats.draft_lengths.items():
+            lengths[drafted] = lengths.get(drafted, 0) + steps
+    assert max(lengths) == 2 and lengths[2] > 0, lengths
+    plain = eager.generate_ids(PROMPTS, max_new_tokens=24, drafter="none", ignore_eos=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]

@@ -22,12 +22,16 @@ import torch
 
 from .. import noise
 from ..eagle import HeadKV
+from ..params import AUTO_MAX_DRAFT_TOKENS
 from . import register_drafter
 from .base import Drafter, DraftProposal
 from .model import _draft_by_group, sample_draft
 
 # A window that has grown this wide (steps in which the head did not draft) is fed at once.
 MAX_PENDING = 16
+# Greedy drafts of a compiled head come from one graph of this many steps (HeadKV.chain): the
+# most an adaptive step drafts.
+CHAIN_LENGTH = AUTO_MAX_DRAFT_TOKENS
 
 
 @register_drafter("eagle", auto=True)
@@ -65,6 +69,7 @@ class EagleDrafter(Drafter):
         compiler = getattr(state, "compiler", None)
         if compiler is not None:  # a compiled request: the head's steps run as graphs too
             self.kv.compiled = compiler.head_for(self.head)
+            self.kv.chained = compiler.chain_for(self.head)
         self.tokens = tokens.to(device)  # [B, W] the token after each pending position
         self.features = features[:, :width]  # [B, W, F] the target's features there
         if self.features.shape[1] < width:  # prompts of one token: nothing is pending
@@ -78,6 +83,8 @@ class EagleDrafter(Drafter):
         catch_up = self.tokens.shape[1] > 2
         tokens, features = self._window()
         last = (self.num_pending - 1).clamp(min=0)  # [B] each row's last real entry
+        if kv.chained is not None and 2 <= k <= CHAIN_LENGTH and state.params.greedy and state.sampling_groups() is None:
+            return self._propose_chain(state, k, early_stop, tokens, features, last, catch_up)
         hidden, draft_logits = kv.step(tokens, features, self.num_pending, features=True, last=last)  # [B, 1, H], [B, Vd]
         kv.bound = min(kv.bound, max(len(s) for s in state.sequences) - 1)
         self.base = (kv.lengths, kv.bound)
@@ -118,6 +125,33 @@ class EagleDrafter(Drafter):
             probs=torch.stack(probs, dim=1) if probs else None,  # [B, k, V]
             confidence=torch.stack(confidence, dim=1) if confidence else None,
             draft_forwards=k,
+            catch_up=catch_up,
+        )
+
+    def _propose_chain(self, state, k: int, stop, tokens, features, last, catch_up: bool) -> DraftProposal:
+        """Greedy drafting on a compiled head: CHAIN_LENGTH drafts in one graph (HeadKV.chain),
+        of which the step keeps k, fewer where an early stop ends a row sooner. The stop reads
+        the same probabilities as in the token-by-token loop, after the chain instead of
+        between its calls: drafting past it costs no more calls, and what it saves, the
+        verify width, it still saves."""
+        kv = self.kv
+        drafts, confidence = kv.chain(tokens, features, self.num_pending, last, CHAIN_LENGTH)  # [B, L], [B, L]
+        kv.bound = min(kv.bound, max(len(s) for s in state.sequences) - 1)
+        self.base = (kv.lengths, kv.bound)
+        ready = self.num_pending > 0
+        self._clear()
+        self.drafted = True
+        if stop is not None:
+            for i in range(k):
+                if stop.update(i, confidence[:, i]):
+                    k = i + 1
+                    break
+        return DraftProposal(
+            tokens=drafts[:, :k],
+            num_draft=torch.where(ready, k, 0),
+            probs=None,
+            confidence=confidence[:, :k] if stop is not None else None,  # as the token-by-token loop
+            draft_forwards=CHAIN_LENGTH,
             catch_up=catch_up,
         )
 
