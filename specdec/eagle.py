@@ -346,7 +346,10 @@ def head_chain(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, to
     for i in range(length):
         best = torch.argmax(logits, dim=-1)  # [B]
         drafts.append(to_target[best])
-        confidence.append(torch.softmax(logits.float(), dim=-1).gather(1, best.unsqueeze(1)).squeeze(1))
+        # the softmax at the argmax, 1 / sum(exp(x - max)): no softmax op (a compiled C++
+        # wrapper calls one through a slower fallback)
+        scores = logits.float()
+        confidence.append(1.0 / torch.exp(scores - scores.amax(dim=-1, keepdim=True)).sum(dim=-1))
         if i < length - 1:
             at, logits = head_step(head, k_cache, v_cache, drafts[-1].unsqueeze(1), at, (after + i).unsqueeze(1), zero,
                                    features=False)
