@@ -156,12 +156,13 @@ _RECOMPILE_LIMIT = 64
 DIRECT_CALLS = True
 
 
-def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids, mask_value, mask_dtype,
+def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids, span, mask_value, mask_dtype,
                   hidden_layers=None, **kwargs):
     """The traced step: the additive mask, then the model forward, with varying sizes tied.
 
-    Query t of row b sees its row's positions 0 .. write_positions[b, t] of the whole
-    buffer. Built here, the mask costs no eager ops per call. Each input's dynamic
+    Query t of row b sees its row's positions 0 .. write_positions[b, t] among the first W
+    columns of the buffer, span = arange(W) (the caches' update() returns those columns).
+    Built here, the mask costs no eager ops per call. Each input's dynamic
     dimension gets its own symbol; attention combines the mask with the KV buffers and
     the query, so without the checks the tracer could not prove that their rows, widths
     and capacities agree, and would break the graph there.
@@ -175,8 +176,9 @@ def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids,
     for buffer in buffers:
         torch._check(buffer.shape[0] == batch)
         torch._check(buffer.shape[2] == capacity)
-    columns = torch.arange(capacity, device=input_ids.device)  # [C]
-    hidden = columns.view(1, 1, capacity) > write_positions.unsqueeze(-1)  # [B, T, C]
+    view = span.shape[0]
+    torch._check(view <= capacity)
+    hidden = span.view(1, 1, view) > write_positions.unsqueeze(-1)  # [B, T, W]
     mask = torch.zeros(hidden.shape, dtype=mask_dtype, device=input_ids.device).masked_fill(hidden, mask_value)
     out = forward(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids, **kwargs)
     # A flat tuple of tensors (StepOutput.of rebuilds it): what the graph outputs, so that a
@@ -440,6 +442,7 @@ class CompiledForward(_Compiled):
         """Run the compiled forward; `kind` names the graph this call needs (its non-shape
         inputs), `buffers` are the KV buffers the forward writes ([B, H, C, D] each)."""
         dynamic = [(kwargs[name], (0, 1)) for name in ("input_ids", "write_positions", "position_ids")]
+        dynamic.append((kwargs["span"], (0,)))
         outputs = self._run(kind, "decode" if kind[1] else "verify", self.model.forward, buffers, dynamic=dynamic,
                             **kwargs)
         return StepOutput.of(outputs, kwargs.get("hidden_layers"))

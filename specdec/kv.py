@@ -383,14 +383,15 @@ class _RowLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         pos = self.owner.write_positions  # [B, T]
         write_rows(self.keys, self.values, pos, key_states, value_states)
-        if self.owner.full_view:  # compiled: the whole buffer, no Python int in the graph
-            return self.keys, self.values  # [B, H, C, D]
+        if self.owner.full_view:  # compiled: a bucket's columns, sized by a tensor (no Python int in the graph)
+            view = self.owner.span.shape[0]
+            return self.keys[:, :, :view], self.values[:, :, :view]  # [B, H, W, D]
         view = self.owner.view_width
         return self.keys[:, :, :view], self.values[:, :, :view]  # [B, H, W, D]: the prefix only
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.owner.full_view:
-            return self.keys.shape[2], 0
+            return self.owner.span.shape[0], 0
         return self.owner.view_width, 0
 
     def get_seq_length(self) -> int:
@@ -418,7 +419,8 @@ class RowCache(Cache):
         self.view_width = BUCKET  # W: how much of the buffer attention sees
         self.seen_hint = 0  # host int for models that ask for a "past length" (a bound, unused by masks)
         self.compiled = False  # step forwards compiled: buffers marked dynamic, attention over all of them
-        self.full_view = False  # attention sees the whole buffer (compiled steps; the prefill never)
+        self.full_view = False  # attention's width is span's (compiled steps; the prefill never)
+        self.span: torch.Tensor | None = None  # [W] arange(W): a compiled step's attention width, as a size
         self.static_addresses = False  # CUDA graphs: buffers keep their addresses
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -435,6 +437,7 @@ class StaticKV(KVState):
     def __init__(self, model, batch, capacity, device, vocab_size) -> None:
         super().__init__(model, batch, capacity, device, vocab_size)
         self.cache = RowCache(capacity)
+        self._spans: dict[int, torch.Tensor] = {}  # attention width -> arange(width) (compiled steps)
         self._min = torch.finfo(self.dtype).min if self.dtype.is_floating_point else float("-inf")
 
     def use_compiled(self, compiled) -> None:
@@ -466,14 +469,21 @@ class StaticKV(KVState):
         return out
 
     def _compiled_call(self, ids, positions, position_ids, width, kwargs):
-        """A step forward through the compiled graph: attention over the whole buffer (the mask
-        is built inside the graph from the write positions), so the graph's shapes are
-        (B, T, C) and nothing in it reads a Python int that changes."""
+        """A step forward through the compiled graph: attention over the bucket's first W
+        columns as the eager path (the mask is built inside the graph from the write
+        positions), W given as the size of a tensor (`span`, arange(W)), so the graph's shapes
+        are (B, T, C, W), all dynamic, and nothing in it reads a Python int that changes."""
         if position_ids is positions:  # inputs that alias each other cost a guard and a graph
             position_ids = positions.clone()
         self.cache.write_positions = positions
         self.cache.full_view = True
-        self.cache.view_width = self.capacity
+        view = bucket_width(self.bound + width, self.capacity)
+        span = self._spans.get(view)
+        if span is None:
+            span = self._spans[view] = torch.arange(view, device=self.device)
+            mark_step_dynamic(span, (0,))
+        self.cache.span = span
+        self.cache.view_width = view
         self.cache.seen_hint = 0  # a constant: models that read it only derive unused defaults
         layers = self.compiled.hidden_layers
         asked = kwargs.get("output_hidden_states", False)
@@ -485,7 +495,7 @@ class StaticKV(KVState):
                 kwargs.get("logits_to_keep"))
         buffers = [b for layer in self.cache.layers for b in (layer.keys, layer.values)]
         out = self.compiled(
-            kind, buffers, input_ids=ids, write_positions=positions, position_ids=position_ids,
+            kind, buffers, input_ids=ids, write_positions=positions, position_ids=position_ids, span=span,
             mask_value=self._min, mask_dtype=self.dtype, use_cache=True, **{self.cache_keyword: self.cache}, **kwargs,
         )
         self.bound = self.bound + width

@@ -81,6 +81,32 @@ def test_compiled_path_really_runs_compiled_graphs(pair, monkeypatch):
     assert len(calls) == result.stats.target_forwards - 1  # every step but the (eager) prefill
 
 
+def test_compiled_attention_reads_the_bucket_not_the_capacity(pair, monkeypatch):
+    """A compiled step attends over the first W columns (W the next multiple of BUCKET past the
+    longest row, as eager), not the whole buffer: a request whose capacity is far past its
+    length pays for its length. Every position a query may see is inside the view."""
+    from specdec.compiled import CompiledForward
+    from specdec.kv import BUCKET
+
+    eager, compiled = pair
+    seen = []
+    original = CompiledForward.__call__
+
+    def recording(self, kind, buffers, **kwargs):
+        seen.append((kwargs["span"].shape[0], buffers[0].shape[2], int(kwargs["write_positions"].max())))
+        return original(self, kind, buffers, **kwargs)
+
+    monkeypatch.setattr(CompiledForward, "__call__", recording)
+    kwargs = dict(max_new_tokens=150, drafter="model", num_draft_tokens=3, ignore_eos=True)
+    got = compiled.generate(PROMPTS[0], **kwargs)[0]
+    assert got.token_ids == eager.generate(PROMPTS[0], **kwargs)[0].token_ids
+    assert seen
+    for view, capacity, last in seen:
+        assert last < view <= capacity and (view % BUCKET == 0 or view == capacity), (view, capacity, last)
+    assert min(view for view, _, _ in seen) == BUCKET < seen[0][1]  # early steps read one bucket of a larger buffer
+    assert len({view for view, _, _ in seen}) >= 3  # the view grows with the rows, in one graph
+
+
 def test_one_warm_up_serves_every_length_and_draft_width(pair):
     """No recompiles after warm-up for single requests: capacity and verify width are dynamic."""
     _, compiled = pair
