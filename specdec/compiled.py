@@ -8,19 +8,20 @@ the request's own, one forward per request, and compute-bound anyway), the gener
 (its cache grows by a column every step), and the loop's Python bookkeeping (planner,
 drafters, stops, the one host copy per step), which stays plain Python between graphs.
 
-Shapes. A step forward sees input ids [B, T], a 4-D additive mask [B, 1, T, C] and KV
-buffers [B, H, C, D], where B is the batch's active rows, T the verify width (1 + drafts)
-and C the request's capacity. On the compiled path attention reads the whole buffer
-(the mask hides what a row has not written) instead of the eager path's bucket view, so
-nothing in the graph depends on a Python int that changes from step to step. B, T and C
-are marked dynamic: one graph per model and kind of call serves every batch size from 2,
+Shapes. A step forward sees input ids [B, T], KV buffers [B, H, C, D] and `span` =
+arange(W), where B is the batch's active rows, T the verify width (1 + drafts), C the
+request's capacity and W the attention width (the next multiple of 64 past the longest row,
+as on the eager path); the graph builds the additive mask [B, 1, T, W] and attention reads
+the buffers' first W columns. W enters as a tensor's size, so nothing in the graph depends
+on a Python int that changes from step to step. B, T, C and W are marked dynamic: one graph per model and kind of call serves every batch size from 2,
 draft length and request length. Width 1 (a one-token step) and batch 1 specialize in
 torch (transformers' attention branches on the query length), so the kinds are: one-token
 and verify steps (each its own code object, a "slot"), one row or several, and, without a
 head, the target with and without its hidden states (with a head every target step
 returns the head's layers: one kind for every drafter, for the cost of one more output).
 The head has two slots: reading the target's features (a window, kept at least two wide)
-and reading its own output (a drafting step). Any further compile is a recompile, logged
+and reading its own output (a drafting step); its greedy drafting is a third graph, the
+window's step and eight drafting steps unrolled (`CompiledChain`). Any further compile is a recompile, logged
 with dynamo's reason at WARNING (specdec.compiled), and counted.
 
 Calls. Dynamo's frame around a graph (its guards, gathering the ~150 parameters of a
