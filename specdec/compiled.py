@@ -13,7 +13,8 @@ arange(W), where B is the batch's active rows, T the verify width (1 + drafts), 
 request's capacity and W the attention width (the next multiple of 64 past the longest row,
 as on the eager path); the graph builds the additive mask [B, 1, T, W] and attention reads
 the buffers' first W columns. W enters as a tensor's size, so nothing in the graph depends
-on a Python int that changes from step to step. B, T, C and W are marked dynamic: one graph per model and kind of call serves every batch size from 2,
+on a Python int that changes from step to step. B, T, C and W are marked dynamic: one
+graph per model and kind of call serves every batch size from 2,
 draft length and request length. Width 1 (a one-token step) and batch 1 specialize in
 torch (transformers' attention branches on the query length), so the kinds are: one-token
 and verify steps (each its own code object, a "slot"), one row or several, and, without a
@@ -21,7 +22,8 @@ head, the target with and without its hidden states (with a head every target st
 returns the head's layers: one kind for every drafter, for the cost of one more output).
 The head has two slots: reading the target's features (a window, kept at least two wide)
 and reading its own output (a drafting step); its greedy drafting is a third graph, the
-window's step and eight drafting steps unrolled (`CompiledChain`). Any further compile is a recompile, logged
+window's step and eight drafting steps unrolled (`CompiledChain`). Any further compile is
+a recompile, logged
 with dynamo's reason at WARNING (specdec.compiled), and counted.
 
 Calls. Dynamo's frame around a graph (its guards, gathering the ~150 parameters of a
@@ -462,6 +464,14 @@ def dense(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _head_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A head graph's per-call inputs as its caches are: inference tensors with fresh strides.
+    Inputs made outside inference mode (a drafter's window) would differ from the caches in
+    dispatch keys, and views in strides, both of which dynamo guards on: one graph per mix
+    otherwise. Call under inference mode."""
+    return tuple(dense(t) if t.is_inference() else t.clone(memory_format=torch.contiguous_format) for t in tensors)
+
+
 class CompiledHead(_Compiled):
     """An EAGLE-3 head's step (specdec.eagle.head_step: one head forward, then the logits of
     each row's last slot) through torch.compile. Rows, width and cache capacity are dynamic;
@@ -476,11 +486,7 @@ class CompiledHead(_Compiled):
 
     def __call__(self, kind: tuple, head, k_cache, v_cache, tokens, hidden, positions, last, *, features: bool):
         with torch.inference_mode():
-            # Inputs made outside inference mode (a drafter's window) would differ from the
-            # caches in dispatch keys, and views in strides, both of which dynamo guards on:
-            # one graph per mix otherwise.
-            tokens, hidden, positions, last = (dense(t) if t.is_inference() else t.clone(memory_format=torch.contiguous_format)
-                                               for t in (tokens, hidden, positions, last))
+            tokens, hidden, positions, last = _head_inputs(tokens, hidden, positions, last)
             dynamic = ((tokens, (0, 1)), (hidden, (0, 1)), (positions, (0, 1)), (last, (0,)), (k_cache, (0, 2)),
                        (v_cache, (0, 2)))
             return self._run(kind, kind[0], head, k_cache, v_cache, tokens, hidden, positions, last, features=features,
@@ -501,9 +507,7 @@ class CompiledChain(_Compiled):
 
     def __call__(self, kind: tuple, head, k_cache, v_cache, tokens, hidden, positions, last, after, *, length: int):
         with torch.inference_mode():
-            tokens, hidden, positions, last, after = (
-                dense(t) if t.is_inference() else t.clone(memory_format=torch.contiguous_format)
-                for t in (tokens, hidden, positions, last, after))
+            tokens, hidden, positions, last, after = _head_inputs(tokens, hidden, positions, last, after)
             dynamic = ((tokens, (0, 1)), (hidden, (0, 1)), (positions, (0, 1)), (last, (0,)), (after, (0,)),
                        (k_cache, (0, 2)), (v_cache, (0, 2)))
             return self._run(kind, "chain", head, k_cache, v_cache, tokens, hidden, positions, last, after,
@@ -538,17 +542,16 @@ class StepCompiler:
     def head_for(self, head: torch.nn.Module) -> CompiledHead:
         """The compiled step of an EAGLE-3 head (one per generator: its graphs take the head's
         weights as inputs, so they are the head's alone only through the guards)."""
-        key = id(head)
-        if key not in self._heads:
-            self._heads[key] = CompiledHead(self.device, self.stats)
-        return self._heads[key]
+        return self._per_head(self._heads, CompiledHead, head)
 
     def chain_for(self, head: torch.nn.Module) -> CompiledChain:
         """The compiled greedy draft chain of an EAGLE-3 head (one per generator, as head_for)."""
-        key = id(head)
-        if key not in self._chains:
-            self._chains[key] = CompiledChain(self.device, self.stats)
-        return self._chains[key]
+        return self._per_head(self._chains, CompiledChain, head)
+
+    def _per_head(self, table: dict, cls, head: torch.nn.Module):
+        if id(head) not in table:
+            table[id(head)] = cls(self.device, self.stats)
+        return table[id(head)]
 
     def ready_for(self, rows: int, max_new_tokens: int) -> bool:
         """Whether a request takes the compiled path: always once warm; before that, only a

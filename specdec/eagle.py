@@ -405,10 +405,19 @@ class HeadKV:
             last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
         return self._feed(tokens, hidden, num_valid, features, last)
 
+    def _advance(self, width: int, num_valid: torch.Tensor | None, ahead: int = 0) -> torch.Tensor:
+        """Room for `width` new slots per row (and `ahead` more written past them), and the rows'
+        lengths moved on by num_valid (default width); returns the new slots' positions [B, T]."""
+        positions = self.lengths.unsqueeze(1) + torch.arange(width, device=self.lengths.device)  # [B, T]
+        self._reserve(self.bound + width + ahead)
+        self.lengths = self.lengths + (num_valid if num_valid is not None else width)
+        self.bound += width
+        return positions
+
     def _feed(self, tokens, hidden, num_valid, features: bool, last):
         batch, width = tokens.shape
-        positions = self.lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)  # [B, T]
-        self._reserve(self.bound + width)
+        keys = self.bound + width  # the columns an eager step attends over
+        positions = self._advance(width, num_valid)
         if self.compiled is not None and last is not None:
             # Whole-buffer attention (the mask hides what a row has not written): no Python int
             # that changes from call to call reaches the graph.
@@ -417,9 +426,7 @@ class HeadKV:
                                         features=features)
         else:
             out, logits = head_step(self.head, self.k, self.v, tokens, hidden, positions, last, features=features,
-                                    keys=self.bound + width)
-        self.lengths = self.lengths + (num_valid if num_valid is not None else width)
-        self.bound += width
+                                    keys=keys)
         return out, logits
 
     @torch.inference_mode()
@@ -429,14 +436,10 @@ class HeadKV:
         compiled call where `chained` is set (see head_chain): drafts [B, length] (target ids)
         and their probabilities [B, length]. The lengths afterwards are step()'s: the drafted
         positions are written past them and never kept."""
-        batch, width = tokens.shape
-        positions = self.lengths.unsqueeze(1) + torch.arange(width, device=tokens.device)  # [B, T]
-        self._reserve(self.bound + width + length)
-        self.lengths = self.lengths + num_valid
-        self.bound += width
+        positions = self._advance(tokens.shape[1], num_valid, ahead=length)
         if self.chained is None:
             return head_chain(self.head, self.k, self.v, tokens, hidden, positions, last, self.lengths, length=length)
-        kind = ("chain", batch == 1, length)
+        kind = ("chain", tokens.shape[0] == 1, length)
         return self.chained(kind, self.head, self.k, self.v, tokens, hidden, positions, last, self.lengths,
                             length=length)
 

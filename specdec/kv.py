@@ -383,16 +383,11 @@ class _RowLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         pos = self.owner.write_positions  # [B, T]
         write_rows(self.keys, self.values, pos, key_states, value_states)
-        if self.owner.full_view:  # compiled: a bucket's columns, sized by a tensor (no Python int in the graph)
-            view = self.owner.span.shape[0]
-            return self.keys[:, :, :view], self.values[:, :, :view]  # [B, H, W, D]
-        view = self.owner.view_width
+        view = self.owner.attention_width()
         return self.keys[:, :, :view], self.values[:, :, :view]  # [B, H, W, D]: the prefix only
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.owner.full_view:
-            return self.owner.span.shape[0], 0
-        return self.owner.view_width, 0
+        return self.owner.attention_width(), 0
 
     def get_seq_length(self) -> int:
         return self.owner.seen_hint
@@ -422,6 +417,11 @@ class RowCache(Cache):
         self.full_view = False  # attention's width is span's (compiled steps; the prefill never)
         self.span: torch.Tensor | None = None  # [W] arange(W): a compiled step's attention width, as a size
         self.static_addresses = False  # CUDA graphs: buffers keep their addresses
+
+    def attention_width(self):
+        """W, the buffer columns attention reads: span's size on a compiled step (a symbol in the
+        graph, no Python int), else view_width."""
+        return self.span.shape[0] if self.full_view else self.view_width
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

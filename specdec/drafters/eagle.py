@@ -86,11 +86,7 @@ class EagleDrafter(Drafter):
         if kv.chained is not None and 2 <= k <= CHAIN_LENGTH and state.params.greedy and state.sampling_groups() is None:
             return self._propose_chain(state, k, early_stop, tokens, features, last, catch_up)
         hidden, draft_logits = kv.step(tokens, features, self.num_pending, features=True, last=last)  # [B, 1, H], [B, Vd]
-        kv.bound = min(kv.bound, max(len(s) for s in state.sequences) - 1)
-        self.base = (kv.lengths, kv.bound)
-        ready = self.num_pending > 0  # [B] a row whose prompt is one token has nothing to draft from yet
-        self._clear()
-        self.drafted = True
+        ready = self._window_fed(state)
         params = state.params
         groups = state.sampling_groups()
         to_target = head.draft_to_target()  # [Vd]
@@ -136,11 +132,7 @@ class EagleDrafter(Drafter):
         verify width, it still saves."""
         kv = self.kv
         drafts, confidence = kv.chain(tokens, features, self.num_pending, last, CHAIN_LENGTH)  # [B, L], [B, L]
-        kv.bound = min(kv.bound, max(len(s) for s in state.sequences) - 1)
-        self.base = (kv.lengths, kv.bound)
-        ready = self.num_pending > 0
-        self._clear()
-        self.drafted = True
+        ready = self._window_fed(state)
         if stop is not None:
             for i in range(k):
                 if stop.update(i, confidence[:, i]):
@@ -154,6 +146,18 @@ class EagleDrafter(Drafter):
             draft_forwards=CHAIN_LENGTH,
             catch_up=catch_up,
         )
+
+    def _window_fed(self, state) -> torch.Tensor:
+        """After the window's step: the lengths observe() rolls back to, the window emptied.
+        Returns the rows that can draft [B] (a row whose prompt is one token has nothing to
+        draft from yet)."""
+        kv = self.kv
+        kv.bound = min(kv.bound, max(len(s) for s in state.sequences) - 1)
+        self.base = (kv.lengths, kv.bound)
+        ready = self.num_pending > 0
+        self._clear()
+        self.drafted = True
+        return ready
 
     def observe(self, state) -> None:
         if self.drafted:  # the drafted positions go: the target's features replace them
