@@ -2,8 +2,9 @@
 
 Each warm-up runs in a fresh process, as a user's would: `SpeculativeGenerator.from_pretrained(
 "bundled", compile=True).warmup()` (target, draft model, EAGLE-3 head and the sampled step's
-graphs). The first uses an empty compile cache (a temporary TORCHINDUCTOR_CACHE_DIR), the
-second the cache the first filled. `--no-parallel` warms up without the helper process.
+graphs). The first uses an empty compile cache (a temporary TORCHINDUCTOR_CACHE_DIR, which also
+holds the graphs specdec keeps, specdec.graph_store), the second the cache the first filled.
+`--no-parallel` warms up without the helper process.
 
     python -P benchmarks/warmup_time.py --out benchmarks/results/warmup_cpu
 """
@@ -28,8 +29,9 @@ gen = SpeculativeGenerator.from_pretrained("bundled", compile=True)
 loaded = time.perf_counter() - start
 seconds = gen.warmup(parallel=sys.argv[1] == "1")
 stats = gen.compile_stats()
-print(json.dumps({"warmup_s": seconds, "load_s": loaded, "graphs": stats["graphs"],
-                  "sampling_graphs": stats["sampling"]["graphs"], "recompiles": stats["recompiles"]}))
+print(json.dumps({"warmup_s": seconds, "load_s": loaded, "graphs": stats["graphs"], "loaded": stats["loaded"],
+                  "sampling_graphs": stats["sampling"]["graphs"], "sampling_loaded": stats["sampling"]["loaded"],
+                  "recompiles": stats["recompiles"]}))
 """
 
 
@@ -60,9 +62,12 @@ def main() -> int:
         "parallel": parallel, "cold": cold, "second_process": warm,
         "second_over_cold": warm["warmup_s"] / cold["warmup_s"],
     }
-    text = (f"cold warm-up {cold['warmup_s']:.1f} s ({cold['graphs']} step graphs + {cold['sampling_graphs']} "
-            f"sampling graphs), second process {warm['warmup_s']:.1f} s = {report['second_over_cold']:.0%} of it"
-            f"{'' if parallel else ' (no helper process)'}")
+    def graphs(run: dict) -> str:
+        return (f"{run['graphs']} step graphs built, {run['loaded']} loaded; {run['sampling_graphs']} sampling graphs "
+                f"built, {run['sampling_loaded']} loaded")
+
+    text = (f"cold warm-up {cold['warmup_s']:.1f} s ({graphs(cold)}), second process {warm['warmup_s']:.1f} s "
+            f"({graphs(warm)}) = {report['second_over_cold']:.0%} of it{'' if parallel else ' (no helper process)'}")
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

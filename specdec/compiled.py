@@ -45,12 +45,14 @@ steps go through torch.compile's own inductor entry and dynamo on every call (no
 calls: the CUDA-graph trees manage their replays there).
 
 Warm-up. Compiling costs tens of seconds per graph on a small CPU, so it is paid once per
-process per (model, kind of call): `SpeculativeGenerator.warmup()` pays it up front, and
-torch's compile caches (inductor's FX graph cache and the AOTAutograd cache, kept under
-`$TORCHINDUCTOR_CACHE_DIR`, by default `~/.cache/specdec/inductor`) let a second process
-skip code generation. The first warm-up of a generator loaded by from_pretrained on two or
-more cores builds the draft model's, head's and sampled step's graphs in a helper process
-(`WarmHelper`) while it builds the target's, and then loads them from the caches. A request
+(model structure, kind of call): `SpeculativeGenerator.warmup()` pays it up front, and each
+graph that runs directly is kept (specdec.graph_store, under `$TORCHINDUCTOR_CACHE_DIR`, by
+default `~/.cache/specdec/inductor`, beside torch's own compile caches) with the recipe of its
+direct call, so that a later process with the same models loads it and calls it with no
+dynamo trace at all (a trace of the target's forward was most of a warm process's warm-up).
+The first warm-up of a generator loaded by from_pretrained on two or more cores builds about
+half of the graphs in a helper process (`WarmHelper`) while it builds the others, and then
+loads the helper's. A request
 never pays a compile it cannot earn back: before warm-up, a request whose token budget
 (rows x max_new_tokens) is below `compile_min_tokens` runs eager; the first request at or
 above it compiles (see `StepCompiler.ready_for`).
@@ -64,6 +66,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import time
 import types
 from dataclasses import dataclass, field
@@ -142,6 +145,7 @@ def mark_step_dynamic(tensor: torch.Tensor, dims: tuple[int, ...]) -> None:
 @dataclass
 class CompileStats:
     graphs: int = 0  # graphs compiled for this generator's step forwards
+    loaded: int = 0  # graphs an earlier process kept, loaded without a trace (specdec.graph_store)
     recompiles: int = 0  # compiles past the first of each kind of call
     compile_s: float = 0.0  # seconds spent in calls that compiled
     warmup_s: float | None = None  # seconds of the last warmup(), None before one
@@ -149,7 +153,7 @@ class CompileStats:
 
     def as_dict(self) -> dict:
         return {
-            "graphs": self.graphs, "recompiles": self.recompiles, "compile_s": round(self.compile_s, 3),
+            "graphs": self.graphs, "loaded": self.loaded, "recompiles": self.recompiles, "compile_s": round(self.compile_s, 3),
             "warmup_s": None if self.warmup_s is None else round(self.warmup_s, 3), "reasons": list(self.reasons),
         }
 
@@ -157,6 +161,8 @@ class CompileStats:
 _RECOMPILE_LIMIT = 64
 # Call compiled step graphs without dynamo once verified (_DirectCall); False: always through dynamo.
 DIRECT_CALLS = True
+# Keep directly called graphs for later processes and load them from there (specdec.graph_store).
+KEEP_GRAPHS = True
 
 
 def _step_forward(forward, buffers, *, input_ids, write_positions, position_ids, span, mask_value, mask_dtype,
@@ -216,7 +222,10 @@ def _compile_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options:
     dynamo calls it, which is how _Compiled finds the one graph a kind of call runs."""
     from torch._inductor.compile_fx import compile_fx
 
-    fn = compile_fx(gm, example_inputs, config_patches=options)
+    from . import graph_store
+
+    with graph_store.bundled():  # so that the graph can be kept for later processes
+        fn = compile_fx(gm, example_inputs, config_patches=options)
     plan = _DirectCall.plan(gm, example_inputs, fn)
 
     def run(*args):
@@ -225,6 +234,12 @@ def _compile_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options:
 
     run._boxed_call = getattr(fn, "_boxed_call", False)  # dynamo calls it as it would call fn
     return run
+
+
+# Dynamo's source text for an input that a kept graph's recipe may name: the call's arguments
+# by name, then attributes (no dunders but a bound method's __self__), subscripts, and sizes or
+# strides (nothing else is evaluated).
+_SOURCE = re.compile(r"L\['\w+'\](?:\.__self__|\.(?!__)\w+|\[\d+\]|\['[\w.]*'\]|\.(?:size|stride)\(\)\[\d+\])*")
 
 
 class _DirectCall:
@@ -243,17 +258,55 @@ class _DirectCall:
     directly. The parameters are bound as they were at compile time, as the step's guards
     already assume (guard_filter_fn)."""
 
-    def __init__(self, fn, getters: list, dtypes: dict[int, torch.dtype]) -> None:
+    def __init__(self, fn, getters: list, dtypes: dict[int, torch.dtype], names: list[str] | None = None,
+                 params: set[int] = frozenset()) -> None:
         self.fn = fn  # called as dynamo calls it, with the inputs as arguments
         self.getters = getters  # per graph input: a constant tensor, or a function of the frame's locals
         self.dtypes = dtypes  # per-call tensor inputs: index -> dtype at compile time
+        self.names = names  # per graph input: dynamo's source text (None: not all of the plain kind kept)
+        self.params = params  # indices of the inputs that are model state (bound once)
+
+    def recipe(self) -> dict | None:
+        """How to call the graph in another process (specdec.graph_store), or None."""
+        if self.names is None:
+            return None
+        from .graph_store import dtype_name
+
+        return {"names": self.names, "params": sorted(self.params),
+                "dtypes": {str(i): dtype_name(d) for i, d in self.dtypes.items()}}
+
+    @classmethod
+    def from_recipe(cls, fn, recipe: dict, frame: dict) -> "_DirectCall | None":
+        """A kept graph's direct call (recipe()), its model state bound from `frame` (a call's
+        arguments), or None where the recipe does not fit the call."""
+        from .graph_store import dtype_of
+
+        try:
+            names, params = list(recipe["names"]), set(recipe["params"])
+            if not all(isinstance(name, str) and _SOURCE.fullmatch(name) for name in names):
+                return None
+            getters = []
+            for index, name in enumerate(names):
+                getter = eval(f"lambda L: {name}", {"__builtins__": {}})  # noqa: S307 - checked against _SOURCE
+                if index in params:
+                    value = getter(frame)
+                    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+                        return None
+                    getters.append(value)
+                else:
+                    getters.append(getter)
+            dtypes = {int(i): dtype_of(d) for i, d in recipe["dtypes"].items()}
+        except Exception:  # noqa: BLE001 - a recipe from other code: compile instead
+            logger.debug("a kept graph's recipe does not fit", exc_info=True)
+            return None
+        return cls(fn, getters, dtypes, names, params)
 
     @classmethod
     def plan(cls, gm: torch.fx.GraphModule, example_inputs: list, fn) -> "_DirectCall | None":
         try:
             if not _pure(gm):
                 return None
-            getters, dtypes = [], {}
+            getters, dtypes, names, params = [], {}, [], set()
             placeholders = list(gm.graph.find_nodes(op="placeholder"))
             if len(placeholders) != len(example_inputs):
                 return None
@@ -262,8 +315,10 @@ class _DirectCall:
                 if source is None:
                     return None
                 name = source.name() if callable(source.name) else source.name
+                names.append(name)
                 if ("._parameters[" in name or "._buffers[" in name) and type(example) in (torch.Tensor, torch.nn.Parameter):
                     getters.append(example)  # model state: the same tensor every call
+                    params.add(index)
                     continue
                 getters.append(eval(f"lambda L: {name}", {"__builtins__": {}}))  # noqa: S307 - dynamo's own source text
                 if isinstance(example, torch.Tensor):
@@ -271,7 +326,8 @@ class _DirectCall:
         except Exception:  # any surprise in torch's internals: dynamo keeps calling the graph
             logger.debug("no direct call for a step graph", exc_info=True)
             return None
-        return cls(fn, getters, dtypes)
+        keepable = all(_SOURCE.fullmatch(name) for name in names)
+        return cls(fn, getters, dtypes, names if keepable else None, params)
 
     def __call__(self, frame: dict) -> tuple | None:
         """The graph's outputs for a call whose arguments are `frame` (the function's locals by
@@ -359,8 +415,11 @@ class _Compiled:
         self._ran: list[_DirectCall | None] = []  # the graphs the current dynamo call ran
         self._direct: dict[tuple, _DirectCall] = {}  # (slot, kind) -> its graph, called without dynamo
         self._no_direct: set[tuple] = set()
+        self._looked_up: set[tuple] = set()  # (slot, kind)s looked for among kept graphs (graph_store)
+        self._function = f"{function.__module__}.{function.__qualname__}"
         options = _options(device)
         inductor = {k: v for k, v in options.items() if k != "guard_filter_fn"}  # what the backend gets
+        self._inductor = inductor
         dynamo = {k: v for k, v in options.items() if k == "guard_filter_fn"} or None  # what torch.compile keeps
         for slot in slots:
             step = _own_code(function, f"{role}_{slot}")
@@ -376,6 +435,9 @@ class _Compiled:
         dynamo (a direct call needs no marks)."""
         key = (slot, kind)
         direct = self._direct.get(key) if DIRECT_CALLS else None
+        if direct is None and KEEP_GRAPHS and DIRECT_CALLS and self.device.type == "cpu" and key not in self._looked_up:
+            self._looked_up.add(key)
+            direct = self._load(key, args, kwargs)
         if direct is not None:
             out = direct(self._signature.bind(*args, **kwargs).arguments)
             if out is not None:
@@ -400,10 +462,44 @@ class _Compiled:
                 for a, b in zip(again, out)):
             self._direct[key] = graph
             logger.debug("the %s step %s runs its graph directly", self.role, key)
+            if KEEP_GRAPHS:
+                self._keep(key, graph, args, kwargs)
         else:
             self._no_direct.add(key)
             logger.info("the %s step %s runs through dynamo (%s)", self.role, key,
                         "no single graph" if graph is None else "its direct call did not match")
+
+    def _store_name(self, key: tuple, frame: dict) -> str:
+        """The graph_store key of slot/kind `key` called with arguments `frame`."""
+        from . import graph_store
+
+        return graph_store.key({"function": self._function, "slot": key[0], "kind": repr(key[1]),
+                                "device": self.device.type, "options": repr(sorted(self._inductor.items())),
+                                "arguments": graph_store.structure(frame)})
+
+    def _load(self, key: tuple, args, kwargs) -> "_DirectCall | None":
+        """The graph of slot/kind `key` as an earlier process kept it, called directly (no trace), or None."""
+        from . import graph_store
+
+        start = time.perf_counter()
+        frame = self._signature.bind(*args, **kwargs).arguments
+        found = graph_store.load(self._store_name(key, frame), self._inductor)
+        direct = _DirectCall.from_recipe(found[0], found[1], frame) if found is not None else None
+        if direct is None:
+            return None
+        self._direct[key] = direct
+        self._kinds.add(key[1])
+        self.stats.loaded += 1
+        logger.info("loaded the %s step forward %s in %.1f s", self.role, key[1], time.perf_counter() - start)
+        return direct
+
+    def _keep(self, key: tuple, graph: "_DirectCall", args, kwargs) -> None:
+        """Keep a graph that runs directly for later processes (specdec.graph_store)."""
+        from . import graph_store
+
+        recipe = graph.recipe()
+        if recipe is not None:
+            graph_store.save(self._store_name(key, self._signature.bind(*args, **kwargs).arguments), graph.fn, recipe)
 
     def _through_dynamo(self, kind: tuple, slot: str, *args, **kwargs):
         from torch._dynamo.utils import guard_failures
@@ -610,11 +706,11 @@ def mark_warm(spec: dict | None) -> None:
 
 
 class WarmHelper:
-    """A process that builds a generator's draft-model, head and sampled-step graphs into
-    torch's compile caches (specdec.warm_worker) while the generator builds the target's:
-    graph building is single-threaded Python, so on two cores the two overlap. The generator
-    then builds the others itself, which loads them from the caches. A helper that fails or is
-    slow only costs that overlap: the graphs are built either way."""
+    """A process that builds some of a generator's graphs (specdec.warm_worker; the generator
+    chooses which, see SpeculativeGenerator._helper_parts) and keeps them (specdec.graph_store)
+    while the generator builds the others: graph building is single-threaded Python, so on
+    two cores the two overlap. The generator then loads the helper's graphs. A helper that
+    fails or is slow only costs that overlap: the graphs are built either way."""
 
     TIMEOUT_S = 600.0
 
@@ -623,7 +719,7 @@ class WarmHelper:
         self.log = log
 
     @classmethod
-    def start(cls, spec: dict) -> "WarmHelper | None":
+    def start(cls, spec: dict, parts: tuple[str, ...]) -> "WarmHelper | None":
         import subprocess
         import sys
         import tempfile
@@ -631,8 +727,8 @@ class WarmHelper:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_cache_dir())
         log = tempfile.TemporaryFile()
         try:  # run from a neutral folder: a source checkout's root on sys.path would shadow packages
-            proc = subprocess.Popen([sys.executable, "-m", "specdec.warm_worker", json.dumps(spec)], env=env,
-                                    cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL, stdout=log,
+            proc = subprocess.Popen([sys.executable, "-m", "specdec.warm_worker", json.dumps(spec), ",".join(parts)],
+                                    env=env, cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT)
         except OSError as err:
             logger.warning("warm-up helper did not start (%s): compiling in this process alone", err)
@@ -649,9 +745,12 @@ class WarmHelper:
             self.proc.kill()
             self.proc.wait()
             code = None
+        self.log.seek(0)
+        tail = self.log.read()[-2000:].decode(errors="replace")
         if code != 0:
-            self.log.seek(0)
-            tail = self.log.read()[-2000:].decode(errors="replace")
             logger.warning("warm-up helper ended with %s; compiling the rest here: %s", code, tail)
+        else:
+            built = [line for line in tail.splitlines() if line.startswith("built ")]
+            logger.info("warm-up helper: %s", "; ".join(built))
         self.log.close()
         return code == 0

@@ -326,6 +326,7 @@ def _by_position(
 class _Stats:
     def __init__(self) -> None:
         self.graphs = 0  # graphs compiled
+        self.loaded = 0  # graphs an earlier process kept, loaded without a trace (specdec.graph_store)
         self.recompiles = 0  # graphs compiled for a key that already had one
         self.compile_s = 0.0  # seconds spent in calls that compiled
         self.keys: set[tuple] = set()
@@ -348,6 +349,9 @@ _graphs: dict[tuple, _Graph] = {}  # key -> its graph, called directly (checked 
 _pending: list[_Graph | None] = []  # what _backend built during the current call
 _failed: set[tuple] = set()  # keys whose compile failed: they run eagerly
 _frozen = False  # freeze(): keys not compiled by then run eagerly instead of compiling
+_looked_up: set[tuple] = set()  # keys looked for among kept graphs (specdec.graph_store)
+# Keep directly called graphs for later processes and load them from there (specdec.graph_store).
+KEEP_GRAPHS = True
 
 
 def freeze(frozen: bool = True) -> None:
@@ -401,6 +405,45 @@ def _cache_salt():
     return _Salt()
 
 
+def _options() -> dict:
+    return dict(_OPTIONS, post_grad_custom_post_pass=_cache_salt())
+
+
+def _store_name(kind: str, key: tuple, args: tuple) -> str:
+    from . import graph_store
+
+    options = {k: v for k, v in _options().items() if k != "post_grad_custom_post_pass"}  # the salt: in the code hash
+    return graph_store.key({"function": f"{__name__}.{_BODIES[kind].__qualname__}", "key": repr(key),
+                            "options": repr(sorted(options.items())), "arguments": graph_store.structure(args)})
+
+
+def _load(kind: str, key: tuple, args: tuple) -> _Graph | None:
+    """key's graph as an earlier process kept it (specdec.graph_store), or None."""
+    from . import graph_store
+
+    start = time.perf_counter()
+    found = graph_store.load(_store_name(kind, key, args), _options())
+    if found is None:
+        return None
+    fn, recipe = found
+    try:
+        plan = [(int(i), None if d is None else int(d)) for i, d in recipe["plan"]]
+        dtypes = {int(i): graph_store.dtype_of(d) for i, d in recipe["dtypes"].items()}
+    except Exception:  # noqa: BLE001 - a recipe from other code: compile instead
+        return None
+    _stats.loaded += 1
+    logger.info("loaded fused sampling %s in %.1f s", key, time.perf_counter() - start)
+    return _Graph(fn=fn, plan=plan, dtypes=dtypes)
+
+
+def _keep(kind: str, key: tuple, args: tuple, graph: _Graph) -> None:
+    from . import graph_store
+
+    recipe = {"plan": [list(entry) for entry in graph.plan],
+              "dtypes": {str(i): graph_store.dtype_name(d) for i, d in graph.dtypes.items()}}
+    graph_store.save(_store_name(kind, key, args), graph.fn, recipe)
+
+
 def _plan(gm: torch.fx.GraphModule, example_inputs: list, names: list[str]) -> _Graph | None:
     """How to call the compiled graph from the body's arguments, or None where the graph's
     inputs are not all arguments and their sizes (dynamo names a local x's placeholder
@@ -441,9 +484,11 @@ def _backend(gm: torch.fx.GraphModule, example_inputs: list, *, kind: str) -> Ca
     how to call each directly."""
     from torch._inductor.compile_fx import compile_fx
 
+    from . import graph_store
+
     _stats.graphs += 1
-    options = dict(_OPTIONS, post_grad_custom_post_pass=_cache_salt())
-    fn = compile_fx(gm, example_inputs, config_patches=options)
+    with graph_store.bundled():  # so that the graph can be kept for later processes
+        fn = compile_fx(gm, example_inputs, config_patches=_options())
     graph = _plan(gm, example_inputs, _PARAMETERS[kind])
     if graph is not None:
         graph.fn = fn
@@ -501,6 +546,11 @@ def _run(kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...
     """
     with _lock:  # dynamo's compile is not thread-safe; the calls themselves take microseconds
         graph = _graphs.get(key)
+        if graph is None and KEEP_GRAPHS and key not in _looked_up:
+            _looked_up.add(key)
+            graph = _load(kind, key, args)
+            if graph is not None:
+                _graphs[key] = graph
         if graph is not None:
             out = _direct(graph, args)
             if out is not None:
@@ -512,6 +562,8 @@ def _run(kind: str, key: tuple, args: tuple, dynamic: tuple[tuple[int, int], ...
             direct = _direct(new, args)
             if direct is not None and len(direct) == len(out) and all(map(torch.equal, direct, out)):
                 _graphs[key] = new
+                if KEEP_GRAPHS:
+                    _keep(kind, key, args, new)
             else:
                 logger.warning("fused sampling %s: the direct call disagrees with dynamo's; using dynamo", key)
         return out
@@ -745,6 +797,6 @@ def compile_stats() -> dict:
     """Fused sampling in this process: graphs compiled, recompiles among them, seconds spent
     compiling, keys whose graph is called directly, keys that run eagerly (compile failed)."""
     return {
-        "graphs": _stats.graphs, "recompiles": _stats.recompiles, "compile_s": round(_stats.compile_s, 3),
+        "graphs": _stats.graphs, "loaded": _stats.loaded, "recompiles": _stats.recompiles, "compile_s": round(_stats.compile_s, 3),
         "direct": len(_graphs), "eager": len(_failed),
     }

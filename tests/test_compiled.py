@@ -139,9 +139,11 @@ def test_a_recompile_is_logged_with_its_reason(pair, caplog):
 def test_a_short_request_does_not_pay_a_compile(llama_pair):
     gen = SpeculativeGenerator.from_pretrained(llama_pair.target, dtype="float32", compile=True, compile_min_tokens=64)
     gen.generate(PROMPTS, max_new_tokens=8, drafter="none")  # 3 x 8 = 24 tokens < 64: eager
-    assert gen.compile_stats()["graphs"] == 0
-    gen.generate(PROMPTS[0], max_new_tokens=64, drafter="none")  # earns it back: compiles
-    assert gen.compile_stats()["graphs"] > 0
+    stats = gen.compile_stats()
+    assert stats["graphs"] == 0 and stats["loaded"] == 0
+    gen.generate(PROMPTS[0], max_new_tokens=64, drafter="none")  # earns it back: compiles (or loads a kept graph)
+    stats = gen.compile_stats()
+    assert stats["graphs"] + stats["loaded"] > 0
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -157,29 +159,37 @@ def test_bad_compile_options_fail_before_any_compute(llama_pair, kwargs, message
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the helper runs only with a second core")
 def test_a_first_warm_up_builds_graphs_in_a_helper_process(llama_pair, caplog, monkeypatch, tmp_path):
     """from_pretrained(compile=True).warmup() on two or more cores: a helper process builds the
-    draft model's (and sampled step's) graphs into the compile cache while this one builds the
-    target's, then this one loads the draft model's (a hit, no second build); the next warm-up
-    of the same models starts no helper. The tokens are those of a warm-up without one."""
-    from torch._dynamo.utils import counters
+    draft model's and the sampled step's graphs and keeps them (specdec.graph_store) while this
+    one builds the target's; this one then loads the helper's graphs with no trace at all
+    (dynamo builds only the target's two). The next warm-up of the same models starts no
+    helper and loads every graph, the target's too. The tokens are those of a warm-up without
+    one."""
+    from specdec.compiled import _graph_count
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache, no warm-up noted in it
     gen = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32",
                                                compile=True)
     assert gen._warm_spec(False)["draft"] == str(llama_pair.drafts["partial"])
-    hits = counters["inductor"]["fxgraph_cache_hit"]
+    assert gen._helper_parts() == ("draft", "sampling")  # no head: the draft model's graphs go to the helper
+    traced = _graph_count()
     with caplog.at_level(logging.INFO, logger="specdec.compiled"):
         gen.warmup()
     messages = [r.getMessage() for r in caplog.records]
     assert any("warm-up helper started" in m for m in messages)
     assert not any("warm-up helper ended with" in m for m in messages), messages
-    # the draft model's two graphs (one-token and verify) came from the helper's cache entries
-    assert counters["inductor"]["fxgraph_cache_hit"] - hits >= 2
+    assert any(m.startswith("warm-up helper: built draft in") for m in messages), messages
+    stats = gen.compile_stats()
+    assert (stats["graphs"], stats["loaded"]) == (2, 2)  # the target's built here, the draft model's loaded
+    assert _graph_count() - traced == 2  # dynamo traced the target's graphs and nothing else
     caplog.clear()
     again = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32",
                                                  compile=True)
+    traced = _graph_count()
     with caplog.at_level(logging.INFO, logger="specdec.compiled"):
         again.warmup()
     assert not any("warm-up helper" in r.getMessage() for r in caplog.records)
+    assert (again.compile_stats()["graphs"], again.compile_stats()["loaded"]) == (0, 4)
+    assert _graph_count() == traced
     kwargs = dict(max_new_tokens=16, drafter="model", ignore_eos=True, temperature=0.8, seed=[1, 2, 3])
     assert _ids(gen.generate(PROMPTS, **kwargs)) == _ids(again.generate(PROMPTS, **kwargs))
 
@@ -338,3 +348,29 @@ def test_the_warm_marker_is_keyed_by_the_graph_code(monkeypatch):
     assert marker == compiled_module._warm_marker(spec)
     monkeypatch.setattr(compiled_module, "_graph_code_hash", lambda: "other code")
     assert compiled_module._warm_marker(spec) != marker
+
+
+def test_a_kept_graph_reads_the_weights_of_the_model_it_is_called_with(pair):
+    """A graph kept by one generator (specdec.graph_store) serves another model of the same
+    structure: the parameters are the graph's inputs, bound from the model it is called with,
+    never the weights it was compiled with. Greedy and seeded tokens are that model's eager ones."""
+    import copy
+
+    from specdec.compiled import _graph_count
+
+    eager, compiled = pair
+    other = copy.deepcopy(eager.target_model)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+    other_eager = SpeculativeGenerator(other, eager.tokenizer, engine="static")
+    other_compiled = SpeculativeGenerator(other, eager.tokenizer, engine="static", compile=True)
+    traced = _graph_count()
+    other_compiled.warmup(parallel=False)
+    stats = other_compiled.compile_stats()
+    assert (stats["graphs"], stats["loaded"]) == (0, 2) and _graph_count() == traced  # the target's two, no trace
+    for sampling in ({}, {"temperature": 0.8, "top_k": 20, "seed": [5, 6, 7]}):
+        kwargs = dict(max_new_tokens=24, drafter="none", ignore_eos=True, **sampling)
+        expected = _ids(other_eager.generate(PROMPTS, **kwargs))
+        assert _ids(other_compiled.generate(PROMPTS, **kwargs)) == expected
+        assert expected != _ids(eager.generate(PROMPTS, **kwargs))  # the other weights decode differently
