@@ -153,7 +153,8 @@ class CompileStats:
 
     def as_dict(self) -> dict:
         return {
-            "graphs": self.graphs, "loaded": self.loaded, "recompiles": self.recompiles, "compile_s": round(self.compile_s, 3),
+            "graphs": self.graphs, "loaded": self.loaded, "recompiles": self.recompiles,
+            "compile_s": round(self.compile_s, 3),
             "warmup_s": None if self.warmup_s is None else round(self.warmup_s, 3), "reasons": list(self.reasons),
         }
 

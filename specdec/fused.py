@@ -794,9 +794,11 @@ def warmup(
 
 
 def compile_stats() -> dict:
-    """Fused sampling in this process: graphs compiled, recompiles among them, seconds spent
-    compiling, keys whose graph is called directly, keys that run eagerly (compile failed)."""
+    """Fused sampling in this process: graphs compiled, graphs loaded as an earlier process kept
+    them (specdec.graph_store), recompiles among the compiled, seconds spent compiling, keys
+    whose graph is called directly, keys that run eagerly (compile failed)."""
     return {
-        "graphs": _stats.graphs, "loaded": _stats.loaded, "recompiles": _stats.recompiles, "compile_s": round(_stats.compile_s, 3),
+        "graphs": _stats.graphs, "loaded": _stats.loaded, "recompiles": _stats.recompiles,
+        "compile_s": round(_stats.compile_s, 3),
         "direct": len(_graphs), "eager": len(_failed),
     }

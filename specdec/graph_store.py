@@ -9,9 +9,9 @@ the graph's inputs are, read from the call's arguments. So it keeps each such gr
 that recipe, under a key of everything the trace depended on, and a later process with the
 same key loads the graph and calls it directly, with no trace.
 
-The key (`key`): the torch, transformers and Python versions, the CPU's vector ISA, the code
-that shapes the graphs (specdec.compiled._graph_code_hash) and the caller's own parts: the
-kind of call (the non-shape inputs that select a graph, see specdec.kv) and the structure of
+The key (`key`): the torch, transformers and Python versions, the CPU's model and vector
+ISA, the code that shapes the graphs (specdec.compiled._graph_code_hash) and the caller's own
+parts: the kind of call (the non-shape inputs that select a graph, see specdec.kv) and the structure of
 every argument, models by class, config and parameter names, shapes and dtypes (never their
 values: parameters are graph inputs, read from the call), tensors by dtype, rank and device,
 plain values by value. What the key leaves out is what a direct call already checks: each
@@ -60,7 +60,22 @@ def _environment() -> dict:
     except Exception:  # noqa: BLE001 - an older torch: the key just names the machine type
         isa = "unknown"
     return {"format": FORMAT, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": list(sys.version_info[:2]), "isa": isa, "code": _graph_code_hash()}
+            "python": list(sys.version_info[:2]), "isa": isa, "cpu": _cpu_model(), "code": _graph_code_hash()}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name: kernels are built for the machine they are built on (-march=native),
+    so a cache shared between different machines keeps their graphs apart."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def key(parts: dict) -> str:

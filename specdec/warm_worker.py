@@ -2,7 +2,8 @@
 `SpeculativeGenerator.from_pretrained` did, builds the parts of its graphs it is given and
 keeps them (specdec.graph_store), then exits.
 
-    python -m specdec.warm_worker '{"target": ..., "draft": ..., "head": ..., "dtype": ..., "batches": ...}' head,sampling
+    python -m specdec.warm_worker '{"target": ..., "draft": ..., "head": ..., "dtype": ..., "batches": ...}' \
+        head,sampling
 """
 
 from __future__ import annotations

@@ -362,7 +362,8 @@ def test_a_kept_graph_reads_the_weights_of_the_model_it_is_called_with(pair):
     other = copy.deepcopy(eager.target_model)
     with torch.no_grad():
         for parameter in other.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+            noise = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel()))
+            parameter.add_(0.05 * noise)
     other_eager = SpeculativeGenerator(other, eager.tokenizer, engine="static")
     other_compiled = SpeculativeGenerator(other, eager.tokenizer, engine="static", compile=True)
     traced = _graph_count()
