@@ -266,6 +266,7 @@ class _DirectCall:
         self.dtypes = dtypes  # per-call tensor inputs: index -> dtype at compile time
         self.names = names  # per graph input: dynamo's source text (None: not all of the plain kind kept)
         self.params = params  # indices of the inputs that are model state (bound once)
+        self.kept = False  # loaded as an earlier process kept it (from_recipe)
 
     def recipe(self) -> dict | None:
         """How to call the graph in another process (specdec.graph_store), or None."""
@@ -300,7 +301,9 @@ class _DirectCall:
         except Exception:  # noqa: BLE001 - a recipe from other code: compile instead
             logger.debug("a kept graph's recipe does not fit", exc_info=True)
             return None
-        return cls(fn, getters, dtypes, names, params)
+        direct = cls(fn, getters, dtypes, names, params)
+        direct.kept = True
+        return direct
 
     @classmethod
     def plan(cls, gm: torch.fx.GraphModule, example_inputs: list, fn) -> "_DirectCall | None":
@@ -440,7 +443,17 @@ class _Compiled:
             self._looked_up.add(key)
             direct = self._load(key, args, kwargs)
         if direct is not None:
-            out = direct(self._signature.bind(*args, **kwargs).arguments)
+            try:
+                out = direct(self._signature.bind(*args, **kwargs).arguments)
+            except Exception:
+                if not direct.kept:
+                    raise
+                # A kept graph is trusted by its key alone (no dynamo call checked it in this
+                # process): one that fails is dropped, and this kind compiles as if none were kept.
+                logger.warning("the kept %s graph %s failed; compiling it", self.role, key, exc_info=True)
+                self._direct.pop(key, None)
+                self._kinds.discard(kind)  # its compile is a first compile, not a recompile
+                out = None
             if out is not None:
                 return out
         for tensor, dims in dynamic:

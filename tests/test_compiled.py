@@ -375,3 +375,34 @@ def test_a_kept_graph_reads_the_weights_of_the_model_it_is_called_with(pair):
         expected = _ids(other_eager.generate(PROMPTS, **kwargs))
         assert _ids(other_compiled.generate(PROMPTS, **kwargs)) == expected
         assert expected != _ids(eager.generate(PROMPTS, **kwargs))  # the other weights decode differently
+
+
+def test_a_kept_graph_that_fails_is_dropped_and_compiled(pair, monkeypatch, caplog):
+    """A kept graph is trusted by its key alone: should one fail when called, the step is not
+    lost; that kind of call compiles as if nothing were kept, and the tokens are eager's."""
+    from specdec import graph_store
+
+    eager, _ = pair
+    real_load = graph_store.load
+
+    def failing_load(name, options=None):
+        found = real_load(name, options)
+        if found is None:
+            return None
+
+        def fails(*inputs):
+            raise RuntimeError("a kept graph that no longer fits")
+
+        return fails, found[1]
+
+    monkeypatch.setattr(graph_store, "load", failing_load)
+    compiled = SpeculativeGenerator(eager.target_model, eager.tokenizer, engine="static", compile=True)
+    kwargs = dict(max_new_tokens=24, drafter="none", ignore_eos=True)
+    with caplog.at_level(logging.WARNING, logger="specdec.compiled"):
+        compiled.warmup(parallel=False)
+        got = _ids(compiled.generate(PROMPTS, **kwargs))
+    assert got == _ids(eager.generate(PROMPTS, **kwargs))
+    assert any("the kept target graph" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)
+    stats = compiled.compile_stats()
+    assert stats["loaded"] == stats["graphs"] >= 2  # every kind loaded, failed, and was compiled
+    assert stats["recompiles"] == 0
