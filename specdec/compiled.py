@@ -243,6 +243,11 @@ def _compile_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options:
 _SOURCE = re.compile(r"L\['\w+'\](?:\.__self__|\.(?!__)\w+|\[\d+\]|\['[\w.]*'\]|\.(?:size|stride)\(\)\[\d+\])*")
 
 
+def _getter(name: str):
+    """A function of a call's arguments (by name, as dynamo's L) reading the input `name` names."""
+    return eval(f"lambda L: {name}", {"__builtins__": {}})  # noqa: S307 - dynamo's source text, or checked
+
+
 class _DirectCall:
     """A compiled step graph called without dynamo. Dynamo's frame around a graph checks its
     guards, gathers its inputs (a 16-layer model's ~150 parameters through attribute
@@ -281,7 +286,7 @@ class _DirectCall:
     def from_recipe(cls, fn, recipe: dict, frame: dict) -> "_DirectCall | None":
         """A kept graph's direct call (recipe()), its model state bound from `frame` (a call's
         arguments), or None where the recipe does not fit the call."""
-        from .graph_store import dtype_of
+        from .loading import _resolve_dtype
 
         try:
             names, params = list(recipe["names"]), set(recipe["params"])
@@ -289,7 +294,7 @@ class _DirectCall:
                 return None
             getters = []
             for index, name in enumerate(names):
-                getter = eval(f"lambda L: {name}", {"__builtins__": {}})  # noqa: S307 - checked against _SOURCE
+                getter = _getter(name)  # checked against _SOURCE above
                 if index in params:
                     value = getter(frame)
                     if type(value) not in (torch.Tensor, torch.nn.Parameter):
@@ -297,7 +302,7 @@ class _DirectCall:
                     getters.append(value)
                 else:
                     getters.append(getter)
-            dtypes = {int(i): dtype_of(d) for i, d in recipe["dtypes"].items()}
+            dtypes = {int(i): _resolve_dtype(d) for i, d in recipe["dtypes"].items()}
         except Exception:  # noqa: BLE001 - a recipe from other code: compile instead
             logger.debug("a kept graph's recipe does not fit", exc_info=True)
             return None
@@ -324,7 +329,7 @@ class _DirectCall:
                     getters.append(example)  # model state: the same tensor every call
                     params.add(index)
                     continue
-                getters.append(eval(f"lambda L: {name}", {"__builtins__": {}}))  # noqa: S307 - dynamo's own source text
+                getters.append(_getter(name))  # dynamo's own source text
                 if isinstance(example, torch.Tensor):
                     dtypes[index] = example.dtype
         except Exception:  # any surprise in torch's internals: dynamo keeps calling the graph
@@ -441,7 +446,7 @@ class _Compiled:
         direct = self._direct.get(key) if DIRECT_CALLS else None
         if direct is None and KEEP_GRAPHS and DIRECT_CALLS and self.device.type == "cpu" and key not in self._looked_up:
             self._looked_up.add(key)
-            direct = self._load(key, args, kwargs)
+            direct = self._load(key, self._signature.bind(*args, **kwargs).arguments)
         if direct is not None:
             try:
                 out = direct(self._signature.bind(*args, **kwargs).arguments)
@@ -470,14 +475,15 @@ class _Compiled:
         twice changes nothing)."""
         ran, self._ran[:] = list(self._ran), []
         graph = ran[0] if len(ran) == 1 else None
-        again = graph(self._signature.bind(*args, **kwargs).arguments) if graph is not None else None
+        frame = self._signature.bind(*args, **kwargs).arguments
+        again = graph(frame) if graph is not None else None
         if again is not None and len(again) == len(out) and all(
                 isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
                 for a, b in zip(again, out)):
             self._direct[key] = graph
             logger.debug("the %s step %s runs its graph directly", self.role, key)
             if KEEP_GRAPHS:
-                self._keep(key, graph, args, kwargs)
+                self._keep(key, graph, frame)
         else:
             self._no_direct.add(key)
             logger.info("the %s step %s runs through dynamo (%s)", self.role, key,
@@ -491,12 +497,12 @@ class _Compiled:
                                 "device": self.device.type, "options": repr(sorted(self._inductor.items())),
                                 "arguments": graph_store.structure(frame)})
 
-    def _load(self, key: tuple, args, kwargs) -> "_DirectCall | None":
-        """The graph of slot/kind `key` as an earlier process kept it, called directly (no trace), or None."""
+    def _load(self, key: tuple, frame: dict) -> "_DirectCall | None":
+        """The graph of slot/kind `key` as an earlier process kept it, called directly (no trace),
+        or None; `frame`: the call's arguments by name."""
         from . import graph_store
 
         start = time.perf_counter()
-        frame = self._signature.bind(*args, **kwargs).arguments
         found = graph_store.load(self._store_name(key, frame), self._inductor)
         direct = _DirectCall.from_recipe(found[0], found[1], frame) if found is not None else None
         if direct is None:
@@ -507,13 +513,13 @@ class _Compiled:
         logger.info("loaded the %s step forward %s in %.1f s", self.role, key[1], time.perf_counter() - start)
         return direct
 
-    def _keep(self, key: tuple, graph: "_DirectCall", args, kwargs) -> None:
+    def _keep(self, key: tuple, graph: "_DirectCall", frame: dict) -> None:
         """Keep a graph that runs directly for later processes (specdec.graph_store)."""
         from . import graph_store
 
         recipe = graph.recipe()
         if recipe is not None:
-            graph_store.save(self._store_name(key, self._signature.bind(*args, **kwargs).arguments), graph.fn, recipe)
+            graph_store.save(self._store_name(key, frame), graph.fn, recipe)
 
     def _through_dynamo(self, kind: tuple, slot: str, *args, **kwargs):
         from torch._dynamo.utils import guard_failures

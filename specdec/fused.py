@@ -420,6 +420,7 @@ def _store_name(kind: str, key: tuple, args: tuple) -> str:
 def _load(kind: str, key: tuple, args: tuple) -> _Graph | None:
     """key's graph as an earlier process kept it (specdec.graph_store), or None."""
     from . import graph_store
+    from .loading import _resolve_dtype
 
     start = time.perf_counter()
     found = graph_store.load(_store_name(kind, key, args), _options())
@@ -428,7 +429,7 @@ def _load(kind: str, key: tuple, args: tuple) -> _Graph | None:
     fn, recipe = found
     try:
         plan = [(int(i), None if d is None else int(d)) for i, d in recipe["plan"]]
-        dtypes = {int(i): graph_store.dtype_of(d) for i, d in recipe["dtypes"].items()}
+        dtypes = {int(i): _resolve_dtype(d) for i, d in recipe["dtypes"].items()}
     except Exception:  # noqa: BLE001 - a recipe from other code: compile instead
         return None
     _stats.loaded += 1

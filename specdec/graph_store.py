@@ -201,9 +201,3 @@ def load(name: str, options: dict | None = None) -> tuple[Callable, dict] | None
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
-
-def dtype_of(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"not a torch dtype: {name!r}")
-    return value
