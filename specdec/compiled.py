@@ -272,6 +272,7 @@ class _DirectCall:
         self.names = names  # per graph input: dynamo's source text (None: not all of the plain kind kept)
         self.params = params  # indices of the inputs that are model state (bound once)
         self.kept = False  # loaded as an earlier process kept it (from_recipe)
+        self.misfit: str | None = None  # why the last call that did not fit did not (a recompile's reason)
 
     def recipe(self) -> dict | None:
         """How to call the graph in another process (specdec.graph_store), or None."""
@@ -343,10 +344,13 @@ class _DirectCall:
         name), or None where an input is not what the graph was compiled for."""
         try:
             inputs = [g(frame) if callable(g) else g for g in self.getters]
-        except Exception:
+        except Exception as err:
+            self.misfit = f"an input is missing ({err!r})"
             return None
         for index, dtype in self.dtypes.items():
             if not isinstance(inputs[index], torch.Tensor) or inputs[index].dtype != dtype:
+                got = getattr(inputs[index], "dtype", type(inputs[index]).__name__)
+                self.misfit = f"{self.names[index] if self.names else index}: dtype {got} where the graph has {dtype}"
                 return None
         return tuple(self.fn(*inputs))
 
@@ -536,7 +540,10 @@ class _Compiled:
             self.stats.graphs += compiled
             self.stats.compile_s += elapsed
             if kind in self._kinds:  # this kind of call had a graph: a recompile
-                reasons = new_failures(failures, code) or ["no reason recorded"]
+                # dynamo's guard failures; where dynamo never ran this kind (its graph was kept by
+                # an earlier process), why the call did not fit the direct call
+                misfit = getattr(self._direct.get((slot, kind)), "misfit", None)
+                reasons = new_failures(failures, code) or [misfit or "no reason recorded"]
                 self.stats.recompiles += compiled
                 self.stats.reasons.extend(reasons)
                 logger.warning("recompiled the %s step forward (%.1f s): %s", self.role, elapsed, " | ".join(reasons))
