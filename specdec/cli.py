@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='K drafts per step, or "auto" to choose it every step (default: auto)')
     s.add_argument("--compile", action="store_true",
                    help="run decoding steps through torch.compile, compiled before the server listens "
-                        "(about a minute cold; torch's compile cache makes a restart seconds)")
+                        "(a minute or two the first time on a small CPU; a restart loads the kept graphs in seconds)")
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
 
     # Listed for help only: main() hands `specdec cache ...` to specdec.cache.cli before parsing.

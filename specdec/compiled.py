@@ -55,7 +55,9 @@ half of the graphs in a helper process (`WarmHelper`) while it builds the others
 loads the helper's. A request
 never pays a compile it cannot earn back: before warm-up, a request whose token budget
 (rows x max_new_tokens) is below `compile_min_tokens` runs eager; the first request at or
-above it compiles (see `StepCompiler.ready_for`).
+above it compiles (see `StepCompiler.ready_for`). By default that budget depends on what the
+compile costs here: small when an earlier warm-up of the same models kept their graphs in this
+cache (they load in seconds), large when they would be built from nothing.
 """
 
 from __future__ import annotations
@@ -69,16 +71,25 @@ import os
 import re
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-# A request budget (rows x max_new_tokens) that earns back a cold compile: warm-up of the
-# bundled pair ~50 s on a 2-core CPU against ~2.5 ms saved per token is ~20k tokens; with the
-# compile caches warm (a second process) warm-up is ~10 s, ~4k tokens.
-DEFAULT_COMPILE_MIN_TOKENS = 4096
+# The request budget (rows x max_new_tokens) that earns back a compile, measured on the bundled
+# pair on a 2-core CPU, where a compiled step saves ~0.7 ms a token with drafter "auto" (~2.4 ms
+# with drafter "none"; benchmarks/results/compiled_bundled):
+# - graphs kept by an earlier warm-up of the same models into this cache (specdec.graph_store):
+#   they load in ~3 s, which ~4k tokens earn back;
+# - nothing kept: they are built in this process, one kind of call at a time as the request
+#   meets it, ~60-130 s (a warm-up of everything with its helper process ~65-95 s:
+#   benchmarks/results/warmup_cpu), which takes ~100k tokens.
+# DEFAULT_COMPILE_MIN_TOKENS (None) picks one of the two per process (StepCompiler.threshold).
+KEPT_COMPILE_MIN_TOKENS = 4096
+COLD_COMPILE_MIN_TOKENS = 131072
+DEFAULT_COMPILE_MIN_TOKENS = None
 
 
 def inductor_cache_dir() -> str:
@@ -640,9 +651,11 @@ class CompiledChain(_Compiled):
 class StepCompiler:
     """A generator's compiled step forwards, one per model, and their stats."""
 
-    def __init__(self, device: torch.device, min_tokens: int = DEFAULT_COMPILE_MIN_TOKENS) -> None:
+    def __init__(self, device: torch.device, min_tokens: int | None = DEFAULT_COMPILE_MIN_TOKENS,
+                 kept: Callable[[], bool] | None = None) -> None:
         self.device = device
-        self.min_tokens = min_tokens
+        self.min_tokens = min_tokens  # None: automatic (threshold())
+        self._kept = kept  # whether an earlier warm-up kept these models' graphs in this cache
         self.stats = CompileStats()
         self.warm = False  # warmup() ran, or a request compiled
         self._forwards: dict[int, CompiledForward] = {}
@@ -678,13 +691,23 @@ class StepCompiler:
 
     def ready_for(self, rows: int, max_new_tokens: int) -> bool:
         """Whether a request takes the compiled path: always once warm; before that, only a
-        request whose token budget earns back a cold compile (which then warms the process)."""
+        request whose token budget earns back the compile (which then warms the process)."""
         if self.warm:
             return True
-        if rows * max_new_tokens >= self.min_tokens:
+        if rows * max_new_tokens >= self.threshold():
             self.warm = True
             return True
         return False
+
+    def threshold(self) -> int:
+        """The token budget from which a request compiles before warm-up: `compile_min_tokens`
+        when given, else KEPT_COMPILE_MIN_TOKENS where an earlier warm-up of these models kept
+        their graphs in this cache (is_warm) and COLD_COMPILE_MIN_TOKENS where they would be built."""
+        if self.min_tokens is not None:
+            return self.min_tokens
+        if self._kept is not None and self._kept():
+            return KEPT_COMPILE_MIN_TOKENS
+        return COLD_COMPILE_MIN_TOKENS
 
 
 # --------------------------------------------------------------------------- parallel warm-up

@@ -56,7 +56,7 @@ class SpeculativeGenerator:
         engine: str | None = None,
         numerics: str = "native",
         compile: bool = False,
-        compile_min_tokens: int = DEFAULT_COMPILE_MIN_TOKENS,
+        compile_min_tokens: int | None = DEFAULT_COMPILE_MIN_TOKENS,
         draft_head: Any = None,
     ) -> None:
         _check_model("target_model", target_model)
@@ -103,7 +103,7 @@ class SpeculativeGenerator:
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
         # compile=True: the static path's step forwards through torch.compile (specdec.compiled).
-        self._compiler = StepCompiler(self.device, compile_min_tokens) if compile else None
+        self._compiler = StepCompiler(self.device, compile_min_tokens, self._graphs_kept) if compile else None
         if self._compiler is not None and self.draft_head is not None:
             # With a head most steps return the target's hidden states; every target step
             # forward does, so one set of graphs serves every drafter.
@@ -125,7 +125,7 @@ class SpeculativeGenerator:
         trust_remote_code: bool = False,
         numerics: str = "native",
         compile: bool = False,
-        compile_min_tokens: int = DEFAULT_COMPILE_MIN_TOKENS,
+        compile_min_tokens: int | None = DEFAULT_COMPILE_MIN_TOKENS,
         head: Any = "default",
     ) -> "SpeculativeGenerator":
         """Load target (and draft) through transformers' Auto classes.
@@ -211,7 +211,10 @@ class SpeculativeGenerator:
         CUDA: CUDA graphs). Only the static KV path's step forwards are compiled, in "native"
         numerics; the prefill and the Python bookkeeping stay eager. A request pays a compile
         only after `warmup()` or when its budget (rows x max_new_tokens) reaches
-        `compile_min_tokens`; smaller ones run eager until then (see specdec.compiled)."""
+        `compile_min_tokens`; smaller ones run eager until then. By default (None) that budget
+        is 4096 tokens where an earlier warm-up of these models kept their graphs in this
+        compile cache (they load in seconds) and 131072 where they would be built (about a
+        minute or two on a small CPU); see specdec.compiled."""
         return self._compiler is not None
 
     def warmup(self, batches: bool = False, *, parallel: bool = True) -> float:
@@ -330,6 +333,11 @@ class SpeculativeGenerator:
         if source is None or self.device.type != "cpu" or self.engine != "auto" or self.numerics != "native":
             return None
         return {**source, "batches": batches}
+
+    def _graphs_kept(self) -> bool:
+        """Whether a warm-up of these models finished into this compile cache before, keeping
+        their graphs (a request then loads them instead of building them)."""
+        return is_warm(self._warm_spec(False)) or is_warm(self._warm_spec(True))
 
     def _start_warm_helper(self, batches: bool, parts: tuple[str, ...]):
         spec = self._warm_spec(batches)
@@ -915,8 +923,8 @@ def _record_checked(layer, prompt: list[int], text, params: GenerationParams, hi
 def _check_compile(compile: Any, min_tokens: Any, numerics: str) -> None:
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
-    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-        raise ValueError(f"compile_min_tokens must be an int >= 0, got {min_tokens!r}")
+    if min_tokens is not None and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0):
+        raise ValueError(f"compile_min_tokens must be an int >= 0 or None (automatic), got {min_tokens!r}")
     if compile and numerics != "native":
         raise ValueError(
             f'compile=True runs the model as loaded (numerics="native"); numerics={numerics!r} patches the '

@@ -146,9 +146,42 @@ def test_a_short_request_does_not_pay_a_compile(llama_pair):
     assert stats["graphs"] + stats["loaded"] > 0
 
 
+def test_the_compile_budget_follows_what_the_compile_costs(llama_pair, monkeypatch, tmp_path):
+    """Before warm-up a request compiles only where its budget (rows x max_new_tokens) earns
+    the compile back. By default that is 131072 tokens where the graphs would be built and 4096
+    where a finished warm-up of the same models kept them in this cache (the marker warmup()
+    leaves, which a later process finds); an explicit compile_min_tokens wins either way."""
+    from specdec.compiled import COLD_COMPILE_MIN_TOKENS, KEPT_COMPILE_MIN_TOKENS, mark_warm
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing kept
+    cold = SpeculativeGenerator.from_pretrained(llama_pair.target, dtype="float32", compile=True)
+    assert cold._compiler.threshold() == COLD_COMPILE_MIN_TOKENS
+    cold.generate(PROMPTS, max_new_tokens=8, drafter="none")
+    assert (cold.compile_stats()["graphs"], cold.compile_stats()["loaded"]) == (0, 0)  # eager
+    assert not cold._compiler.ready_for(4, COLD_COMPILE_MIN_TOKENS // 4 - 1)
+    assert cold._compiler.ready_for(4, COLD_COMPILE_MIN_TOKENS // 4)
+    assert cold._compiler.ready_for(1, 1)  # warm from then on
+
+    mark_warm(cold._warm_spec(False))  # as a finished warm-up of these models does
+    kept = SpeculativeGenerator.from_pretrained(llama_pair.target, dtype="float32", compile=True)
+    assert kept._compiler.threshold() == KEPT_COMPILE_MIN_TOKENS
+    assert not kept._compiler.ready_for(3, KEPT_COMPILE_MIN_TOKENS // 3)
+    assert kept._compiler.ready_for(2, KEPT_COMPILE_MIN_TOKENS // 2)
+    other = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32",
+                                                 compile=True)
+    assert other._compiler.threshold() == COLD_COMPILE_MIN_TOKENS  # other models: nothing kept for them
+
+    explicit = SpeculativeGenerator.from_pretrained(llama_pair.target, dtype="float32", compile=True,
+                                                    compile_min_tokens=100)
+    assert explicit._compiler.threshold() == 100
+    unknown = SpeculativeGenerator(kept.target_model, kept.tokenizer, engine="static", compile=True)
+    assert unknown._compiler.threshold() == COLD_COMPILE_MIN_TOKENS  # not from from_pretrained: no marker to find
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"compile": "yes"}, "compile must be True or False"),
     ({"compile": True, "compile_min_tokens": -1}, "compile_min_tokens"),
+    ({"compile": True, "compile_min_tokens": 1.5}, "compile_min_tokens"),
     ({"compile": True, "numerics": "stable"}, "numerics"),
 ])
 def test_bad_compile_options_fail_before_any_compute(llama_pair, kwargs, message):
@@ -164,13 +197,14 @@ def test_a_first_warm_up_builds_graphs_in_a_helper_process(llama_pair, caplog, m
     (dynamo builds only the target's two). The next warm-up of the same models starts no
     helper and loads every graph, the target's too. The tokens are those of a warm-up without
     one."""
-    from specdec.compiled import _graph_count
+    from specdec.compiled import COLD_COMPILE_MIN_TOKENS, KEPT_COMPILE_MIN_TOKENS, _graph_count
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache, no warm-up noted in it
     gen = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32",
                                                compile=True)
     assert gen._warm_spec(False)["draft"] == str(llama_pair.drafts["partial"])
     assert gen._helper_parts() == ("draft", "sampling")  # no head: the draft model's graphs go to the helper
+    assert gen._compiler.threshold() == COLD_COMPILE_MIN_TOKENS  # nothing kept here: a request would build them
     traced = _graph_count()
     with caplog.at_level(logging.INFO, logger="specdec.compiled"):
         gen.warmup()
@@ -184,6 +218,7 @@ def test_a_first_warm_up_builds_graphs_in_a_helper_process(llama_pair, caplog, m
     caplog.clear()
     again = SpeculativeGenerator.from_pretrained(llama_pair.target, llama_pair.drafts["partial"], dtype="float32",
                                                  compile=True)
+    assert again._compiler.threshold() == KEPT_COMPILE_MIN_TOKENS  # kept by that warm-up: a request loads them
     traced = _graph_count()
     with caplog.at_level(logging.INFO, logger="specdec.compiled"):
         again.warmup()
