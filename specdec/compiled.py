@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 # - graphs kept by an earlier warm-up of the same models into this cache (specdec.graph_store):
 #   they load in ~3 s, which ~4k tokens earn back;
 # - nothing kept: they are built in this process, one kind of call at a time as the request
-#   meets it, ~60-130 s (a warm-up of everything with its helper process ~65-95 s:
+#   meets it, ~60-130 s (a warm-up of everything with its helper process ~65-110 s:
 #   benchmarks/results/warmup_cpu), which takes ~100k tokens.
 # DEFAULT_COMPILE_MIN_TOKENS (None) picks one of the two per process (StepCompiler.threshold).
 KEPT_COMPILE_MIN_TOKENS = 4096
