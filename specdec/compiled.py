@@ -55,7 +55,7 @@ half of the graphs in a helper process (`WarmHelper`) while it builds the others
 loads the helper's. A request
 never pays a compile it cannot earn back: before warm-up, a request whose token budget
 (rows x max_new_tokens) is below `compile_min_tokens` runs eager; the first request at or
-above it compiles (see `StepCompiler.ready_for`). By default that budget depends on what the
+above it runs the warm-up first (see `StepCompiler.ready_for`). By default that budget depends on what the
 compile costs here: small when an earlier warm-up of the same models kept their graphs in this
 cache (they load in seconds), large when they would be built from nothing.
 """
@@ -83,9 +83,8 @@ logger = logging.getLogger(__name__)
 # with drafter "none"; benchmarks/results/compiled_bundled):
 # - graphs kept by an earlier warm-up of the same models into this cache (specdec.graph_store):
 #   they load in ~3 s, which ~4k tokens earn back;
-# - nothing kept: they are built in this process, one kind of call at a time as the request
-#   meets it, ~60-130 s (a warm-up of everything with its helper process ~65-110 s:
-#   benchmarks/results/warmup_cpu), which takes ~100k tokens.
+# - nothing kept: they are built (the request runs warmup() first: ~65-110 s with its helper
+#   process, benchmarks/results/warmup_cpu), which takes ~100k tokens.
 # DEFAULT_COMPILE_MIN_TOKENS (None) picks one of the two per process (StepCompiler.threshold).
 KEPT_COMPILE_MIN_TOKENS = 4096
 COLD_COMPILE_MIN_TOKENS = 131072
@@ -656,6 +655,10 @@ class StepCompiler:
         self.device = device
         self.min_tokens = min_tokens  # None: automatic (threshold())
         self._kept = kept  # whether an earlier warm-up kept these models' graphs in this cache
+        # The generator's warmup(), run by the first request that earns the compile back: every
+        # graph at once (with the helper process where there is one), kept and noted for later
+        # processes, as an explicit warm-up would.
+        self.warm_up: Callable[[], object] | None = None
         self.stats = CompileStats()
         self.warm = False  # warmup() ran, or a request compiled
         self._forwards: dict[int, CompiledForward] = {}
@@ -695,6 +698,9 @@ class StepCompiler:
         if self.warm:
             return True
         if rows * max_new_tokens >= self.threshold():
+            if self.warm_up is not None:
+                logger.info("a request of %d x %d tokens earns back the compile: warming up", rows, max_new_tokens)
+                self.warm_up()
             self.warm = True
             return True
         return False

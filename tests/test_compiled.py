@@ -141,9 +141,11 @@ def test_a_short_request_does_not_pay_a_compile(llama_pair):
     gen.generate(PROMPTS, max_new_tokens=8, drafter="none")  # 3 x 8 = 24 tokens < 64: eager
     stats = gen.compile_stats()
     assert stats["graphs"] == 0 and stats["loaded"] == 0
-    gen.generate(PROMPTS[0], max_new_tokens=64, drafter="none")  # earns it back: compiles (or loads a kept graph)
+    gen.generate(PROMPTS[0], max_new_tokens=64, drafter="none")  # earns it back: warms up (builds or loads graphs)
     stats = gen.compile_stats()
     assert stats["graphs"] + stats["loaded"] > 0
+    assert stats["warmup_s"] is not None  # the request ran the warm-up ...
+    assert gen._graphs_kept()  # ... which noted the kept graphs for later processes
 
 
 def test_the_compile_budget_follows_what_the_compile_costs(llama_pair, monkeypatch, tmp_path):
