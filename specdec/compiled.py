@@ -55,9 +55,9 @@ half of the graphs in a helper process (`WarmHelper`) while it builds the others
 loads the helper's. A request
 never pays a compile it cannot earn back: before warm-up, a request whose token budget
 (rows x max_new_tokens) is below `compile_min_tokens` runs eager; the first request at or
-above it runs the warm-up first (see `StepCompiler.ready_for`). By default that budget depends on what the
-compile costs here: small when an earlier warm-up of the same models kept their graphs in this
-cache (they load in seconds), large when they would be built from nothing.
+above it runs the warm-up first (see `StepCompiler.ready_for`). By default that budget
+depends on what the compile costs here: small when an earlier warm-up of the same models kept
+their graphs in this cache (they load in seconds), large when they would be built from nothing.
 """
 
 from __future__ import annotations
@@ -651,14 +651,14 @@ class StepCompiler:
     """A generator's compiled step forwards, one per model, and their stats."""
 
     def __init__(self, device: torch.device, min_tokens: int | None = DEFAULT_COMPILE_MIN_TOKENS,
-                 kept: Callable[[], bool] | None = None) -> None:
+                 kept: Callable[[], bool] | None = None, warm_up: Callable[[], object] | None = None) -> None:
         self.device = device
         self.min_tokens = min_tokens  # None: automatic (threshold())
         self._kept = kept  # whether an earlier warm-up kept these models' graphs in this cache
         # The generator's warmup(), run by the first request that earns the compile back: every
         # graph at once (with the helper process where there is one), kept and noted for later
         # processes, as an explicit warm-up would.
-        self.warm_up: Callable[[], object] | None = None
+        self._warm_up = warm_up
         self.stats = CompileStats()
         self.warm = False  # warmup() ran, or a request compiled
         self._forwards: dict[int, CompiledForward] = {}
@@ -698,9 +698,9 @@ class StepCompiler:
         if self.warm:
             return True
         if rows * max_new_tokens >= self.threshold():
-            if self.warm_up is not None:
+            if self._warm_up is not None:
                 logger.info("a request of %d x %d tokens earns back the compile: warming up", rows, max_new_tokens)
-                self.warm_up()
+                self._warm_up()
             self.warm = True
             return True
         return False

@@ -103,9 +103,8 @@ class SpeculativeGenerator:
         self._cache_layers: dict[str, Any] = {}
         self.cache_layer = self._open_cache(cache) if cache is not None else None
         # compile=True: the static path's step forwards through torch.compile (specdec.compiled).
-        self._compiler = StepCompiler(self.device, compile_min_tokens, self._graphs_kept) if compile else None
-        if self._compiler is not None:
-            self._compiler.warm_up = self.warmup
+        self._compiler = (StepCompiler(self.device, compile_min_tokens, kept=self._graphs_kept, warm_up=self.warmup)
+                          if compile else None)
         if self._compiler is not None and self.draft_head is not None:
             # With a head most steps return the target's hidden states; every target step
             # forward does, so one set of graphs serves every drafter.
@@ -214,10 +213,9 @@ class SpeculativeGenerator:
         numerics; the prefill and the Python bookkeeping stay eager. A request pays a compile
         only after `warmup()` or when its budget (rows x max_new_tokens) reaches
         `compile_min_tokens`, which runs `warmup()` first; smaller ones run eager until then.
-        By default (None) that budget
-        is 4096 tokens where an earlier warm-up of these models kept their graphs in this
-        compile cache (they load in seconds) and 131072 where they would be built (about a
-        minute or two on a small CPU); see specdec.compiled."""
+        By default (None) that budget is 4096 tokens where an earlier warm-up of these models
+        kept their graphs in this compile cache (they load in seconds) and 131072 where they
+        would be built (about a minute or two on a small CPU); see specdec.compiled."""
         return self._compiler is not None
 
     def warmup(self, batches: bool = False, *, parallel: bool = True) -> float:
