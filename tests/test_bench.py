@@ -526,7 +526,7 @@ def test_compile_runs_specdec_on_a_compiled_generator_warmed_before_timing(cli_p
     doc = json.loads((tmp_path / "results.json").read_text())
     stats = doc["compile"]
     assert stats["compile"] is True and doc["models"]["compile"] is True
-    assert stats["graphs"] >= 1 and stats["warmup_s"] > 0
+    assert stats["graphs"] + stats["loaded"] >= 1 and stats["warmup_s"] > 0  # built, or kept by an earlier test
     rows = {r["method"]: r for r in doc["rows"]}
     assert list(rows) == ["baseline", "ngram"]
     for r in rows.values():
