@@ -588,6 +588,42 @@ def test_eager_twins_are_planned_beside_their_compiled_rows(tmp_path):
     assert any(n.startswith("model and model-eager rows skipped: no draft model") for n in bench.notes)
 
 
+def test_auto_nohead_rows_warm_up_their_own_generator(tmp_path):
+    """--compile with "auto-nohead": the generator without the head compiles too, so its rows
+    are warmed by its own warm-up (once, before its first timed call); warmed by the main
+    generator's alone, it would run every request below its compile budget eager."""
+    from types import SimpleNamespace
+
+    cfg = BenchConfig(target="unused", draft=None, out=tmp_path, compile=True, settings=("greedy", "sampled"),
+                      methods=("baseline", "auto", "auto-nohead"), progress=False)
+    bench = Bench(cfg)
+    cpu = torch.device("cpu")
+    warmed = []
+
+    def generator(name, seconds, head):
+        def warmup():
+            warmed.append(name)
+            return seconds
+        return SimpleNamespace(compile=True, draft_model=None, draft_head=head, draft_resources=frozenset(),
+                               device=cpu, warmup=warmup)
+
+    bench.gen, bench.headless_gen = generator("main", 7.0, head=object()), generator("headless", 3.0, head=None)
+    bench.eager_gen = None
+    runs = bench.plan()
+    assert [r.method for r in runs] == ["baseline", "auto", "auto-nohead"] * 2
+    seconds = {r.method + "/" + r.setting: r.prepare([[1, 2]]) for r in runs}
+    assert warmed == ["main", "headless"]  # each generator once, the first time one of its rows needs it
+    assert seconds == {"baseline/greedy": 7.0, "auto/greedy": 7.0, "auto-nohead/greedy": 3.0,
+                       "baseline/sampled": 7.0, "auto/sampled": 7.0, "auto-nohead/sampled": 3.0}
+    from specdec.bench.report import warmup_lines
+
+    rows = [{"method": r.method, "setting": r.setting, "warmup_s": seconds[r.method + "/" + r.setting],
+             "compile_graphs": r.compile_graphs} for r in runs]
+    line = warmup_lines(rows)[1]
+    assert "specdec's step graphs (--compile) 7.0 s, 0 graph(s), one warm-up for its 4 rows" in line
+    assert "the generator without the head (auto-nohead) 3.0 s, 0 graph(s), one warm-up for its 2 rows" in line
+
+
 def test_compiled_rows_are_held_against_their_eager_twins_side_by_side(tmp_path):
     """A twin is one more specdec row (speedup against baseline); its compiled row gains the
     paired ratio of the two, which the report prints; the plots take the twins in."""

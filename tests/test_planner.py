@@ -23,7 +23,7 @@ from specdec.planning.acceptance import (
     shadow_outcome,
 )
 from specdec.planning.costs import CostCurve, StepCosts, proxy_cost
-from specdec.planning.planner import NONE, PROBE_MAX, PROBE_MIN, Planner
+from specdec.planning.planner import NONE, PROBE_MAX, PROBE_MIN, SWITCH_MIN, Planner
 
 CPU = torch.device("cpu")
 
@@ -548,6 +548,35 @@ def test_a_costly_source_that_stays_worse_is_tried_rarely():
     sources = [sim.step(pair)[1][0] for _ in range(1000)]
     tries = sources[200:].count("weak")
     assert 1 <= tries <= 12, tries  # tried after waits of 8, 16, ... 128 steps: a few times, not never
+
+
+def test_a_seeded_row_tries_every_costly_source_and_takes_the_better():
+    """Seeded sampling plans each row on its own counts under the fixed cost proxy, where a
+    source never tried keeps its prior: a row whose first source does well would never try
+    another. Each costly source drafts one step of the row first; one left idle is tried
+    again after the row's back-off, and the better source takes over, an unlucky first step
+    or not."""
+    pair = SimulatedPair(0.9, 0.12)
+    for unlucky in ((), ("good",)):
+        sim = TwoModels(pair, {"weak": 0.6, "good": 0.9}, unlucky=unlucky, params=SEEDED)
+        sources = [sim.step(pair)[1][0] for _ in range(400)]
+        assert sources[:2] == ["weak", "good"]  # each drafts once before any plan weighs them
+        late = sources[200:]
+        assert late.count("good") >= 0.9 * len(late), (unlucky, late[-40:])
+
+
+def test_a_seeded_row_tries_a_worse_costly_source_rarely_and_on_its_own_clock():
+    """The better source drafts; the worse one is tried after waits of 8, 16, ... 128 of the
+    row's idle steps. Rows keep their own back-off: a row's plan depends on its own history."""
+    pair = SimulatedPair(0.9, 0.12)
+    sim = TwoModels(pair, {"good": 0.9, "weak": 0.3}, params=SEEDED, batch=2)
+    steps = [sim.step(pair)[1] for _ in range(800)]
+    for b in range(2):
+        tries = [i for i, s in enumerate(steps) if s[b] == "weak"][1:]  # after its first step
+        assert 3 <= len(tries) <= 10, tries
+        gaps = [later - earlier for earlier, later in zip(tries, tries[1:])]
+        assert min(gaps) > SWITCH_MIN and gaps == sorted(gaps), gaps  # waits that double
+    assert sim.planner.rows[0].switch["weak"][1] > SWITCH_MIN
 
 
 def test_a_row_that_drafts_nothing_waits_for_the_probe_of_a_costly_source_only():

@@ -100,10 +100,11 @@ def step_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def warmup_lines(rows: list[dict[str, Any]], compile_stats: dict[str, Any] | None = None) -> list[str]:
     """Markdown lines: the compile warm-ups, excluded from the timings (none: [])."""
-    from .config import PEERS
+    from .config import AUTO_NO_HEAD, PEERS
 
     hf = [r for r in rows if r.get("warmup_s") is not None and r["method"] in PEERS]
-    ours = [r for r in rows if r.get("warmup_s") is not None and r["method"] not in PEERS]
+    ours = [r for r in rows if r.get("warmup_s") is not None and r["method"] not in (*PEERS, AUTO_NO_HEAD)]
+    headless = [r for r in rows if r.get("warmup_s") is not None and r["method"] == AUTO_NO_HEAD]
     def graphs(group: list[dict[str, Any]]) -> str:
         counts = [r.get("compile_graphs") or {} for r in group]
         text = f", {counts[0].get('warmup', 0)} graph(s)" if counts[0] else ""
@@ -114,6 +115,9 @@ def warmup_lines(rows: list[dict[str, Any]], compile_stats: dict[str, Any] | Non
     if ours:
         parts.append(f"specdec's step graphs (--compile) {ours[0]['warmup_s']:.1f} s{graphs(ours)}, one warm-up "
                      f"for its {len(ours)} rows")
+    if headless:  # the generator without the head warms up its own graphs (its target step differs)
+        parts.append(f"the generator without the head ({AUTO_NO_HEAD}) {headless[0]['warmup_s']:.1f} s"
+                     f"{graphs(headless)}, one warm-up for its {len(headless)} rows")
     for r in hf:
         parts.append(f"{r['setting']} {r['method']} {r['warmup_s']:.1f} s{graphs([r])}")
     if not parts:

@@ -59,7 +59,9 @@ class Bench:
         self.partial = False
         self._cache_layers: list[Any] = []
         self._compiled_forward: CompiledForward | None = None  # hf-compiled's, shared by its rows
-        self._specdec_warmup: dict[str, Any] = {}  # --compile: gen.warmup()'s seconds and graphs, once
+        # --compile: each compiled generator's warm-up (gen.warmup()'s seconds and graphs), once per
+        # generator (the main one, and the one without the head for "auto-nohead"), by id()
+        self._specdec_warmups: dict[int, dict[str, Any]] = {}
         # The workload is read before the models, so that a bad prompt file fails at once.
         if config.prompts_file:
             self.prompts = load_jsonl(config.prompts_file)[: config.num_prompts]
@@ -138,11 +140,13 @@ class Bench:
 
     # ------------------------------------------------------------------ the plan
 
-    def _compiled(self, run: Run) -> Run:
+    def _compiled(self, run: Run, gen) -> Run:
         """A specdec row on a compiled generator (--compile; it was built with compile_graphs):
-        warmed by gen.warmup(), once for all rows, before any timed call."""
+        warmed by gen.warmup(), once for all rows on that generator, before any timed call.
+        Without it, a compiled generator runs a request below its compile budget eager."""
         if run.compile_graphs is not None:  # the dict its calls count their compiles in
-            run.prepare = specdec_compile_prepare(self.gen, run.compile_graphs, self._specdec_warmup)
+            shared = self._specdec_warmups.setdefault(id(gen), {})
+            run.prepare = specdec_compile_prepare(gen, run.compile_graphs, shared)
         return run
 
     def _ours(self, method: str, drafter: str, k: int | str | None, setting: str, layer: Any = None,
@@ -161,7 +165,7 @@ class Bench:
         run = Run(setting, workload, method, k if isinstance(k, int) and drafter != "none" else None, execute,
                   uses_draft_model=uses, group=group, before_repeat=before_repeat, compile_graphs=graphs,
                   twin_of=method[: -len(EAGER_SUFFIX)] if eager else None)
-        return self._compiled(run)
+        return self._compiled(run, gen)
 
     def _hf(self, method: str, setting: str, *, assistant: bool = False, k: int | None = None,
             lookup: bool = False) -> Run:
@@ -222,7 +226,7 @@ class Bench:
             runs.append(self._compiled(Run(
                 setting, "cache", f"{method.name}-{suffix}", k, through_layer(graphs), uses_draft_model=uses,
                 group=group, before_repeat=before_repeat, compile_graphs=graphs,
-            )))
+            ), self.gen))
         return runs
 
     def cache_available(self, drafter: str = CACHE) -> bool:

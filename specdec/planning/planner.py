@@ -22,7 +22,10 @@ Three ways to plan, by what the request asks:
                 again after a back-off. With several costly sources, one the plans have
                 left idle is tried again after a back-off too (its own best plan for a
                 step): a costly source learns only from the steps it drafts, so one
-                unlucky early step would otherwise rule it out for good.
+                unlucky early step would otherwise rule it out for good. Seeded rows do
+                the same on their own: each costly source drafts one step of the row
+                before its estimates are weighed, and one left idle is tried after the
+                row's own back-off.
 
 A free source's offers that a row did not verify are scored against what the target
 emitted (acceptance.shadow_outcome), so its estimates stay current at no cost.
@@ -66,6 +69,9 @@ class RowPlan:
     counts: dict[str, AcceptanceCounts] = field(default_factory=dict)  # per source, discounted
     idle: int = 0  # steps since the row last drafted
     probe_wait: int = PROBE_MIN  # idle steps before the row is probed
+    # Seeded plans over several costly sources: per source, [steps since it drafted this row, the
+    # wait before it is tried again] (the row's own copy of Planner.switch).
+    switch: dict[str, list[int]] = field(default_factory=dict)
 
 
 def hidden_request(sources: list[Drafter]) -> bool | tuple[int, ...]:
@@ -295,6 +301,10 @@ class Planner:
                 # estimate follows every step at no cost.
                 if source != name and offers[b]:
                     self._learn(b, name, *shadow_outcome(offers[b], state.step_emitted[b]))
+            if self.seeded and len(self.costly) > 1:  # the row's own switch back-off (_row_switch_try)
+                for name in self.costly:
+                    idle_wait = row.switch.setdefault(name, [0, SWITCH_MIN])
+                    idle_wait[0] = 0 if (source == name and d > 0) else idle_wait[0] + 1
         drafted_by = {s for s, d in zip(state.step_sources, state.step_drafted) if d > 0}
         for name, idle_wait in self.switch.items():
             idle_wait[0] = 0 if name in drafted_by else idle_wait[0] + 1
@@ -384,12 +394,24 @@ class Planner:
         each free source's best length against that rate (a free offer with no evidence of
         its own waits while a costly source drafts: a step of that source also scores the
         offer, a free step says nothing about the source). A single source at K = 0 is probed
-        with one draft after its back-off.
+        with one draft after its back-off. With several costly sources, each drafts one step of
+        the row (at its own best K) before any is weighed against another, and one the row's
+        plans leave idle while another drafts is tried at that K after the row's back-off
+        (SWITCH_MIN, doubling): a costly source is judged only on the steps it drafts, and a
+        source known to be good would otherwise keep a better one from ever being tried.
+        Everything here reads the row's own history: its tokens still depend on its prompt and
+        seed alone.
         """
         ks, chosen = [], []
+        several = len(self.costly) > 1
         for b, row in enumerate(self.rows):
             # The row's own cap, not the batch's: its plan is what it would be alone.
             k_cap = self._row_cap(b, k_cap_batch)
+            first = self._untried(b, k_cap) if several else None
+            if first is not None:
+                ks.append(first[1])
+                chosen.append(first[0])
+                continue
             k, source, rate = 0, NONE, 1.0
             for name in self.costly:
                 ratio = self.sources[name].cost_ratio
@@ -410,9 +432,36 @@ class Planner:
                 name = self.costly[0]  # a single costly source at K = 0: probed after its back-off
                 if could_pay(k_cap, self.sources[name].cost_ratio):
                     k, source = 1, name
+            if several and k and source in self.costly:
+                source = self._row_switch_try(row, source)
             ks.append(k)
             chosen.append(source)
         return ks, chosen
+
+    def _untried(self, b: int, k_cap: int) -> tuple[str, int] | None:
+        """Seeded: (source, k) for the first costly source that has never drafted for row b, at
+        its own best K from the prior; None when every one has (or none could pay a step)."""
+        for name in self.costly:
+            counts = self._counts(b, name)
+            if not any(counts.trials):
+                n, _ = best_proxy_k(optimistic_rates(counts.rates(), counts.trials), k_cap,
+                                    self.sources[name].cost_ratio)
+                if n:
+                    return name, n
+        return None
+
+    def _row_switch_try(self, row: RowPlan, source: str) -> str:
+        """Seeded: the costly source `source` a row's plan chose, or another costly source that
+        the row's plans have left idle for its wait (tried at the same K: judged as deep as the
+        source it competes with)."""
+        for name in self.costly:
+            idle_wait = row.switch.setdefault(name, [0, SWITCH_MIN])
+            if name == source:
+                idle_wait[1] = SWITCH_MIN
+            elif idle_wait[0] >= idle_wait[1]:
+                idle_wait[1] = min(2 * idle_wait[1], SWITCH_MAX)
+                return name
+        return source
 
     def _rates(self, b: int, source: str, optimistic: bool = True) -> list[float]:
         """a_1..a_k_max of row b from `source`: the row's own counts over the source's pooled
