@@ -41,6 +41,7 @@ __all__ = [
     "logits_to_probs",
     "sample_exponential_race",
     "sanitize_logits",
+    "top_p_threshold",
     "verify_by_position",
     "verify_greedy",
     "verify_sampling",
@@ -83,13 +84,45 @@ def logits_to_probs(
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
     if top_p < 1.0:
-        sorted_probs = torch.sort(probs, dim=-1, descending=True).values  # [..., V]
-        exclusive_mass = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        last_rank = (exclusive_mass < top_p).sum(dim=-1, keepdim=True) - 1  # [..., 1]
-        threshold = sorted_probs.gather(-1, last_rank.clamp(min=0))
+        threshold = top_p_threshold(probs, top_p)  # [..., 1]
         probs = probs.masked_fill(probs < threshold, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs.masked_fill(excluded, 0.0)  # softmax of an all -inf row is nan
+
+
+# A CPU top-p looks for the nucleus among the largest TOP_P_PREFIXES[0] probabilities first,
+# then among the next prefix's, then in the whole sorted row (see top_p_threshold). On one
+# core at 131k ids, 5 rows: topk of 256 1.4 ms, of 4096 7 ms, of 65536 29 ms; a sort 51 ms.
+TOP_P_PREFIXES = (256, 4096)
+
+
+def top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:  # [..., V] -> [..., 1]
+    """p_m of the module docstring: the probability at the last rank m (descending) whose
+    exclusive cumulative mass is still < top_p.
+
+    By definition: sort the row descending, take the cumulative sum, count the ranks whose
+    exclusive mass (cumulative minus the rank's own) is < top_p; p_m is the sorted value at
+    that count minus one. A full sort of the vocabulary costs 3.6 ms a row at 49k ids and 21 ms
+    at 262k on one CPU core, most of a sampled step's own work. On CPU the same numbers come
+    from a prefix: torch.topk(probs, n) gives the n largest values in the sort's order, and
+    the CPU cumsum adds sequentially (in float64 for float32), so the prefix's cumulative and
+    exclusive masses are bit for bit the full sort's first n. The exclusive masses never
+    decrease along the sort (values are >= 0 and sorted descending, and rounding is
+    monotonic), so once a rank inside the prefix reaches top_p, no later rank counts: the
+    count inside the prefix is the count over the whole row. When every rank of the prefix
+    still counts (a nucleus of n or more ids in some row), the next, longer prefix is tried,
+    then the whole row. Elsewhere (no sequential cumsum promised, and reading the count would
+    cost a device sync) the full sort runs as written.
+    """
+    vocab = probs.shape[-1]
+    prefixes = [n for n in TOP_P_PREFIXES if 2 * n <= vocab] if probs.device.type == "cpu" else []
+    for n in [*prefixes, vocab]:
+        values = torch.topk(probs, n, dim=-1).values if n < vocab else torch.sort(probs, dim=-1, descending=True).values
+        exclusive_mass = torch.cumsum(values, dim=-1) - values  # [..., n]
+        count = (exclusive_mass < top_p).sum(dim=-1, keepdim=True)  # [..., 1]
+        if n == vocab or bool((count < n).all()):
+            return values.gather(-1, (count - 1).clamp(min=0))
+    raise AssertionError("unreachable: the whole row always answers")
 
 
 def sample_exponential_race(

@@ -37,6 +37,65 @@ def test_top_p_is_tie_inclusive_and_keeps_the_crossing_token():
     assert (p > 0).tolist() == [[True, False, False, False]]  # the top token always survives
 
 
+def _threshold_by_full_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """p_m exactly as the module docstring defines it: the whole row sorted."""
+    sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+    exclusive_mass = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    last_rank = (exclusive_mass < top_p).sum(dim=-1, keepdim=True) - 1
+    return sorted_probs.gather(-1, last_rank.clamp(min=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("vocab", [7, 300, 5000, 131072])
+def test_top_p_threshold_equals_the_full_sort_bit_for_bit(dtype, vocab):
+    """The CPU top-p reads the nucleus from a prefix of the largest probabilities (growing
+    when a row's nucleus is longer): its threshold is the full sort's, bit for bit, for
+    peaked and flat rows side by side (a flat row makes the prefix grow), tied
+    probabilities, rows with excluded ids, and top_p from tiny to nearly 1."""
+    g = torch.Generator().manual_seed(vocab)
+    rows = []
+    for scale in (0.05, 1.0, 4.0, 12.0):  # flat (nucleus of most ids) to peaked (a few)
+        rows.append(torch.randn(3, vocab, generator=g, dtype=torch.float64) * scale)
+    logits = torch.cat(rows).to(dtype)
+    logits[0, : vocab // 2] = logits[0, 0]  # ties across a prefix boundary
+    logits[1, ::3] = float("-inf")  # excluded ids: probability 0
+    probs = torch.softmax(logits, dim=-1)
+    for top_p in (1e-6, 0.3, 0.9, 0.95, 0.999, 1.0 - 1e-7):
+        want = _threshold_by_full_sort(probs, top_p)
+        assert torch.equal(ref.top_p_threshold(probs, top_p), want), top_p
+        assert torch.equal(ref.top_p_threshold(probs.view(2, 6, vocab), top_p), want.view(2, 6, 1))
+
+
+def test_top_p_prefix_grows_until_the_nucleus_fits(monkeypatch):
+    """A nucleus longer than the prefixes (a flat row) is found in the whole sorted row; the
+    topk calls show which prefixes were tried, and the answer is the full sort's."""
+    calls = []
+    real = torch.topk
+
+    def counting(x, n, *args, **kwargs):
+        calls.append(n)
+        return real(x, n, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", counting)
+    flat = torch.softmax(torch.randn(2, 20000, generator=torch.Generator().manual_seed(0)) * 0.01, dim=-1)
+    peaked = torch.softmax(torch.randn(2, 20000, generator=torch.Generator().manual_seed(1)) * 20.0, dim=-1)
+    assert torch.equal(ref.top_p_threshold(peaked, 0.9), _threshold_by_full_sort(peaked, 0.9))
+    assert calls == [ref.TOP_P_PREFIXES[0]]  # a few ids hold 0.9: one short prefix
+    calls.clear()
+    assert torch.equal(ref.top_p_threshold(flat, 0.9), _threshold_by_full_sort(flat, 0.9))
+    assert calls == list(ref.TOP_P_PREFIXES)  # 18000 ids: both prefixes, then the whole row sorted
+    calls.clear()
+    both = torch.cat([peaked, flat])
+    assert torch.equal(ref.logits_to_probs(both.log(), 1.0, top_p=0.9),
+                       _reference_probs_by_full_sort(both.log(), 0.9))
+
+
+def _reference_probs_by_full_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    probs = probs.masked_fill(probs < _threshold_by_full_sort(probs, top_p), 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
 def test_top_k_then_top_p_on_renormalised_probs():
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
     # after top-3: 0.444, 0.333, 0.222; top-p 0.7 keeps the first two (0.444 < 0.7 <= 0.777)
