@@ -9,9 +9,13 @@ vocabulary used to run on every sampled position. This measures, in one run:
   * worst case: flat rows at 131k and 262k ids whose nucleus is most of the vocabulary
     (both prefixes miss, then the sort runs), the time per call both ways;
   * end to end: sampled decoding with top-p (drafter "none" and "ngram"), the full sort
-    patched back in for the "sort" rows, alternating, tokens per second.
+    patched back in for the "sort" rows, alternating, tokens per second;
+  * with --fused: the compiled path's sampled verify (specdec.fused.sample_step, one graph,
+    5 positions, draft probs) at 49k and 262k ids, the threshold given to the graph against
+    the graph's own sort (fused.EAGER_TOP_P_VOCAB raised past the vocabulary), alternating.
 
     python -P benchmarks/top_p_cost.py --out benchmarks/results/top_p_cpu
+    python -P benchmarks/top_p_cost.py --fused --out benchmarks/results/top_p_cpu
 """
 
 from __future__ import annotations
@@ -42,6 +46,34 @@ def timed(fn, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
+def fused_verify(repeats: int) -> dict:
+    """ms per compiled sampled verify of 5 positions at top-p 0.95 (random N(0, 16) logits and
+    draft probs, one row), the threshold given against sorted in the graph."""
+    from specdec import fused
+
+    given = fused.EAGER_TOP_P_VOCAB
+    out: dict[str, dict[str, float]] = {}
+    for vocab in (49152, 262144):
+        g = torch.Generator().manual_seed(0)
+        k = 4
+        args = (torch.zeros(1, dtype=torch.int64), torch.full((1,), 100, dtype=torch.int64),
+                torch.randint(0, vocab, (1, k), generator=g),
+                torch.softmax(torch.randn(1, k, vocab, generator=g) * 4, dim=-1),
+                torch.randn(1, k + 1, vocab, generator=g) * 4, torch.full((1,), k, dtype=torch.int64))
+        times: dict[str, list[float]] = {"threshold_given": [], "sort_in_graph": []}
+        try:
+            for rep in range(repeats):
+                order = [("threshold_given", given), ("sort_in_graph", vocab + 1)]
+                for name, bar in order if rep % 2 == 0 else order[::-1]:
+                    fused.EAGER_TOP_P_VOCAB = bar
+                    times[name].append(timed(lambda: fused.sample_step(
+                        *args, temperature=0.7, top_p=0.95, noise_dtype=torch.float32), 5))
+        finally:
+            fused.EAGER_TOP_P_VOCAB = given
+        out[str(vocab)] = {name: round(statistics.median(v), 2) for name, v in times.items()}
+    return out
+
+
 def main() -> None:
     from specdec import SpeculativeGenerator
     from specdec.kernels import reference
@@ -55,9 +87,20 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fused", action="store_true", help="only the compiled path's sampled verify")
     parser.add_argument("--out", default="benchmarks/results/top_p_cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.fused:
+        report = {"command": f"python -P benchmarks/top_p_cost.py --fused --repeats {args.repeats} --out {args.out}",
+                  "machine": f"{platform.machine()}, 1 torch thread, torch {torch.__version__}",
+                  "top_p": 0.95, "temperature": 0.7, "positions": 5,
+                  "ms_per_verify": fused_verify(max(args.repeats, 3))}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fused.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        return
     gen = SpeculativeGenerator.from_pretrained(args.model)
     tok = gen.tokenizer
     rows = [list(tok(render(p, tok))["input_ids"]) for p in load_workload(args.workload, args.prompts)]

@@ -42,6 +42,7 @@ __all__ = [
     "sample_exponential_race",
     "sanitize_logits",
     "top_p_threshold",
+    "top_p_threshold_of_logits",
     "verify_by_position",
     "verify_greedy",
     "verify_sampling",
@@ -76,18 +77,30 @@ def logits_to_probs(
     """
     if temperature <= 0:
         raise ValueError(f"logits_to_probs needs temperature > 0, got {temperature}")
+    probs, excluded = _before_top_p(logits, temperature, top_k)
+    if top_p < 1.0:
+        threshold = top_p_threshold(probs, top_p)  # [..., 1]
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs.masked_fill(excluded, 0.0)  # softmax of an all -inf row is nan
+
+
+def _before_top_p(logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits_to_probs up to top-p: (the softmax after temperature and top-k [..., V], the rows
+    with no allowed token [..., 1])."""
     x = sanitize_logits(logits.to(compute_dtype(logits.dtype)) / temperature)
     excluded = x.amax(dim=-1, keepdim=True) == float("-inf")  # [..., 1] rows with no allowed token
     vocab = x.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]  # [..., 1]
         x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if top_p < 1.0:
-        threshold = top_p_threshold(probs, top_p)  # [..., 1]
-        probs = probs.masked_fill(probs < threshold, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs.masked_fill(excluded, 0.0)  # softmax of an all -inf row is nan
+    return torch.softmax(x, dim=-1), excluded
+
+
+def top_p_threshold_of_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The top-p threshold logits_to_probs(logits, temperature, top_k, top_p) masks with
+    [..., 1] (what a compiled step takes as an input instead of sorting in its graph)."""
+    return top_p_threshold(_before_top_p(logits, temperature, top_k)[0], top_p)
 
 
 # A CPU top-p looks for the nucleus among the largest TOP_P_PREFIXES[0] probabilities first,

@@ -8,11 +8,11 @@ off in the last bit would mostly still pass them; the "edge" tests place every a
 (through the draft probs) and the race (through the logits) within an ulp of the boundary,
 where such a path fails (a softmax or a top-p sum fused by inductor does).
 
-Compiling costs seconds per graph on a small CPU, so the tests share six graphs: the
+Compiling costs seconds per graph on a small CPU, so the tests share a few graphs: the
 small vocabulary with no filters for every kind of call (no drafts, one-hot drafts,
-draft probs, by position), top-k and top-p together for draft probs, and draft probs at
-a 131072 vocabulary. Temperature and top_p values are graph inputs: varying them costs
-no compile.
+draft probs, by position), top-k and top-p together for draft probs, draft probs at a
+131072 vocabulary, and top-p at a vocabulary large enough that its threshold is an input.
+Temperature and top_p values are graph inputs: varying them costs no compile.
 """
 
 from __future__ import annotations
@@ -229,6 +229,30 @@ def test_large_vocabulary_matches_eager():
     case = _case(11, 4, 3, vocab=131072, probs=True)
     for temperature in (0.7, 1.3):
         assert _same(_fused_step(case, temperature), _eager(case, temperature)), temperature
+
+
+def test_top_p_at_a_large_vocabulary_takes_its_threshold_and_matches_eager():
+    """At EAGER_TOP_P_VOCAB ids or more a top-p graph does not sort the vocabulary: the
+    threshold is found before the call (reference.top_p_threshold_of_logits) and given to
+    the graph. Verification (draft probs, so the drafts' q is masked too) and a sampled draft
+    token keep the eager tokens and q bit for bit, for several top_p values through one graph
+    each; nuclei of a few ids and of most of the vocabulary (a flat row) alike."""
+    vocab = fused.EAGER_TOP_P_VOCAB
+    case = _case(21, 6, 3, vocab=vocab, probs=True)
+    logits = case[4].clone()
+    logits[0] *= 0.01  # a flat row: its nucleus is most of the vocabulary (the sort runs, eagerly)
+    case = (*case[:4], logits, case[5])
+    graphs = fused.compile_stats()["graphs"]
+    for temperature, top_p in [(0.7, 0.9), (1.3, 0.5), (1.0, 0.999)]:
+        assert _same(_fused_step(case, temperature, 0, top_p), _eager(case, temperature, 0, top_p)), top_p
+        seeds, counters = case[0], case[1]
+        got = fused.sample_draft(seeds, counters, logits[:, 0], noise.DRAFT_STREAM, temperature=temperature,
+                                 top_p=top_p, noise_dtype=F32)
+        expected = _eager_draft(seeds, counters, logits[:, 0], noise.DRAFT_STREAM, temperature, 0, top_p)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), top_p
+    assert fused.compile_stats()["graphs"] - graphs <= 2  # one graph each, whatever top_p
+    given = [key for key in fused._graphs if key[1] == vocab and key[4]]
+    assert given and all(key[5] == 3 for key in given)  # the threshold [B, T, 1] is an input
 
 
 def test_comparison_catches_a_difference():
