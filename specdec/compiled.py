@@ -128,7 +128,50 @@ def new_failures(before: dict, code=None) -> list[str]:
     return reasons
 
 
+def probe_vector_isa() -> None:
+    """Have inductor probe the CPU's vector instruction sets in its order of preference and stop
+    at the first that works, instead of probing all it may use before taking that first one.
+
+    Before its first C++ build, inductor tries every set the CPU reports (avx512 with VNNI,
+    avx512 and avx2 on this project's CPUs): a test build and a child Python loading it, each,
+    about 13 s of a cold warm-up on a 2-core CPU, in every process that compiles. Without
+    ATEN_CPU_CAPABILITY (or inductor's simdlen or vec_isa_ok) it then uses the first of its list
+    that worked, so probing in order until one works picks the same set with one probe. With any
+    of them set, or on another platform, inductor is left to probe as it does."""
+    import platform
+    import sys
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    if getattr(cpu_vec_isa, "_specdec_probe", False):
+        return
+    cpu_vec_isa._specdec_probe = True
+    cpp = inductor_config.cpp
+    if (os.environ.get("ATEN_CPU_CAPABILITY") or cpp.simdlen is not None or cpp.vec_isa_ok is not None
+            or sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64")):
+        return
+    original = getattr(cpu_vec_isa, "valid_vec_isa_list", None)
+    if original is None or not hasattr(cpu_vec_isa, "supported_vec_isa_list"):
+        return
+
+    @functools.cache
+    def first_that_works() -> list:  # run when inductor first asks, as its own probe is
+        try:
+            flags = cpu_vec_isa.x86_isa_checker()
+            candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
+                          if all(flag in flags for flag in str(isa).split())]
+            first = next((isa for isa in candidates if isa), None)  # bool(isa) runs inductor's probe of it
+        except Exception:  # another torch's internals: its own probe
+            return original()
+        return [first] if first is not None else []
+
+    cpu_vec_isa.valid_vec_isa_list = first_that_works  # what pick_vec_isa() reads
+
+
 def _options(device: torch.device) -> dict:
+    if device.type == "cpu":
+        probe_vector_isa()
     options = {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp_wrapper": True}
     from torch._inductor import config as inductor_config
 

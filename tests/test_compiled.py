@@ -443,3 +443,48 @@ def test_a_kept_graph_that_fails_is_dropped_and_compiled(pair, monkeypatch, capl
     stats = compiled.compile_stats()
     assert stats["loaded"] == stats["graphs"] >= 2  # every kind loaded, failed, and was compiled
     assert stats["recompiles"] == 0
+
+
+PROBE = r"""
+import json, platform
+from torch._inductor import cpu_vec_isa
+from specdec.compiled import probe_vector_isa
+probed = []
+original = cpu_vec_isa.VecISA.check_build
+def counting(self, code):
+    probed.append(str(self))
+    return original(self, code)
+cpu_vec_isa.VecISA.check_build = counting
+flags = cpu_vec_isa.x86_isa_checker()
+candidates = [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
+probe_vector_isa()
+assert not probed  # nothing runs before inductor asks
+picked = str(cpu_vec_isa.pick_vec_isa())
+print(json.dumps({"probed": probed, "picked": picked, "candidates": candidates}))
+"""
+
+
+@pytest.mark.skipif(not (os.uname().sysname == "Linux" and os.uname().machine in ("x86_64", "AMD64")),
+                    reason="the in-order probe applies on x86 Linux")
+def test_inductor_probes_vector_sets_in_order_and_stops_at_the_first_that_works(tmp_path):
+    """Inductor probed every vector instruction set the CPU reports (a test build and a child
+    process each) and then took the first that worked; probe_vector_isa has it probe in that
+    order and stop there: the same choice, the later sets never built."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), TMPDIR=str(tmp_path), PYTHONSAFEPATH="1")
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    candidates = got["candidates"]
+    probed = list(dict.fromkeys(got["probed"]))  # a set may build more than one test (avx512: bf16 too)
+    if not candidates:
+        pytest.skip("this CPU reports no vector set inductor uses")
+    assert probed == candidates[: len(probed)]  # in inductor's order of preference
+    assert got["picked"] == probed[-1]  # the first that worked, as inductor takes it
+    assert len(probed) <= len(candidates)
+    if probed[-1] != candidates[-1]:  # one worked before the last: the rest were never probed
+        assert len(probed) < len(candidates)

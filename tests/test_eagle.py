@@ -482,3 +482,51 @@ def test_an_early_stop_ends_a_compiled_chains_drafts(compiled_pair, monkeypatch)
     assert max(lengths) == 2 and lengths[2] > 0, lengths
     plain = eager.generate_ids(PROMPTS, max_new_tokens=24, drafter="none", ignore_eos=True)
     assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+
+
+def test_an_eager_step_joins_projections_and_reads_weights_written_after(pair, head_dir):
+    """Inference outside a graph runs the head with q|k|v and gate|up stacked and rope from a
+    table (head_step's eager path); with gradients on it runs the modules one by one. Both
+    give the same outputs, also after weights are written in place or replaced, which the
+    stacked copies must follow."""
+    from specdec.eagle import HeadKV
+
+    head = _load(pair, head_dir).draft_head  # float64
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(3, 200, (2, 7), generator=gen)
+    features = torch.randn(2, 7, head.fc.in_features, generator=gen, dtype=torch.float64)
+    num_valid = torch.tensor([7, 5])
+
+    def both():
+        outputs = []
+        for grad in (False, True):
+            kv = HeadKV(head, 2, torch.device("cpu"), torch.float64)
+            with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+                # HeadKV.step runs in inference mode: call the step function itself with grad on
+                from specdec.eagle import head_step
+
+                positions = kv._advance(7, num_valid)
+                out = head_step(head, kv.k, kv.v, tokens, features, positions, num_valid - 1, features=True,
+                                keys=kv.bound)
+            outputs.append([o.detach() for o in out])
+        (at, logits), (at_plain, logits_plain) = outputs
+        assert torch.allclose(at, at_plain, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(logits, logits_plain, rtol=1e-12, atol=1e-12)
+        return logits
+
+    joined_calls = []
+    original = head.joined_weights
+    head.joined_weights = lambda: joined_calls.append(1) or original()
+    try:
+        first = both()
+        assert joined_calls, "the eager step did not take the joined projections"
+        with torch.no_grad():
+            head.midlayer.self_attn.k_proj.weight.mul_(-1.5)  # in place
+            head.midlayer.mlp.up_proj.weight.mul_(0.5)
+        second = both()
+        assert not torch.allclose(first, second)
+        head.midlayer.self_attn.v_proj.weight = torch.nn.Parameter(head.midlayer.self_attn.v_proj.weight * 2)  # replaced
+        third = both()
+        assert not torch.allclose(second, third)
+    finally:
+        del head.joined_weights
