@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_pair import collect_corpus, machine_description, stdlib_dir
 
 from specdec.eagle import default_aux_layers, save_head, weight_fingerprint
-from specdec.eagle_training import head_config, init_head, target_states, ttt_loss
+from specdec.eagle_training import greedy_draft_ids, head_config, init_head, target_states, ttt_loss
 
 # --------------------------------------------------------------------------- data
 
@@ -191,6 +191,9 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--draft-vocab", type=int, default=0, help="draft vocabulary size (0: the target's)")
     p.add_argument("--intermediate", type=int, default=0, help="head MLP width (0: the target's)")
+    p.add_argument("--greedy-vocab", type=int, default=0,
+                   help="name this many greedy draft ids, the draft ids the target emits most often as its greedy "
+                        "token (0: none; see benchmarks/greedy_vocab.py)")
     p.add_argument("--ttt-steps", type=int, default=4, help="unrolled steps of the training-time test")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch", type=int, default=8)
@@ -343,6 +346,10 @@ def main(argv=None) -> int:
         "machine": machine_description(args.threads), "device": str(device),
     }
     extra = {"target": args.target, "target_fingerprint": weight_fingerprint(target), "training": summary}
+    if 0 < args.greedy_vocab < size:
+        extra["greedy_draft_ids"], summary["greedy_vocab_coverage"] = greedy_draft_ids(
+            torch.from_numpy(counts), head, args.greedy_vocab)
+        summary["greedy_vocab"] = len(extra["greedy_draft_ids"])
     save_head(head, out, dtype=getattr(torch, args.save_dtype), extra=extra)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_card(out, summary)

@@ -105,6 +105,20 @@ def weight_fingerprint(model: nn.Module) -> dict:
     return {"shapes_sha256": shapes, "mean_abs": stats}
 
 
+def _greedy_ids(config: dict) -> torch.Tensor | None:
+    """config["specdec"]["greedy_draft_ids"] as a sorted id tensor, checked; None when absent or all."""
+    ids = (config.get("specdec") or {}).get("greedy_draft_ids")
+    if ids is None:
+        return None
+    size = config["draft_vocab_size"]
+    if (not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+            or min(ids) < 0 or max(ids) >= size or len(set(ids)) != len(ids)):
+        raise ValueError(f"greedy_draft_ids must list distinct draft ids in 0..{size - 1}, at least one")
+    if len(ids) == size:
+        return None
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
 def _identities(modules) -> list[int]:
     """What tells the parameters of `modules` apart from their earlier contents, cheaply: each
     one's storage (another tensor, device or dtype has another) and version counter (bumped by
@@ -231,6 +245,10 @@ class EagleHead(nn.Module):
 
         self.rotary = LlamaRotaryEmbedding(_rope_config(c))
         self._rope_table: tuple | None = None  # (dtype, device, cos [N, D], sin [N, D]) for eager steps
+        # Greedy drafts are chosen among these draft ids [N] (sorted) where the checkpoint names them
+        # (config["specdec"]["greedy_draft_ids"]): an LM head of N rows instead of Vd. None: all.
+        self.register_buffer("greedy_ids", _greedy_ids(c), persistent=False)
+        self._greedy: tuple | None = None  # (key, its LM head rows [N, H], their target ids [N]) for eager steps
         self._joined: tuple | None = None  # (key, modules, q|k|v weight, its bias, gate|up weight) for eager steps
         eagle = c.get("eagle_config") or {}
         layers = eagle.get("eagle_aux_hidden_state_layer_ids")
@@ -329,6 +347,35 @@ class EagleHead(nn.Module):
     def logits(self, prenorm: torch.Tensor) -> torch.Tensor:  # [..., Vd]
         return self.lm_head(self.norm(prenorm))
 
+    def greedy_logits(self, prenorm: torch.Tensor) -> torch.Tensor:  # [..., N] over greedy_columns()
+        """Logits a greedy draft is chosen from: over the greedy draft ids where the head names
+        them (the LM head's rows for those ids, each logit the full head's), else logits()."""
+        if self.greedy_ids is None:
+            return self.logits(prenorm)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            weight = self.lm_head.weight.index_select(0, self.greedy_ids)
+        else:
+            weight = self._greedy_rows()[0]
+        return F.linear(self.norm(prenorm), weight)
+
+    def greedy_columns(self) -> torch.Tensor:  # [N] the target id of each column of greedy_logits()
+        if self.greedy_ids is None:
+            return self.draft_to_target()
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return self.draft_to_target()[self.greedy_ids]
+        return self._greedy_rows()[1]
+
+    def _greedy_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM head's rows for the greedy ids and their target ids, built again only when the
+        LM head or the id maps change (see _identities)."""
+        key = _identities((self.lm_head,)) + [self.greedy_ids.data_ptr(), self.d2t.data_ptr(), self.d2t._version]
+        if self._greedy is None or self._greedy[0] != key:
+            with torch.no_grad():
+                rows = self.lm_head.weight.index_select(0, self.greedy_ids)
+                columns = self.draft_to_target()[self.greedy_ids]
+            self._greedy = (key, rows, columns)
+        return self._greedy[1:]
+
     def target_probs(self, draft_probs: torch.Tensor) -> torch.Tensor:  # [..., V], zero outside the draft vocabulary
         """Draft-vocabulary probabilities placed at their target ids."""
         shape = (*draft_probs.shape[:-1], self.vocab_size)
@@ -353,12 +400,13 @@ class EagleHead(nn.Module):
 
 def head_step(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: torch.Tensor,
               hidden: torch.Tensor, positions: torch.Tensor, last: torch.Tensor | None, *, features: bool,
-              keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              keys: int | None = None, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One head forward over tokens [B, T] at `positions` [B, T], writing their keys and values
     into the caches [B, kv_heads, C, D]; queries see their row's columns up to their own
     position, among the first `keys` (None: all C, as the compiled step does). Returns the
     pre-norm outputs [B, T, H], or with `last` [B] the output at slot last[b] [B, 1, H] and
-    its draft-vocabulary logits [B, Vd] (None without `last`)."""
+    its draft-vocabulary logits [B, Vd] (None without `last`); greedy: head.greedy_logits()
+    instead [B, N], the columns head.greedy_columns()."""
     batch, width = tokens.shape
     if keys is None:
         keys = k_cache.shape[2]
@@ -391,7 +439,7 @@ def head_step(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tok
     if last is None:
         return out, None
     at = out.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.shape[-1]))  # [B, 1, H]
-    return at, head.logits(at[:, 0])
+    return at, (head.greedy_logits(at[:, 0]) if greedy else head.logits(at[:, 0]))
 
 
 def head_chain(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: torch.Tensor,
@@ -404,8 +452,8 @@ def head_chain(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, to
     stop reads). The same arithmetic as head_step called once per token; traced whole, the
     chain is one graph instead of `length` calls (the Python between them, a call's
     overhead, each a sizeable share of a small head's step)."""
-    to_target = head.draft_to_target()  # [Vd]
-    at, logits = head_step(head, k_cache, v_cache, tokens, hidden, positions, last, features=True)
+    to_target = head.greedy_columns()  # [N] the target id of each logit's column
+    at, logits = head_step(head, k_cache, v_cache, tokens, hidden, positions, last, features=True, greedy=True)
     zero = torch.zeros_like(last)
     drafts, confidence = [], []
     for i in range(length):
@@ -417,7 +465,7 @@ def head_chain(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, to
         confidence.append(1.0 / torch.exp(scores - scores.amax(dim=-1, keepdim=True)).sum(dim=-1))
         if i < length - 1:
             at, logits = head_step(head, k_cache, v_cache, drafts[-1].unsqueeze(1), at, (after + i).unsqueeze(1), zero,
-                                   features=False)
+                                   features=False, greedy=True)
     return torch.stack(drafts, dim=1), torch.stack(confidence, dim=1)
 
 
@@ -458,17 +506,26 @@ class HeadKV:
         """Feed tokens [B, T] with their hidden inputs [B, T, *] (features=True: the target's
         concatenated layers, projected by fc here; False: the head's own pre-norm outputs);
         the first num_valid[b] slots of row b are real. Returns the pre-norm outputs [B, T, H]."""
-        return self._feed(tokens, hidden, num_valid, features, None)[0]
+        return self._feed(tokens, hidden, num_valid, features, None, False)[0]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, hidden: torch.Tensor, num_valid: torch.Tensor | None = None,
-             *, features: bool, last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             *, features: bool, last: torch.Tensor | None = None, greedy: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward(), then the head's output at slot last[b] of each row (default the last slot)
-        [B, 1, H] and its draft-vocabulary logits [B, Vd]: what drafting the next token needs.
-        With a compiled head (`compiled`), all of it is one graph call."""
+        [B, 1, H] and its logits over the columns columns(greedy) names [B, N]: what drafting the
+        next token needs. With a compiled head (`compiled`), all of it is one graph call."""
         if last is None:
             last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
-        return self._feed(tokens, hidden, num_valid, features, last)
+        return self._feed(tokens, hidden, num_valid, features, last, greedy)
+
+    def columns(self, greedy: bool) -> torch.Tensor:
+        """The target id of each column of step(greedy=greedy)'s logits [N]: for a greedy draft on
+        an eager step, the head's greedy draft ids (head.greedy_columns()); else its whole draft
+        vocabulary (a compiled step's graph has the one LM head)."""
+        if greedy and self.compiled is None:
+            return self.head.greedy_columns()
+        return self.head.draft_to_target()
 
     def _advance(self, width: int, num_valid: torch.Tensor | None, ahead: int = 0) -> torch.Tensor:
         """Room for `width` new slots per row (and `ahead` more written past them), and the rows'
@@ -479,7 +536,7 @@ class HeadKV:
         self.bound += width
         return positions
 
-    def _feed(self, tokens, hidden, num_valid, features: bool, last):
+    def _feed(self, tokens, hidden, num_valid, features: bool, last, greedy: bool):
         batch, width = tokens.shape
         keys = self.bound + width  # the columns an eager step attends over
         positions = self._advance(width, num_valid)
@@ -491,7 +548,7 @@ class HeadKV:
                                         features=features)
         else:
             out, logits = head_step(self.head, self.k, self.v, tokens, hidden, positions, last, features=features,
-                                    keys=keys)
+                                    keys=keys, greedy=greedy)
         return out, logits
 
     @torch.inference_mode()

@@ -134,3 +134,14 @@ def target_states(target, ids: torch.Tensor, layers: tuple[int, ...]) -> tuple[t
     final = out.last_hidden_state
     greedy = (final @ target.get_output_embeddings().weight.T).argmax(-1)
     return feats, final, greedy
+
+
+def greedy_draft_ids(counts: torch.Tensor, head: EagleHead, size: int) -> tuple[list[int], float]:
+    """The `size` draft ids of `head` its target emits most often as its greedy token (counts [V]
+    per target id, over a corpus), sorted, and the share of those emissions they cover: what a
+    head's config names as greedy_draft_ids (EagleHead.greedy_logits)."""
+    per_draft = counts.to(torch.float64)[head.draft_to_target().cpu()]  # [Vd]
+    size = min(size, head.draft_vocab_size)
+    order = torch.argsort(per_draft, descending=True, stable=True)[:size]
+    coverage = float(per_draft[order].sum() / counts.sum().clamp(min=1))
+    return sorted(int(i) for i in order), coverage

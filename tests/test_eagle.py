@@ -530,3 +530,94 @@ def test_an_eager_step_joins_projections_and_reads_weights_written_after(pair, h
         assert not torch.allclose(second, third)
     finally:
         del head.joined_weights
+
+
+def _with_greedy_ids(head_dir, tmp_path, ids) -> str:
+    """A copy of the head folder whose config names greedy draft ids."""
+    import shutil
+
+    folder = tmp_path / "greedy-head"
+    shutil.copytree(head_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("specdec", {})["greedy_draft_ids"] = [int(i) for i in ids]
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_greedy_draft_ids_draft_what_the_whole_head_drafts_among_them(pair, head_dir, tmp_path):
+    """A head whose checkpoint names greedy draft ids chooses its greedy drafts among them: the
+    same token as over the whole draft vocabulary wherever that one is among them (token by
+    token and in the chain), another where it is not; the ids survive a load, and greedy output
+    stays plain decoding's."""
+    from specdec.eagle import HeadKV
+
+    full = _load(pair, head_dir).draft_head  # float64
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(3, 200, (2, 6), generator=gen)
+    features = torch.randn(2, 6, full.fc.in_features, generator=gen, dtype=torch.float64)
+    num_valid, length = torch.tensor([6, 4]), 5
+
+    def drafts(head, greedy):
+        kv = HeadKV(head, 2, torch.device("cpu"), torch.float64)
+        at, logits = kv.step(tokens, features, num_valid, features=True, last=num_valid - 1, greedy=greedy)
+        columns, out = kv.columns(greedy), []
+        for i in range(length):
+            out.append(columns[torch.argmax(logits, dim=-1)])
+            at, logits = kv.step(out[-1].unsqueeze(1), at, features=False, greedy=greedy)
+        chain = HeadKV(head, 2, torch.device("cpu"), torch.float64)
+        chained, _ = chain.chain(tokens, features, num_valid, num_valid - 1, length)
+        return torch.stack(out, dim=1), chained, logits.shape[-1]
+
+    expected, expected_chain, width = drafts(full, greedy=False)
+    assert torch.equal(expected, expected_chain)
+    to_draft = {int(t): d for d, t in enumerate(full.draft_to_target().tolist())}
+    used = sorted({to_draft[int(t)] for t in expected.flatten()})
+    others = [d for d in range(full.draft_vocab_size) if d not in used][::3]
+    folder = _with_greedy_ids(head_dir, tmp_path, used + others)
+    head = _load(pair, folder).draft_head
+    assert head.greedy_ids.tolist() == sorted(used + others)
+    assert load_head(folder).greedy_ids.tolist() == sorted(used + others)
+    got, got_chain, got_width = drafts(head, greedy=True)
+    assert got_width == len(used + others) < width  # the smaller LM head ran
+    assert torch.equal(got, expected) and torch.equal(got_chain, expected)
+
+    # without the head's first choice among them, its drafts change
+    (tmp_path / "again").mkdir()
+    missing = _load(pair, _with_greedy_ids(head_dir, tmp_path / "again", others)).draft_head
+    changed, changed_chain, _ = drafts(missing, greedy=True)
+    assert not torch.equal(changed[:, 0], expected[:, 0]) and torch.equal(changed, changed_chain)
+
+    gen_small = SpeculativeGenerator.from_pretrained(str(pair.target), head=str(folder), dtype=torch.float64)
+    plain = gen_small.generate_ids(PROMPTS, max_new_tokens=20, drafter="none", ignore_eos=True)
+    for drafter in ("eagle", "auto"):
+        out = gen_small.generate_ids(PROMPTS, max_new_tokens=20, drafter=drafter, num_draft_tokens=3, ignore_eos=True)
+        assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+    assert sum(r.stats.accepted_tokens for r in gen_small.generate_ids(PROMPTS, max_new_tokens=20, drafter="eagle",
+                                                                       ignore_eos=True)) > 0
+
+
+@pytest.mark.parametrize("ids", [[], [0, 0], [-1], [10**6], "all", [1.5]])
+def test_bad_greedy_draft_ids_are_refused_at_load(pair, head_dir, tmp_path, ids):
+    import shutil
+
+    folder = tmp_path / "greedy-head"
+    shutil.copytree(head_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("specdec", {})["greedy_draft_ids"] = ids
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="greedy_draft_ids"):
+        load_head(folder)
+
+
+def test_greedy_draft_ids_are_the_most_emitted(trained):
+    """greedy_draft_ids keeps the draft ids whose target ids the target emitted most often and
+    reports the share of emissions they cover."""
+    from specdec.eagle_training import greedy_draft_ids
+
+    to_target = trained.draft_to_target()
+    counts = torch.zeros(trained.vocab_size, dtype=torch.long)
+    counts[to_target[7]], counts[to_target[3]], counts[to_target[150]] = 50, 30, 20
+    outside = next(t for t in range(trained.vocab_size) if not trained.t2d[t])
+    counts[outside] = 100  # never drafted: not a draft id, but counted in the coverage's whole
+    ids, coverage = greedy_draft_ids(counts, trained, 2)
+    assert ids == [3, 7] and coverage == pytest.approx(80 / 200)

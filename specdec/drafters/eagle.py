@@ -85,11 +85,14 @@ class EagleDrafter(Drafter):
         last = (self.num_pending - 1).clamp(min=0)  # [B] each row's last real entry
         if kv.chained is not None and 2 <= k <= CHAIN_LENGTH and state.params.greedy and state.sampling_groups() is None:
             return self._propose_chain(state, k, early_stop, tokens, features, last, catch_up)
-        hidden, draft_logits = kv.step(tokens, features, self.num_pending, features=True, last=last)  # [B, 1, H], [B, Vd]
-        ready = self._window_fed(state)
         params = state.params
         groups = state.sampling_groups()
-        to_target = head.draft_to_target()  # [Vd]
+        # greedy drafts on eager steps come from the head's greedy draft ids where it names them
+        greedy = params.greedy and groups is None
+        hidden, draft_logits = kv.step(tokens, features, self.num_pending, features=True, last=last,
+                                       greedy=greedy)  # [B, 1, H], [B, N]
+        ready = self._window_fed(state)
+        to_target = kv.columns(greedy)  # [N] the target id of each logit's column
         stop = early_stop
         tokens, probs, confidence = [], [], []
         for i in range(k):
@@ -112,7 +115,8 @@ class EagleDrafter(Drafter):
             if stop is not None and stop.update(i, confidence[-1]):
                 break
             if i < k - 1:
-                hidden, draft_logits = kv.step(token.clamp(min=0).unsqueeze(1), hidden, features=False)  # [B, 1, H], [B, Vd]
+                hidden, draft_logits = kv.step(token.clamp(min=0).unsqueeze(1), hidden, features=False,
+                                               greedy=greedy)  # [B, 1, H], [B, N]
         k = len(tokens)
         num_draft = torch.where(ready, k, 0)
         return DraftProposal(
