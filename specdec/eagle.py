@@ -121,9 +121,10 @@ def _greedy_ids(config: dict) -> torch.Tensor | None:
 
 def _identities(modules) -> list[int]:
     """What tells the parameters of `modules` apart from their earlier contents, cheaply: each
-    one's storage (another tensor, device or dtype has another) and version counter (bumped by
-    every in-place write; a tensor made in inference mode keeps none, so a head whose weights
-    are made so and then written in place must build anew: parameters are not made so)."""
+    one's storage (another tensor, device or dtype has another; a cache holds the tensors its
+    key names, so no later tensor can take their storage while it does) and version counter
+    (bumped by every in-place write; a tensor made in inference mode keeps none, so a head whose
+    weights are made so and then written in place must build anew: parameters are not made so)."""
     out = []
     for m in modules:
         for t in m._parameters.values():
@@ -248,8 +249,9 @@ class EagleHead(nn.Module):
         # Greedy drafts are chosen among these draft ids [N] (sorted) where the checkpoint names them
         # (config["specdec"]["greedy_draft_ids"]): an LM head of N rows instead of Vd. None: all.
         self.register_buffer("greedy_ids", _greedy_ids(c), persistent=False)
-        self._greedy: tuple | None = None  # (key, its LM head rows [N, H], their target ids [N]) for eager steps
-        self._joined: tuple | None = None  # (key, modules, q|k|v weight, its bias, gate|up weight) for eager steps
+        self._greedy: tuple | None = None  # (key, its sources, LM head rows [N, H], their target ids [N])
+        self._map: tuple | None = None  # (key, d2t, draft_to_target() [Vd], whether it is the identity)
+        self._joined: tuple | None = None  # (key, modules, their weights, q|k|v weight, its bias, gate|up weight)
         eagle = c.get("eagle_config") or {}
         layers = eagle.get("eagle_aux_hidden_state_layer_ids")
         self.aux_layers: tuple[int, ...] | None = tuple(int(i) for i in layers) if layers else None
@@ -281,8 +283,23 @@ class EagleHead(nn.Module):
             raise ValueError("this EAGLE-3 head has no embed_tokens: attach the target's with share_embedding()")
         return table(tokens.clamp(min=0)).to(self.fc.weight.dtype)
 
-    def draft_to_target(self) -> torch.Tensor:  # [Vd] target id of each draft id
-        return torch.arange(self.draft_vocab_size, device=self.d2t.device) + self.d2t
+    def draft_to_target(self) -> torch.Tensor:  # [Vd] target id of each draft id (read only)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return torch.arange(self.draft_vocab_size, device=self.d2t.device) + self.d2t
+        return self._maps()[0]
+
+    def _maps(self) -> tuple[torch.Tensor, bool]:
+        """draft_to_target() and whether it is the identity (a draft vocabulary of every target
+        id, in order: q needs no placing), built again only when d2t changes. The identity is
+        read on the host, so only where d2t lives there (no device read in a step)."""
+        d2t = self.d2t
+        key = (d2t.data_ptr(), -1 if d2t.is_inference() else d2t._version, d2t.device)
+        if self._map is None or self._map[0] != key:
+            to_target = torch.arange(self.draft_vocab_size, device=d2t.device) + d2t
+            identity = (self.draft_vocab_size == self.vocab_size and d2t.device.type == "cpu"
+                        and not bool(d2t.any()))
+            self._map = (key, d2t, to_target, identity)  # d2t held: see _joined
+        return self._map[2:]
 
     # -------------------------------------------------------------- compute
 
@@ -332,7 +349,7 @@ class EagleHead(nn.Module):
         tensor, device or dtype, or written in place)."""
         joined = self._joined
         if joined is not None and _identities(joined[1]) == joined[0]:  # a few us: parameter dicts read
-            return joined[2:]
+            return joined[3:]
         attn, mlp = self.midlayer.self_attn, self.midlayer.mlp
         parts = (attn.q_proj, attn.k_proj, attn.v_proj)
         modules = (*parts, mlp.gate_proj, mlp.up_proj)
@@ -341,8 +358,10 @@ class EagleHead(nn.Module):
             qkv = torch.cat([p.weight for p in parts])
             bias = torch.cat([p.bias for p in parts]) if attn.q_proj.bias is not None else None
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        self._joined = (key, modules, qkv, bias, gate_up)
-        return self._joined[2:]
+        # the weights are held with their key: while held, no other tensor can take their storage
+        held = [t for m in modules for t in m._parameters.values() if t is not None]
+        self._joined = (key, modules, held, qkv, bias, gate_up)
+        return self._joined[3:]
 
     def logits(self, prenorm: torch.Tensor) -> torch.Tensor:  # [..., Vd]
         return self.lm_head(self.norm(prenorm))
@@ -373,11 +392,14 @@ class EagleHead(nn.Module):
             with torch.no_grad():
                 rows = self.lm_head.weight.index_select(0, self.greedy_ids)
                 columns = self.draft_to_target()[self.greedy_ids]
-            self._greedy = (key, rows, columns)
-        return self._greedy[1:]
+            self._greedy = (key, (self.lm_head.weight, self.greedy_ids, self.d2t), rows, columns)  # held: see _joined
+        return self._greedy[2:]
 
     def target_probs(self, draft_probs: torch.Tensor) -> torch.Tensor:  # [..., V], zero outside the draft vocabulary
-        """Draft-vocabulary probabilities placed at their target ids."""
+        """Draft-vocabulary probabilities placed at their target ids (`draft_probs` itself where
+        the draft vocabulary is the target's, in order)."""
+        if not (torch.compiler.is_compiling() or torch.is_grad_enabled()) and self._maps()[1]:
+            return draft_probs
         shape = (*draft_probs.shape[:-1], self.vocab_size)
         index = self.draft_to_target().expand(*draft_probs.shape[:-1], -1)
         return draft_probs.new_zeros(shape).scatter(-1, index, draft_probs)
