@@ -119,19 +119,23 @@ def _greedy_ids(config: dict) -> torch.Tensor | None:
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-def _identities(modules) -> list[int]:
-    """What tells the parameters of `modules` apart from their earlier contents, cheaply: each
-    one's storage (another tensor, device or dtype has another; a cache holds the tensors its
-    key names, so no later tensor can take their storage while it does) and version counter
-    (bumped by every in-place write; a tensor made in inference mode keeps none, so a head whose
-    weights are made so and then written in place must build anew: parameters are not made so)."""
+def _identities(tensors) -> list[int]:
+    """What tells `tensors` apart from their earlier contents, cheaply: each one's storage
+    (another tensor, device or dtype has another; a cache holds the tensors its key names, so
+    no later tensor can take their storage while it does) and version counter (bumped by every
+    in-place write; a tensor made in inference mode keeps none, so a head whose weights are
+    made so and then written in place must build anew: parameters are not made so)."""
     out = []
-    for m in modules:
-        for t in m._parameters.values():
-            if t is not None:
-                out.append(t.data_ptr())
-                out.append(t._version if not t.is_inference() else -1)
+    for t in tensors:
+        out.append(t.data_ptr())
+        out.append(t._version if not t.is_inference() else -1)
     return out
+
+
+def _inference() -> bool:
+    """Outside a compiled graph and with gradients off (an eager step): where a head may use
+    what it derived from its weights earlier (EagleHead._derived) instead of deriving it again."""
+    return not torch.compiler.is_compiling() and not torch.is_grad_enabled()
 
 
 def same_weights(expected: dict, actual: dict, rtol: float = 1e-2) -> bool:
@@ -249,9 +253,11 @@ class EagleHead(nn.Module):
         # Greedy drafts are chosen among these draft ids [N] (sorted) where the checkpoint names them
         # (config["specdec"]["greedy_draft_ids"]): an LM head of N rows instead of Vd. None: all.
         self.register_buffer("greedy_ids", _greedy_ids(c), persistent=False)
-        self._greedy: tuple | None = None  # (key, its sources, LM head rows [N, H], their target ids [N])
-        self._map: tuple | None = None  # (key, d2t, draft_to_target() [Vd], whether it is the identity)
-        self._joined: tuple | None = None  # (key, modules, their weights, q|k|v weight, its bias, gate|up weight)
+        self._derivations: dict[str, tuple] = {}  # name -> (key, sources, value): see _derived
+        attn, mlp = self.midlayer.self_attn, self.midlayer.mlp
+        # the modules joined_weights() stacks, kept as a plain tuple: reading their parameter dicts
+        # directly is a few us a step, the module attributes a us or so each
+        self._joined_parts = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
         eagle = c.get("eagle_config") or {}
         layers = eagle.get("eagle_aux_hidden_state_layer_ids")
         self.aux_layers: tuple[int, ...] | None = tuple(int(i) for i in layers) if layers else None
@@ -284,22 +290,31 @@ class EagleHead(nn.Module):
         return table(tokens.clamp(min=0)).to(self.fc.weight.dtype)
 
     def draft_to_target(self) -> torch.Tensor:  # [Vd] target id of each draft id (read only)
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        if not _inference():
             return torch.arange(self.draft_vocab_size, device=self.d2t.device) + self.d2t
         return self._maps()[0]
 
     def _maps(self) -> tuple[torch.Tensor, bool]:
         """draft_to_target() and whether it is the identity (a draft vocabulary of every target
-        id, in order: q needs no placing), built again only when d2t changes. The identity is
-        read on the host, so only where d2t lives there (no device read in a step)."""
-        d2t = self.d2t
-        key = (d2t.data_ptr(), -1 if d2t.is_inference() else d2t._version, d2t.device)
-        if self._map is None or self._map[0] != key:
-            to_target = torch.arange(self.draft_vocab_size, device=d2t.device) + d2t
-            identity = (self.draft_vocab_size == self.vocab_size and d2t.device.type == "cpu"
-                        and not bool(d2t.any()))
-            self._map = (key, d2t, to_target, identity)  # d2t held: see _joined
-        return self._map[2:]
+        id, in order: q needs no placing). The identity is read on the host, so only where d2t
+        lives there (no device read in a step)."""
+        def build():
+            d2t = self.d2t
+            identity = self.draft_vocab_size == self.vocab_size and d2t.device.type == "cpu" and not bool(d2t.any())
+            return torch.arange(self.draft_vocab_size, device=d2t.device) + d2t, identity
+
+        return self._derived("maps", (self.d2t,), build)
+
+    def _derived(self, name: str, sources: tuple[torch.Tensor, ...], build):
+        """build()'s value, derived from the tensors `sources` once and again only when one of
+        them changes (another tensor, device or dtype, or written in place: _identities). Used
+        on eager steps only (_inference()), where each call's overhead counts."""
+        key = _identities(sources)
+        entry = self._derivations.get(name)
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                entry = self._derivations[name] = (key, sources, build())  # sources held: see _identities
+        return entry[2]
 
     # -------------------------------------------------------------- compute
 
@@ -345,23 +360,15 @@ class EagleHead(nn.Module):
 
     def joined_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The q, k, v projections' weights stacked [(heads + 2 kv_heads) * D, 2H] (and biases),
-        gate's and up's [2I, H]; built once and again only when a weight changes (another
-        tensor, device or dtype, or written in place)."""
-        joined = self._joined
-        if joined is not None and _identities(joined[1]) == joined[0]:  # a few us: parameter dicts read
-            return joined[3:]
-        attn, mlp = self.midlayer.self_attn, self.midlayer.mlp
-        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-        modules = (*parts, mlp.gate_proj, mlp.up_proj)
-        key = _identities(modules)
-        with torch.no_grad():
-            qkv = torch.cat([p.weight for p in parts])
-            bias = torch.cat([p.bias for p in parts]) if attn.q_proj.bias is not None else None
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        # the weights are held with their key: while held, no other tensor can take their storage
-        held = [t for m in modules for t in m._parameters.values() if t is not None]
-        self._joined = (key, modules, held, qkv, bias, gate_up)
-        return self._joined[3:]
+        gate's and up's [2I, H] (_derived: built again only when a weight changes)."""
+        parts = self._joined_parts
+        sources = tuple(t for m in parts for t in m._parameters.values() if t is not None)
+
+        def build():
+            bias = torch.cat([p.bias for p in parts[:3]]) if parts[0].bias is not None else None
+            return (torch.cat([p.weight for p in parts[:3]]), bias, torch.cat([p.weight for p in parts[3:]]))
+
+        return self._derived("joined", sources, build)
 
     def logits(self, prenorm: torch.Tensor) -> torch.Tensor:  # [..., Vd]
         return self.lm_head(self.norm(prenorm))
@@ -371,34 +378,24 @@ class EagleHead(nn.Module):
         them (the LM head's rows for those ids, each logit the full head's), else logits()."""
         if self.greedy_ids is None:
             return self.logits(prenorm)
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            weight = self.lm_head.weight.index_select(0, self.greedy_ids)
-        else:
-            weight = self._greedy_rows()[0]
+        weight = self._greedy_rows()[0] if _inference() else self.lm_head.weight.index_select(0, self.greedy_ids)
         return F.linear(self.norm(prenorm), weight)
 
     def greedy_columns(self) -> torch.Tensor:  # [N] the target id of each column of greedy_logits()
         if self.greedy_ids is None:
             return self.draft_to_target()
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            return self.draft_to_target()[self.greedy_ids]
-        return self._greedy_rows()[1]
+        return self._greedy_rows()[1] if _inference() else self.draft_to_target()[self.greedy_ids]
 
     def _greedy_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LM head's rows for the greedy ids and their target ids, built again only when the
-        LM head or the id maps change (see _identities)."""
-        key = _identities((self.lm_head,)) + [self.greedy_ids.data_ptr(), self.d2t.data_ptr(), self.d2t._version]
-        if self._greedy is None or self._greedy[0] != key:
-            with torch.no_grad():
-                rows = self.lm_head.weight.index_select(0, self.greedy_ids)
-                columns = self.draft_to_target()[self.greedy_ids]
-            self._greedy = (key, (self.lm_head.weight, self.greedy_ids, self.d2t), rows, columns)  # held: see _joined
-        return self._greedy[2:]
+        """The LM head's rows for the greedy ids [N, H] and their target ids [N] (_derived)."""
+        ids = self.greedy_ids
+        return self._derived("greedy", (self.lm_head.weight, ids, self.d2t),
+                             lambda: (self.lm_head.weight.index_select(0, ids), self.draft_to_target()[ids]))
 
     def target_probs(self, draft_probs: torch.Tensor) -> torch.Tensor:  # [..., V], zero outside the draft vocabulary
         """Draft-vocabulary probabilities placed at their target ids (`draft_probs` itself where
         the draft vocabulary is the target's, in order)."""
-        if not (torch.compiler.is_compiling() or torch.is_grad_enabled()) and self._maps()[1]:
+        if _inference() and self._maps()[1]:
             return draft_probs
         shape = (*draft_probs.shape[:-1], self.vocab_size)
         index = self.draft_to_target().expand(*draft_probs.shape[:-1], -1)
@@ -443,7 +440,7 @@ def head_step(head: EagleHead, k_cache: torch.Tensor, v_cache: torch.Tensor, tok
     if features:
         hidden = head.fc(hidden)
     # Outside a graph, where every call's overhead counts: rope from a table, joined projections.
-    eager = not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    eager = _inference()
     cos, sin = head.rope(hidden, positions, below=keys if eager else None)
 
     def attend(q, k, v):
